@@ -3,3 +3,10 @@
 
 class FeatxError(Exception):
     """A usage or configuration error: the CLI prints it as one line and exits 1."""
+
+
+class MediaError(Exception):
+    """A data error for one item (missing file, corrupt image or audio, empty text).
+
+    The message is a one-line reason; it is recorded in the cache's `error` dataset and the batch goes on.
+    """

@@ -1,0 +1,81 @@
+"""Decode one manifest item into what an encoder's processor takes: text, an RGB image, or a mono waveform.
+
+Every failure is a MediaError with a one-line reason; the pipeline records it for that item and goes on.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from featx.errors import MediaError
+
+__all__ = ["MediaError", "load_text", "load_image", "load_audio"]
+
+
+def _exists(path):
+    if not isinstance(path, str) or not path:
+        raise MediaError("no file given")
+    if not os.path.exists(path):
+        raise MediaError(f"file not found: {path}")
+
+
+def load_text(text) -> str:
+    """The item's text, stripped; MediaError when empty or only whitespace."""
+    if text is None or (isinstance(text, float) and math.isnan(text)) or not str(text).strip():
+        raise MediaError("empty text")
+    return str(text).strip()
+
+
+def load_image(path):
+    """An RGB PIL image; MediaError for a missing or undecodable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    _exists(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise MediaError(f"cannot decode image {os.path.basename(path)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
+    """Mono float32 waveform (T,) at `sample_rate`, of the segment [start, end) seconds when given.
+
+    Decoded with soundfile (channels averaged to mono), resampled with torchaudio.functional.resample.
+    """
+    import soundfile as sf
+
+    _exists(path)
+    try:
+        with sf.SoundFile(path) as f:
+            rate = f.samplerate
+            first = 0 if start is None or _isnan(start) else int(round(float(start) * rate))
+            last = f.frames if end is None or _isnan(end) else min(f.frames, int(round(float(end) * rate)))
+            if first < 0 or (end is not None and not _isnan(end) and float(end) <= float(start or 0)):
+                raise MediaError(f"bad segment start={start} end={end}")
+            if first >= f.frames and f.frames > 0:
+                raise MediaError(f"segment starts at {start}s, after the end of the audio ({f.frames / rate:.2f}s)")
+            f.seek(first)
+            wav = f.read(max(0, last - first), dtype="float32", always_2d=True)
+    except MediaError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
+        raise MediaError(f"cannot decode audio {os.path.basename(path)}: {str(e).splitlines()[0]}")
+    if wav.shape[0] == 0:
+        raise MediaError("zero-length audio")
+    wav = wav.mean(axis=1)
+    if not np.isfinite(wav).all():
+        raise MediaError("audio has non-finite samples (NaN or inf)")
+    if rate != sample_rate:
+        import torch
+        import torchaudio.functional as AF
+
+        wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), rate, sample_rate).numpy()
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def _isnan(x):
+    return isinstance(x, float) and math.isnan(x)
