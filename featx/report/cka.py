@@ -1,0 +1,143 @@
+"""Linear centred kernel alignment (CKA) between layers, from arrays or from HDF5 caches.
+
+Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited". The plain (biased) estimator
+uses HSIC_0 = tr(K H L H) / (n-1)^2; the debiased one uses the unbiased HSIC estimator of Song et al. 2012,
+which matters when the number of items n is small relative to the feature size (the plain one drifts towards 1).
+For linear kernels both reduce to sums over centred features, so no n x n kernel is needed unless it is cheaper.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from featx.errors import FeatxError
+
+# Above this many items, the n x n Gram matrices cost more memory than the D x D cross-products.
+_GRAM_MAX_ITEMS = 2048
+
+
+def _centre(X):
+    X = np.asarray(X, dtype=np.float64)
+    return X - X.mean(axis=0, keepdims=True)
+
+
+def _check_n(n, debiased):
+    if debiased and n < 4:
+        raise FeatxError(f"debiased CKA needs at least 4 items, got {n}")
+    if n < 2:
+        raise FeatxError(f"CKA needs at least 2 items, got {n}")
+
+
+def _hsic(xty, rows_x, rows_y, n, debiased):
+    """HSIC (up to a factor common to numerator and denominator of CKA) from centred-feature statistics.
+
+    xty: ||X^T Y||_F^2 = <K, L>_F for centred X, Y; rows_x, rows_y: (n,) squared row norms (diagonals of K, L).
+    """
+    if not debiased:
+        return xty
+    # Unbiased HSIC of Song et al. 2012, written with the centred features (Kornblith et al.'s form).
+    sx, sy = rows_x.sum(), rows_y.sum()
+    return xty - n / (n - 2.0) * rows_x.dot(rows_y) + sx * sy / ((n - 1.0) * (n - 2.0))
+
+
+def _cka(xty, xtx, yty, rows_x, rows_y, n, debiased):
+    den2 = _hsic(xtx, rows_x, rows_x, n, debiased) * _hsic(yty, rows_y, rows_y, n, debiased)
+    if den2 <= 0:
+        return float("nan")  # a constant representation: CKA is undefined
+    return float(_hsic(xty, rows_x, rows_y, n, debiased) / np.sqrt(den2))
+
+
+def linear_cka(X, Y, debiased=False):
+    """Linear CKA between two representations of the same n items.
+
+    X: (n, D_x); Y: (n, D_y). Returns a float, 1.0 for representations equal up to an orthogonal transform,
+    an isotropic scaling and a translation; nan if either is constant.
+    """
+    X, Y = np.asarray(X), np.asarray(Y)
+    if X.ndim != 2 or Y.ndim != 2:
+        raise FeatxError(f"CKA needs 2-D arrays (items, features), got shapes {X.shape} and {Y.shape}")
+    return float(cka_matrix(X[:, None], Y[:, None], debiased=debiased)[0, 0])
+
+
+def _layers(A, name):
+    A = np.asarray(A)
+    if A.ndim != 3:
+        raise FeatxError(f"{name} must have shape (items, layers, features), got {A.shape}")
+    return A
+
+
+def cka_matrix(layers_x, layers_y=None, debiased=False):
+    """Layer x layer linear CKA.
+
+    layers_x: (n, L_x, D_x); layers_y: (n, L_y, D_y) over the same items in the same order, or None for
+    layers_x against itself. Returns (L_x, L_y) float64; entry [i, j] = linear_cka(layers_x[:, i], layers_y[:, j]).
+    """
+    X = _layers(layers_x, "layers_x")
+    Y = X if layers_y is None else _layers(layers_y, "layers_y")
+    if X.shape[0] != Y.shape[0]:
+        raise FeatxError(f"CKA needs the same items on both sides, got {X.shape[0]} and {Y.shape[0]}")
+    n = X.shape[0]
+    _check_n(n, debiased)
+    xs = [_centre(X[:, i]) for i in range(X.shape[1])]
+    ys = xs if layers_y is None else [_centre(Y[:, j]) for j in range(Y.shape[1])]
+    if n <= _GRAM_MAX_ITEMS:
+        # <K, L>_F with K = X X^T: one n x n Gram matrix per layer, then one dot product per pair.
+        fx = [x @ x.T for x in xs]
+        fy = fx if layers_y is None else [y @ y.T for y in ys]
+        sim = lambda a, b: float(np.vdot(a, b))  # noqa: E731
+    else:
+        fx, fy = xs, ys
+        sim = lambda a, b: float(np.linalg.norm(a.T @ b) ** 2)  # noqa: E731
+    rows_x = [(x * x).sum(1) for x in xs]
+    rows_y = rows_x if layers_y is None else [(y * y).sum(1) for y in ys]
+    self_x = [sim(a, a) for a in fx]
+    self_y = self_x if layers_y is None else [sim(b, b) for b in fy]
+    out = np.empty((len(xs), len(ys)))
+    for i in range(len(xs)):
+        for j in range(len(ys)):
+            if layers_y is None and j < i:
+                out[i, j] = out[j, i]
+                continue
+            out[i, j] = _cka(sim(fx[i], fy[j]), self_x[i], self_y[j], rows_x[i], rows_y[j], n, debiased)
+    return out
+
+
+@dataclass
+class CacheCKA:
+    """Layer x layer CKA between two caches (or one cache with itself) over the items both have done."""
+
+    matrix: np.ndarray  # (L_x, L_y)
+    name_x: str
+    name_y: str
+    num_items: int
+    debiased: bool
+    pooling: str
+
+    @property
+    def within(self):
+        return self.name_x == self.name_y
+
+
+def cache_cka(path_x, path_y=None, pooling="mean", debiased=True, max_items=4096, seed=0):
+    """CKA between every layer of the cache at path_x and every layer of path_y (or of path_x itself).
+
+    Items are aligned by id (the intersection of done ids); above max_items a seeded random subset is used.
+    Returns a CacheCKA whose matrix has shape (L_x, L_y).
+    """
+    from featx.store import open_cache
+
+    cx = open_cache(path_x)
+    cy = cx if path_y is None else open_cache(path_y)
+    ids_x = np.asarray(cx.ids)[np.asarray(cx.done, dtype=bool)]
+    ids_y = np.asarray(cy.ids)[np.asarray(cy.done, dtype=bool)]
+    common, ix, iy = np.intersect1d(ids_x, ids_y, assume_unique=True, return_indices=True)
+    if len(common) > max_items:
+        keep = np.sort(np.random.default_rng(seed).choice(len(common), max_items, replace=False))
+        ix, iy = ix[keep], iy[keep]
+    if len(ix) < (4 if debiased else 2):
+        raise FeatxError(f"CKA of {path_x} and {path_y or path_x}: only {len(ix)} items done in both")
+    X = np.asarray(cx.pooled(pooling))[ix]
+    Y = None if path_y is None else np.asarray(cy.pooled(pooling))[iy]
+    return CacheCKA(matrix=cka_matrix(X, Y, debiased=debiased), name_x=str(cx.model),
+                    name_y=str(cy.model), num_items=len(ix), debiased=debiased, pooling=pooling)
