@@ -1,0 +1,71 @@
+"""The interface every encoder adapter implements, and model loading shared by them."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from featx.errors import FeatxError
+
+
+def from_pretrained(loader, name, what, **kwargs):
+    """`loader.from_pretrained(name)` with transformers' progress bars off and a one-line FeatxError on failure."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a CLIP vision tower loaded from a full CLIP checkpoint lists every text weight
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise FeatxError(f"cannot load the {what} of model {name!r}: {first}")
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+class Encoder:
+    """One model family behind one interface.
+
+    Attributes: name, modality ('text' | 'image' | 'audio'), model, num_layers (L, with index 0 the
+    embedding output), hidden_size (D), attrs (the settings that change the numbers, stored in the cache).
+    """
+
+    modality = ""
+
+    def __init__(self, name, *, config, device="cpu", trust_remote_code=False):
+        self.name = str(name)
+        self.config = config
+        self.device = torch.device(device)
+        self.trust_remote_code = trust_remote_code
+        self.model = None
+        self.attrs = {}
+
+    def _finish_load(self, model):
+        self.model = model.eval().to(self.device)
+        cfg = getattr(model.config, "vision_config", model.config) if self.modality == "image" else model.config
+        self.num_layers = int(cfg.num_hidden_layers) + 1
+        self.hidden_size = int(cfg.hidden_size)
+
+    # --- what the pipeline calls -------------------------------------------------------------
+    def size(self, raw) -> int:
+        """A cost of one decoded input, for sorting by length (characters, samples; 1 for images)."""
+        return 1
+
+    def batch_key(self, raw):
+        """Inputs batch together only when their keys are equal (None: anything goes)."""
+        return None
+
+    def prepare(self, raws) -> dict:
+        """CPU tensors for a batch of decoded inputs, made by the checkpoint's own processor."""
+        raise NotImplementedError
+
+    def forward(self, inputs):
+        """(hidden_states, mask): L tensors (B, T, D) and a (B, T) bool mask of valid positions."""
+        raise NotImplementedError
+
+    def autocast(self):
+        """bf16 autocast on CUDA (fp32 on the CPU, where the numbers must match a plain forward)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()

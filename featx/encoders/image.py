@@ -1,0 +1,36 @@
+"""Image encoders: the vision tower of a CLIP checkpoint (full or vision-only), and other ViTs AutoModel loads."""
+from __future__ import annotations
+
+import torch
+
+from featx.encoders.base import Encoder, from_pretrained
+
+
+class ImageEncoder(Encoder):
+    modality = "image"
+
+    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, **_):
+        super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code)
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.processor = from_pretrained(AutoImageProcessor, name, "image processor",
+                                         trust_remote_code=trust_remote_code)
+        kind = config.model_type
+        if kind in ("clip", "clip_vision_model"):
+            from transformers import CLIPVisionModel as loader  # hidden_states end before post_layernorm
+        elif kind in ("siglip", "siglip_vision_model"):
+            from transformers import SiglipVisionModel as loader
+        else:
+            loader = AutoModel
+        self._finish_load(from_pretrained(loader, name, "weights", trust_remote_code=trust_remote_code))
+        size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None)
+        self.attrs = {"image_size": str(dict(size)) if size else ""}
+
+    def prepare(self, raws):
+        return {"pixel_values": self.processor(images=list(raws), return_tensors="pt")["pixel_values"]}
+
+    def forward(self, inputs):
+        pixels = inputs["pixel_values"].to(self.device, non_blocking=True)
+        out = self.model(pixel_values=pixels, output_hidden_states=True)
+        hs = out.hidden_states
+        return hs, torch.ones(hs[0].shape[:2], dtype=torch.bool, device=hs[0].device)

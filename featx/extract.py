@@ -1,0 +1,323 @@
+"""The extraction pipeline: manifest -> decode -> encoder -> pool -> HDF5 cache.
+
+Items are decoded (in DataLoader workers when num_workers > 0) into units: one text, one image, one
+window of a long audio file, or one frame of a video. Units are sorted by length and batched so padding
+stays small, pooled on the device, and combined back into one value per item: a long audio file's
+windows are weighted by their frame counts (so `mean` is the mean over all its frames) and a video's
+frames equally (the mean over frames of the per-frame pooled values). Each finished group of items is
+written to the cache as one atomic part, so a killed run loses nothing it had written.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from featx import __version__
+from featx.encoders import load_config, load_encoder, modality_of
+from featx.errors import FeatxError, MediaError
+from featx.manifest import labels_and_splits, read_manifest, source_column
+from featx.pooling import POOLINGS, pool
+
+__all__ = ["extract", "ExtractResult", "cache_path"]
+
+
+@dataclass
+class ExtractResult:
+    """What `extract` did: one entry per model with its cache path and item counts."""
+    caches: list = field(default_factory=list)  # dicts: model, path, done, failed, pending
+
+    @property
+    def failed(self) -> int:
+        return sum(c["failed"] for c in self.caches)
+
+    @property
+    def paths(self) -> list:
+        return [c["path"] for c in self.caches]
+
+
+def model_slug(name) -> str:
+    """A file-name-safe short name for a hub id or a local folder."""
+    name = str(name).rstrip("/\\")
+    if os.path.isdir(name):
+        name = os.path.basename(os.path.abspath(name))
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-") or "model"
+
+
+def cache_path(manifest, model, out) -> str:
+    """`<out>/<manifest stem>__<model slug>.h5`."""
+    stem = os.path.splitext(os.path.basename(os.fspath(manifest)))[0]
+    return os.path.join(os.fspath(out), f"{stem}__{model_slug(model)}.h5")
+
+
+def _value(v):
+    return None if v is None or (not isinstance(v, (list, np.ndarray)) and pd.isna(v)) else v
+
+
+class Decoder:
+    """Turns one manifest row into the encoder's decoded inputs (units). Holds no model: it runs in workers."""
+
+    def __init__(self, modality, column, sample_rate=None, max_audio_seconds=30.0, fps=3.0):
+        self.modality, self.column = modality, column
+        self.sample_rate, self.max_audio_seconds, self.fps = sample_rate, max_audio_seconds, fps
+
+    def __call__(self, row) -> list:
+        src = _value(row.get(self.column))
+        start, end = _value(row.get("start")), _value(row.get("end"))
+        if self.modality == "text":
+            from featx.media import load_text
+            return [load_text(src)]
+        if self.modality == "image":
+            if self.column == "video":
+                from featx.video import video_frames
+                frames, _ = video_frames(src, fps=self.fps, start=start, end=end)
+                return list(frames)
+            from featx.media import load_image
+            return [load_image(src)]
+        if self.column == "video":
+            from featx.video import video_audio
+            wav = video_audio(src, self.sample_rate, start=start, end=end)
+        else:
+            from featx.media import load_audio
+            wav = load_audio(src, self.sample_rate, start=start, end=end)
+        # Long audio in near-equal windows no longer than max_audio_seconds, so memory stays bounded.
+        limit = int(self.max_audio_seconds * self.sample_rate) if self.max_audio_seconds else 0
+        if limit and wav.shape[0] > limit:
+            n = math.ceil(wav.shape[0] / limit)
+            return list(np.array_split(wav, n))
+        return [wav]
+
+
+class _Items(torch.utils.data.Dataset):
+    """Decoded items for the DataLoader: (index, units) or (index, MediaError reason)."""
+
+    def __init__(self, rows, indices, decoder):
+        self.rows, self.indices, self.decoder = rows, indices, decoder
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = int(self.indices[k])
+        try:
+            return i, self.decoder(self.rows[i]), None
+        except MediaError as e:
+            return i, None, str(e)
+        except Exception as e:  # a decoder bug or an odd file must fail the item, not the batch
+            return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FeatxError("--device cuda was asked for, but torch sees no CUDA device (use --device auto or cpu)")
+    return device
+
+
+class Runner:
+    """Runs one encoder over the units of a group of items and combines them into per-item values."""
+
+    def __init__(self, encoder, poolings, seq=False, seq_stride=1, batch_size=16):
+        self.encoder, self.poolings = encoder, list(poolings)
+        self.seq, self.seq_stride, self.batch_size = seq, max(1, int(seq_stride)), max(1, int(batch_size))
+
+    def batches(self, units):
+        """Length-sorted batches of unit numbers (longest first, so an out-of-memory shows up at once)."""
+        enc = self.encoder
+        order = sorted(range(len(units)), key=lambda u: -enc.size(units[u][1]))
+        groups = {}
+        for u in order:
+            groups.setdefault(enc.batch_key(units[u][1]), []).append(u)
+        for members in groups.values():
+            for s in range(0, len(members), self.batch_size):
+                yield members[s:s + self.batch_size]
+
+    @torch.inference_mode()
+    def run_batch(self, raws):
+        """Pooled values (B, L, D) per pooling, sequences, and valid-position counts for a list of inputs.
+
+        On CUDA out-of-memory the batch is halved and retried, down to one input.
+        """
+        enc = self.encoder
+        try:
+            inputs = enc.prepare(raws)
+            with enc.autocast():
+                hidden, mask = enc.forward(inputs)
+                pooled = {k: v.cpu().numpy() for k, v in pool(hidden, mask, self.poolings).items()}
+            counts = mask.sum(1).cpu().numpy()
+            seqs = None
+            if self.seq:
+                valid = mask.cpu()
+                stacked = [torch.stack([h[b].float().cpu() for h in hidden], dim=1) for b in range(len(raws))]
+                seqs = [s[valid[b]][::self.seq_stride].numpy() for b, s in enumerate(stacked)]
+            return pooled, seqs, counts
+        except torch.cuda.OutOfMemoryError:
+            if len(raws) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(raws) // 2
+            a, b = self.run_batch(raws[:half]), self.run_batch(raws[half:])
+            pooled = {k: np.concatenate([a[0][k], b[0][k]]) for k in a[0]}
+            seqs = (a[1] + b[1]) if self.seq else None
+            return pooled, seqs, np.concatenate([a[2], b[2]])
+
+    def run(self, items):
+        """items: list of (index, units). Returns (indices, pooled {name: (n, L, D)}, seqs | None, failures)."""
+        enc = self.encoder
+        units, failures = [], []
+        for i, us in items:
+            for u in us:
+                units.append((i, u))
+        if enc.modality == "audio":  # too short for the conv feature encoder: fail the item, not the batch
+            short = {i for i, u in units if enc.num_frames(u.shape[0]) < 1}
+            failures += [(i, "audio too short for the model (no frames)") for i in sorted(short)]
+            units = [(i, u) for i, u in units if i not in short]
+        per_unit = [None] * len(units)
+        for batch in self.batches(units):
+            pooled, seqs, counts = self.run_batch([units[u][1] for u in batch])
+            for j, u in enumerate(batch):
+                per_unit[u] = ({k: v[j] for k, v in pooled.items()}, seqs[j] if seqs else None, int(counts[j]))
+        # Combine units into items: audio windows weighted by frames, video frames equally.
+        by_item = {}
+        for (i, _), res in zip(units, per_unit):
+            by_item.setdefault(i, []).append(res)
+        indices = [i for i, _ in items if i in by_item]
+        out = {k: np.zeros((len(indices), enc.num_layers, enc.hidden_size), np.float32) for k in self.poolings}
+        seq_out = [] if self.seq else None
+        for row, i in enumerate(indices):
+            parts = by_item[i]
+            w = np.array([p[2] if enc.modality == "audio" else 1 for p in parts], np.float64)
+            w = w / w.sum()
+            for k in self.poolings:
+                out[k][row] = np.tensordot(w, np.stack([p[0][k] for p in parts]), axes=1)
+            if self.seq:
+                if enc.modality == "image" and len(parts) > 1:  # video: the per-frame sequence of frame values
+                    seq_out.append(np.stack([p[0]["cls" if "cls" in p[0] else "mean"] for p in parts]))
+                else:
+                    seq_out.append(np.concatenate([p[1] for p in parts]))
+        return np.array(indices, np.int64), out, seq_out, failures
+
+
+def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, batch_size=16, device="auto",
+            dtype="float16", max_length=None, max_audio_seconds=30.0, fps=3.0, num_workers=0,
+            trust_remote_code=False, overwrite=False, progress=True, group_size=None) -> ExtractResult:
+    """Cache the hidden states of every layer of every item for each model; one HDF5 file per model.
+
+    manifest: path of a CSV/JSONL/Parquet manifest. models: hub ids or local folders. out: folder.
+    pool: poolings out of ('mean', 'cls'); cls is skipped for audio encoders (they have no CLS token).
+    Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried).
+    Raises FeatxError for usage/configuration errors, before any model is loaded where it can.
+    """
+    from featx.store import CacheWriter
+
+    models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    poolings = [pool] if isinstance(pool, str) else list(pool)
+    bad = [p for p in poolings if p not in POOLINGS]
+    if bad or not poolings:
+        raise FeatxError(f"unknown pooling {bad[0] if bad else '(none)'!r}; choose from {', '.join(POOLINGS)}")
+    if dtype not in ("float16", "float32"):
+        raise FeatxError(f"--dtype must be float16 or float32, not {dtype!r}")
+    if int(batch_size) < 1:
+        raise FeatxError("--batch-size must be at least 1")
+    if not models:
+        raise FeatxError("give at least one --model")
+    df = read_manifest(manifest)
+    name = os.path.basename(os.fspath(manifest))
+    configs = [load_config(m, trust_remote_code) for m in models]
+    columns = [source_column(df, modality_of(c), name) for c in configs]
+    device = _resolve_device(device)
+    os.makedirs(out, exist_ok=True)
+    rows = df.to_dict("records")
+    ids = df["id"].tolist()
+    labels, splits, meta = labels_and_splits(df)
+    result = ExtractResult()
+    for model, config, column in zip(models, configs, columns):
+        encoder = load_encoder(model, config=config, device=device, trust_remote_code=trust_remote_code,
+                               max_length=max_length)
+        pools = [p for p in poolings if not (encoder.modality == "audio" and p == "cls")] or ["mean"]
+        if len(pools) < len(poolings):
+            print(f"featx extract: {model}: audio encoders have no CLS token; storing {','.join(pools)} only",
+                  file=sys.stderr)
+        modality = "video" if column == "video" and encoder.modality == "image" else encoder.modality
+        attrs = {"model": str(model), "modality": modality, "source_column": column, "featx_version": __version__,
+                 "poolings": ",".join(pools), "manifest": os.path.abspath(os.fspath(manifest)), **encoder.attrs}
+        if encoder.modality == "audio":
+            attrs["max_audio_seconds"] = float(max_audio_seconds or 0)
+        if modality == "video":
+            attrs["fps"] = float(fps)
+        if seq:
+            attrs["seq_stride"] = int(seq_stride)
+        path = cache_path(manifest, model, out)
+        writer = CacheWriter(path, ids=ids, attrs=attrs, poolings=pools, num_layers=encoder.num_layers,
+                             hidden_size=encoder.hidden_size, dtype=dtype, seq=seq, labels=labels, splits=splits,
+                             meta=meta, overwrite=overwrite)
+        decoder = Decoder(encoder.modality, column, getattr(encoder, "sample_rate", None), max_audio_seconds, fps)
+        runner = Runner(encoder, pools, seq=seq, seq_stride=seq_stride, batch_size=batch_size)
+        try:
+            _run(writer, runner, decoder, rows, num_workers, group_size or max(64, 8 * int(batch_size)),
+                 progress, model)
+        finally:  # consolidate what was written, also when interrupted
+            summary = writer.close()
+        summary = {"model": str(model), "path": path, **{k: summary[k] for k in ("done", "failed", "pending")}}
+        result.caches.append(summary)
+        _print_summary(summary, path)
+    return result
+
+
+def _run(writer, runner, decoder, rows, num_workers, group_size, progress, model):
+    from tqdm.auto import tqdm
+
+    todo = writer.todo
+    if len(todo) == 0:
+        return
+    loader = torch.utils.data.DataLoader(_Items(rows, todo, decoder), batch_size=None, shuffle=False,
+                                         num_workers=int(num_workers), collate_fn=lambda x: x,
+                                         prefetch_factor=4 if num_workers else None)
+    bar = tqdm(total=len(todo), unit="item", desc=os.path.basename(str(model).rstrip("/")), disable=not progress,
+               dynamic_ncols=True)
+    group = []
+
+    def flush():
+        failed = [(i, why) for i, units, why in group if units is None]
+        ok = [(i, units) for i, units, why in group if units is not None]
+        if ok:
+            indices, pooled, seqs, more = runner.run(ok)
+            failed += more
+            if len(indices):
+                writer.write(indices, pooled, seqs)
+        if failed:
+            writer.fail([i for i, _ in failed], [why for _, why in failed])
+        bar.update(len(group))
+        group.clear()
+
+    try:
+        for item in loader:
+            group.append(item)
+            if len(group) >= group_size:
+                flush()
+        flush()
+    finally:
+        bar.close()
+
+
+def _print_summary(summary, path):
+    line = f"featx extract: {summary['model']}: {summary['done']} done, {summary['failed']} failed"
+    if summary["pending"]:
+        line += f", {summary['pending']} pending"
+    print(f"{line} -> {path}", file=sys.stderr)
+    if summary["failed"]:
+        from featx.store import open_cache
+
+        with open_cache(path) as c:
+            bad = [(i, e) for i, e in zip(c.ids, c.error) if e]
+        for i, e in bad[:10]:
+            print(f"  failed {i}: {e}", file=sys.stderr)
+        if len(bad) > 10:
+            print(f"  ... and {len(bad) - 10} more (see `featx info {path}`)", file=sys.stderr)

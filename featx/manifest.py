@@ -1,0 +1,89 @@
+"""Read and validate manifests: CSV, JSONL or Parquet with one row per item.
+
+Columns: `id` (required, unique), `text`, `image`, `audio`, `video` (paths, relative to the manifest's
+folder), optional `start`/`end` (seconds), `label`, `split`; any other column is kept as metadata.
+"""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from featx.errors import FeatxError
+
+PATH_COLUMNS = ("image", "audio", "video")
+STRING_COLUMNS = ("id", "text", "split") + PATH_COLUMNS
+KNOWN_COLUMNS = STRING_COLUMNS + ("start", "end", "label")
+
+
+def read_manifest(path) -> pd.DataFrame:
+    """The manifest as a DataFrame: `id` and path columns as strings, paths made absolute.
+
+    Raises FeatxError (one line) for an unreadable file, a missing `id` column, empty or duplicate ids.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FeatxError(f"manifest not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    dtypes = {c: "string" for c in STRING_COLUMNS}
+    try:
+        if ext in (".csv", ".tsv"):
+            df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",", dtype=dtypes)
+        elif ext in (".jsonl", ".json", ".ndjson"):
+            df = pd.read_json(path, lines=ext != ".json", dtype=False)
+        elif ext in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        else:
+            raise FeatxError(f"manifest {path}: unknown format {ext!r} (use .csv, .jsonl or .parquet)")
+    except FeatxError:
+        raise
+    except Exception as e:  # pandas raises many kinds; the user needs one line
+        raise FeatxError(f"cannot read manifest {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    name = os.path.basename(path)
+    if "id" not in df.columns:
+        raise FeatxError(f"manifest {name} has no 'id' column (columns: {', '.join(map(str, df.columns))})")
+    if len(df) == 0:
+        raise FeatxError(f"manifest {name} has no rows")
+    for col in STRING_COLUMNS:
+        if col in df.columns:
+            df[col] = df[col].astype("string")
+    ids = df["id"].str.strip()
+    empty = ids.isna() | (ids == "")
+    if empty.any():
+        rows = (empty[empty].index[:5] + 1).tolist()
+        raise FeatxError(f"manifest {name}: {int(empty.sum())} row(s) have no id (rows {rows})")
+    dup = ids[ids.duplicated(keep=False)]
+    if len(dup):
+        raise FeatxError(f"manifest {name}: duplicate ids: {', '.join(sorted(set(dup.tolist()))[:5])}")
+    df["id"] = ids
+    base = os.path.dirname(os.path.abspath(path))
+    for col in PATH_COLUMNS:
+        if col in df.columns:
+            df[col] = df[col].map(lambda p: p if pd.isna(p) or os.path.isabs(p) else os.path.join(base, p))
+    return df.reset_index(drop=True)
+
+
+def source_column(df: pd.DataFrame, modality: str, name: str = "manifest") -> str:
+    """The column an encoder of `modality` reads: text->text, image->image (else video frames),
+    audio->audio (else the video's audio track). FeatxError when the manifest has none."""
+    options = {"text": ["text"], "image": ["image", "video"], "audio": ["audio", "video"]}[modality]
+    for col in options:
+        if col in df.columns:
+            return col
+    raise FeatxError(f"{name} has no {' or '.join(repr(c) for c in options)} column, which a {modality} encoder needs")
+
+
+def labels_and_splits(df: pd.DataFrame):
+    """(labels, splits, meta): labels as float64 when numeric else str, or None; splits as str or None;
+    meta = the other columns as strings."""
+    labels = None
+    if "label" in df.columns:
+        numeric = pd.to_numeric(df["label"], errors="coerce")
+        if numeric.notna().sum() == df["label"].notna().sum():
+            labels = numeric.to_numpy(dtype="float64")
+        else:
+            labels = df["label"].astype("string").fillna("").to_numpy(dtype=object)
+    splits = df["split"].fillna("").to_numpy(dtype=object) if "split" in df.columns else None
+    meta = {c: df[c].astype("string").fillna("").to_numpy(dtype=object)
+            for c in df.columns if c not in KNOWN_COLUMNS}
+    return labels, splits, meta
