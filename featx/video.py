@@ -1,0 +1,290 @@
+"""Decode the frames and the audio track of a video file with PyAV (the optional extra `featx[video]`).
+
+Times are seconds from the start of the file (the container's start time is subtracted), float64.
+Frame sampling: for a segment [start, end) and a rate `fps`, the target times are the centres of the
+1/fps-long slices of the segment, t_k = start + (k + 0.5) / fps for every k with t_k < end; each target
+takes the decoded frame whose presentation interval [pts, next pts) contains it. A non-empty segment
+shorter than half a slice still gives one frame, at its midpoint. So a 3 s clip at 3 fps gives 9 frames,
+at 1/6, 1/2, 5/6, ... 17/6 s.
+
+One bad file (missing, corrupt, truncated, no such stream, a segment outside its duration) raises
+MediaError with a one-line reason; the caller records it and goes on with the other items.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+
+import numpy as np
+
+from featx.errors import FeatxError
+
+# Annotated segment ends often overshoot a clip by rounding; up to this many seconds past the end is clipped.
+END_SLACK = 0.25
+# Audio decoders (AAC, Opus) need the frames before a seek point to rebuild the first samples after it.
+_AUDIO_PREROLL = 0.5
+
+
+class MediaError(Exception):
+    """One item's media cannot be decoded as asked; the message is a one-line reason."""
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise FeatxError("video input needs PyAV: pip install 'featx[video]'") from None
+    return av
+
+
+def _reason(err) -> str:
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return text.splitlines()[0]
+
+
+@contextmanager
+def _open(path):
+    """Open `path` with PyAV; FFmpeg errors while open or decoding become MediaError naming the file."""
+    av = _av()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MediaError(f"no such video file: {path}")
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError) as e:
+        raise MediaError(f"cannot open video {path}: {_reason(e)}") from None
+    try:
+        yield container
+    except av.error.FFmpegError as e:
+        raise MediaError(f"cannot decode {path}: {_reason(e)} (corrupt or truncated file)") from None
+    finally:
+        container.close()
+
+
+def _origin(container) -> float:
+    """The file's start time in seconds: subtracted from every timestamp."""
+    return container.start_time / 1e6 if container.start_time is not None else 0.0
+
+
+def _stream_end(container, stream) -> float | None:
+    """When `stream` ends, in seconds from the file start; None when neither stream nor container says."""
+    if stream.duration:
+        first = stream.start_time or 0
+        return float((first + stream.duration) * stream.time_base) - _origin(container)
+    if container.duration:
+        return container.duration / 1e6
+    return None
+
+
+def _segment(start, end, duration, path, what):
+    """Check [start, end) against `duration` (None: unknown) and return it as floats; end may be inf."""
+    start = 0.0 if start is None else float(start)
+    if not math.isfinite(start) or start < 0:
+        raise MediaError(f"{path}: segment start {start:g} s is not a time in the file")
+    if end is None:
+        end = duration if duration is not None else math.inf
+    else:
+        end = float(end)
+        if not end > start:
+            raise MediaError(f"{path}: empty segment [{start:g}, {end:g}) s")
+        if duration is not None and end > duration + END_SLACK:
+            raise MediaError(f"{path}: segment [{start:g}, {end:g}) s ends after the {what} ({duration:.3f} s)")
+        if duration is not None:
+            end = min(end, duration)
+    if duration is not None and start >= duration:
+        raise MediaError(f"{path}: segment starts at {start:g} s, after the end of the {what} ({duration:.3f} s)")
+    return start, end
+
+
+def _targets(start, end, fps, max_frames):
+    """Yield the sampling times of [start, end) (the centre rule of the module docstring)."""
+    if not fps > 0:
+        raise FeatxError(f"frame rate must be positive, got {fps}")
+    if math.isfinite(end):
+        if max_frames and (end - start) * fps > max_frames:
+            fps = max_frames / (end - start)  # keep the whole segment covered: lower the rate
+        n = max(0, math.ceil((end - start) * fps - 0.5))
+        times = [t for t in (start + (k + 0.5) / fps for k in range(n + 1)) if t < end]
+        yield from (times or [(start + end) / 2])
+        return
+    k = 0  # duration unknown: sample until the frames run out
+    while not max_frames or k < max_frames:
+        yield start + (k + 0.5) / fps
+        k += 1
+
+
+def _seek(container, stream, start):
+    # Land on the key frame at or before `start`; decoding from there reaches `start` exactly.
+    if start > 0:
+        first = stream.start_time or 0
+        container.seek(first + int((start + _origin(container)) / stream.time_base), stream=stream, backward=True)
+
+
+def video_frames(path, fps: float = 3.0, start: float | None = None, end: float | None = None,
+                 max_frames: int | None = None):
+    """Sample RGB frames of the video at `path` at `fps` within [start, end) seconds (the whole file when None).
+
+    Returns (frames, times): a list of F PIL.Image (RGB, the video's size) and a float64 array (F,) of each
+    frame's presentation time in seconds from the file start (times repeat when fps exceeds the video's rate).
+    With `max_frames`, a segment that would give more frames is sampled at the lower rate that gives max_frames.
+    Raises MediaError for a missing, corrupt or truncated file, no video stream, or a segment outside the video.
+    """
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        origin = _origin(container)
+        start, end = _segment(start, end, _stream_end(container, stream), path, "video")
+        targets = _targets(start, end, fps, max_frames)
+        target = next(targets)
+        images, times = [], []
+        prev = prev_time = None
+        last_image = last_frame = None
+
+        def take(frame, time):
+            nonlocal last_frame, last_image
+            if frame is not last_frame:  # several targets in one frame's interval share one image
+                last_frame, last_image = frame, frame.to_image()
+            images.append(last_image)
+            times.append(time)
+
+        _seek(container, stream, start)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            time = float(frame.pts * stream.time_base) - origin
+            while target is not None and target < time:
+                # The target lies before this frame, so in the previous frame's interval (or before the first frame).
+                take(*((prev, prev_time) if prev is not None else (frame, time)))
+                target = next(targets, None)
+            if target is None:
+                break
+            prev, prev_time = frame, time
+        if target is not None:
+            if prev is None:
+                raise MediaError(f"{path}: no video frame could be decoded in [{start:g}, {end:g}) s")
+            rate = stream.average_rate
+            last_end = prev_time + (float(prev.duration * stream.time_base) if prev.duration
+                                    else (1 / float(rate) if rate else 0.0))
+            while target is not None and target < last_end + END_SLACK:
+                take(prev, prev_time)
+                target = next(targets, None)
+            if target is not None and math.isfinite(end):
+                raise MediaError(f"{path}: video frames end at {last_end:.3f} s, before {target:.3f} s "
+                                 "(truncated or corrupt file)")
+    return images, np.asarray(times, dtype=np.float64)
+
+
+def video_audio(path, sample_rate: int, start: float | None = None, end: float | None = None) -> np.ndarray:
+    """The audio track of the video at `path` as a mono float32 waveform (T,) at `sample_rate`.
+
+    Only [start, end) seconds when given; channels are averaged; resampled with torchaudio when the track's
+    rate differs. Raises MediaError for a missing or corrupt file, no audio track, a truncated track,
+    or a segment outside the track.
+    """
+    av = _av()
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise MediaError(f"{path}: no audio track")
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate
+        if not rate:
+            raise MediaError(f"{path}: the audio track has no sample rate")
+        origin = _origin(container)
+        start, end = _segment(start, end, _stream_end(container, stream), path, "audio track")
+        # Decoders give int or float, planar or packed samples; this gives float planar (channels, n).
+        to_float = av.AudioResampler(format="fltp")
+        chunks, first, time = [], None, None
+        _seek(container, stream, start - _AUDIO_PREROLL)
+        for frame in container.decode(stream):
+            if frame.pts is not None:
+                time = float(frame.pts * stream.time_base) - origin
+            elif time is None:
+                time = 0.0
+            if time >= end:
+                break
+            if time + frame.samples / rate > start:
+                first = time if first is None else first
+                chunks += [f.to_ndarray() for f in to_float.resample(frame)]
+            time += frame.samples / rate  # for frames without a pts
+        if first is not None:
+            chunks += [f.to_ndarray() for f in to_float.resample(None)]
+    if first is None:
+        raise MediaError(f"{path}: no audio could be decoded in [{start:g}, {end:g}) s")
+    wave = np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)
+    got_end = first + wave.shape[0] / rate
+    if math.isfinite(end) and got_end + END_SLACK < end:
+        raise MediaError(f"{path}: audio ends at {got_end:.3f} s, before {end:.3f} s (truncated or corrupt file)")
+    i0 = max(0, round((start - first) * rate))
+    i1 = wave.shape[0] if not math.isfinite(end) else round((end - first) * rate)
+    wave = wave[i0:i1]
+    if rate != sample_rate:
+        import torch
+        import torchaudio
+
+        wave = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(wave)), rate, sample_rate).numpy()
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def probe_video(path) -> dict:
+    """What the file at `path` holds, without decoding it.
+
+    Returns {"duration": s or None, "has_video", "fps": average frame rate or None, "width", "height",
+    "num_frames": from the header or None, "has_audio", "audio_rate": Hz or None, "audio_channels"}.
+    """
+    with _open(path) as container:
+        info = {"duration": container.duration / 1e6 if container.duration else None,
+                "has_video": bool(container.streams.video), "fps": None, "width": None, "height": None,
+                "num_frames": None, "has_audio": bool(container.streams.audio), "audio_rate": None,
+                "audio_channels": None}
+        if container.streams.video:
+            v = container.streams.video[0]
+            info.update(fps=float(v.average_rate) if v.average_rate else None, width=v.codec_context.width,
+                        height=v.codec_context.height, num_frames=v.frames or None)
+        if container.streams.audio:
+            a = container.streams.audio[0]
+            info.update(audio_rate=a.codec_context.sample_rate or None, audio_channels=a.codec_context.channels)
+    return info
+
+
+def build_tiny_video(path, seconds: float = 3.0, fps: int = 10, size=(64, 48), tone_hz: float | None = 440.0,
+                     sample_rate: int = 44100, channels: int = 2, faststart: bool = False) -> str:
+    """Write a small test video to `path` (.mp4: H.264 + AAC; .mkv: lossless FFV1 + 16-bit PCM) and return `path`.
+
+    Frame i is a solid grey of level 8 * i (mod 256), so a decoded frame tells its index despite compression;
+    the audio track (none when tone_hz is None) is a sine of amplitude 0.5 at `tone_hz`, `seconds` long.
+    Used by the tests and the demo, where no dataset can be downloaded.
+    """
+    av = _av()
+    width, height = size
+    mkv = str(path).endswith(".mkv")
+    container = av.open(os.fspath(path), "w", options={"movflags": "faststart"} if faststart else {})
+    try:
+        codec = "ffv1" if mkv or "libx264" not in av.codecs_available else "libx264"
+        video = container.add_stream(codec, rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.codec_context.gop_size = fps  # a key frame a second, as in real videos, so seeking is exercised
+        video.options = {"crf": "0"} if codec == "libx264" else {}  # lossless: frame i decodes to grey 8 * i
+        audio = None
+        if tone_hz is not None:
+            audio = container.add_stream("pcm_s16le" if mkv else "aac", rate=sample_rate)
+            audio.layout = "stereo" if channels == 2 else "mono"
+        for i in range(round(seconds * fps)):
+            grey = np.full((height, width, 3), (8 * i) % 256, np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")))
+        container.mux(video.encode())
+        if audio is not None:
+            n = round(seconds * sample_rate)
+            tone = (0.5 * np.sin(2 * np.pi * tone_hz * np.arange(n) / sample_rate)).astype(np.float32)
+            block = 1024  # AAC's frame size; PCM takes any
+            for s in range(0, n, block):
+                planes = np.ascontiguousarray(np.repeat(tone[None, s:s + block], channels, axis=0))
+                frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=audio.layout.name)
+                frame.sample_rate, frame.pts = sample_rate, s
+                container.mux(audio.encode(frame))
+            container.mux(audio.encode())
+    finally:
+        container.close()
+    return os.fspath(path)
