@@ -18,16 +18,14 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, MediaError
+
+__all__ = ["MediaError", "video_frames", "video_audio", "probe_video", "build_tiny_video"]
 
 # Annotated segment ends often overshoot a clip by rounding; up to this many seconds past the end is clipped.
 END_SLACK = 0.25
 # Audio decoders (AAC, Opus) need the frames before a seek point to rebuild the first samples after it.
 _AUDIO_PREROLL = 0.5
-
-
-class MediaError(Exception):
-    """One item's media cannot be decoded as asked; the message is a one-line reason."""
 
 
 def _av():
@@ -47,17 +45,20 @@ def _reason(err) -> str:
 def _open(path):
     """Open `path` with PyAV; FFmpeg errors while open or decoding become MediaError naming the file."""
     av = _av()
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise MediaError("no file given")
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise MediaError(f"no such video file: {path}")
+        raise MediaError(f"file not found: {path}")
+    name = os.path.basename(path)
     try:
         container = av.open(path)
     except (av.error.FFmpegError, OSError) as e:
-        raise MediaError(f"cannot open video {path}: {_reason(e)}") from None
+        raise MediaError(f"cannot open video {name}: {_reason(e)}") from None
     try:
         yield container
     except av.error.FFmpegError as e:
-        raise MediaError(f"cannot decode {path}: {_reason(e)} (corrupt or truncated file)") from None
+        raise MediaError(f"cannot decode video {name}: {_reason(e)} (corrupt or truncated file)") from None
     finally:
         container.close()
 
@@ -77,23 +78,24 @@ def _stream_end(container, stream) -> float | None:
     return None
 
 
-def _segment(start, end, duration, path, what):
+def _segment(start, end, duration, name, what):
     """Check [start, end) against `duration` (None: unknown) and return it as floats; end may be inf."""
+    start, end = (None if v is None or v != v else v for v in (start, end))  # an empty manifest cell is NaN
     start = 0.0 if start is None else float(start)
     if not math.isfinite(start) or start < 0:
-        raise MediaError(f"{path}: segment start {start:g} s is not a time in the file")
+        raise MediaError(f"{name}: segment start {start:g} s is not a time in the file")
     if end is None:
         end = duration if duration is not None else math.inf
     else:
         end = float(end)
         if not end > start:
-            raise MediaError(f"{path}: empty segment [{start:g}, {end:g}) s")
+            raise MediaError(f"{name}: empty segment [{start:g}, {end:g}) s")
         if duration is not None and end > duration + END_SLACK:
-            raise MediaError(f"{path}: segment [{start:g}, {end:g}) s ends after the {what} ({duration:.3f} s)")
+            raise MediaError(f"{name}: segment [{start:g}, {end:g}) s ends after the {what} ({duration:.3f} s)")
         if duration is not None:
             end = min(end, duration)
     if duration is not None and start >= duration:
-        raise MediaError(f"{path}: segment starts at {start:g} s, after the end of the {what} ({duration:.3f} s)")
+        raise MediaError(f"{name}: segment starts at {start:g} s, after the end of the {what} ({duration:.3f} s)")
     return start, end
 
 
@@ -130,13 +132,14 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
     With `max_frames`, a segment that would give more frames is sampled at the lower rate that gives max_frames.
     Raises MediaError for a missing, corrupt or truncated file, no video stream, or a segment outside the video.
     """
+    name = os.path.basename(str(path))
     with _open(path) as container:
         if not container.streams.video:
-            raise MediaError(f"{path}: no video stream")
+            raise MediaError(f"{name}: no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         origin = _origin(container)
-        start, end = _segment(start, end, _stream_end(container, stream), path, "video")
+        start, end = _segment(start, end, _stream_end(container, stream), name, "video")
         targets = _targets(start, end, fps, max_frames)
         target = next(targets)
         images, times = [], []
@@ -164,7 +167,7 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
             prev, prev_time = frame, time
         if target is not None:
             if prev is None:
-                raise MediaError(f"{path}: no video frame could be decoded in [{start:g}, {end:g}) s")
+                raise MediaError(f"{name}: no video frame could be decoded in [{start:g}, {end:g}) s")
             rate = stream.average_rate
             last_end = prev_time + (float(prev.duration * stream.time_base) if prev.duration
                                     else (1 / float(rate) if rate else 0.0))
@@ -172,7 +175,7 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
                 take(prev, prev_time)
                 target = next(targets, None)
             if target is not None and math.isfinite(end):
-                raise MediaError(f"{path}: video frames end at {last_end:.3f} s, before {target:.3f} s "
+                raise MediaError(f"{name}: video frames end at {last_end:.3f} s, before {target:.3f} s "
                                  "(truncated or corrupt file)")
     return images, np.asarray(times, dtype=np.float64)
 
@@ -185,15 +188,16 @@ def video_audio(path, sample_rate: int, start: float | None = None, end: float |
     or a segment outside the track.
     """
     av = _av()
+    name = os.path.basename(str(path))
     with _open(path) as container:
         if not container.streams.audio:
-            raise MediaError(f"{path}: no audio track")
+            raise MediaError(f"{name}: no audio track")
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate
         if not rate:
-            raise MediaError(f"{path}: the audio track has no sample rate")
+            raise MediaError(f"{name}: the audio track has no sample rate")
         origin = _origin(container)
-        start, end = _segment(start, end, _stream_end(container, stream), path, "audio track")
+        start, end = _segment(start, end, _stream_end(container, stream), name, "audio track")
         # Decoders give int or float, planar or packed samples; this gives float planar (channels, n).
         to_float = av.AudioResampler(format="fltp")
         chunks, first, time = [], None, None
@@ -212,11 +216,11 @@ def video_audio(path, sample_rate: int, start: float | None = None, end: float |
         if first is not None:
             chunks += [f.to_ndarray() for f in to_float.resample(None)]
     if first is None:
-        raise MediaError(f"{path}: no audio could be decoded in [{start:g}, {end:g}) s")
+        raise MediaError(f"{name}: no audio could be decoded in [{start:g}, {end:g}) s")
     wave = np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)
     got_end = first + wave.shape[0] / rate
     if math.isfinite(end) and got_end + END_SLACK < end:
-        raise MediaError(f"{path}: audio ends at {got_end:.3f} s, before {end:.3f} s (truncated or corrupt file)")
+        raise MediaError(f"{name}: audio ends at {got_end:.3f} s, before {end:.3f} s (truncated or corrupt file)")
     i0 = max(0, round((start - first) * rate))
     i1 = wave.shape[0] if not math.isfinite(end) else round((end - first) * rate)
     wave = wave[i0:i1]

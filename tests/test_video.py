@@ -8,8 +8,9 @@ import pytest
 
 pytest.importorskip("av")
 
-from featx.errors import FeatxError  # noqa: E402
-from featx.video import MediaError, build_tiny_video, probe_video, video_audio, video_frames  # noqa: E402
+# The extraction loop catches featx.errors.MediaError: the errors here must be that class.
+from featx.errors import FeatxError, MediaError  # noqa: E402
+from featx.video import build_tiny_video, probe_video, video_audio, video_frames  # noqa: E402
 
 RATE = 10  # frames per second of the test videos; 3 s long
 
@@ -66,6 +67,12 @@ def test_short_segment_gives_its_midpoint_frame(videos):
     frames, times = video_frames(videos["mp4"], start=1.52, end=1.58)
     assert [frame_index(f) for f in frames] == [15]
     np.testing.assert_allclose(times, [1.5])
+
+
+def test_empty_manifest_cells_mean_the_whole_file(videos):
+    nan = float("nan")  # what pandas gives for an empty start / end cell
+    assert len(video_frames(videos["mp4"], start=nan, end=nan)[0]) == 9
+    assert video_audio(videos["mp4"], 16000, start=nan, end=nan).shape == (48000,)
 
 
 def test_max_frames_lowers_the_rate_over_the_whole_segment(videos):
@@ -138,9 +145,9 @@ def test_probe(videos):
 
 
 @pytest.mark.parametrize("bad, reason", [("half_mp4", "cannot open"), ("half_faststart", "truncated"),
-                                         ("garbage", "cannot open"), ("missing", "no such video file")])
+                                         ("garbage", "cannot open"), ("missing", "file not found"), (None, "no file given")])
 def test_bad_files_fail_alone(videos, bad, reason):
-    items = [videos["mp4"], videos.get(bad, videos["mp4"] + ".missing.mp4"), videos["mkv"]]
+    items = [videos["mp4"], videos.get(bad, videos["mp4"] + ".missing.mp4") if bad else None, videos["mkv"]]
     results = []
     for path in items:  # as the extraction loop does: record the failure, go on
         try:
