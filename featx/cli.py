@@ -107,7 +107,39 @@ def _info(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = [_extract, _info]
+# ---------------------------------------------------------------- manifest
+def _manifest(sub):
+    p = sub.add_parser("manifest", help="write a featx manifest from a dataset's own label files")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    m = formats.add_parser("mmsa", help="MMSA label.csv (CMU-MOSI, CMU-MOSEI, CH-SIMS) with Raw/<video_id>/<clip_id>.mp4",
+                           description="Rows whose video is missing are left out, listed in OUT.missing.txt, "
+                                       "and the exit status is 2 (0 with --allow-missing).")
+    m.add_argument("label_csv", metavar="LABEL_CSV", help="MMSA's label.csv")
+    m.add_argument("--raw", help="folder holding <video_id>/<clip_id>.EXT (default: Raw beside LABEL_CSV)")
+    m.add_argument("--out", required=True, help="manifest to write: .csv, .jsonl or .parquet")
+    m.add_argument("--ext", default="mp4", help="video file extension")
+    m.add_argument("--label-column", default="label", help="column giving `label`: label, or label_T/label_A/label_V")
+    m.add_argument("--allow-missing", action="store_true", default=False,
+                   help="exit 0 when some videos are missing (they are still left out and listed)")
+
+    def run(args):
+        from featx.mmsa import missing_report, mmsa_manifest
+
+        manifest, missing = mmsa_manifest(args.label_csv, args.raw, args.out, ext=args.ext,
+                                          label_column=args.label_column)
+        counts = manifest["split"].value_counts()
+        print(f"wrote {args.out}: {len(manifest)} items ("
+              + ", ".join(f"{s} {counts.get(s, 0)}" for s in ("train", "dev", "test")) + ")")
+        if not missing:
+            return 0
+        print(f"{len(missing)} video(s) not found, left out of the manifest: listed in {missing_report(args.out)}",
+              file=sys.stderr)
+        return 0 if args.allow_missing else 2
+
+    m.set_defaults(func=run)
+
+
+COMMANDS = [_extract, _info, _manifest]
 
 
 def build_parser():
