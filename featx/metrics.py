@@ -22,7 +22,7 @@ def higher_is_better(metric: str) -> bool:
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     # NaN, not a warning, when either side is constant (e.g. the mean predictor).
-    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
 
