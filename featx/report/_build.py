@@ -1,0 +1,160 @@
+"""build_report: results directories in, one HTML file, a Markdown summary and the PNGs out."""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+
+import pandas as pd
+
+from featx.errors import FeatxError
+from featx.report import plots
+from featx.report.cka import cache_cka
+from featx.report.html import Section, write_html, write_markdown
+from featx.report.results import METRIC_LABELS, findings, load_results, summary_table
+
+TITLE = "featx layer-wise report"
+
+
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
+
+
+def _fmt(table, results_name=None):
+    """Numbers as text with 3 decimals for display; prefix a 'results' column when several dirs are shown."""
+    out = table.copy()
+    for col in out.columns[4:]:
+        out[col] = out[col].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
+    out["best layer"] = out["best layer"].map(lambda v: "–" if pd.isna(v) else str(int(v)))
+    out["metric"] = out["metric"].map(lambda m: METRIC_LABELS.get(m, m))
+    if results_name is not None:
+        out.insert(0, "results", results_name)
+    return out
+
+
+def _unique_names(results):
+    names = [r.name for r in results]
+    for r in results:
+        if names.count(r.name) > 1:
+            r.name = os.path.join(os.path.basename(os.path.dirname(r.path)), r.name)
+    return results
+
+
+def _save(fig, out_dir, stem, pngs):
+    path = plots.save(fig, os.path.join(out_dir, f"{_slug(stem)}.png"))
+    pngs.append(path)
+    return path
+
+
+def _result_sections(res, fig_dir, pngs, relative_depth):
+    sections = []
+    primary = res.primary_metric
+    layer_figs = []
+    fig = plots.plot_layer_curves(res, primary, relative_depth=relative_depth)
+    if fig is not None:
+        layer_figs.append((_save(fig, fig_dir, f"{res.name}_layers_{primary}", pngs),
+                           f"{res.name}: {METRIC_LABELS.get(primary, primary)} by layer"))
+    others = [m for m in res.metrics if m != primary]
+    fig = plots.plot_layer_curves(res, others, relative_depth=relative_depth) if others else None
+    if fig is not None:
+        layer_figs.append((_save(fig, fig_dir, f"{res.name}_layers_other_metrics", pngs),
+                           f"{res.name}: the other metrics by layer"))
+    sections.append(Section(
+        f"{res.name}: score against layer", level=2, figures=layer_figs,
+        paragraphs=[f"Task: {res.meta.get('task', 'unknown')}; scores on the {res.eval_split} split at the full "
+                    f"training size; primary metric {METRIC_LABELS.get(primary, primary)}. Stars mark the layer "
+                    f"chosen on {res.selection_split}; the dashed grey line is the chance / majority baseline"
+                    + ("; x is relative depth (layer / output layer)." if relative_depth else ".")]))
+    fig = plots.plot_layer_weights(res)
+    if fig is not None:
+        sections.append(Section(f"{res.name}: learned layer weights", level=3, figures=[
+            (_save(fig, fig_dir, f"{res.name}_layer_weights", pngs), f"{res.name}: learned layer weights")]))
+    fig = plots.plot_learning_curves(res, primary)
+    if fig is not None:
+        sizes = ", ".join(f"{s:g}" for s in sorted(res.rows["train_size"].unique()))
+        sections.append(Section(
+            f"{res.name}: low-resource learning curves", level=3,
+            paragraphs=[f"{METRIC_LABELS.get(primary, primary)} against training labels ({sizes}); the best "
+                        f"and output layers are those chosen at the full training size."],
+            figures=[(_save(fig, fig_dir, f"{res.name}_learning_{primary}", pngs),
+                      f"{res.name}: learning curves ({METRIC_LABELS.get(primary, primary)})")]))
+    return sections
+
+
+def _cka_section(cache_paths, fig_dir, pngs, debiased):
+    section = Section("Representation similarity (linear CKA)", level=2)
+    estimator = "debiased (Kornblith et al. 2019, unbiased HSIC of Song et al. 2012)" if debiased else "plain"
+    section.paragraphs.append(f"Linear CKA between layers, {estimator} estimator, over the items done in both "
+                              "caches (aligned by id).")
+    found = []
+    for p in dict.fromkeys(cache_paths):
+        (found if os.path.exists(p) else section.bullets).append(p if os.path.exists(p) else f"cache not found: {p}")
+    pairs = [(p, None) for p in found] + list(itertools.combinations(found, 2))
+    for x, y in pairs:
+        try:
+            result = cache_cka(x, y, debiased=debiased)
+        except (FeatxError, OSError, KeyError) as e:
+            section.bullets.append(f"CKA of {os.path.basename(x)}" + (f" and {os.path.basename(y)}" if y else "")
+                                   + f" skipped: {e}")
+            continue
+        stem = f"cka_{os.path.splitext(os.path.basename(x))[0]}" + \
+            (f"__{os.path.splitext(os.path.basename(y))[0]}" if y else "")
+        what = f"within {plots.short_name(result.name_x)}" if y is None else \
+            f"{plots.short_name(result.name_x)} vs {plots.short_name(result.name_y)}"
+        section.figures.append((_save(plots.plot_cka(result), fig_dir, stem, pngs), f"CKA {what}"))
+    return section
+
+
+def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(), cka=True, debiased=True):
+    """Write report.html (self-contained), summary.md and figures/*.png under `out`.
+
+    results_dirs: one path or a list of results directories written by `featx probe`.
+    caches: HDF5 caches for the CKA heatmaps (default: those listed in each meta.json).
+    notes: text shown at the top, e.g. which models are randomly initialised; each meta.json's "notes" are added.
+    Returns {"html": path, "md": path, "pngs": [paths]}.
+    """
+    if isinstance(results_dirs, (str, os.PathLike)):
+        results_dirs = [results_dirs]
+    if not results_dirs:
+        raise FeatxError("featx report needs at least one results directory")
+    results = _unique_names([load_results(d) for d in results_dirs])
+    out = os.path.abspath(str(out))
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+
+    all_notes = [str(n) for n in notes]
+    all_notes += [n if len(results) == 1 else f"{r.name}: {n}" for r in results for n in r.notes]
+    all_notes = list(dict.fromkeys(all_notes))
+    meta_lines = [f"Results: {', '.join(r.path for r in results)}"]
+
+    summary = Section("Summary: best layer vs output layer vs weighted sum vs fusion", paragraphs=[
+        "Scores on the test split (cross-validation where there is none), mean over seeds. The best layer is chosen "
+        "on dev; 'best minus output' is positive when the best layer is better than the output layer (for MAE, "
+        "when it is lower). '–' means not run."])
+    appendix = Section("All metrics", paragraphs=["The summary table for every metric."])
+    for r in results:
+        name = r.name if len(results) > 1 else None
+        summary.tables.append(_fmt(summary_table(r), name))
+        summary.bullets += [f"{r.name}: {s}" if name else s for s in findings(r)]
+        appendix.tables.append(_fmt(summary_table(r, r.metrics), name))
+    if len(results) > 1:
+        summary.tables = [pd.concat(summary.tables, ignore_index=True)]
+        appendix.tables = [pd.concat(appendix.tables, ignore_index=True)]
+
+    pngs = []
+    sections = [summary]
+    for r in results:
+        sections += _result_sections(r, fig_dir, pngs, relative_depth)
+    if cka:
+        cache_paths = [str(c) for c in caches] if caches is not None else [c for r in results for c in r.caches]
+        if cache_paths:
+            sections.append(_cka_section(cache_paths, fig_dir, pngs, debiased))
+        else:
+            sections.append(Section("Representation similarity (linear CKA)", paragraphs=[
+                "No caches given (--cache) or listed in meta.json; CKA skipped."]))
+    sections.append(appendix)
+
+    html_path = write_html(os.path.join(out, "report.html"), TITLE, sections, all_notes, meta_lines)
+    md_path = write_markdown(os.path.join(out, "summary.md"), TITLE, sections, all_notes, meta_lines)
+    return {"html": html_path, "md": md_path, "pngs": pngs}
+

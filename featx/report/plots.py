@@ -1,0 +1,241 @@
+"""Matplotlib figures of the report. Each function returns a Figure (no pyplot state), or None if there is nothing.
+
+Figures use constrained layout and keep legends outside the data.
+"""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
+from featx.report.results import METRIC_LABELS, best_layer, layer_curves, learning_curves, method_scores
+
+_STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
+          "xtick.labelsize": 10, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": True,
+          "grid.alpha": 0.3, "savefig.dpi": 110}
+_FUSION_STYLES = ["-.", ":", (0, (6, 2)), (0, (1, 1, 4, 1))]
+_WHOLE_MODEL = ("weighted", "finetune")
+
+
+def metric_label(res, metric, direction=True):
+    """Axis label of a metric, e.g. 'MAE, lower is better'."""
+    label = METRIC_LABELS.get(metric, metric)
+    if not direction:
+        return label
+    return f"{label}, {'higher' if res.higher_is_better(metric) else 'lower'} is better"
+
+
+def encoder_colors(res):
+    """A fixed colour per encoder (tab10, in the order the encoders appear), shared by all figures of `res`."""
+    single = res.rows[~res.rows["method"].str.startswith("fusion")]
+    cycle = matplotlib.colormaps["tab10"].colors
+    return {enc: cycle[i % len(cycle)] for i, enc in enumerate(dict.fromkeys(single["encoder"]))}
+
+
+def short_name(name):
+    """The last path component of a model name or path."""
+    return os.path.basename(str(name).rstrip("/")) or str(name)
+
+
+def _draw_layer_curves(ax, res, metric, relative_depth, detailed):
+    """Draw one metric's layer curves on `ax`; returns the largest number of seeds behind a point (0 if none)."""
+    curves = layer_curves(res, metric)
+    if curves.empty:
+        return 0
+    colors = encoder_colors(res)
+    several = len(curves[["probe", "pooling"]].drop_duplicates()) > 1
+    max_count = 1
+    for (enc, mod, probe, pooling), g in curves.groupby(["encoder", "modality", "probe", "pooling"], sort=False):
+        last = res.last_layer(enc, mod)
+        x = g["layer"] / last if relative_depth else g["layer"]
+        color = colors.get(enc)
+        best = best_layer(res, enc, mod, metric)
+        label = (f"{enc} ({mod})" if mod else enc) + (f" {probe}/{pooling}" if several else "")
+        if detailed and best is not None:
+            label += f": best layer {best} of {last}"
+        ax.plot(x, g["mean"], marker="o", ms=4, lw=1.8, color=color, label=label)
+        if g["count"].max() > 1:
+            ax.fill_between(x, g["mean"] - g["std"], g["mean"] + g["std"], color=color, alpha=0.18, lw=0)
+            max_count = max(max_count, int(g["count"].max()))
+        at = g[g["layer"] == best]
+        if len(at):
+            xb = at["layer"] / last if relative_depth else at["layer"]
+            ax.plot(xb, at["mean"], ls="none", marker="*", ms=17 if detailed else 13, color=color, mec="black",
+                    mew=1.0, zorder=5)
+    fusion = method_scores(res, metric, sorted(m for m in set(res.rows["method"]) if m.startswith("fusion")))
+    for style, row in zip(_FUSION_STYLES, fusion.itertuples()):
+        ax.axhline(row.mean, color="black", ls=style, lw=1.5,
+                   label=f"{row.method} {row.encoder}" + (f" ({row.mean:.3f})" if detailed else ""))
+    chance = res.chance(metric)
+    if chance is not None:
+        ax.axhline(chance, color="0.35", ls="--", lw=1.3,
+                   label="chance / majority" + (f" ({chance:.3g})" if detailed else ""))
+    if relative_depth:
+        ax.set_xlabel("relative depth (layer / output layer)")
+        ax.set_xlim(-0.03, 1.03)
+    else:
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric_label(res, metric))
+    return max_count
+
+
+def _legend_extras(res, max_count):
+    extras = [Line2D([], [], ls="none", marker="*", ms=14, color="0.8", mec="black",
+                     label=f"best layer (chosen on {res.selection_split})")]
+    if max_count > 1:
+        unit = "folds or seeds" if res.eval_split == "cv" else "seeds"
+        extras.append(Patch(color="0.5", alpha=0.3, label=f"±1 s.d. over {max_count} {unit}"))
+    return extras
+
+
+def plot_layer_curves(res, metrics, relative_depth=False):
+    """Score against layer (or relative depth) per encoder on the evaluated split: mean line, ±1 s.d. band over
+    seeds, best layer starred, chance line, fusion models as horizontal lines.
+
+    metrics: one metric (one large panel with values in the legend) or a list (a grid of panels, two columns).
+    Returns a Figure, or None if none of the metrics has layer scores.
+    """
+    detailed = isinstance(metrics, str)
+    metrics = [metrics] if detailed else [m for m in metrics if not layer_curves(res, m).empty]
+    if not metrics or layer_curves(res, metrics[0]).empty:
+        return None
+    ncols = 1 if detailed else min(2, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    with matplotlib.rc_context(_STYLE):
+        size = (9, 4.6) if detailed else (4.8 * ncols, 3.3 * nrows + 1.2)
+        fig = Figure(figsize=size, layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        counts = [_draw_layer_curves(ax, res, m, relative_depth, detailed) for ax, m in zip(axes.flat, metrics)]
+        for ax in axes.flat[len(metrics):]:
+            ax.set_visible(False)
+        handles, _ = axes.flat[0].get_legend_handles_labels()
+        handles += _legend_extras(res, max(counts))
+        if detailed:
+            axes[0, 0].set_title(f"{res.name}: {metric_label(res, metrics[0], False)} by layer "
+                                 f"({res.eval_split} split)")
+            fig.legend(handles=handles, loc="outside right upper")
+        else:
+            fig.suptitle(f"{res.name}: every metric by layer ({res.eval_split} split)")
+            fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)))
+    return fig
+
+
+def plot_layer_weights(res):
+    """Bars of the learned layer weights per encoder (mean ± s.d. over seeds), dashed uniform 1/L line.
+    Returns a Figure or None when the results have no layer weights."""
+    w = res.layer_weights
+    if w is None or w.empty:
+        return None
+    colors = encoder_colors(res)
+    groups = list(w.groupby(["encoder", "modality"], sort=False))
+    ncols = min(len(groups), 3)
+    nrows = -(-len(groups) // ncols)
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(4.6 * ncols, 3.6 * nrows + 0.5), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax, ((enc, mod), g) in zip(axes.flat, groups):
+            stats = g.groupby("layer")["weight"].agg(["mean", "std"])
+            spread = stats["std"] if g["seed"].nunique() > 1 else None
+            ax.bar(stats.index, stats["mean"], yerr=spread, capsize=2, color=colors.get(enc, "C0"), alpha=0.85)
+            ax.axhline(1.0 / len(stats), color="0.35", ls="--", lw=1.2)
+            ax.set_title(f"{enc} ({mod})" if mod else enc)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("learned weight")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(axis="x", visible=False)
+        for ax in axes.flat[len(groups):]:
+            ax.set_visible(False)
+        seeds = int(w["seed"].nunique())
+        fig.suptitle(f"{res.name}: learned layer weights (softmax), mean ± s.d. over {seeds} seed"
+                     f"{'s' if seeds > 1 else ''}; dashed = uniform 1/L")
+    return fig
+
+
+def plot_learning_curves(res, metric):
+    """Score against the number (or fraction) of training labels: one panel per encoder (and one per fusion
+    model), lines for the best layer, the output layer and whole-model methods. None without learning curves."""
+    if not res.has_learning_curves:
+        return None
+    lc = learning_curves(res, metric)
+    if lc.empty:
+        return None
+    colors = encoder_colors(res)
+    groups = list(lc.groupby(["encoder", "modality"], sort=False))
+    ncols = 2 if len(groups) == 4 else min(len(groups), 3)
+    nrows = -(-len(groups) // ncols)
+    sizes = lc["train_size"]
+    as_fraction = sizes.max() <= 1.0
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(3.9 * ncols, 3.9 * nrows + 0.5), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+        for ax, ((enc, mod), g) in zip(axes.flat, groups):
+            for k, (line, h) in enumerate(g.groupby("line", sort=False)):
+                h = h.sort_values("train_size")
+                style = _line_style(line, colors.get(enc), k)
+                ax.errorbar(h["train_size"], h["mean"], yerr=h["std"] if h["count"].max() > 1 else None,
+                            capsize=3, lw=1.6, ms=5, label=line, **style)
+            chance = res.chance(metric)
+            if chance is not None:
+                ax.axhline(chance, color="0.35", ls="--", lw=1.3, label="chance / majority")
+            if sizes.max() / sizes.min() >= 8:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(FixedLocator(sorted(sizes.unique())))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_title(f"{enc} ({mod})" if mod else enc)
+            ax.set_xlabel("fraction of training labels" if as_fraction else "training labels")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=9, frameon=False)
+        for ax in axes.flat[len(groups):]:
+            ax.set_visible(False)
+        for ax in axes[:, 0]:
+            ax.set_ylabel(metric_label(res, metric))
+        fig.suptitle(f"{res.name}: {metric_label(res, metric, False)} against training labels "
+                     f"({res.eval_split} split, mean ± s.d. over seeds)")
+    return fig
+
+
+def _line_style(line, color, k):
+    if line.startswith("best layer"):
+        return {"color": color, "ls": "-", "marker": "o"}
+    if line.startswith("output layer"):
+        return {"color": color, "ls": "--", "marker": "s", "mfc": "white"}
+    if line == "weighted sum":
+        return {"color": color or "0.2", "ls": ":", "marker": "D"}
+    return {"color": "black" if k == 0 else f"{0.2 + 0.2 * k:.1f}", "ls": _FUSION_STYLES[k % 4], "marker": "^"}
+
+
+def plot_cka(result):
+    """Heatmap of a CacheCKA: layers of X on the vertical axis, layers of Y on the horizontal one."""
+    m = result.matrix
+    lx, ly = m.shape
+    name_x, name_y = short_name(result.name_x), short_name(result.name_y)
+    kind = "debiased linear CKA" if result.debiased else "linear CKA"
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(min(2.6 + 0.32 * ly, 9.5), min(1.9 + 0.3 * lx, 8.5)), layout="constrained")
+        ax = fig.add_subplot()
+        im = ax.imshow(m, origin="lower", vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        fig.colorbar(im, ax=ax, label=kind, shrink=0.9)
+        ax.set_xlabel(f"{name_y} layer")
+        ax.set_ylabel(f"{name_x} layer")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(False)
+        if max(lx, ly) <= 8:
+            for (i, j), v in np.ndenumerate(m):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8.5,
+                        color="black" if v > 0.6 else "white")
+        what = f"within {name_x}" if result.within else f"{name_x} vs {name_y}"
+        ax.set_title(f"CKA {what}\n{result.num_items} items, {result.pooling} pooling", fontsize=11)
+    return fig
+
+
+def save(fig, path):
+    """Write `fig` as PNG to `path`; returns the path."""
+    fig.savefig(path, dpi=_STYLE["savefig.dpi"])
+    return path
