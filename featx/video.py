@@ -119,8 +119,7 @@ def _targets(start, end, fps, max_frames):
 def _seek(container, stream, start):
     # Land on the key frame at or before `start`; decoding from there reaches `start` exactly.
     if start > 0:
-        first = stream.start_time or 0
-        container.seek(first + int((start + _origin(container)) / stream.time_base), stream=stream, backward=True)
+        container.seek(int((start + _origin(container)) / stream.time_base), stream=stream, backward=True)
 
 
 def video_frames(path, fps: float = 3.0, start: float | None = None, end: float | None = None,
@@ -171,7 +170,8 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
             rate = stream.average_rate
             last_end = prev_time + (float(prev.duration * stream.time_base) if prev.duration
                                     else (1 / float(rate) if rate else 0.0))
-            while target is not None and target < last_end + END_SLACK:
+            # A known end may overshoot the last frame by END_SLACK; an unknown one stops at the last frame.
+            while target is not None and target < last_end + (END_SLACK if math.isfinite(end) else 0.0):
                 take(prev, prev_time)
                 target = next(targets, None)
             if target is not None and math.isfinite(end):
@@ -218,6 +218,9 @@ def video_audio(path, sample_rate: int, start: float | None = None, end: float |
     if first is None:
         raise MediaError(f"{name}: no audio could be decoded in [{start:g}, {end:g}) s")
     wave = np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)
+    if first > start:  # the track starts after the segment does: silence keeps it aligned with the frames
+        wave = np.concatenate([np.zeros(round((first - start) * rate), np.float32), wave])
+        first = start
     got_end = first + wave.shape[0] / rate
     if math.isfinite(end) and got_end + END_SLACK < end:
         raise MediaError(f"{name}: audio ends at {got_end:.3f} s, before {end:.3f} s (truncated or corrupt file)")
@@ -254,11 +257,13 @@ def probe_video(path) -> dict:
 
 
 def build_tiny_video(path, seconds: float = 3.0, fps: int = 10, size=(64, 48), tone_hz: float | None = 440.0,
-                     sample_rate: int = 44100, channels: int = 2, faststart: bool = False) -> str:
+                     sample_rate: int = 44100, channels: int = 2, audio_start: float = 0.0,
+                     faststart: bool = False) -> str:
     """Write a small test video to `path` (.mp4: H.264 + AAC; .mkv: lossless FFV1 + 16-bit PCM) and return `path`.
 
     Frame i is a solid grey of level 8 * i (mod 256), so a decoded frame tells its index despite compression;
-    the audio track (none when tone_hz is None) is a sine of amplitude 0.5 at `tone_hz`, `seconds` long.
+    the audio track (none when tone_hz is None) is a sine of amplitude 0.5 at `tone_hz` from `audio_start`
+    seconds to the end.
     Used by the tests and the demo, where no dataset can be downloaded.
     """
     av = _av()
@@ -280,13 +285,13 @@ def build_tiny_video(path, seconds: float = 3.0, fps: int = 10, size=(64, 48), t
             container.mux(video.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")))
         container.mux(video.encode())
         if audio is not None:
-            n = round(seconds * sample_rate)
+            n, offset = round((seconds - audio_start) * sample_rate), round(audio_start * sample_rate)
             tone = (0.5 * np.sin(2 * np.pi * tone_hz * np.arange(n) / sample_rate)).astype(np.float32)
             block = 1024  # AAC's frame size; PCM takes any
             for s in range(0, n, block):
                 planes = np.ascontiguousarray(np.repeat(tone[None, s:s + block], channels, axis=0))
                 frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=audio.layout.name)
-                frame.sample_rate, frame.pts = sample_rate, s
+                frame.sample_rate, frame.pts = sample_rate, offset + s
                 container.mux(audio.encode(frame))
             container.mux(audio.encode())
     finally:

@@ -169,3 +169,13 @@ def test_without_pyav_the_error_says_what_to_install(videos, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)  # what `import av` meets where PyAV is not installed
     with pytest.raises(FeatxError, match=r"pip install 'featx\[video\]'"):
         video_frames(videos["mp4"])
+
+
+def test_audio_track_starting_late_is_padded_to_stay_aligned(tmp_path):
+    # The track starts 0.2 s into the file: sample i of the waveform must still be time i / rate.
+    path = build_tiny_video(tmp_path / "late.mkv", sample_rate=16000, channels=1, audio_start=0.2)
+    wave = video_audio(path, 16000)
+    assert wave.shape == (48000,)
+    assert np.abs(wave[:3200]).max() == 0
+    tone = 0.5 * np.sin(2 * np.pi * 440 * (np.arange(3200, 48000) - 3200) / 16000)
+    np.testing.assert_allclose(wave[3200:], tone, atol=1e-3)
