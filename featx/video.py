@@ -4,8 +4,8 @@ Times are seconds from the start of the file (the container's start time is subt
 Frame sampling: for a segment [start, end) and a rate `fps`, the target times are the centres of the
 1/fps-long slices of the segment, t_k = start + (k + 0.5) / fps for every k with t_k < end; each target
 takes the decoded frame whose presentation interval [pts, next pts) contains it. A non-empty segment
-shorter than half a slice still gives one frame, at its midpoint. So a 3 s clip at 3 fps gives 9 frames,
-at 1/6, 1/2, 5/6, ... 17/6 s.
+shorter than half a slice still gives one frame, at its midpoint. So a 3 s clip at 3 fps gives 9 targets,
+1/6, 1/2, 5/6, ... 17/6 s, and from a 10 fps video the frames shown at 0.1, 0.5, 0.8, ... 2.8 s.
 
 One bad file (missing, corrupt, truncated, no such stream, a segment outside its duration) raises
 MediaError with a one-line reason; the caller records it and goes on with the other items.
