@@ -111,7 +111,7 @@ def _info(sub):
 def _manifest(sub):
     p = sub.add_parser("manifest", help="write a featx manifest from a dataset's own label files")
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    m = formats.add_parser("mmsa", help="MMSA label.csv (CMU-MOSI, CMU-MOSEI, CH-SIMS) with Raw/<video_id>/<clip_id>.mp4",
+    m = formats.add_parser("mmsa", help="MMSA label.csv (CMU-MOSI, MOSEI, CH-SIMS) with Raw/<video_id>/<clip_id>.mp4",
                            description="Rows whose video is missing are left out, listed in OUT.missing.txt, "
                                        "and the exit status is 2 (0 with --allow-missing).")
     m.add_argument("label_csv", metavar="LABEL_CSV", help="MMSA's label.csv")

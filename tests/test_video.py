@@ -145,7 +145,8 @@ def test_probe(videos):
 
 
 @pytest.mark.parametrize("bad, reason", [("half_mp4", "cannot open"), ("half_faststart", "truncated"),
-                                         ("garbage", "cannot open"), ("missing", "file not found"), (None, "no file given")])
+                                         ("garbage", "cannot open"), ("missing", "file not found"),
+                                         (None, "no file given")])
 def test_bad_files_fail_alone(videos, bad, reason):
     items = [videos["mp4"], videos.get(bad, videos["mp4"] + ".missing.mp4") if bad else None, videos["mkv"]]
     results = []
