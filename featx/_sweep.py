@@ -40,7 +40,7 @@ class CacheData:
     cache: object
 
 
-def load_cache(path, pool="mean", layers="all") -> CacheData:
+def load_cache(path, pool="mean", layers="all", need_labels=True) -> CacheData:
     """Read the pooled layers of a cache (featx.store.open_cache) into memory."""
     try:
         from featx.store import open_cache
@@ -61,11 +61,11 @@ def load_cache(path, pool="mean", layers="all") -> CacheData:
             raise FeatxError(f"{path}: layers {bad} out of range 0..{L - 1}")
     if pool not in list(c.poolings):
         raise FeatxError(f"{path}: no pooling {pool!r} (has {', '.join(map(str, c.poolings))})")
-    if c.labels is None:
+    if c.labels is None and need_labels:
         raise FeatxError(f"{path}: the cache has no labels to probe")
     done = np.asarray(c.done, bool)
     X = np.asarray(c.pooled(pool, chosen), dtype=np.float32)
-    y = np.asarray(c.labels)[done]
+    y = None if c.labels is None else np.asarray(c.labels)[done]
     splits = None if c.splits is None else np.asarray([str(s).lower() for s in np.asarray(c.splits)[done]])
     return CacheData(str(path), str(c.model), str(c.modality), L, int(c.hidden_size), chosen, X,
                      np.asarray(c.ids)[done].astype(str), y, splits, c)

@@ -27,7 +27,7 @@ from sklearn.utils.validation import check_is_fitted
 from featx import metrics
 from featx.errors import FeatxError
 
-__all__ = ["LayerProbe", "BatchedLinearProbe", "infer_task", "as_layers", "inner_split", "run_probe",
+__all__ = ["LayerProbe", "BatchedLinearProbe", "infer_task", "as_layers", "inner_split", "run_probe", "Classifier",
            "DEFAULT_ALPHAS", "DEFAULT_CS"]
 
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4)        # ridge: ||y - Xw||^2 + alpha ||w||^2
@@ -381,4 +381,7 @@ def __getattr__(name):
     if name == "run_probe":
         from featx._sweep import run_probe
         return run_probe
+    if name == "Classifier":
+        from featx._classifier import Classifier
+        return Classifier
     raise AttributeError(f"module 'featx.probe' has no attribute {name!r}")

@@ -1,0 +1,150 @@
+"""Layer probes: the scikit-learn contract, batched vs scikit-learn, planted layers, test-split isolation,
+learning curves, the CLI and saved classifiers."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV
+
+from _synthetic import planted, standard_splits, write_cache
+from featx._sweep import COLUMNS, run_probe, subsample
+from featx.probe import BatchedLinearProbe, Classifier, LayerProbe, infer_task
+
+
+def _ids(n):
+    return [f"item{i:04d}" for i in range(n)]
+
+
+def test_infer_task():
+    assert infer_task(np.array([-1.2, 0.0, 3.0])) == "regression"
+    assert infer_task(np.array([0.0, 1.0, 1.0])) == "classification"
+    assert infer_task(np.array(["pos", "neg"], dtype=object)) == "classification"
+
+
+def test_estimator_contract():
+    X, y = planted(n=200, num_layers=3, dim=8, k=1)
+    p = LayerProbe(grid=(1.0, 100.0))
+    assert clone(p).get_params() == p.get_params()
+    with pytest.raises(NotFittedError):
+        p.predict(X)
+    assert p.fit(X, y) is p
+    assert p.scores_.shape == (3,) and p.best_layer_ == 1 and len(p.estimators_) == 3
+    assert p.predict(X).shape == (200,) and p.predict_layers(X).shape == (200, 3)
+    gs = GridSearchCV(LayerProbe(), {"grid": [(0.01,), (100.0,)]}, cv=3).fit(X, y)
+    assert gs.best_params_["grid"] in [(0.01,), (100.0,)]
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_batched_agrees_with_sklearn(task):
+    X, y = planted(n=400, num_layers=4, dim=24, k=2, task=task, seed=3)
+    tr, dev = np.arange(240), np.arange(240, 320)
+    te = np.arange(320, 400)
+    a = LayerProbe().fit(X[tr], y[tr], X[dev], y[dev])
+    b = BatchedLinearProbe(device="cpu").fit(X[tr], y[tr], X[dev], y[dev])
+    assert a.best_layer_ == b.best_layer_ == 2
+    # Within one point: 0.01 on [0, 1] metrics, 0.01 MAE.
+    np.testing.assert_allclose(a.scores_, b.scores_, atol=0.01)
+    from featx import metrics
+    for layer in range(4):
+        ma = metrics.compute(task, y[te], a.predict(X[te], layer))
+        mb = metrics.compute(task, y[te], b.predict(X[te], layer))
+        for k in ma:
+            assert abs(ma[k] - mb[k]) <= 0.01 or (np.isnan(ma[k]) and np.isnan(mb[k])), (layer, k)
+
+
+@pytest.mark.parametrize("probe,splits", [("linear", True), ("batched", False)])
+def test_sweep_picks_the_planted_layer(tmp_path, probe, splits):
+    X, y = planted(n=300, num_layers=6, dim=12, k=4, seed=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(300), y, standard_splits(300) if splits else None)
+    df = run_probe([path], tmp_path / "out", probe=probe, seeds=2, progress=False)
+    assert list(df.columns) == COLUMNS
+    assert set(df.split) == ({"dev", "test"} if splits else {"dev", "cv"})
+    best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
+    assert (best.best_layer == 4).all()
+    mae = best.set_index("metric").loc["mae"]
+    assert mae.best_value < mae.output_layer_value - 0.2
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["task"] == "regression" and meta["primary_metric"] == "mae" and not meta["higher_is_better"]
+    assert mae.best_value < meta["chance"]["mae"]
+
+
+def test_test_labels_cannot_influence_selection(tmp_path):
+    X, y = planted(n=300, num_layers=5, dim=12, k=2, seed=2)
+    splits = standard_splits(300, seed=5)
+    y2 = y.copy()
+    test = splits == "test"
+    y2[test] = np.random.default_rng(0).permutation(y2[test])[::-1] * -1   # scramble the test labels
+    X2 = X.copy()
+    X2[test] = np.random.default_rng(1).standard_normal(X2[test].shape)   # and the test features
+    outs = []
+    for name, (xx, yy) in {"a": (X, y), "b": (X2, y2)}.items():
+        p = write_cache(tmp_path / f"{name}.h5", xx, _ids(300), yy, splits)
+        df = run_probe([p], tmp_path / name, seeds=1, progress=False)
+        outs.append((df[df.split == "dev"].reset_index(drop=True),
+                     pd.read_csv(tmp_path / name / "best_layers.csv").best_layer))
+    pd.testing.assert_frame_equal(outs[0][0], outs[1][0])
+    assert (outs[0][1] == outs[1][1]).all()
+
+
+def test_learning_curve_sizes_and_k_per_class(tmp_path):
+    X, y = planted(n=300, num_layers=3, dim=8, k=1, task="classification")
+    y = np.asarray(y)
+    train = np.arange(200)
+    picked = subsample(train, y, "classification", 5, seed=0)
+    assert sorted(pd.Series(y[picked]).value_counts().tolist()) == [5, 5, 5]
+    assert len(subsample(train, y, "classification", 0.25, seed=0)) == 50
+    path = write_cache(tmp_path / "c.h5", X, _ids(300), y, standard_splits(300))
+    df = run_probe([path], tmp_path / "out", probe="batched", seeds=2, train_sizes=[5, 0.5, 1.0], progress=False)
+    assert sorted(df.train_size.unique()) == [0.5, 1.0, 5.0]
+    f1 = df[(df.split == "test") & (df.metric == "f1_macro") & (df.layer == 1)].groupby("train_size").value.mean()
+    assert f1[1.0] > f1[5.0]
+
+
+def test_cli_probe_writes_tables_and_recipe(tmp_path):
+    from featx.cli import main
+
+    X, y = planted(n=200, num_layers=4, dim=8, k=2, task="classification")
+    path = write_cache(tmp_path / "c.h5", X, _ids(200), y, standard_splits(200))
+    out = tmp_path / "out"
+    assert main(["probe", path, "--out", str(out), "--layers", "1,2,3", "--weighted", "--no-progress"]) == 0
+    df = pd.read_parquet(out / "results.parquet")
+    assert list(df.columns) == COLUMNS and set(df.method) == {"layer", "weighted"}
+    assert set(df.layer) == {1, 2, 3, -1}
+    w = pd.read_csv(out / "layer_weights.csv")
+    assert list(w.columns) == ["encoder", "modality", "seed", "layer", "weight"]
+    assert w.weight.sum() == pytest.approx(1.0, abs=1e-5)
+    assert list(pd.read_csv(out / "results.csv").columns) == COLUMNS
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"caches: [c.h5]\nout: out2\nprobe: batched\ntrain_sizes: [0.5, 1.0]\n")
+    assert main(["probe", "--recipe", str(recipe), "--no-progress"]) == 0
+    assert set(pd.read_csv(tmp_path / "out2" / "results.csv").train_size) == {0.5, 1.0}
+    assert main(["probe", path, "--out", str(out), "--layers", "1,x"]) == 1
+    assert main(["probe", path, "--out", str(out), "--layers", "9"]) == 1
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_classifier_roundtrip(tmp_path, task):
+    X, y = planted(n=200, num_layers=4, dim=8, k=3, task=task)
+    path = write_cache(tmp_path / "c.h5", X, _ids(200), y, standard_splits(200))
+    df = run_probe([path], tmp_path / "out", probe="batched", save_classifier=True, progress=False)
+    files = [f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]
+    assert len(files) == 1
+    clf = Classifier.load(str(tmp_path / "out" / files[0]))
+    assert clf.blocks[0]["layers"] == [3] and clf.task == task
+    new = write_cache(tmp_path / "new.h5", X[:50], _ids(50))   # unlabelled new items
+    ids, pred = clf.predict_cache([new])
+    assert list(ids) == _ids(50)
+    splits = standard_splits(200)
+    ref = BatchedLinearProbe().fit(X[splits == "train"][:, [3]], y[splits == "train"], X[splits == "dev"][:, [3]],
+                                   y[splits == "dev"]).predict(X[:50, [3]])
+    if task == "regression":
+        np.testing.assert_allclose(pred, ref, atol=1e-4)
+    else:
+        assert (pred == ref).all()
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(Exception):
+        Classifier.load(str(tmp_path / "bad.safetensors"))
