@@ -167,78 +167,6 @@ def _report(sub):
 
 # ---------------------------------------------------------------- probe / fuse
 def _probe_args(p):
-    p.add_argument("caches", nargs="*", help="HDF5 caches written by featx extract")
-    p.add_argument("--out", help="output folder for results.csv/.parquet, best_layers.csv, meta.json")
-    p.add_argument("--probe", default="linear", choices=["linear", "ridge", "logistic", "mlp", "batched"],
-                   help="linear = ridge or logistic by task; batched = all layers at once in torch")
-    p.add_argument("--layers", default="all", help="all, or layer indices: 3,7,11")
-    p.add_argument("--pool", default="mean", help="pooling stored in the cache")
-    p.add_argument("--seeds", type=int, default=1, help="repeat over this many seeds")
-    p.add_argument("--train-sizes", default="1.0", help="fractions <= 1 or counts > 1 (k per class): 0.05,0.1,1.0")
-    p.add_argument("--folds", type=int, default=5, help="CV folds when the cache has no split column")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--save-classifier", action="store_true", default=False,
-                   help="save the best dev layer's linear probe per cache (safetensors)")
-    p.add_argument("--no-progress", action="store_true", default=False)
-    p.add_argument("--recipe", help="YAML recipe with the same keys")
-
-
-def _run_probe(p, args, fusion=(), weighted=False):
-    apply_recipe(p, args, path_keys=("caches", "out"))
-    caches = args.caches if isinstance(args.caches, list) else [args.caches]
-    if not caches or not args.out:
-        raise FeatxError(f"featx {args.command} needs CACHE.h5 and --out (or a --recipe that gives them)")
-    from featx._sweep import run_probe
-
-    sizes = _csv_list(args.train_sizes) if isinstance(args.train_sizes, str) else list(args.train_sizes)
-    try:
-        sizes = [float(s) for s in sizes]
-    except ValueError:
-        raise FeatxError(f"--train-sizes must be numbers, got {args.train_sizes!r}")
-    layers = args.layers if isinstance(args.layers, str) else ",".join(map(str, args.layers))
-    if layers != "all" and not all(t.lstrip("-").isdigit() for t in _csv_list(layers)):
-        raise FeatxError(f"--layers must be 'all' or integers like 3,7,11, got {layers!r}")
-    fusion_layer = getattr(args, "layer", "best")
-    run_probe(caches, args.out, probe=args.probe, layers=layers, pool=args.pool, seeds=args.seeds,
-              train_sizes=sizes, folds=args.folds, weighted=weighted or getattr(args, "weighted", False),
-              fusion=fusion, fusion_layer=int(fusion_layer) if str(fusion_layer).lstrip("-").isdigit()
-              else fusion_layer, missing=getattr(args, "missing", "intersect"),
-              late_rule=getattr(args, "late_rule", "mean"), device=args.device,
-              save_classifier=args.save_classifier, progress=not args.no_progress)
-    print(f"featx {args.command}: results in {args.out}")
-    return 0
-
-
-def _probe(sub):
-    p = sub.add_parser("probe", help="fit a probe per layer of each cache; dev selects, test reports")
-    _probe_args(p)
-    p.add_argument("--weighted", action="store_true", default=False,
-                   help="also learn a softmax-weighted sum over layers")
-    p.add_argument("--fusion", default="", help="also fuse the caches: early,late,gated")
-    p.add_argument("--layer", default="best", help="fusion input per modality: best, weighted or an index")
-    p.add_argument("--missing", default="intersect", choices=["intersect", "error"],
-                   help="items missing from a modality: fuse the shared items (reported) or stop")
-    p.add_argument("--late-rule", default="mean", choices=["mean", "stack"])
-    p.set_defaults(func=lambda args: _run_probe(p, args, fusion=_csv_list(args.fusion) if isinstance(
-        args.fusion, str) else list(args.fusion)))
-
-
-def _fuse(sub):
-    p = sub.add_parser("fuse", help="probe each modality's layers, then fuse the modalities")
-    _probe_args(p)
-    p.add_argument("--method", default="early,late,gated", help="fusion methods: early,late,gated")
-    p.add_argument("--layer", default="best", help="per modality: best (dev), weighted, or a layer index")
-    p.add_argument("--missing", default="intersect", choices=["intersect", "error"],
-                   help="items missing from a modality: fuse the shared items (reported) or stop")
-    p.add_argument("--late-rule", default="mean", choices=["mean", "stack"])
-    p.add_argument("--weighted", action="store_true", default=False,
-                   help="also learn a softmax-weighted sum over layers per modality")
-    p.set_defaults(func=lambda args: _run_probe(p, args, fusion=_csv_list(args.method) if isinstance(
-        args.method, str) else list(args.method)))
-
-
-# ---------------------------------------------------------------- probe / fuse
-def _probe_args(p):
     p.add_argument("caches", nargs="*", default=[], help="HDF5 caches written by featx extract")
     p.add_argument("--out", help="output folder for results.csv/.parquet, best_layers.csv, meta.json")
     p.add_argument("--probe", default="linear", choices=["linear", "ridge", "logistic", "mlp", "batched"],
@@ -309,7 +237,7 @@ def _fuse(sub):
         args.method, str) else list(args.method)))
 
 
-COMMANDS = [_extract, _info, _manifest, _report, _probe, _fuse, _probe, _fuse]
+COMMANDS = [_extract, _info, _manifest, _report, _probe, _fuse]
 
 
 def build_parser():
