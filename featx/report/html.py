@@ -34,13 +34,13 @@ h1 { font-size: 28px; margin-bottom: 4px; } h2 { font-size: 22px; margin-top: 36
 table { border-collapse: collapse; margin: 12px 0; font-size: 15px; }
 th, td { padding: 5px 12px; border-bottom: 1px solid #ddd; text-align: right; }
 th { background: #f3f3f3; }
-.lead1 td:nth-child(-n+1), .lead1 th:nth-child(-n+1) { text-align: left; }
-.lead2 td:nth-child(-n+2), .lead2 th:nth-child(-n+2) { text-align: left; }
-.lead3 td:nth-child(-n+3), .lead3 th:nth-child(-n+3) { text-align: left; }
-.lead4 td:nth-child(-n+4), .lead4 th:nth-child(-n+4) { text-align: left; }
-.lead5 td:nth-child(-n+5), .lead5 th:nth-child(-n+5) { text-align: left; }
-.lead6 td:nth-child(-n+6), .lead6 th:nth-child(-n+6) { text-align: left; }
-.figs { display: flex; flex-direction: column; gap: 22px; }
+.lead1 td:nth-child(-n+1), .lead1 th:nth-child(-n+1) { text-align: left; white-space: nowrap; }
+.lead2 td:nth-child(-n+2), .lead2 th:nth-child(-n+2) { text-align: left; white-space: nowrap; }
+.lead3 td:nth-child(-n+3), .lead3 th:nth-child(-n+3) { text-align: left; white-space: nowrap; }
+.lead4 td:nth-child(-n+4), .lead4 th:nth-child(-n+4) { text-align: left; white-space: nowrap; }
+.lead5 td:nth-child(-n+5), .lead5 th:nth-child(-n+5) { text-align: left; white-space: nowrap; }
+.lead6 td:nth-child(-n+6), .lead6 th:nth-child(-n+6) { text-align: left; white-space: nowrap; }
+.figs { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 22px; }
 figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 14px; color: #444; }
 """

@@ -189,8 +189,9 @@ def derive_best_layers(res):
                     "best_value": scores.get(best, np.nan), "output_layer_value": scores.iloc[-1],
                     "weighted_value": weighted.mean() if len(weighted) else np.nan, "fusion_value": np.nan})
     fusion = rows[rows["method"].str.startswith("fusion") & (rows["split"] == res.eval_split)]
-    for (encoder, modality, metric), g in fusion.groupby(_GROUP + ["metric"], sort=False):
-        out.append({"encoder": encoder, "modality": modality, "metric": metric, "best_layer": np.nan,
+    for (encoder, modality, method, metric), g in fusion.groupby(_GROUP + ["method", "metric"], sort=False):
+        # One row per fusion method, named after it: a mean over early and late fusion would mean nothing.
+        out.append({"encoder": f"{encoder} {method}", "modality": modality, "metric": metric, "best_layer": np.nan,
                     "best_value": np.nan, "output_layer_value": np.nan, "weighted_value": np.nan,
                     "fusion_value": g["value"].mean()})
     return pd.DataFrame(out, columns=_GROUP + ["metric", "best_layer", *_BEST_VALUES])

@@ -1,0 +1,263 @@
+"""The report stage end to end on synthetic results directories: files, numbers, figures, notes, CLI, CKA."""
+import os
+import re
+import shutil
+import subprocess
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from _report_fixtures import make_results_dir, write_cache
+from featx.cli import main
+from featx.errors import FeatxError
+from featx.report import build_report, cka_matrix
+from featx.report import plots
+from featx.report.results import derive_best_layers, findings, load_results, summary_table
+
+matplotlib.use("Agg")
+RANDOM_NOTE = "CLIP-ViT and WavLM here are randomly initialised tiny models."
+
+
+def _has_store():
+    try:
+        from featx.store import open_cache  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _caches(folder):
+    """Two caches over overlapping items in different orders; returns (path_a, path_b, pooled_a, ids_a)."""
+    rng = np.random.default_rng(0)
+    n = 40
+    Z = rng.normal(size=(n, 6))
+    pooled_a = np.stack([np.tanh(Z @ rng.normal(size=(6, 16)) * (l + 1) / 3) for l in range(5)], axis=1)
+    ids_a = np.array([f"clip{i:03d}" for i in range(n)])
+    a = write_cache(os.path.join(folder, "text.h5"), ids_a, pooled_a, model="bert-base-uncased")
+    # Cache b: the same items shuffled, a few not done, and one extra item; each layer an orthogonal map of a's.
+    order = rng.permutation(n)
+    Q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    pooled_b = np.concatenate([2.0 * pooled_a[order] @ Q, rng.normal(size=(1, 5, 16))])
+    ids_b = np.concatenate([ids_a[order], ["only-in-b"]])
+    done_b = np.ones(n + 1, bool)
+    done_b[:3] = False
+    b = write_cache(os.path.join(folder, "audio.h5"), ids_b, pooled_b, done=done_b,
+                    model="/models/wavlm-tiny-random", modality="audio")
+    return a, b, pooled_a, ids_a, set(ids_b[done_b])
+
+
+@pytest.fixture(scope="module")
+def mosi(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mosi")
+    a, b, *_ = _caches(str(folder))
+    results = make_results_dir(str(folder / "mosi"), notes=[RANDOM_NOTE],
+                               caches=[a, b, str(folder / "missing.h5")])
+    paths = build_report([results], str(folder / "report"), notes=["Synthetic numbers <for tests>."])
+    return load_results(results), paths
+
+
+def test_report_writes_self_contained_html_markdown_and_pngs(mosi):
+    res, paths = mosi
+    html = open(paths["html"], encoding="utf-8").read()
+    md = open(paths["md"], encoding="utf-8").read()
+    names = [os.path.basename(p) for p in paths["pngs"]]
+    assert {"mosi_layers_mae.png", "mosi_layers_other_metrics.png", "mosi_layer_weights.png",
+            "mosi_learning_mae.png"} <= set(names)
+    # Every PNG is embedded; nothing is loaded from elsewhere.
+    assert html.count('src="data:image/png;base64,') == len(paths["pngs"])
+    assert not re.search(r'(src|href)="(?!data:)', html)
+    for p in paths["pngs"]:
+        img = matplotlib.image.imread(p)
+        assert img.shape[0] > 300 and img.shape[1] > 300
+        assert f"]({os.path.relpath(p, os.path.dirname(paths['md']))})" in md
+    # Notes at the top, escaped, before the summary.
+    assert html.index(RANDOM_NOTE) < html.index("<h2>Summary")
+    assert "Synthetic numbers &lt;for tests&gt;." in html
+    assert md.index(RANDOM_NOTE) < md.index("## Summary")
+    assert "cache not found: " in html and "missing.h5" in html
+
+
+def test_summary_numbers_come_from_best_layers(mosi):
+    res, paths = mosi
+    best = pd.read_csv(os.path.join(res.path, "best_layers.csv"))
+    bert = best[(best["encoder"] == "bert-base-uncased") & (best["metric"] == "mae")].iloc[0]
+    table = summary_table(res)
+    row = table[table["encoder"] == "bert-base-uncased"].iloc[0]
+    assert list(table["metric"].unique()) == ["mae"]
+    assert row["best layer"] == bert["best_layer"]
+    # MAE: lower is better, so the signed gain is output minus best.
+    assert row["best minus output"] == pytest.approx(bert["output_layer_value"] - bert["best_value"])
+    fused = table[table["encoder"] == "V+A+T"].iloc[0]
+    assert pd.isna(fused["best layer"]) and fused["fusion"] == pytest.approx(
+        best[(best["encoder"] == "V+A+T") & (best["metric"] == "mae")]["fusion_value"].iloc[0])
+    md = open(paths["md"], encoding="utf-8").read()
+    line = next(l for l in md.splitlines() if l.startswith("| bert-base-uncased | text | MAE |"))
+    assert f"| {int(bert['best_layer'])} | {bert['best_value']:.3f} | {bert['output_layer_value']:.3f} |" in line
+    said = findings(res)
+    assert any(s.startswith(f"bert-base-uncased: layer {int(bert['best_layer'])} beats the output layer on MAE")
+               for s in said)
+    assert any(s.startswith("Fusion V+A+T reaches MAE") and "better by" in s for s in said)
+
+
+def test_best_layers_derived_from_rows_match_the_probe_file(mosi):
+    res, _ = mosi
+    derived = derive_best_layers(res).set_index(["encoder", "metric"]).sort_index()
+    written = res.best_layers.set_index(["encoder", "metric"]).sort_index()
+    single = written.index[written["best_value"].notna()]
+    assert len(single) == 3 * 8
+    pd.testing.assert_series_equal(derived.loc[single, "best_layer"].astype(int),
+                                   written.loc[single, "best_layer"].astype(int))
+    for col in ("best_value", "output_layer_value", "weighted_value"):
+        np.testing.assert_allclose(derived.loc[single, col], written.loc[single, col])
+    late = derived.loc["V+A+T fusion-late", "fusion_value"]
+    np.testing.assert_allclose(late, written.loc["V+A+T", "fusion_value"].loc[late.index])
+    assert len(derived.loc["V+A+T fusion-early"]) == len(late)
+
+
+def _drawn(fig):
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_layer_curve_figure_marks_best_layer_and_chance(mosi):
+    res, _ = mosi
+    fig = plots.plot_layer_curves(res, "mae")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "layer" and ax.get_ylabel() == "MAE, lower is better"
+    lines = {l.get_label().split(" (")[0]: l for l in ax.get_lines() if not l.get_label().startswith("_")}
+    bert = lines["bert-base-uncased"]
+    np.testing.assert_array_equal(bert.get_xdata(), np.arange(13))
+    rows = res.rows[(res.rows["encoder"] == "bert-base-uncased") & (res.rows["metric"] == "mae")
+                    & (res.rows["split"] == "test") & (res.rows["method"] == "layer") & (res.rows["train_size"] == 1)]
+    np.testing.assert_allclose(bert.get_ydata(), rows.groupby("layer")["value"].mean())
+    best = int(res.best_layers.query("encoder == 'bert-base-uncased' and metric == 'mae'")["best_layer"].iloc[0])
+    stars = [l for l in ax.get_lines() if l.get_marker() == "*" and l.get_color() == bert.get_color()]
+    assert len(stars) == 1 and stars[0].get_xdata()[0] == best
+    assert stars[0].get_ydata()[0] == pytest.approx(bert.get_ydata()[best])
+    chance = [l for l in ax.get_lines() if l.get_label().startswith("chance")]
+    assert chance and chance[0].get_ydata()[0] == pytest.approx(res.meta["chance"]["mae"])
+    assert any(l.get_label().startswith("fusion-late V+A+T") for l in ax.get_lines())
+    # The legend sits outside the data area.
+    renderer = _drawn(fig)
+    legend_box = fig.legends[0].get_window_extent(renderer)
+    assert not legend_box.overlaps(ax.get_window_extent(renderer))
+
+
+def test_relative_depth_puts_every_encoder_on_zero_to_one(mosi):
+    res, _ = mosi
+    fig = plots.plot_layer_curves(res, ["corr", "acc7"], relative_depth=True)
+    assert len([a for a in fig.axes if a.get_visible()]) == 2
+    for ax in fig.axes:
+        assert ax.get_xlabel().startswith("relative depth")
+        encoder_lines = [l for l in ax.get_lines() if l.get_marker() == "o"]
+        assert len(encoder_lines) == 3
+        for line in encoder_lines:
+            x = np.asarray(line.get_xdata())
+            assert x[0] == 0 and x[-1] == pytest.approx(1.0)
+
+
+def test_learning_curves_and_layer_weights(mosi):
+    res, _ = mosi
+    fig = plots.plot_learning_curves(res, "mae")
+    titles = [a.get_title() for a in fig.axes if a.get_visible()]
+    assert titles == ["clip-vit-tiny-random (vision)", "wavlm-tiny-random (audio)", "bert-base-uncased (text)",
+                      "V+A+T (multimodal)"]
+    labels = [t.get_text() for t in fig.axes[2].get_legend().get_texts()]
+    assert "weighted sum" in labels and "output layer (12)" in labels
+    assert any(l.startswith("best layer (") for l in labels)
+    fig = plots.plot_layer_weights(res)
+    heights = [p.get_height() for p in fig.axes[2].patches]
+    w = res.layer_weights[res.layer_weights["encoder"] == "bert-base-uncased"]
+    np.testing.assert_allclose(heights, w.groupby("layer")["weight"].mean())
+
+
+def test_minimal_results_dir_without_optional_files(tmp_path):
+    """Classification, cross-validation only, one training size, no fusion / weights / best_layers / meta notes,
+    parquet instead of csv, and no modality column."""
+    d = make_results_dir(str(tmp_path / "cls"), task="classification", train_sizes=(1.0,), splits=("cv",),
+                         fusion=False, weights=False, best_layers=False)
+    df = pd.read_parquet(os.path.join(d, "results.parquet")).drop(columns=["modality", "probe"])
+    df.to_parquet(os.path.join(d, "results.parquet"))
+    os.remove(os.path.join(d, "results.csv"))
+    res = load_results(d)
+    assert res.eval_split == "cv" and res.selection_split == "cv" and res.layer_weights is None
+    assert plots.plot_learning_curves(res, "acc") is None and plots.plot_layer_weights(res) is None
+    paths = build_report(d, str(tmp_path / "out"), relative_depth=True)
+    assert [os.path.basename(p) for p in paths["pngs"]] == ["cls_layers_acc.png", "cls_layers_other_metrics.png"]
+    html = open(paths["html"], encoding="utf-8").read()
+    assert "chosen on cv" in html and "CKA skipped" in html and 'class="notes"' not in html
+
+
+def test_same_named_results_dirs_are_told_apart(tmp_path):
+    a = make_results_dir(str(tmp_path / "run1" / "res"), task="classification", train_sizes=(1.0,),
+                         fusion=False, weights=False, encoders=[("bert", "text", 2, 1, 0.5)])
+    b = make_results_dir(str(tmp_path / "run2" / "res"), task="classification", train_sizes=(1.0,),
+                         fusion=False, weights=False, encoders=[("bert", "text", 2, 1, 0.6)], seed=1)
+    paths = build_report([a, b], str(tmp_path / "out"), cka=False)
+    assert sorted(os.path.basename(p) for p in paths["pngs"] if "layers_acc" in p) == [
+        "run1-res_layers_acc.png", "run2-res_layers_acc.png"]
+    md = open(paths["md"], encoding="utf-8").read()
+    assert "| run1/res | bert | text | accuracy |" in md and "| run2/res | bert | text | accuracy |" in md
+
+
+def test_cli_report(tmp_path, capsys):
+    d = make_results_dir(str(tmp_path / "res"), task="classification", train_sizes=(1.0,), fusion=False,
+                         weights=False, encoders=[("bert", "text", 2, 1, 0.5)])
+    out = tmp_path / "out"
+    assert main(["report", d, "--out", str(out), "--no-cka", "--note", "bert is random", "--note", "second"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / "report.html"), str(out / "summary.md")]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<p>bert is random</p><p>second</p>" in html and "Representation similarity" not in html
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("featx report: error:") and "no results.csv" in err and "\n" not in err
+    with pytest.raises(FeatxError, match="lacks the column"):
+        pd.DataFrame({"encoder": ["x"], "layer": [0]}).to_csv(tmp_path / "results.csv", index=False)
+        load_results(tmp_path)
+
+
+@pytest.mark.skipif(not _has_store(), reason="featx.store (the cache reader) has not landed yet")
+def test_cache_cka_aligns_items_by_id(tmp_path):
+    from featx.report import cache_cka
+
+    a, b, pooled_a, ids_a, done_b = _caches(str(tmp_path))
+    common = np.isin(ids_a, list(done_b))
+    cross = cache_cka(a, b, debiased=True)
+    assert cross.num_items == common.sum() == 37 and cross.matrix.shape == (5, 5)
+    # b is a (shuffled) orthogonal map of a, so a-vs-b equals a-vs-a over the shared items.
+    np.testing.assert_allclose(cross.matrix, cka_matrix(pooled_a[common], debiased=True), atol=1e-5)
+    within = cache_cka(a, debiased=False)
+    assert within.within and within.num_items == 40
+    np.testing.assert_allclose(within.matrix, cka_matrix(pooled_a), atol=1e-5)
+
+
+@pytest.mark.skipif(not _has_store(), reason="featx.store (the cache reader) has not landed yet")
+def test_report_has_cka_heatmaps(mosi):
+    _, paths = mosi
+    names = sorted(os.path.basename(p) for p in paths["pngs"] if "cka" in p)
+    assert names == ["cka_audio.png", "cka_text.png", "cka_text__audio.png"]
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium to render the HTML")
+def test_html_renders_in_headless_chromium(mosi, tmp_path):
+    _, paths = mosi
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2400",
+                    "file://" + paths["html"]], check=True, timeout=120, capture_output=True)
+    img = matplotlib.image.imread(str(shot))[..., :3]
+    assert img.shape[:2] == (2400, 1280)
+    top = (img[:400] * 255).round().astype(int)
+    # The notes box (background #fff4d6) is drawn near the top; the figures below are not blank.
+    assert (np.abs(top - [0xff, 0xf4, 0xd6]).sum(-1) <= 3).sum() > 20000
+    assert img[800:].std() > 0.1
