@@ -69,6 +69,7 @@ def _extract(sub):
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--max-length", type=int, default=None, help="text: max tokens (default: the tokenizer's)")
     p.add_argument("--max-audio-seconds", type=float, default=30.0, help="longer audio is processed in windows")
+    p.add_argument("--fps", type=float, default=3.0, help="video: frames sampled per second for image encoders")
     p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes")
     p.add_argument("--trust-remote-code", action="store_true", default=False)
     p.add_argument("--overwrite", action="store_true", default=False, help="start again over an existing cache")
@@ -85,7 +86,7 @@ def _extract(sub):
         result = extract(args.manifest, models, args.out, pool=_csv_list(args.pool) if isinstance(args.pool, str)
                          else list(args.pool), seq=args.seq, seq_stride=args.seq_stride, batch_size=args.batch_size,
                          device=args.device, dtype=args.dtype, max_length=args.max_length,
-                         max_audio_seconds=args.max_audio_seconds, num_workers=args.num_workers,
+                         max_audio_seconds=args.max_audio_seconds, fps=args.fps, num_workers=args.num_workers,
                          trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
                          progress=not args.no_progress)
         return 2 if result.failed else 0
@@ -237,7 +238,81 @@ def _fuse(sub):
         args.method, str) else list(args.method)))
 
 
-COMMANDS = [_extract, _info, _manifest, _report, _probe, _fuse]
+# ---------------------------------------------------------------- finetune
+def _finetune(sub):
+    p = sub.add_parser("finetune", help="fine-tune encoders jointly with a fusion head (Toledo & Marcacini 2022)")
+    p.add_argument("manifest", nargs="?", help="CSV, JSONL or Parquet manifest (id, text/image/audio, label, split)")
+    p.add_argument("--model", action="append", default=None, help="hub id or local folder; one per modality")
+    p.add_argument("--out", help="output folder: results.csv/.parquet, meta.json, history.csv, model/, runs/")
+    p.add_argument("--layer", default="last", help="cut layer per model (comma list or one for all): "
+                   "an index, last, or best (from --probe-results)")
+    p.add_argument("--probe-results", default=None, help="a `featx probe` output folder, for --layer best")
+    p.add_argument("--train-blocks", default="-1", help="top blocks trained per model (-1 all, 0 frozen encoder)")
+    p.add_argument("--head", default="concat", choices=["concat", "gated"])
+    p.add_argument("--task", default="auto", choices=["auto", "regression", "classification"])
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="concat head: pooling of each branch")
+    p.add_argument("--proj-size", type=int, default=32, help="concat head: per-modality projection size")
+    p.add_argument("--hidden-size", type=int, default=128, help="head MLP / gated fusion size")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of the head")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the encoders")
+    p.add_argument("--head-lr", type=float, default=None, help="learning rate of the head (default: --lr)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--lr-decay", type=float, default=0.95, help="exponential decay of the learning rate per epoch")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--patience", type=int, default=3, help="early stopping: epochs without a better dev score")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation: micro-batches per step")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--loss", default="l1", choices=["l1", "mse"], help="regression loss")
+    p.add_argument("--folds", type=int, default=5, help="CV folds when the manifest has no train/test split")
+    p.add_argument("--train-sizes", default="1.0", help="fractions <= 1 or counts > 1 (k per class): 0.1,1.0")
+    p.add_argument("--seeds", type=int, default=1, help="repeat over this many seeds (0..n-1)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-length", type=int, default=None, help="text: max tokens (default: the tokenizer's)")
+    p.add_argument("--max-audio-seconds", type=float, default=30.0, help="longer audio is cut to its start")
+    p.add_argument("--no-save-model", action="store_true", default=False, help="do not save model/ for predict")
+    p.add_argument("--resume", action="store_true", default=False, help="continue a run from its checkpoints")
+    p.add_argument("--overwrite", action="store_true", default=False, help="start again over an existing run")
+    p.add_argument("--no-progress", action="store_true", default=False)
+    p.add_argument("--recipe", help="YAML recipe with the same keys")
+
+    def run(args):
+        apply_recipe(p, args, path_keys=("manifest", "out", "probe_results"))
+        if not args.manifest or not args.model or not args.out:
+            raise FeatxError("featx finetune needs MANIFEST, --model and --out (or a --recipe that gives them)")
+        from featx.finetune import finetune
+
+        def items(v):
+            return [str(x) for x in v] if isinstance(v, list) else _csv_list(v)
+
+        try:
+            sizes = [float(s) for s in items(args.train_sizes)]
+            blocks = [int(b) for b in items(args.train_blocks)]
+        except ValueError:
+            raise FeatxError(f"--train-sizes and --train-blocks take numbers, got {args.train_sizes!r} and "
+                             f"{args.train_blocks!r}")
+        models = args.model if isinstance(args.model, list) else [args.model]
+        result = finetune(args.manifest, models, args.out, layers=items(args.layer), train_blocks=blocks,
+                          head=args.head, task=args.task, pooling=args.pooling, proj_size=args.proj_size,
+                          hidden_size=args.hidden_size, heads=args.heads, dropout=args.dropout, lr=args.lr,
+                          head_lr=args.head_lr, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
+                          epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                          accumulate=args.accumulate, clip_grad=args.clip_grad, loss=args.loss, folds=args.folds,
+                          train_sizes=sizes, seeds=args.seeds, precision=args.precision, device=args.device,
+                          max_length=args.max_length, max_audio_seconds=args.max_audio_seconds,
+                          probe_results=args.probe_results, save_model=not args.no_save_model, resume=args.resume,
+                          overwrite=args.overwrite, progress=not args.no_progress)
+        print(f"featx finetune: results in {result.out}" + (f"; model in {result.model_path}"
+                                                           if result.model_path else ""))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_extract, _info, _manifest, _report, _probe, _fuse, _finetune]
 
 
 def build_parser():

@@ -61,13 +61,22 @@ def _value(v):
 
 
 class Decoder:
-    """Turns one manifest row into the encoder's decoded inputs (units). Holds no model: it runs in workers."""
+    """Turns one manifest row into the encoder's decoded inputs (units): texts, RGB images, mono waveforms.
 
-    def __init__(self, modality, column, sample_rate=None, max_audio_seconds=30.0, fps=3.0):
+    With `preprocess` (the encoder's preprocessor) each unit is also made into model inputs. Holds no
+    model, so it runs in DataLoader workers.
+    """
+
+    def __init__(self, modality, column, sample_rate=None, max_audio_seconds=30.0, fps=3.0, preprocess=None):
         self.modality, self.column = modality, column
         self.sample_rate, self.max_audio_seconds, self.fps = sample_rate, max_audio_seconds, fps
+        self.preprocess = preprocess
 
     def __call__(self, row) -> list:
+        units = self.decode(row)
+        return [self.preprocess(u) for u in units] if self.preprocess else units
+
+    def decode(self, row) -> list:
         src = _value(row.get(self.column))
         start, end = _value(row.get("start")), _value(row.get("end"))
         if self.modality == "text":
@@ -115,10 +124,70 @@ class _Items(torch.utils.data.Dataset):
 
 def _resolve_device(device):
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise FeatxError("--device cuda was asked for, but torch sees no CUDA device (use --device auto or cpu)")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return device
+
+
+class _Distributed:
+    """Under torchrun (WORLD_SIZE > 1): rank r takes items r, r+W, r+2W, ... and writes its own shard
+    `<cache>.rank<r>-of-<W>.h5` (consolidated atomically by its writer); rank 0 then merges the shards
+    and any earlier final file into the one cache and removes the shards. Resume works per shard."""
+
+    def __init__(self):
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("FEATX_DIST_BACKEND")
+                                  != "gloo" else "gloo")
+        self.td, self.rank, self.world = td, td.get_rank(), td.get_world_size()
+
+    @classmethod
+    def current(cls):
+        return cls() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+    def shard_path(self, path):
+        return f"{path[:-3]}.rank{self.rank:03d}-of-{self.world:03d}.h5"
+
+    def shard_paths(self, path):
+        return [f"{path[:-3]}.rank{r:03d}-of-{self.world:03d}.h5" for r in range(self.world)]
+
+    def prepare_final(self, path, overwrite):
+        if overwrite and self.rank == 0 and os.path.exists(path):
+            os.remove(path)
+        self.td.barrier()
+
+    def my_todo(self, todo, path):
+        """This rank's share of `todo`, less what an earlier run's final file already holds."""
+        todo = todo[todo % self.world == self.rank]
+        if os.path.exists(path):
+            from featx.store import open_cache
+
+            with open_cache(path) as c:
+                todo = todo[~c.done[todo]]
+        return todo
+
+    def merge(self, path):
+        from featx.store import merge_caches, open_cache
+
+        self.td.barrier()
+        if self.rank == 0:
+            shards = self.shard_paths(path)
+            missing = [p for p in shards if not os.path.exists(p)]
+            if missing:
+                raise FeatxError(f"shard(s) missing, not merged: {', '.join(map(os.path.basename, missing))}; "
+                                 "run the same command again to finish them")
+            sources = ([path] if os.path.exists(path) else []) + shards
+            merge_caches(sources, path)
+            for p in shards:
+                os.remove(p)
+        self.td.barrier()
+        with open_cache(path) as c:
+            failed = int(sum(1 for e in c.error if e))
+            return {"done": int(c.done.sum()), "failed": failed, "pending": len(c.ids) - int(c.done.sum()) - failed}
 
 
 class Runner:
@@ -131,7 +200,7 @@ class Runner:
     def batches(self, units):
         """Length-sorted batches of unit numbers (longest first, so an out-of-memory shows up at once)."""
         enc = self.encoder
-        order = sorted(range(len(units)), key=lambda u: -enc.size(units[u][1]))
+        order = sorted(range(len(units)), key=lambda u: -enc.size(units[u][1]))  # stable: ties keep item order
         groups = {}
         for u in order:
             groups.setdefault(enc.batch_key(units[u][1]), []).append(u)
@@ -141,13 +210,14 @@ class Runner:
 
     @torch.inference_mode()
     def run_batch(self, raws):
-        """Pooled values (B, L, D) per pooling, sequences, and valid-position counts for a list of inputs.
-
-        On CUDA out-of-memory the batch is halved and retried, down to one input.
+        """Pooled values (B, L, D) per pooling, sequences, and valid-position counts for a list of
+        preprocessed inputs. On CUDA out-of-memory the batch is halved and retried, down to one input.
         """
         enc = self.encoder
         try:
-            inputs = enc.prepare(raws)
+            inputs = enc.collate(raws)
+            if enc.device.type == "cuda":
+                inputs = {k: v.pin_memory() for k, v in inputs.items()}
             with enc.autocast():
                 hidden, mask = enc.forward(inputs)
                 pooled = {k: v.cpu().numpy() for k, v in pool(hidden, mask, self.poolings).items()}
@@ -226,6 +296,8 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
         raise FeatxError(f"--dtype must be float16 or float32, not {dtype!r}")
     if int(batch_size) < 1:
         raise FeatxError("--batch-size must be at least 1")
+    if not float(fps) > 0:
+        raise FeatxError(f"--fps must be positive, not {fps}")
     if not models:
         raise FeatxError("give at least one --model")
     df = read_manifest(manifest)
@@ -255,56 +327,94 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
         if seq:
             attrs["seq_stride"] = int(seq_stride)
         path = cache_path(manifest, model, out)
-        writer = CacheWriter(path, ids=ids, attrs=attrs, poolings=pools, num_layers=encoder.num_layers,
+        dist = _Distributed.current()
+        shard = dist.shard_path(path) if dist else path
+        if dist:
+            dist.prepare_final(path, overwrite)
+        writer = CacheWriter(shard, ids=ids, attrs=attrs, poolings=pools, num_layers=encoder.num_layers,
                              hidden_size=encoder.hidden_size, dtype=dtype, seq=seq, labels=labels, splits=splits,
                              meta=meta, overwrite=overwrite)
-        decoder = Decoder(encoder.modality, column, getattr(encoder, "sample_rate", None), max_audio_seconds, fps)
+        todo = dist.my_todo(writer.todo, path) if dist else writer.todo
+        decoder = Decoder(encoder.modality, column, getattr(encoder, "sample_rate", None), max_audio_seconds, fps,
+                          preprocess=encoder.preprocessor())
         runner = Runner(encoder, pools, seq=seq, seq_stride=seq_stride, batch_size=batch_size)
         try:
-            _run(writer, runner, decoder, rows, num_workers, group_size or max(64, 8 * int(batch_size)),
-                 progress, model)
+            _run(writer, todo, runner, decoder, rows, num_workers, group_size or max(64, 8 * int(batch_size)),
+                 progress and (not dist or dist.rank == 0), model)
         finally:  # consolidate what was written, also when interrupted
             summary = writer.close()
+        if dist:
+            summary = dist.merge(path)
         summary = {"model": str(model), "path": path, **{k: summary[k] for k in ("done", "failed", "pending")}}
         result.caches.append(summary)
-        _print_summary(summary, path)
+        if not dist or dist.rank == 0:
+            _print_summary(summary, path)
     return result
 
 
-def _run(writer, runner, decoder, rows, num_workers, group_size, progress, model):
+def _run(writer, todo, runner, decoder, rows, num_workers, group_size, progress, model):
+    """Decode (workers) -> forward (this thread) -> write (a writer thread behind a bounded queue)."""
+    import queue
+    import threading
+
     from tqdm.auto import tqdm
 
-    todo = writer.todo
     if len(todo) == 0:
         return
     loader = torch.utils.data.DataLoader(_Items(rows, todo, decoder), batch_size=None, shuffle=False,
-                                         num_workers=int(num_workers), collate_fn=lambda x: x,
-                                         prefetch_factor=4 if num_workers else None)
+                                         num_workers=int(num_workers), collate_fn=_identity,
+                                         prefetch_factor=4 * int(runner.batch_size) if num_workers else None)
     bar = tqdm(total=len(todo), unit="item", desc=os.path.basename(str(model).rstrip("/")), disable=not progress,
                dynamic_ncols=True)
+    pending, errors = queue.Queue(maxsize=2), []
+
+    def write_loop():
+        while (job := pending.get()) is not None:
+            if errors:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                indices, pooled, seqs, failed = job
+                if len(indices):
+                    writer.write(indices, pooled, seqs)
+                if failed:
+                    writer.fail([i for i, _ in failed], [why for _, why in failed])
+                bar.update(len(indices) + len(failed))
+            except BaseException as e:  # re-raised in the main thread
+                errors.append(e)
+
+    thread = threading.Thread(target=write_loop, name="featx-writer", daemon=True)
+    thread.start()
     group = []
 
     def flush():
         failed = [(i, why) for i, units, why in group if units is None]
         ok = [(i, units) for i, units, why in group if units is not None]
+        indices, pooled, seqs = np.zeros(0, np.int64), None, None
         if ok:
             indices, pooled, seqs, more = runner.run(ok)
             failed += more
-            if len(indices):
-                writer.write(indices, pooled, seqs)
-        if failed:
-            writer.fail([i for i, _ in failed], [why for _, why in failed])
-        bar.update(len(group))
+        pending.put((indices, pooled, seqs, failed))
         group.clear()
+        if errors:
+            raise errors[0]
 
     try:
         for item in loader:
             group.append(item)
             if len(group) >= group_size:
                 flush()
-        flush()
+        if group:
+            flush()
     finally:
+        pending.put(None)
+        thread.join()
         bar.close()
+    if errors:
+        raise errors[0]
+
+
+def _identity(x):
+    return x
 
 
 def _print_summary(summary, path):

@@ -28,7 +28,9 @@ def read_manifest(path) -> pd.DataFrame:
     dtypes = {c: "string" for c in STRING_COLUMNS}
     try:
         if ext in (".csv", ".tsv"):
-            df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",", dtype=dtypes)
+            # Only empty cells are missing: an id or a text "nan" or "NA" is a real value.
+            df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",", dtype=dtypes, keep_default_na=False,
+                             na_values=[""])
         elif ext in (".jsonl", ".json", ".ndjson"):
             df = pd.read_json(path, lines=ext != ".json", dtype=False)
         elif ext in (".parquet", ".pq"):

@@ -13,6 +13,8 @@ from featx.errors import MediaError
 
 __all__ = ["MediaError", "load_text", "load_image", "load_audio"]
 
+END_SLACK = 0.25  # seconds a segment may run past the end of its file (rounding in annotations), as for video
+
 
 def _exists(path):
     if not isinstance(path, str) or not path:
@@ -58,6 +60,8 @@ def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
                 raise MediaError(f"bad segment start={start} end={end}")
             if first >= f.frames and f.frames > 0:
                 raise MediaError(f"segment starts at {start}s, after the end of the audio ({f.frames / rate:.2f}s)")
+            if end is not None and not _isnan(end) and float(end) > f.frames / rate + END_SLACK:
+                raise MediaError(f"segment ends at {end}s, after the end of the audio ({f.frames / rate:.2f}s)")
             f.seek(first)
             wav = f.read(max(0, last - first), dtype="float32", always_2d=True)
     except MediaError:

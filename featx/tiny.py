@@ -49,6 +49,7 @@ def build_tiny_clip(path: str, hidden_size: int = 32, num_layers: int = 2, image
     else:
         tcfg = CLIPTextConfig(vocab_size=100, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
                               num_hidden_layers=num_layers, num_attention_heads=4, max_position_embeddings=32,
+                              bos_token_id=0, eos_token_id=2, pad_token_id=1,
                               projection_dim=16)
         model = CLIPModel(CLIPConfig(text_config=tcfg.to_dict(), vision_config=vcfg.to_dict(), projection_dim=16))
     model.eval().save_pretrained(path)

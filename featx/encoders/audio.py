@@ -6,6 +6,14 @@ import torch
 from featx.encoders.base import Encoder, from_pretrained
 
 
+class _Normalise:
+    def __init__(self, processor, sample_rate):
+        self.processor, self.sample_rate = processor, sample_rate
+
+    def __call__(self, wav):
+        return self.processor(wav, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
+
+
 class AudioEncoder(Encoder):
     modality = "audio"
 
@@ -24,21 +32,29 @@ class AudioEncoder(Encoder):
         self.uses_mask = bool(getattr(self.processor, "return_attention_mask", False))
         self.attrs = {"sample_rate": self.sample_rate, "feat_extract_norm": getattr(config, "feat_extract_norm", "")}
 
-    def size(self, raw):
-        return int(raw.shape[0])
+    def preprocessor(self):
+        return _Normalise(self.processor, self.sample_rate)
 
-    def batch_key(self, raw):
-        return None if self.uses_mask else int(raw.shape[0])
+    def size(self, feats):
+        return int(feats.shape[0])
+
+    def batch_key(self, feats):
+        return None if self.uses_mask else int(feats.shape[0])
 
     def num_frames(self, num_samples) -> int:
         """How many encoder frames `num_samples` samples give (0: too short for the conv feature encoder)."""
         return int(self.model._get_feat_extract_output_lengths(torch.tensor(int(num_samples))))
 
-    def prepare(self, raws):
-        # Always ask for the mask so each input is normalised over its own samples only.
-        out = self.processor(list(raws), sampling_rate=self.sample_rate, padding=True, return_attention_mask=True,
-                             return_tensors="pt")
-        return {"input_values": out["input_values"], "attention_mask": out["attention_mask"]}
+    def collate(self, feats):
+        # Each input was normalised over its own samples; padding with the processor's value is what
+        # the processor does when it pads a batch.
+        n = max(f.shape[0] for f in feats)
+        values = torch.full((len(feats), n), float(self.processor.padding_value), dtype=torch.float32)
+        mask = torch.zeros((len(feats), n), dtype=torch.long)
+        for b, f in enumerate(feats):
+            values[b, :f.shape[0]] = torch.from_numpy(f)
+            mask[b, :f.shape[0]] = 1
+        return {"input_values": values, "attention_mask": mask}
 
     def forward(self, inputs):
         values = inputs["input_values"].to(self.device, non_blocking=True)

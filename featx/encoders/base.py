@@ -48,17 +48,27 @@ class Encoder:
         self.hidden_size = int(cfg.hidden_size)
 
     # --- what the pipeline calls -------------------------------------------------------------
-    def size(self, raw) -> int:
-        """A cost of one decoded input, for sorting by length (characters, samples; 1 for images)."""
+    def preprocessor(self):
+        """A picklable callable (no model inside, so it runs in DataLoader workers) that turns one decoded
+        input (text, PIL image, waveform) into model inputs with the checkpoint's own processor."""
+        raise NotImplementedError
+
+    def size(self, feats) -> int:
+        """A cost of one preprocessed input, for sorting by length (tokens, samples; 1 for images)."""
         return 1
 
-    def batch_key(self, raw):
+    def batch_key(self, feats):
         """Inputs batch together only when their keys are equal (None: anything goes)."""
         return None
 
-    def prepare(self, raws) -> dict:
-        """CPU tensors for a batch of decoded inputs, made by the checkpoint's own processor."""
+    def collate(self, feats) -> dict:
+        """CPU tensors for a batch of preprocessed inputs (padding as the processor pads)."""
         raise NotImplementedError
+
+    def prepare(self, raws) -> dict:
+        """CPU tensors for a batch of decoded inputs: preprocess each, then collate."""
+        pre = self.preprocessor()
+        return self.collate([pre(r) for r in raws])
 
     def forward(self, inputs):
         """(hidden_states, mask): L tensors (B, T, D) and a (B, T) bool mask of valid positions."""

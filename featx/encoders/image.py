@@ -6,6 +6,14 @@ import torch
 from featx.encoders.base import Encoder, from_pretrained
 
 
+class _Pixels:
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image):
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
 class ImageEncoder(Encoder):
     modality = "image"
 
@@ -26,8 +34,11 @@ class ImageEncoder(Encoder):
         size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None)
         self.attrs = {"image_size": str(dict(size)) if size else ""}
 
-    def prepare(self, raws):
-        return {"pixel_values": self.processor(images=list(raws), return_tensors="pt")["pixel_values"]}
+    def preprocessor(self):
+        return _Pixels(self.processor)
+
+    def collate(self, feats):
+        return {"pixel_values": torch.stack(list(feats))}
 
     def forward(self, inputs):
         pixels = inputs["pixel_values"].to(self.device, non_blocking=True)

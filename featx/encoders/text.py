@@ -1,9 +1,15 @@
 """Text encoders that AutoModel loads (BERT, RoBERTa, MiniLM, ...), with the checkpoint's tokenizer."""
 from __future__ import annotations
 
-import torch
-
 from featx.encoders.base import Encoder, from_pretrained
+
+
+class _Tokenize:
+    def __init__(self, tokenizer, max_length):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, text):
+        return dict(self.tokenizer(text, truncation=True, max_length=self.max_length))
 
 
 class TextEncoder(Encoder):
@@ -21,12 +27,14 @@ class TextEncoder(Encoder):
         self.max_length = int(max_length) if max_length else limit
         self.attrs = {"max_length": self.max_length}
 
-    def size(self, raw):
-        return len(raw)
+    def preprocessor(self):
+        return _Tokenize(self.tokenizer, self.max_length)
 
-    def prepare(self, raws):
-        return dict(self.tokenizer(list(raws), padding=True, truncation=True, max_length=self.max_length,
-                                   return_tensors="pt"))
+    def size(self, feats):
+        return len(feats["input_ids"])
+
+    def collate(self, feats):
+        return dict(self.tokenizer.pad(list(feats), padding=True, return_tensors="pt"))
 
     def forward(self, inputs):
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}

