@@ -261,13 +261,12 @@ def _slug(text):
 
 def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, device, rows, weight_rows,
                chance_parts, bar):
-    """Fit the probes of every layer of one cache for one (seed, size); append rows. Returns the best dev layer
-    (cache layer index) per unit."""
+    """Fit the probes of every layer of one cache for one (seed, size); append rows and layer weights."""
     units, test_name = make_units(d.y, d.splits, task, folds, seed)
     base = dict(encoder=d.encoder, modality=d.modality, num_layers=d.num_layers, pooling=pool, probe=probe_name,
                 train_size=size, seed=seed)
     poolers = [_Pooler(task) for _ in d.layers]
-    w_pooler, chance_pooler, best = _Pooler(task), [], []
+    w_pooler, chance_pooler = _Pooler(task), []
     y = d.y if task == "classification" else d.y.astype(np.float64)
     for train, dev, test in units:
         fit = subsample(train, y, task, size, seed)
@@ -277,7 +276,6 @@ def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, de
         p_dev, p_test = est.predict_layers(d.X[dev]), est.predict_layers(d.X[test])
         for i, pooler in enumerate(poolers):
             pooler.add(y[dev], p_dev[:, i], y[test], p_test[:, i])
-        best.append(d.layers[est.best_layer_])
         if weighted:
             from featx.fusion import WeightedLayerProbe
 
@@ -303,7 +301,6 @@ def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, de
             preds = [np.full(len(te), pd.Series(tr).mode().iloc[0], dtype=object) for tr, te in chance_pooler]
         chance_parts.append(metrics.compute(task, np.concatenate([te for _, te in chance_pooler]),
                                             np.concatenate(preds)))
-    return best
 
 
 def _align(datas, missing):
@@ -332,7 +329,7 @@ def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_
     units, test_name = make_units(y, splits, task, folds, seed)
     info["items"] = len(y)
     info["missing"] = {k: v for k, v in aligned["missing"].items()}
-    info["rule"] = "intersect"
+    info["rule"] = "intersect: items missing from any modality are left out of fusion and listed here"
     base = dict(encoder="+".join(d.encoder for d in datas), modality="+".join(d.modality for d in datas),
                 num_layers=-1, pooling=pool, train_size=size, seed=seed)
     poolers = {m: _Pooler(task) for m in methods}

@@ -77,7 +77,11 @@ class _TorchTrainer:
     """Mini-batch Adam with early stopping on the dev primary metric; keeps the best dev state."""
 
     def _train(self, model, batches_fn, n_train, predict_dev, y_dev, task, loss_fn):
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # No weight decay on the layer weights (as s3prl): decay would pull them back to the uniform mean.
+        layer_w = [p for n, p in model.named_parameters() if n.endswith("sum.weight")]
+        rest = [p for n, p in model.named_parameters() if not n.endswith("sum.weight")]
+        opt = torch.optim.AdamW([{"params": rest}, {"params": layer_w, "weight_decay": 0.0}], lr=self.lr,
+                                weight_decay=self.weight_decay)
         rng = np.random.default_rng(self.random_state)
         best, best_state, bad = -np.inf, None, 0
         for epoch in range(self.max_epochs):
@@ -131,8 +135,8 @@ class WeightedLayerProbe(BaseEstimator, _TorchTrainer):
     classes_ (classification).
     """
 
-    def __init__(self, task="auto", regression_loss="mse", lr=2e-2, weight_decay=1e-2, batch_size=256,
-                 max_epochs=150, patience=10, validation_fraction=0.2, random_state=0):
+    def __init__(self, task="auto", regression_loss="mse", lr=1e-2, weight_decay=1e-2, batch_size=64,
+                 max_epochs=200, patience=20, validation_fraction=0.2, random_state=0):
         self.task = task
         self.regression_loss = regression_loss
         self.lr = lr

@@ -335,7 +335,9 @@ class BatchedLinearProbe(_ProbeBase):
 
         def closure():
             opt.zero_grad()
-            logits = torch.einsum("lnd,lgdc->lgnc", Xf, W) + b[:, :, None, :]
+            # One bmm over layers: (L, N, D) @ (L, D, G*C) -> (L, G, N, C).
+            logits = (torch.bmm(Xf, W.permute(0, 2, 1, 3).reshape(L, D, G * C)).reshape(L, N, G, C)
+                      .permute(0, 2, 1, 3)) + b[:, :, None, :]
             if C == 1:
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(
                     logits[..., 0], target.to(Xt.dtype).expand(L, G, N), reduction="none").mean(-1)

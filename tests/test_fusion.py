@@ -1,0 +1,93 @@
+"""Layer-weighted sum and fusion: s3prl-style init, planted multimodal data where fusion beats each
+modality, explicit handling of items missing from a modality, Ando's gated model over sequences."""
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _synthetic import planted, standard_splits, write_cache
+from featx import metrics
+from featx._sweep import run_probe
+from featx.errors import FeatxError
+from featx.fusion import GatedFusion, LayerWeightedSum, WeightedLayerProbe, align_by_id
+
+
+def _two_modalities(n=360, seed=0):
+    """Each modality carries one half of the label: y = z1 + z2 (clipped to [-3, 3])."""
+    rng = np.random.default_rng(seed)
+    z1, z2 = rng.standard_normal(n), rng.standard_normal(n)
+    Xa, _ = planted(n=n, num_layers=4, dim=8, k=1, signal=z1, seed=seed + 1)
+    Xb, _ = planted(n=n, num_layers=3, dim=8, k=2, signal=z2, seed=seed + 2)
+    return Xa, Xb, np.clip(z1 + z2, -3, 3)
+
+
+def test_layer_weighted_sum_starts_as_the_mean():
+    m = LayerWeightedSum(5)
+    x = torch.randn(3, 7, 5, 4)
+    assert torch.allclose(m.weight, torch.zeros(5))
+    assert torch.allclose(m(x), x.mean(dim=2), atol=1e-6)
+    np.testing.assert_allclose(m.weights(), np.full(5, 0.2))
+
+
+def test_weighted_probe_learns_the_planted_layer():
+    X, y = planted(n=240, num_layers=5, dim=8, k=3)
+    w = WeightedLayerProbe(max_epochs=100).fit(X, y)
+    assert w.weights_.argmax() == 3 and w.weights_[3] > 0.5
+    assert w.weights_.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_align_by_id_reports_missing_items():
+    ids, index, report = align_by_id([["a", "b", "c"], ["c", "a", "d"]], ["video", "text"])
+    assert list(ids) == ["a", "c"] and index.tolist() == [[0, 2], [1, 0]]
+    assert report == {"video": ["d"], "text": ["b"]}
+    with pytest.raises(FeatxError, match="missing"):
+        align_by_id([["a", "b"], ["a"]], missing="error")
+
+
+def test_fusion_beats_each_modality_and_reports_missing(tmp_path):
+    Xa, Xb, y = _two_modalities()
+    n = len(y)
+    ids = [f"clip{i:03d}" for i in range(n)]
+    splits = standard_splits(n)
+    a = write_cache(tmp_path / "a.h5", Xa, ids, y, splits, model="toy/video", modality="video")
+    # Five items never made it into the audio cache: fusion reports them and uses the shared items.
+    keep = np.ones(n, bool)
+    keep[:5] = False
+    b = write_cache(tmp_path / "b.h5", Xb[keep], np.asarray(ids)[keep], y[keep], splits[keep],
+                    model="toy/audio", modality="audio")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_probe([a, b], tmp_path / "out", fusion=["early", "late"], progress=False)
+    assert any("missing per modality" in str(w.message) for w in caught)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["fusion"]["missing"]["audio"] == ids[:5] and meta["fusion"]["items"] == n - 5
+    best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
+    mae = best[best.metric == "mae"].set_index("modality")
+    assert mae.loc["video", "best_layer"] == 1 and mae.loc["audio", "best_layer"] == 2
+    assert (mae.fusion_value < mae.best_value - 0.1).all()
+    df = pd.read_csv(tmp_path / "out" / "results.csv")
+    fused = df[(df.method == "fusion-late") & (df.split == "test") & (df.metric == "mae")]
+    assert fused.encoder.iloc[0] == "toy/video+toy/audio" and (fused.layer == -1).all()
+    with pytest.raises(FeatxError, match="missing"):
+        run_probe([a, b], tmp_path / "out2", fusion=["early"], missing="error", progress=False)
+
+
+def test_gated_fusion_over_sequences_learns_layer_weights():
+    rng = np.random.default_rng(0)
+    Xa, Xb, y = _two_modalities(n=300)
+    # Sequences of 2..5 positions per item around the pooled vector; padding must not matter.
+    def seqs(X):
+        return [x[None] + 0.1 * rng.standard_normal((rng.integers(2, 6),) + x.shape).astype(np.float32) for x in X]
+    Sa, Sb = seqs(Xa), seqs(Xb)
+    tr, dev, te = np.arange(200), np.arange(200, 250), np.arange(250, 300)
+    pick = lambda S, idx: [S[i] for i in idx]
+    g = GatedFusion(hidden_size=32, lr=3e-3, max_epochs=60, patience=15).fit(
+        [pick(Sa, tr), pick(Sb, tr)], y[tr], [pick(Sa, dev), pick(Sb, dev)], y[dev])
+    mae = metrics.msa_regression(y[te], g.predict([pick(Sa, te), pick(Sb, te)]))["mae"]
+    chance = metrics.chance("regression", y[tr], y[te])["mae"]
+    assert mae < 0.8 * chance
+    assert g.weights_[0].shape == (4,) and g.weights_[1].shape == (3,)
+    assert g.weights_[0].argmax() == 1 and g.weights_[1].argmax() == 2
