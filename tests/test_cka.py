@@ -92,8 +92,8 @@ def test_cka_matrix_equals_pairwise_and_both_paths_agree(debiased, monkeypatch):
             assert across[i, j] == pytest.approx(linear_cka(A[:, i], B[:, j], debiased=debiased))
     np.testing.assert_allclose(np.diag(within), 1.0)
     np.testing.assert_allclose(within, within.T)
-    # Many items use D x D cross-products instead of n x n Gram matrices: the same numbers.
-    monkeypatch.setattr(cka_mod, "_GRAM_MAX_ITEMS", 5)
+    # Past the memory cap for n x n Gram matrices, D x D cross-products give the same numbers.
+    monkeypatch.setattr(cka_mod, "_GRAM_BYTES", 0)
     np.testing.assert_allclose(cka_matrix(A, B, debiased=debiased), across, rtol=1e-9)
     np.testing.assert_allclose(cka_matrix(A, debiased=debiased), within, rtol=1e-9)
 

@@ -7,14 +7,15 @@ For linear kernels both reduce to sums over centred features, so no n x n kernel
 """
 from __future__ import annotations
 
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 
 import numpy as np
 
 from featx.errors import FeatxError
 
-# Above this many items, the n x n Gram matrices cost more memory than the D x D cross-products.
-_GRAM_MAX_ITEMS = 2048
+# One float64 n x n Gram matrix per layer is much faster than D x D cross-products per pair; this caps its memory.
+_GRAM_BYTES = 512 * 2**20
 
 
 def _centre(X):
@@ -81,7 +82,7 @@ def cka_matrix(layers_x, layers_y=None, debiased=False):
     _check_n(n, debiased)
     xs = [_centre(X[:, i]) for i in range(X.shape[1])]
     ys = xs if layers_y is None else [_centre(Y[:, j]) for j in range(Y.shape[1])]
-    if n <= _GRAM_MAX_ITEMS:
+    if (len(xs) + (0 if layers_y is None else len(ys))) * n * n * 8 <= _GRAM_BYTES:
         # <K, L>_F with K = X X^T: one n x n Gram matrix per layer, then one dot product per pair.
         fx = [x @ x.T for x in xs]
         fy = fx if layers_y is None else [y @ y.T for y in ys]
@@ -119,7 +120,12 @@ class CacheCKA:
         return self.name_x == self.name_y
 
 
-def cache_cka(path_x, path_y=None, pooling="mean", debiased=True, max_items=4096, seed=0):
+def _subset(cache, pooling, rows):
+    """(len(rows), L, D) float32: the given done-item rows of every layer, read one layer at a time."""
+    return np.stack([np.asarray(cache.layer(layer, pooling))[rows] for layer in range(cache.num_layers)], axis=1)
+
+
+def cache_cka(path_x, path_y=None, pooling="mean", debiased=True, max_items=2048, seed=0):
     """CKA between every layer of the cache at path_x and every layer of path_y (or of path_x itself).
 
     Items are aligned by id (the intersection of done ids); above max_items a seeded random subset is used.
@@ -127,17 +133,19 @@ def cache_cka(path_x, path_y=None, pooling="mean", debiased=True, max_items=4096
     """
     from featx.store import open_cache
 
-    cx = open_cache(path_x)
-    cy = cx if path_y is None else open_cache(path_y)
-    ids_x = np.asarray(cx.ids)[np.asarray(cx.done, dtype=bool)]
-    ids_y = np.asarray(cy.ids)[np.asarray(cy.done, dtype=bool)]
-    common, ix, iy = np.intersect1d(ids_x, ids_y, assume_unique=True, return_indices=True)
-    if len(common) > max_items:
-        keep = np.sort(np.random.default_rng(seed).choice(len(common), max_items, replace=False))
-        ix, iy = ix[keep], iy[keep]
-    if len(ix) < (4 if debiased else 2):
-        raise FeatxError(f"CKA of {path_x} and {path_y or path_x}: only {len(ix)} items done in both")
-    X = np.asarray(cx.pooled(pooling))[ix]
-    Y = None if path_y is None else np.asarray(cy.pooled(pooling))[iy]
-    return CacheCKA(matrix=cka_matrix(X, Y, debiased=debiased), name_x=str(cx.model),
-                    name_y=str(cy.model), num_items=len(ix), debiased=debiased, pooling=pooling)
+    with ExitStack() as stack:
+        cx = stack.enter_context(closing(open_cache(path_x)))
+        cy = cx if path_y is None else stack.enter_context(closing(open_cache(path_y)))
+        ids_x = np.asarray(cx.ids)[np.asarray(cx.done, dtype=bool)]
+        ids_y = np.asarray(cy.ids)[np.asarray(cy.done, dtype=bool)]
+        common, ix, iy = np.intersect1d(ids_x, ids_y, assume_unique=True, return_indices=True)
+        if len(common) > max_items:
+            keep = np.sort(np.random.default_rng(seed).choice(len(common), max_items, replace=False))
+            ix, iy = ix[keep], iy[keep]
+        if len(ix) < (4 if debiased else 2):
+            raise FeatxError(f"CKA of {path_x} and {path_y or path_x}: only {len(ix)} items done in both")
+        X = _subset(cx, pooling, ix)
+        Y = None if path_y is None else _subset(cy, pooling, iy)
+        names = str(cx.model), str(cy.model)
+    return CacheCKA(matrix=cka_matrix(X, Y, debiased=debiased), name_x=names[0], name_y=names[1],
+                    num_items=len(ix), debiased=debiased, pooling=pooling)
