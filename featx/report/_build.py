@@ -86,9 +86,8 @@ def _cka_section(cache_paths, fig_dir, pngs, debiased):
     estimator = "debiased (Kornblith et al. 2019, unbiased HSIC of Song et al. 2012)" if debiased else "plain"
     section.paragraphs.append(f"Linear CKA between layers, {estimator} estimator, over the items done in both "
                               "caches (aligned by id).")
-    found = []
-    for p in dict.fromkeys(cache_paths):
-        (found if os.path.exists(p) else section.bullets).append(p if os.path.exists(p) else f"cache not found: {p}")
+    found = [p for p in dict.fromkeys(cache_paths) if os.path.exists(p)]
+    section.bullets += [f"cache not found: {p}" for p in dict.fromkeys(cache_paths) if p not in found]
     pairs = [(p, None) for p in found] + list(itertools.combinations(found, 2))
     for x, y in pairs:
         try:

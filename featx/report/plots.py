@@ -19,7 +19,6 @@ _STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.f
           "xtick.labelsize": 10, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": True,
           "grid.alpha": 0.3, "savefig.dpi": 110}
 _FUSION_STYLES = ["-.", ":", (0, (6, 2)), (0, (1, 1, 4, 1))]
-_WHOLE_MODEL = ("weighted", "finetune")
 
 
 def metric_label(res, metric, direction=True):
@@ -201,7 +200,7 @@ def plot_learning_curves(res, metric):
 
 
 def _line_style(line, color, k):
-    if line.startswith("best layer"):
+    if line.startswith("best"):
         return {"color": color, "ls": "-", "marker": "o"}
     if line.startswith("output layer"):
         return {"color": color, "ls": "--", "marker": "s", "mfc": "white"}

@@ -43,11 +43,11 @@ class Results:
 
     @property
     def metrics(self):
+        """Metrics present: the primary one first, then the known ones in METRIC_ORDER, then the others."""
         present = list(dict.fromkeys(self.rows["metric"]))
         primary = self.primary_metric
-        ordered = sorted(present, key=lambda m: (m != primary, METRIC_ORDER.index(m) if m in METRIC_ORDER
-                                                  else len(METRIC_ORDER) + present.index(m)))
-        return ordered
+        return sorted(present, key=lambda m: (m != primary, METRIC_ORDER.index(m) if m in METRIC_ORDER
+                                              else len(METRIC_ORDER) + present.index(m)))
 
     @property
     def primary_metric(self):
@@ -200,8 +200,10 @@ def derive_best_layers(res):
 def best_layer(res, encoder, modality, metric):
     """The best layer recorded for (encoder, modality, metric), or None."""
     b = res.best_layers
-    hit = b[(b["encoder"] == encoder) & (b["modality"] == modality) & (b["metric"] == metric)]["best_layer"]
-    hit = hit.dropna()
+    # A best_layers.csv without a modality column matches on the encoder alone.
+    same = (b["encoder"] == encoder) & (b["metric"] == metric) & b["modality"].isin([modality, ""])
+    hit = b[same]["best_layer"].dropna()
+    hit = hit[hit >= 0]  # fusion rows carry -1
     return int(hit.iloc[0]) if len(hit) else None
 
 
@@ -243,9 +245,11 @@ def learning_curves(res, metric):
         if len(layers):
             best = best_layer(res, encoder, modality, metric)
             last = res.last_layer(encoder, modality)
-            picks = [(best, f"best layer ({best})"), (last, f"output layer ({last})")] if best is not None \
-                else [(last, f"output layer ({last})")]
-            for layer, label in picks if best != last else picks[:1]:
+            if best is None or best == last:
+                picks = [(last, f"output layer ({last})" if best is None else f"best = output layer ({last})")]
+            else:
+                picks = [(best, f"best layer ({best})"), (last, f"output layer ({last})")]
+            for layer, label in picks:
                 sel = layers[layers["layer"] == layer]
                 parts.append(sel.assign(line=label))
         others = g[g["method"] != "layer"]
