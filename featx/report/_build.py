@@ -127,13 +127,14 @@ def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(),
     meta_lines = [f"Results: {', '.join(r.path for r in results)}"]
 
     summary = Section("Summary: best layer vs output layer vs weighted sum vs fusion", paragraphs=[
-        "Scores on the test split (cross-validation where there is none), mean over seeds. The best layer is chosen "
+        "The primary metric and the next one. Scores on the test split (cross-validation where there is none), "
+        "mean over seeds. The best layer is chosen "
         "on dev; 'best minus output' is positive when the best layer is better than the output layer (for MAE, "
         "when it is lower). '–' means not run."])
     appendix = Section("All metrics", paragraphs=["The summary table for every metric."])
     for r in results:
         name = r.name if len(results) > 1 else None
-        summary.tables.append(_fmt(summary_table(r), name))
+        summary.tables.append(_fmt(summary_table(r, r.metrics[:2]), name))  # for MSA: MAE and Corr
         summary.bullets += [f"{r.name}: {s}" if name else s for s in findings(r)]
         appendix.tables.append(_fmt(summary_table(r, r.metrics), name))
     if len(results) > 1:
