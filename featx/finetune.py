@@ -701,7 +701,7 @@ def _device(device):
 def finetune(manifest, models, out, *, layers=None, train_blocks=-1, head="concat", task="auto", pooling="mean",
              proj_size=32, hidden_size=128, heads=4, dropout=0.1, lr=3e-5, head_lr=None, weight_decay=0.01,
              lr_decay=0.95, epochs=20, patience=3, batch_size=16, accumulate=1, clip_grad=1.0, loss="l1",
-             folds=10, train_sizes=(1.0,), seeds=(0,), precision="auto", device="auto", max_length=None,
+             folds=5, train_sizes=(1.0,), seeds=1, precision="auto", device="auto", max_length=None,
              max_audio_seconds=30.0, probe_results=None, save_model=True, resume=False, overwrite=False,
              progress=True) -> FinetuneResult:
     """Fine-tune 2-3 encoders jointly with a fusion head; write the tidy results table to `out`.
@@ -712,7 +712,8 @@ def finetune(manifest, models, out, *, layers=None, train_blocks=-1, head="conca
     task: auto | regression | classification. lr: encoder learning rate; head_lr: the head's (default lr).
     lr_decay: per-epoch exponential factor. epochs / patience: early stopping on the dev primary metric.
     accumulate: micro-batches per optimizer step. folds: K for CV when the manifest lacks train/test splits.
-    train_sizes: fractions of the training part (or counts > 1: k per class). seeds: list of ints.
+    train_sizes: fractions of the training part (or counts > 1: k per class). seeds: a count n (seeds
+    0..n-1, as `featx probe`) or a list of ints. folds and seeds give the same splits as `featx probe`.
     precision: auto (bf16 on CUDA, fp16 where bf16 is unsupported, fp32 on the CPU) | fp32 | bf16 | fp16.
     Writes out/results.csv, results.parquet, meta.json, history.csv, out/model/ (save_model), out/runs/.
     Returns a FinetuneResult. Raises FeatxError for usage and configuration errors.
@@ -735,7 +736,9 @@ def finetune(manifest, models, out, *, layers=None, train_blocks=-1, head="conca
                     ("patience", patience)):
         if int(v) < 1:
             raise FeatxError(f"--{name} must be at least 1")
-    seeds = [int(s) for s in (_list(seeds, int) or [0])]
+    seeds = list(range(int(seeds))) if np.isscalar(seeds) and not isinstance(seeds, str) else _list(seeds, int)
+    if not seeds:
+        raise FeatxError("give at least one seed")
     sizes = [float(s) for s in (_list(train_sizes, float) or [1.0])]
     if any(s <= 0 for s in sizes):
         raise FeatxError("training sizes must be > 0 (fractions <= 1 or counts > 1)")

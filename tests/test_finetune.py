@@ -1,0 +1,234 @@
+"""featx finetune: cut encoders, frozen blocks, a planted two-modality task, save/predict, resume after SIGKILL."""
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from featx.cli import main
+from featx.errors import FeatxError
+
+POS = "good great happy love fun wonderful".split()
+NEG = "bad awful sad hate boring terrible".split()
+CLASSES = {0: "none", 1: "one", 2: "both"}
+# Small and fast: tiny models, one CPU thread (two threads on two busy cores are far slower for tiny ops).
+FAST = dict(lr=1e-3, head_lr=3e-3, batch_size=8, dropout=0.0, patience=100, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def planted_manifest(folder, n=60, splits=True, regression=False, audio=False, broken=True):
+    """label = (text word is positive) + (image is red): each modality alone explains at most 3/4 of it.
+
+    Texts use words of featx.tiny's vocabulary; images are noisy red or blue squares. One extra item points
+    at a missing image (it must be skipped, with a message)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        pos, red = i % 2 == 0, (i // 2) % 2 == 0
+        colour = np.array([200, 30, 30] if red else [30, 30, 200])
+        pixels = np.clip(colour + rng.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"i{i}.png")
+        k = int(pos) + int(red)
+        row = {"id": f"x{i}", "text": f"the movie was {(POS if pos else NEG)[i % 6]}", "image": f"i{i}.png",
+               "label": float(k) - 1.0 + 0.1 * (i % 3) if regression else CLASSES[k]}
+        if splits:
+            row["split"] = ["train", "train", "train", "dev", "test"][i % 5]
+        if audio:
+            import soundfile as sf
+
+            t = np.arange(4000) / 16000
+            sf.write(str(folder / f"a{i}.wav"), (0.3 * np.sin(2 * np.pi * (200 + 40 * k) * t)).astype(np.float32),
+                     16000)
+            row["audio"] = f"a{i}.wav"
+        rows.append(row)
+    if broken:
+        rows.append(dict(rows[0], id="broken", image="missing.png"))
+    path = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+def run_quiet(fn, *args, **kwargs):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        result = fn(*args, **kwargs)
+    return result, err.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ branches
+def tiny_distilbert(path, bert):
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(bert)
+    DistilBertModel(DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                     max_position_embeddings=128)).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def raws_for(modality):
+    from PIL import Image
+
+    if modality == "text":
+        return ["good movie", "the film was awful and boring"]
+    if modality == "image":
+        return [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (30, 36), (0, 100, 10))]
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(8000).astype(np.float32), rng.standard_normal(6000).astype(np.float32)]
+
+
+@pytest.mark.parametrize("family", ["bert", "clip", "wavlm", "distilbert"])
+def test_cut_branch_gives_the_full_models_hidden_state_and_trains_only_top_blocks(family, request, tmp_path):
+    from featx.encoders import load_encoder
+    from featx.finetune import EncoderBranch
+
+    path = tiny_distilbert(tmp_path / "distilbert", request.getfixturevalue("tiny_bert")) \
+        if family == "distilbert" else request.getfixturevalue(f"tiny_{family}")
+    full = load_encoder(path)
+    inputs = full.prepare(raws_for(full.modality))
+    with torch.no_grad():
+        reference, ref_mask = full.forward(inputs)
+    for layer in (0, 1, 2):
+        branch = EncoderBranch(load_encoder(path), layer=layer, train_blocks=-1).eval()
+        with torch.no_grad():
+            h, mask = branch(inputs)
+        assert torch.equal(h, reference[layer]) and torch.equal(mask, ref_mask), (family, layer)
+        # Frozen weights may pick another attention kernel (WavLM: last-bit differences), so close, not equal.
+        branch = EncoderBranch(load_encoder(path), layer=layer, train_blocks=1).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(branch(inputs)[0], reference[layer], rtol=1e-5, atol=1e-6)
+        trainable = {n for n, p in branch.named_parameters() if p.requires_grad}
+        if layer == 0:
+            assert not trainable
+        else:  # exactly the top kept block: block layer-1
+            block = {".layer.", ".layers."}
+            assert trainable and all(any(f"{b}{layer - 1}." in f".{n}" for b in block) for n in trainable), trainable
+    everything = EncoderBranch(load_encoder(path), layer=2, train_blocks=-1)
+    frozen = {n for n, p in everything.named_parameters() if not p.requires_grad}
+    if family == "wavlm":  # the conv feature encoder stays frozen, as usual for speech models
+        assert frozen and all("feature_extractor" in n for n in frozen)
+    elif family in ("bert", "clip"):  # only what never reaches the hidden states
+        assert frozen and all("pooler" in n or "post_layernorm" in n for n in frozen)
+    else:
+        assert not frozen
+
+
+# ------------------------------------------------------------------------------------------ planted task
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bert, tiny_clip):
+    """bert + clip fine-tuned on the planted task, top block of each trained, the rest frozen."""
+    from featx.finetune import finetune
+
+    d = tmp_path_factory.mktemp("planted")
+    manifest = planted_manifest(d / "data")
+    result, err = run_quiet(finetune, manifest, [tiny_bert, tiny_clip], str(d / "out"), train_blocks=1,
+                            epochs=12, **FAST)
+    return manifest, result, err
+
+
+def test_loss_falls(trained):
+    _, result, _ = trained
+    losses = [h["train_loss"] for h in result.runs[0]["history"]]
+    assert len(losses) == 12
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_planted_two_modality_task_is_learned(trained, tiny_bert, tiny_clip):
+    _, result, err = trained
+    rows = result.rows
+    assert set(rows["method"]) == {"finetune"} and set(rows["probe"]) == {"finetune-concat"}
+    assert set(rows["split"]) == {"dev", "test"}
+    assert rows["encoder"].iloc[0] == f"{tiny_bert}+{tiny_clip}" and rows["modality"].iloc[0] == "text+image"
+    acc = rows[(rows["split"] == "test") & (rows["metric"] == "acc")]["value"].item()
+    # One modality alone gets at most 0.75 (the middle class is ambiguous half the time).
+    assert acc >= 0.9, acc
+    assert "skipping broken" in err
+    out = result.out
+    assert set(pd.read_csv(os.path.join(out, "results.csv")).columns) == set(rows.columns)
+    assert pd.read_parquet(os.path.join(out, "results.parquet")).shape == rows.shape
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["task"] == "classification" and meta["primary_metric"] == "f1_macro" and meta["caches"] == []
+    assert [e["layer"] for e in meta["encoders"]] == [2, 2] and meta["chance"]["acc"] < 0.6
+
+
+def test_frozen_layers_are_bit_identical_after_training(trained, tiny_bert, tiny_clip):
+    from featx.encoders import load_encoder
+    from featx.finetune import load_finetuned
+
+    _, result, _ = trained
+    saved = load_finetuned(result.model_path)
+    for branch, path in zip(saved.model.branches, (tiny_bert, tiny_clip)):
+        fresh = dict(load_encoder(path).model.named_parameters())
+        after = dict(branch.encoder.named_parameters())
+        top = [n for n in after if "layer.1." in n or "layers.1." in n]  # the top block of two
+        frozen = [n for n in after if n not in top]
+        assert frozen and top
+        assert all(torch.equal(after[n], fresh[n]) for n in frozen)
+        assert not all(torch.equal(after[n], fresh[n]) for n in top)  # the trained block did move
+
+
+def test_saved_model_predicts_what_was_scored(trained):
+    from featx.finetune import load_finetuned
+
+    manifest, result, _ = trained
+    pred, err = run_quiet(load_finetuned(result.model_path).predict_manifest, manifest)
+    assert list(pred.columns) == ["id", "prediction"] and len(pred) == 61
+    assert pred.set_index("id")["prediction"].isna()["broken"] and "skipping broken" in err
+    test = result.runs[0]["test"]
+    got = pred.set_index("id").loc[test["ids"], "prediction"].tolist()
+    assert got == test["pred"]
+
+
+# ------------------------------------------------------------------------------------------ resume
+def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, tiny_bert, tiny_clip):
+    from safetensors.torch import load_file
+
+    from featx.finetune import finetune
+
+    manifest = planted_manifest(tmp_path / "data", n=40, broken=False)
+    # dropout > 0 and accumulation: the resumed run must restore the RNG and optimizer states exactly.
+    settings = dict(FAST, dropout=0.2, epochs=5, accumulate=2, train_blocks=-1)
+    run_quiet(finetune, manifest, [tiny_bert, tiny_clip], str(tmp_path / "whole"), **settings)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "featx", "finetune", manifest, "--model", tiny_bert, "--model", tiny_clip,
+           "--out", str(out), "--epochs", "5", "--accumulate", "2", "--train-blocks", "-1", "--lr", "1e-3",
+           "--head-lr", "3e-3", "--batch-size", "8", "--dropout", "0.2", "--patience", "100", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = out / "runs" / "n1-s0-u0" / "latest.json"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert json.loads(latest.read_text())["epoch"] < 4
+    assert not (out / "runs" / "n1-s0-u0" / "done.json").exists()
+
+    rc, err = run_quiet(main, cmd[3:] + ["--resume"])
+    assert rc == 0, err
+    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / "results.csv"), pd.read_csv(out / "results.csv"))
