@@ -1,4 +1,5 @@
 """The report stage end to end on synthetic results directories: files, numbers, figures, notes, CLI, CKA."""
+import dataclasses
 import os
 import re
 import shutil
@@ -99,7 +100,14 @@ def test_summary_numbers_come_from_best_layers(mosi):
     said = findings(res)
     assert any(s.startswith(f"bert-base-uncased: layer {int(bert['best_layer'])} beats the output layer on MAE")
                for s in said)
-    assert any(s.startswith("Fusion V+A+T reaches MAE") and "better by" in s for s in said)
+    assert [s for s in said if s.startswith("Fusion")] == [
+        f"Fusion (V+A+T) reaches MAE {fused['fusion']:.3f}, against {bert['best_value']:.3f} for the best single "
+        f"encoder (bert-base-uncased, layer {int(bert['best_layer'])}), better by "
+        f"{bert['best_value'] - fused['fusion']:.3f}."]
+    # Probe runs repeat the chosen fusion's value on each encoder's row: still one sentence.
+    repeated = dataclasses.replace(res, best_layers=res.best_layers.assign(
+        fusion_value=res.best_layers["fusion_value"].max()))
+    assert len([s for s in findings(repeated) if s.startswith("Fusion (the fused model)")]) == 1
 
 
 def test_best_layers_derived_from_rows_match_the_probe_file(mosi):

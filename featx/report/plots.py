@@ -5,6 +5,7 @@ Figures use constrained layout and keep legends outside the data.
 from __future__ import annotations
 
 import os
+import textwrap
 
 import matplotlib
 import numpy as np
@@ -37,8 +38,13 @@ def encoder_colors(res):
 
 
 def short_name(name):
-    """The last path component of a model name or path."""
-    return os.path.basename(str(name).rstrip("/")) or str(name)
+    """A model name for display: the last path component of each '+'-joined part ('a/bert+/m/clip' -> 'bert+clip')."""
+    return "+".join(os.path.basename(part.rstrip("/")) or part for part in str(name).split("+"))
+
+
+def _panel_title(encoder, modality):
+    """'bert (text)', wrapped so that titles of neighbouring panels do not run into each other."""
+    return textwrap.fill(f"{short_name(encoder)} ({modality})" if modality else short_name(encoder), 34)
 
 
 def _draw_layer_curves(ax, res, metric, relative_depth, detailed):
@@ -54,7 +60,7 @@ def _draw_layer_curves(ax, res, metric, relative_depth, detailed):
         x = g["layer"] / last if relative_depth else g["layer"]
         color = colors.get(enc)
         best = best_layer(res, enc, mod, metric)
-        label = (f"{enc} ({mod})" if mod else enc) + (f" {probe}/{pooling}" if several else "")
+        label = (f"{short_name(enc)} ({mod})" if mod else short_name(enc)) + (f" {probe}/{pooling}" if several else "")
         if detailed and best is not None:
             label += f": best layer {best} of {last}"
         ax.plot(x, g["mean"], marker="o", ms=4, lw=1.8, color=color, label=label)
@@ -69,7 +75,7 @@ def _draw_layer_curves(ax, res, metric, relative_depth, detailed):
     fusion = method_scores(res, metric, sorted(m for m in set(res.rows["method"]) if m.startswith("fusion")))
     for style, row in zip(_FUSION_STYLES, fusion.itertuples()):
         ax.axhline(row.mean, color="black", ls=style, lw=1.5,
-                   label=f"{row.method} {row.encoder}" + (f" ({row.mean:.3f})" if detailed else ""))
+                   label=f"{row.method} {short_name(row.encoder)}" + (f" ({row.mean:.3f})" if detailed else ""))
     chance = res.chance(metric)
     if chance is not None:
         ax.axhline(chance, color="0.35", ls="--", lw=1.3,
@@ -140,19 +146,21 @@ def plot_layer_weights(res):
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax, ((enc, mod), g) in zip(axes.flat, groups):
             stats = g.groupby("layer")["weight"].agg(["mean", "std"])
-            spread = stats["std"] if g["seed"].nunique() > 1 else None
+            spread = stats["std"] if g.groupby("layer").size().max() > 1 else None
             ax.bar(stats.index, stats["mean"], yerr=spread, capsize=2, color=colors.get(enc, "C0"), alpha=0.85)
             ax.axhline(1.0 / len(stats), color="0.35", ls="--", lw=1.2)
-            ax.set_title(f"{enc} ({mod})" if mod else enc)
+            ax.set_title(_panel_title(enc, mod))
             ax.set_xlabel("layer")
             ax.set_ylabel("learned weight")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(axis="x", visible=False)
         for ax in axes.flat[len(groups):]:
             ax.set_visible(False)
+        # layer_weights.csv may hold one row per fold or training size too, not only per seed: count the fits.
+        fits = int(w.groupby(["encoder", "modality", "layer"]).size().max())
         seeds = int(w["seed"].nunique())
-        fig.suptitle(f"{res.name}: learned layer weights (softmax), mean ± s.d. over {seeds} seed"
-                     f"{'s' if seeds > 1 else ''}; dashed = uniform 1/L")
+        fig.suptitle(f"{res.name}: learned layer weights (softmax), mean ± s.d. over {fits} fit{'s' * (fits > 1)}"
+                     f" ({seeds} seed{'s' * (seeds > 1)}); dashed = uniform 1/L")
     return fig
 
 
@@ -187,7 +195,7 @@ def plot_learning_curves(res, metric):
                 ax.xaxis.set_major_locator(FixedLocator(sorted(sizes.unique())))
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_title(f"{enc} ({mod})" if mod else enc)
+            ax.set_title(_panel_title(enc, mod))
             ax.set_xlabel("fraction of training labels" if as_fraction else "training labels")
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=9, frameon=False)
         for ax in axes.flat[len(groups):]:

@@ -302,12 +302,14 @@ def findings(res, metric=None):
         verdict = "beats" if gain > 0 else ("ties with" if gain == 0 else "trails")
         out.append(f"{r['encoder']}: layer {r['best layer']} {verdict} the output layer on {name} "
                    f"({r['best-layer score']:.3f} vs {r['output-layer score']:.3f}, {_by(gain)}).")
+    fused = {}  # value -> label; probe runs repeat the chosen fusion's value on every encoder's row
+    for r in rows:
+        if pd.notna(r["fusion"]):
+            fused.setdefault(r["fusion"], r["encoder"] if pd.isna(r["best-layer score"]) else "the fused model")
     if single:
         top = max(single, key=lambda r: sign * r["best-layer score"])
-        for r in rows:
-            if pd.notna(r["fusion"]):
-                gain = sign * (r["fusion"] - top["best-layer score"])
-                out.append(f"Fusion {r['encoder']} reaches {name} {r['fusion']:.3f}, against "
-                           f"{top['best-layer score']:.3f} for the best single encoder ({top['encoder']}, "
-                           f"layer {top['best layer']}), {_by(gain)}.")
+        for value, label in fused.items():
+            gain = sign * (value - top["best-layer score"])
+            out.append(f"Fusion ({label}) reaches {name} {value:.3f}, against {top['best-layer score']:.3f} "
+                       f"for the best single encoder ({top['encoder']}, layer {top['best layer']}), {_by(gain)}.")
     return out
