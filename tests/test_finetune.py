@@ -231,4 +231,62 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, tiny_bert, tiny
     b = load_file(str(out / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / "results.csv"), pd.read_csv(out / "results.csv"))
+    for table in ("results.csv", "history.csv"):  # history: every epoch's loss, also those after the best one
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / table), pd.read_csv(out / table))
+
+
+# ------------------------------------------------------------------------------------------ CV, three modalities
+def test_cv_regression_with_gated_head_over_three_modalities(tmp_path, tiny_bert, tiny_clip, tiny_wavlm):
+    from featx.finetune import finetune, load_finetuned
+
+    manifest = planted_manifest(tmp_path / "data", n=24, splits=False, regression=True, audio=True, broken=False)
+    result, _ = run_quiet(finetune, manifest, [tiny_bert, tiny_clip, tiny_wavlm], str(tmp_path / "out"),
+                          head="gated", folds=2, epochs=1, train_sizes=[0.5, 1.0], layers=["1", "last", "-2"],
+                          **FAST)
+    rows = result.rows
+    assert set(rows["split"]) == {"dev", "cv"} and set(rows["train_size"]) == {0.5, 1.0}
+    assert set(rows["probe"]) == {"finetune-gated"} and rows["modality"].iloc[0] == "text+image+audio"
+    assert len(result.runs) == 4 and set(rows["metric"]) >= {"mae", "corr", "acc7"}
+    meta = json.load(open(os.path.join(result.out, "meta.json")))
+    assert [e["layer"] for e in meta["encoders"]] == [1, 2, 1] and meta["primary_metric"] == "mae"
+    # The saved model predicts in the label's units (targets were standardised for training).
+    model = load_finetuned(result.model_path)
+    assert abs(model.config["target_mean"]) < 1.5 and model.config["target_std"] > 0.3
+    pred, _ = run_quiet(model.predict_manifest, manifest)
+    assert pred["prediction"].dtype == float and pred["prediction"].notna().all()
+    test = next(r for r in result.runs if r["size"] == 1.0 and r["unit"] == 0)["test"]  # the saved run
+    np.testing.assert_allclose(pred.set_index("id").loc[test["ids"], "prediction"], test["pred"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_errors_are_one_line(tmp_path, tiny_bert, tiny_clip, capsys):
+    manifest = planted_manifest(tmp_path / "data", n=12, broken=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"manifest: data/manifest.csv\nmodel: [{tiny_bert}, {tiny_clip}]\nout: out\nhead: bogus\n")
+    assert main(["finetune", "--recipe", str(recipe)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown head 'bogus'" in err[0]
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layer", "best"]) == 1
+    assert "--probe-results" in capsys.readouterr().err
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layer", "7"]) == 1
+    assert "out of range 0..2" in capsys.readouterr().err
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--epochs", "1",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--epochs", "2"]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--epochs", "2",
+                 "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "settings differ" in err and "epochs" in err
+
+
+def test_paper_recipe_keys_are_all_known():
+    from featx.cli import apply_recipe, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["finetune", "--recipe", os.path.join(os.path.dirname(__file__), "..", "probe",
+                                                                   "finetune.yaml")])
+    sub = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
+    apply_recipe(sub, args, path_keys=("manifest", "out", "probe_results"))
+    assert args.head == "concat" and args.lr == 3e-5 and args.folds == 10 and len(args.model) == 2
