@@ -75,8 +75,15 @@ def _strata(y, task, bins=5):
 
 
 def _primary_score(task, y_true, y_pred):
-    """The task's primary metric signed so that larger is better."""
+    """The task's primary metric signed so that larger is better (only that metric is computed: it runs
+    once per layer x regularisation value)."""
     name = metrics.PRIMARY[task]
+    if name == "mae":
+        return -float(np.mean(np.abs(np.asarray(y_true, np.float64) - np.asarray(y_pred, np.float64))))
+    if name == "f1_macro":
+        from sklearn.metrics import f1_score
+
+        return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
     value = metrics.compute(task, y_true, y_pred)[name]
     return value if metrics.higher_is_better(name) else -value
 
@@ -242,7 +249,7 @@ class BatchedLinearProbe(_ProbeBase):
     LayerProbe, plus mean_ / scale_ (L, D), coef_ (L, C', D) and intercept_ (L, C') of the chosen values.
     """
 
-    def __init__(self, grid=None, task="auto", validation_fraction=0.2, max_iter=200, tol=1e-6,
+    def __init__(self, grid=None, task="auto", validation_fraction=0.2, max_iter=200, tol=1e-5,
                  device="auto", random_state=0):
         self.grid = grid
         self.task = task

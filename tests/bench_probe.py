@@ -35,11 +35,11 @@ def data(n, layers, dim, task, seed=0):
     return X, y
 
 
-def run(task, n, layers, dim, folds):
+def run(task, n, layers, dim, folds, device="cpu"):
     X, y = data(n, layers, dim, task)
     units, _ = make_units(y, None, task, folds, seed=0)
     out = {}
-    for name, make in (("batched", lambda: BatchedLinearProbe(device="cpu")), ("sklearn", lambda: LayerProbe())):
+    for name, make in (("batched", lambda: BatchedLinearProbe(device=device)), ("sklearn", lambda: LayerProbe())):
         start, preds = time.perf_counter(), []
         for train, dev, test in units:
             with warnings.catch_warnings():
@@ -54,7 +54,7 @@ def run(task, n, layers, dim, folds):
     (tb, sb), (ts, ss) = out["batched"], out["sklearn"]
     primary = metrics.PRIMARY[task]
     print(f"{task}: N={n} L={layers} D={dim} folds={folds}  (primary metric {primary}, pooled out-of-fold)")
-    print(f"  batched torch : {tb:8.1f} s   best layer {int(np.argmax(sb) if metrics.higher_is_better(primary) else np.argmin(sb))}"
+    print(f"  batched ({device}) : {tb:8.1f} s   best layer {int(np.argmax(sb) if metrics.higher_is_better(primary) else np.argmin(sb))}"
           f"  {primary} at best {sb.min() if primary == 'mae' else sb.max():.4f}")
     print(f"  sklearn loop  : {ts:8.1f} s   best layer {int(np.argmax(ss) if metrics.higher_is_better(primary) else np.argmin(ss))}"
           f"  {primary} at best {ss.min() if primary == 'mae' else ss.max():.4f}")
@@ -69,8 +69,9 @@ if __name__ == "__main__":
     ap.add_argument("--layers", type=int, default=25)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="for the batched probe: cpu or cuda")
     a = ap.parse_args()
     import torch
     print(f"torch threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
     for task in (["regression", "classification"] if a.task == "both" else [a.task]):
-        run(task, a.n, a.layers, a.dim, a.folds)
+        run(task, a.n, a.layers, a.dim, a.folds, a.device)
