@@ -51,6 +51,9 @@ def apply_recipe(parser, args, path_keys=()):
         if key in path_keys and value is not None:
             value = [v if os.path.isabs(str(v)) else os.path.join(base, str(v)) for v in value] \
                 if isinstance(value, list) else (value if os.path.isabs(str(value)) else os.path.join(base, str(value)))
+        if key == "model" and value is not None:  # local model folders beside the recipe; hub ids stay as given
+            value = [m if os.path.isabs(str(m)) or not os.path.exists(os.path.join(base, str(m)))
+                     else os.path.join(base, str(m)) for m in (value if isinstance(value, list) else [value])]
         setattr(args, key, value)
     return args
 
@@ -312,7 +315,25 @@ def _finetune(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = [_extract, _info, _manifest, _report, _probe, _fuse, _finetune]
+# ---------------------------------------------------------------- demo
+def _demo(sub):
+    p = sub.add_parser("demo", help="offline end-to-end run on a synthetic data set; prints where the report is")
+    p.add_argument("--out", default="featx-demo", help="folder for data, models, caches, results and report")
+    p.add_argument("--items", type=int, default=120, help="size of the synthetic data set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", default=False)
+
+    def run(args):
+        from featx.demo import run_demo
+
+        html = run_demo(args.out, n=args.items, seed=args.seed, progress=not args.no_progress)
+        print(f"featx demo: report at {html}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_extract, _info, _manifest, _report, _probe, _fuse, _finetune, _demo]
 
 
 def build_parser():

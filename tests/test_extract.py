@@ -177,41 +177,53 @@ def test_long_audio_is_windowed_and_pooled_over_all_frames(tmp_path, tiny_wavlm)
 
 
 def _featx(*args, cwd=None):
+    """The real console entry point in a child process (exit codes, no traceback)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
 
 
-def test_cli_exit_codes_and_info(tmp_path, media, tiny_bert):
+def _main(capsys, *args):
+    """The same CLI in this process (faster: no second torch import); returns (code, stdout, stderr)."""
+    from featx.cli import main
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_exit_codes_and_info(tmp_path, media, tiny_bert, capsys):
     out = tmp_path / "out"
-    r = _featx("extract", media, "--model", tiny_bert, "--out", out, "--no-progress")
-    assert r.returncode == 0, r.stderr
+    code, _, err = _main(capsys, "extract", media, "--model", tiny_bert, "--out", out, "--no-progress")
+    assert code == 0, err
     h5 = [p for p in os.listdir(out) if p.endswith(".h5")]
     assert h5 == ["manifest__tiny-bert.h5"]
-    info = _featx("info", out / h5[0])
-    assert info.returncode == 0 and "8" in info.stdout and "text" in info.stdout
+    code, info, _ = _main(capsys, "info", out / h5[0])
+    assert code == 0 and "8" in info and "text" in info
     # some items fail -> exit 2 with a summary
     df = pd.read_csv(media)
     df.loc[2, "text"] = " "
     bad = tmp_path / "bad.csv"
     df.to_csv(bad, index=False)
-    r = _featx("extract", bad, "--model", tiny_bert, "--out", out, "--no-progress")
-    assert r.returncode == 2 and "1 failed" in r.stderr and "empty text" in r.stderr
-    # a model that cannot be loaded: one line, exit 1, no traceback
-    r = _featx("extract", media, "--model", "no-such-org/no-such-model", "--out", out)
+    code, _, err = _main(capsys, "extract", bad, "--model", tiny_bert, "--out", out, "--no-progress")
+    assert code == 2 and "1 failed" in err and "empty text" in err
+    # a setting changed over an existing cache is refused; --overwrite starts again
+    code, _, err = _main(capsys, "extract", media, "--model", tiny_bert, "--out", out, "--dtype", "float32",
+                         "--no-progress")
+    assert code == 1 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _main(capsys, "extract", media, "--model", tiny_bert, "--out", out, "--dtype", "float32",
+                         "--overwrite", "--no-progress")
+    assert code == 0, err
+
+
+def test_cli_unloadable_model_is_one_line_and_exit_1(tmp_path, media):
+    r = _featx("extract", media, "--model", "no-such-org/no-such-model", "--out", tmp_path / "out")
     assert r.returncode == 1 and "no-such-org/no-such-model" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    # a setting changed over an existing cache is refused
-    r = _featx("extract", media, "--model", tiny_bert, "--out", out, "--dtype", "float32", "--no-progress")
-    assert r.returncode == 1 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
-    r = _featx("extract", media, "--model", tiny_bert, "--out", out, "--dtype", "float32", "--overwrite",
-               "--no-progress")
-    assert r.returncode == 0
 
 
 @pytest.mark.parametrize("problem,expect", [("dup", "duplicate ids"), ("noid", "no id"),
                                             ("nocol", "no 'audio' or 'video' column")])
-def test_bad_manifest_refused_before_any_model_loads(tmp_path, problem, expect, tiny_wavlm):
+def test_bad_manifest_refused_before_any_model_loads(tmp_path, problem, expect, tiny_wavlm, capsys):
     df = pd.DataFrame({"id": ["a", "b", "c"], "text": ["x", "y", "z"]})
     if problem == "dup":
         df.loc[2, "id"] = "a"
@@ -221,19 +233,64 @@ def test_bad_manifest_refused_before_any_model_loads(tmp_path, problem, expect, 
     df.to_csv(manifest, index=False)
     # The model given for the id problems does not exist: the manifest must be refused first.
     model = tiny_wavlm if problem == "nocol" else "no-such/model"
-    r = _featx("extract", manifest, "--model", model, "--out", tmp_path / "out")
-    assert r.returncode == 1 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, _, err = _main(capsys, "extract", manifest, "--model", model, "--out", tmp_path / "out")
+    assert code == 1 and expect in err and len(err.strip().splitlines()) == 1
 
 
-def test_recipe_gives_the_same_cache_as_flags(tmp_path, media, tiny_bert):
+def test_recipe_gives_the_same_cache_as_flags(tmp_path, media, tiny_bert, capsys):
     import h5py
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"manifest: {media}\nmodel: [{tiny_bert}]\nout: {tmp_path / 'viarecipe'}\npool: mean,cls\n"
                       "batch-size: 2\nno-progress: true\n")
-    assert _featx("extract", "--recipe", recipe).returncode == 0
-    assert _featx("extract", media, "--model", tiny_bert, "--out", tmp_path / "viaflags", "--pool", "mean,cls",
-                  "--no-progress").returncode == 0
+    assert _main(capsys, "extract", "--recipe", recipe)[0] == 0
+    assert _main(capsys, "extract", media, "--model", tiny_bert, "--out", tmp_path / "viaflags", "--pool",
+                 "mean,cls", "--no-progress")[0] == 0
     with h5py.File(tmp_path / "viarecipe" / "manifest__tiny-bert.h5") as a, \
             h5py.File(tmp_path / "viaflags" / "manifest__tiny-bert.h5") as b:
         for p in ("mean", "cls"):
             np.testing.assert_allclose(a[f"pooled/{p}"][()], b[f"pooled/{p}"][()], atol=2e-3)
+
+
+_KILL_SCRIPT = """
+import sys
+from featx import extract
+extract(sys.argv[1], [sys.argv[2]], sys.argv[3], dtype="float32", batch_size=2, group_size=2, device="cpu",
+        progress=False)
+"""
+
+
+def test_sigkill_at_any_moment_then_resume_gives_an_uninterrupted_runs_values(tmp_path, tiny_bert):
+    import signal
+    import time
+    words = "good bad great awful movie film fun boring love hate".split()
+    rng = np.random.default_rng(0)
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"id": [f"t{k}" for k in range(120)],
+                  "text": [" ".join(rng.choice(words, rng.integers(1, 40))) for _ in range(120)]}).to_csv(
+        manifest, index=False)
+    ref = extract(manifest, [tiny_bert], tmp_path / "ref", dtype="float32", device="cpu", progress=False)
+    out = tmp_path / "killed"
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    parts = out / "m__tiny-bert.h5.parts"
+
+    def count():
+        return len([p for p in os.listdir(parts) if p.endswith(".h5")]) if parts.exists() else 0
+
+    killed_mid_run = 0
+    for more in (1, 4, 9):  # kill once `more` new parts have landed: mid-write, between batches
+        start, child = count(), subprocess.Popen([sys.executable, str(script), str(manifest), tiny_bert, str(out)],
+                                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while child.poll() is None and count() < start + more and time.time() < deadline:
+            time.sleep(0.005)
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            killed_mid_run += 1
+        child.wait()
+    assert killed_mid_run >= 2 and count() > 0, "the kills did not land mid-run; the test proved nothing"
+    res = extract(manifest, [tiny_bert], out, dtype="float32", device="cpu", progress=False)
+    with open_cache(ref.paths[0]) as a, open_cache(res.paths[0]) as b:
+        assert b.done.all() and list(a.ids) == list(b.ids)
+        np.testing.assert_allclose(a.pooled("mean"), b.pooled("mean"), atol=1e-5)
