@@ -333,7 +333,32 @@ def _demo(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = [_extract, _info, _manifest, _report, _probe, _fuse, _finetune, _demo]
+# ---------------------------------------------------------------- predict
+def _predict(sub):
+    p = sub.add_parser("predict", help="run a saved classifier (probe or fine-tuned model) on new raw files")
+    p.add_argument("manifest", help="manifest of the new items (same columns as for extract)")
+    p.add_argument("--classifier", required=True,
+                   help="a .safetensors probe (featx probe --save-classifier) or a featx finetune model/ folder")
+    p.add_argument("--out", help="predictions file, CSV or .parquet (default: print CSV)")
+    p.add_argument("--cache-dir", help="keep the extracted caches here (default: a temporary folder)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-progress", action="store_true", default=False)
+
+    def run(args):
+        from featx.predict import predict
+
+        result = predict(args.manifest, args.classifier, out=args.out, cache_dir=args.cache_dir, device=args.device,
+                         batch_size=args.batch_size, progress=not args.no_progress)
+        if not args.out:
+            print(result.to_csv(index=False), end="")
+        missing = int(result["prediction"].isna().sum())
+        return 2 if missing else 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_extract, _info, _manifest, _report, _probe, _fuse, _finetune, _predict, _demo]
 
 
 def build_parser():

@@ -1,0 +1,53 @@
+"""`featx predict`: run a saved classifier (a probe, or a fine-tuned model) on new raw files."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pandas as pd
+
+from featx.errors import FeatxError
+
+
+def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch_size=16,
+            progress=True) -> pd.DataFrame:
+    """DataFrame(id, prediction) for the manifest's items.
+
+    classifier: a `.safetensors` file saved by `featx probe --save-classifier` (its encoders are run by
+    `featx extract` into `cache_dir`, a temporary folder when None, then the probe is applied), or the
+    `model/` folder saved by `featx finetune`. Items that fail to decode get an empty prediction and are
+    named on stderr. Writes `out` (CSV, or Parquet for .parquet) when given.
+    """
+    path = os.fspath(classifier)
+    if os.path.isdir(path):
+        from featx.finetune import load_finetuned
+
+        from featx.extract import _resolve_device
+        result = load_finetuned(path, device=_resolve_device(device)).predict_manifest(manifest, batch_size)
+    elif os.path.isfile(path):
+        result = _predict_probe(manifest, path, cache_dir, device, batch_size, progress)
+    else:
+        raise FeatxError(f"classifier not found: {path}")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        (result.to_parquet if str(out).endswith(".parquet") else result.to_csv)(out, index=False)
+    return result
+
+
+def _predict_probe(manifest, path, cache_dir, device, batch_size, progress):
+    from featx._classifier import Classifier
+    from featx.extract import extract
+    from featx.manifest import read_manifest
+
+    clf = Classifier.load(path)
+    ids = read_manifest(manifest)["id"].astype(str)
+    with tempfile.TemporaryDirectory(prefix="featx-predict-") as tmp:
+        folder = os.fspath(cache_dir) if cache_dir else tmp
+        caches = []
+        for block in clf.blocks:
+            res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], dtype="float32",
+                          device=device, batch_size=batch_size, progress=progress)
+            caches += res.paths
+        got_ids, pred = clf.predict_cache(caches)
+    got = pd.Series(list(pred), index=list(got_ids), dtype=object)
+    return pd.DataFrame({"id": ids, "prediction": ids.map(got)})

@@ -1,0 +1,26 @@
+"""featx predict: a probe saved by featx probe, applied to new raw files through extraction."""
+import os
+
+import numpy as np
+import pandas as pd
+
+from featx.cli import main
+
+
+def test_saved_probe_predicts_new_files_like_the_cache_it_was_trained_on(tmp_path, media, tiny_bert, capsys):
+    assert main(["extract", media, "--model", tiny_bert, "--out", str(tmp_path / "cache"), "--dtype", "float32",
+                 "--no-progress"]) == 0
+    cache = str(tmp_path / "cache" / "manifest__tiny-bert.h5")
+    assert main(["probe", cache, "--out", str(tmp_path / "res"), "--probe", "ridge", "--save-classifier",
+                 "--no-progress"]) == 0
+    saved = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "res") for f in fs if f.endswith(".safetensors")]
+    assert len(saved) == 1
+    from featx._classifier import Classifier
+    clf = Classifier.load(saved[0])
+    _, expected = clf.predict_cache([cache])
+    out = tmp_path / "pred.csv"
+    assert main(["predict", media, "--classifier", saved[0], "--out", str(out), "--no-progress"]) == 0
+    got = pd.read_csv(out)
+    assert list(got["id"]) == list(pd.read_csv(media)["id"])
+    np.testing.assert_allclose(got["prediction"].to_numpy(float), np.asarray(expected, float), atol=1e-6)
+    capsys.readouterr()
