@@ -319,7 +319,7 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
                   file=sys.stderr)
         modality = "video" if column == "video" and encoder.modality == "image" else encoder.modality
         attrs = {"model": str(model), "modality": modality, "source_column": column, "featx_version": __version__,
-                 "poolings": ",".join(pools), "manifest": os.path.abspath(os.fspath(manifest)), **encoder.attrs}
+                 "poolings": ",".join(pools), **encoder.attrs}
         if encoder.modality == "audio":
             attrs["max_audio_seconds"] = float(max_audio_seconds or 0)
         if modality == "video":
@@ -431,3 +431,13 @@ def _print_summary(summary, path):
             print(f"  failed {i}: {e}", file=sys.stderr)
         if len(bad) > 10:
             print(f"  ... and {len(bad) - 10} more (see `featx info {path}`)", file=sys.stderr)
+
+
+class _CallableModule(type(sys)):
+    """Importing this module binds `featx.extract` to it, not to the function: calling it calls `extract`."""
+
+    def __call__(self, *args, **kwargs):
+        return extract(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
