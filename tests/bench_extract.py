@@ -1,0 +1,730 @@
+#!/usr/bin/env python
+"""Extraction benchmark: how close `featx extract` runs to the model's own forward pass.
+
+For each encoder kind (text: BERT, image: CLIP-ViT vision tower, audio: WavLM) this script builds a
+randomly initialised model of the chosen size (saved with its processor, loaded back like a user's
+checkpoint), writes a data set of varied lengths to disk, and measures on the same items and device:
+
+  (a) bare    the batched forward `model(**batch, output_hidden_states=True)` alone, on inputs that were
+              decoded, preprocessed, batched (featx's own length-sorted batches) and moved to the device
+              before the clock starts; warmed up first. This is the limit.
+  (b) featx   `featx.extract.extract(...)` end to end: decode + preprocess (DataLoader workers), collate,
+              forward, pooling on the device, HDF5 writes. Reported with and without the model load
+              (the load is timed inside the run by wrapping featx.extract.load_encoder); a warm-up run on a
+              few items comes first, so imports, page cache and the CUDA context are warm.
+  (c) naive   the loop a user writes by hand: per item decode (PIL / soundfile), the processor on one item,
+              a transformers forward with output_hidden_states=True, the mean of every layer, np.save.
+              The model load is not timed. On CUDA it runs under the same bf16 autocast as featx.
+
+It then times reading one layer of all items back from a cache (page cache warm), from the caches (b)
+wrote and from a synthetic cache of --readback-n items (written with featx.store.CacheWriter).
+
+Model FLOPs per item (used for GFLOP/s and, on CUDA, model-FLOP utilisation against --peak-flops):
+    2 * P * T  +  4 * layers * T^2 * hidden   (+ the conv feature encoder for audio)
+where T is the item's real (unpadded) positions: tokens for text, patches + 1 for images, encoder frames
+for audio; P is the parameters applied per position (everything but embedding tables, the BERT pooler and,
+for audio, the conv feature encoder, whose FLOPs are counted per layer as 2 * out_len * C_in * C_out * k).
+For ViT-L/14 at 224 this gives about 162 GFLOPs per image.
+
+Run: python tests/bench_extract.py --size base --kinds text,image,audio --n 64 --json bench.json
+See --help. Standalone script (named bench_*.py so pytest does not collect it).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+KINDS = ("text", "image", "audio")
+UNITS = {"text": "tokens", "image": "images", "audio": "audio-s"}
+H100_BF16_PEAK = 790e12  # dense bf16 matrix-product FLOP/s of one H100 SXM, as the issue states
+SAMPLE_RATE = 16000
+
+# Model configurations per size. base: BERT-base / ViT-B/16 / WavLM-Base+ dimensions, but WavLM with layer-norm
+# conv features (as WavLM-Large) so featx may pad and batch it. large: bert-large-uncased,
+# openai/clip-vit-large-patch14 (vision tower), microsoft/wavlm-large.
+_TRANSFORMER = {"tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+                "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+                "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)}
+_WAVLM_CONV = dict(conv_dim=(512,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+                   num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, num_buckets=320,
+                   max_bucket_distance=800, conv_bias=False)
+_WAVLM_CONV_TINY = dict(conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4),
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_buckets=32,
+                        max_bucket_distance=80)
+_IMAGE = {"tiny": dict(image_size=32, patch_size=8), "base": dict(image_size=224, patch_size=16),
+          "large": dict(image_size=224, patch_size=14)}
+_DEFAULT_IMAGE_SIZES = {"tiny": "40x30,64x48,32x32", "base": "320x240,480x360,640x360,1280x720",
+                        "large": "320x240,480x360,640x360,1280x720"}
+_DEFAULT_AUDIO_SECONDS = {"tiny": "0.3,1.5", "base": "1,15", "large": "1,15"}
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_model(kind, size, path, seed=0):
+    """Save a randomly initialised encoder of `kind` and `size` with its processor to `path` (reused if there)."""
+    import torch
+
+    spec = {"kind": kind, "size": size, "version": 1}
+    marker = os.path.join(path, "bench_spec.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == spec:
+                return path
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    torch.manual_seed(seed)
+    t = _TRANSFORMER[size]
+    if kind == "text":
+        from transformers import BertConfig, BertModel, BertTokenizerFast
+
+        from featx.tiny import _vocab  # a small WordPiece vocabulary; the model keeps BERT's vocab_size
+        tok = BertTokenizerFast(vocab=_vocab(), do_lower_case=True, model_max_length=512)
+        cfg = BertConfig(vocab_size=30522 if size != "tiny" else len(tok), max_position_embeddings=512, **t)
+        model = BertModel(cfg)
+        tok.save_pretrained(path)
+    elif kind == "image":
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        img = _IMAGE[size]
+        cfg = CLIPVisionConfig(projection_dim=768 if size == "large" else 512, hidden_act="quick_gelu", **img, **t)
+        model = CLIPVisionModel(cfg)
+        s = img["image_size"]
+        CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(path)
+    else:
+        from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
+
+        conv = _WAVLM_CONV_TINY if size == "tiny" else _WAVLM_CONV
+        cfg = WavLMConfig(feat_extract_norm="layer", do_stable_layer_norm=True, **conv, **t)
+        model = WavLMModel(cfg)
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
+                                 return_attention_mask=True).save_pretrained(path)
+    model.eval().save_pretrained(path)
+    with open(marker, "w") as f:
+        json.dump(spec, f)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- data
+def _words():
+    from featx.tiny import _vocab
+
+    # whole words of the tiny vocabulary: one WordPiece token each
+    return [w for w in _vocab() if len(w) > 1 and w.isalpha()]
+
+
+def make_data(kind, n, folder, args, seed=0):
+    """Write `n` items of `kind` under `folder` and a manifest `<folder>/<kind>.csv`; returns its path."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    ids = [f"{kind}{k:06d}" for k in range(n)]
+    if kind == "text":
+        words = _words()
+        if args.text_tokens:  # [CLS] + words + [SEP] = exactly text_tokens tokens
+            counts = np.full(n, args.text_tokens - 2)
+        else:
+            lo, hi = args.text_words
+            counts = rng.integers(lo, hi + 1, n)
+        col = [" ".join(rng.choice(words, int(c))) for c in counts]
+    elif kind == "image":
+        from PIL import Image
+
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.image_sizes.split(",")]
+        pool = []
+        for s, (w, h) in enumerate(sizes):  # a few distinct files per size, copied: decoding counts, not writing
+            for v in range(4):
+                small = rng.integers(0, 255, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+                im = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
+                im = np.clip(im + rng.integers(-6, 7, im.shape), 0, 255).astype(np.uint8)  # smooth + a little noise
+                p = os.path.join(folder, f"_src{s}_{v}.png")
+                Image.fromarray(im).save(p)
+                pool.append(p)
+        col = []
+        for k, i in enumerate(ids):
+            p = os.path.join(folder, f"{i}.png")
+            shutil.copyfile(pool[int(rng.integers(len(pool)))], p)
+            col.append(os.path.basename(p))
+    else:
+        import soundfile as sf
+
+        lo, hi = args.audio_seconds
+        seconds = rng.uniform(lo, hi, n)
+        noise = (0.05 * rng.standard_normal(int(hi * SAMPLE_RATE) + SAMPLE_RATE)).astype(np.float32)
+        col = []
+        for k, (i, s) in enumerate(zip(ids, seconds)):
+            m = int(s * SAMPLE_RATE)
+            t = np.arange(m, dtype=np.float32) / SAMPLE_RATE
+            start = int(rng.integers(0, noise.shape[0] - m))
+            x = 0.3 * np.sin(2 * np.pi * (110 + 20 * (k % 17)) * t) + noise[start:start + m]
+            sf.write(os.path.join(folder, f"{i}.wav"), x.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+            col.append(f"{i}.wav")
+    path = os.path.join(folder, f"{kind}.csv")
+    pd.DataFrame({"id": ids, kind: col}).to_csv(path, index=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+def _positional_params(model, kind) -> int:
+    """Parameters applied once per position (see the module docstring for what is left out)."""
+    skip = {"text": ("embeddings.", "pooler."),
+            "image": ("embeddings.position_embedding", "embeddings.class_embedding"),
+            "audio": ("feature_extractor.", "masked_spec_embed", "rel_attn_embed")}[kind]
+    return sum(p.numel() for name, p in model.named_parameters() if not any(s in name for s in skip))
+
+
+def _conv_flops(cfg, samples) -> float:
+    flops, length, c_in = 0.0, int(samples), 1
+    for c_out, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
+        length = (length - k) // s + 1
+        if length < 1:
+            break
+        flops += 2.0 * length * c_in * c_out * k
+        c_in = c_out
+    return flops
+
+
+def item_flops(kind, model, positions, samples=None) -> np.ndarray:
+    """Model FLOPs of each item: positions (N,) real positions; samples (N,) for audio."""
+    cfg = model.config
+    P = _positional_params(model, kind)
+    T = np.asarray(positions, np.float64)
+    flops = 2.0 * P * T + 4.0 * cfg.num_hidden_layers * T ** 2 * cfg.hidden_size
+    if kind == "audio":
+        flops = flops + np.array([_conv_flops(cfg, s) for s in samples])
+    return flops
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _sync(device):
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _cpu_seconds():
+    """User + system CPU seconds of this process and its reaped children (DataLoader workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _per_kind(text, cast, name):
+    """'64' -> same for all kinds; 'text=200,image=100,audio=50' -> per kind (missing kinds: first value)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if len(parts) == 1 and "=" not in parts[0]:
+        return {k: cast(parts[0]) for k in KINDS}
+    out = {}
+    for p in parts:
+        if "=" not in p:
+            raise SystemExit(f"--{name}: give one value or kind=value pairs, not {text!r}")
+        k, v = p.split("=", 1)
+        if k not in KINDS:
+            raise SystemExit(f"--{name}: unknown kind {k!r}")
+        out[k] = cast(v)
+    first = next(iter(out.values()))
+    return {k: out.get(k, first) for k in KINDS}
+
+
+def _pair(text, cast):
+    a, b = (cast(v) for v in str(text).split(","))
+    return a, b
+
+
+@contextlib.contextmanager
+def _timed_loads(times):
+    """Wrap featx.extract.load_encoder so the model load inside an extract run is timed (device synced)."""
+    import featx.extract  # noqa: F401  (featx.extract the attribute is the function; the module is in sys.modules)
+
+    fx = sys.modules["featx.extract"]
+    original = fx.load_encoder
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        enc = original(*a, **k)
+        _sync(enc.device)
+        times.append(time.perf_counter() - t)
+        return enc
+
+    fx.load_encoder = timed
+    try:
+        yield
+    finally:
+        fx.load_encoder = original
+
+
+# ------------------------------------------------------------------------------------ measurements
+def measure_featx(manifest, model_dir, out, args, kind):
+    """(b): featx extract end to end. Returns seconds with and without the model load, and the cache path."""
+    from featx.extract import extract
+
+    loads = []
+    _sync(args.device)
+    t, cpu = time.perf_counter(), _cpu_seconds()
+    with _timed_loads(loads):
+        res = extract(manifest, [model_dir], out, pool=args.pool, batch_size=args.batch_size[kind], device=args.device,
+                      dtype=args.dtype, num_workers=args.num_workers, progress=False, overwrite=True)
+    _sync(args.device)
+    total, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
+    if res.failed:
+        raise RuntimeError(f"featx extract failed {res.failed} items of {manifest}")
+    return {"seconds_with_load": total, "load_seconds": loads[0], "seconds": total - loads[0],
+            "cpu_seconds_with_load": cpu}, res.paths[0]
+
+
+class _Decoded:
+    """Item k of `rows` decoded and preprocessed (a map-style dataset, so DataLoader workers can share the work)."""
+
+    def __init__(self, rows, decoder):
+        self.rows, self.decoder = rows, decoder
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        return self.decoder(self.rows[k])
+
+
+def _identity(x):
+    return x
+
+
+class Bare:
+    """(a): the batched forward alone, on featx's own preprocessing and length-sorted batches.
+
+    Construction loads the encoder, decodes and preprocesses every item (DataLoader workers), forms featx's
+    batches, collates them and moves them to the device, and warms up; `time_once()` times one pass.
+    Attributes: enc, positions (N,) real positions per item, samples (N,) for audio, info (dict).
+    """
+
+    def __init__(self, manifest, model_dir, args, kind):
+        import torch
+
+        from featx.encoders import load_encoder
+        from featx.extract import Decoder, Runner
+        from featx.manifest import read_manifest, source_column
+
+        df = read_manifest(manifest)
+        self.enc = enc = load_encoder(model_dir, device=args.device)
+        decoder = Decoder(enc.modality, source_column(df, enc.modality), getattr(enc, "sample_rate", None),
+                          preprocess=enc.preprocessor())
+        t = time.perf_counter()
+        loader = torch.utils.data.DataLoader(_Decoded(df.to_dict("records"), decoder), batch_size=None,
+                                             num_workers=args.num_workers, collate_fn=_identity)
+        feats = list(loader)
+        preprocess_seconds = time.perf_counter() - t
+        assert all(len(f) == 1 for f in feats)  # one unit per item (audio is shorter than featx's 30 s windows)
+        feats = [f[0] for f in feats]
+        bs = args.batch_size[kind]
+        runner = Runner(enc, ["mean"], batch_size=bs)
+        group = max(64, 8 * bs)  # featx's default group size: batches are sorted within groups of this many items
+        inputs = []
+        for g in range(0, len(feats), group):
+            units = [(i, feats[i]) for i in range(g, min(g + group, len(feats)))]
+            for b in runner.batches(units):
+                x = enc.collate([units[u][1] for u in b])
+                if kind == "audio" and not enc.uses_mask:
+                    x = {"input_values": x["input_values"]}
+                inputs.append(x)
+        self.samples = None
+        if kind == "text":
+            self.positions = np.array([len(f["input_ids"]) for f in feats])
+            real, padded = int(self.positions.sum()), sum(int(x["input_ids"].numel()) for x in inputs)
+        elif kind == "image":
+            cfg = enc.model.config
+            self.positions = np.full(len(feats), (cfg.image_size // cfg.patch_size) ** 2 + 1)
+            real = padded = 1
+        else:
+            self.samples = np.array([f.shape[0] for f in feats])
+            self.positions = np.array([enc.num_frames(s) for s in self.samples])
+            real, padded = int(self.samples.sum()), sum(int(x["input_values"].numel()) for x in inputs)
+        self.device = device = torch.device(args.device)
+        nbytes = sum(v.numel() * v.element_size() for x in inputs for v in x.values())
+        self.preload = device.type == "cpu" or nbytes < 8e9
+        if self.preload:
+            inputs = [{k: v.to(device) for k, v in x.items()} for x in inputs]
+        self.inputs = inputs
+        with torch.inference_mode(), enc.autocast():
+            for x in ([inputs[-1]] + ([inputs[0]] if device.type == "cuda" else [])):  # warm-up
+                self._forward(x)
+        self.times, self.cpus = [], []
+        self.info = {"batches": len(inputs), "preprocess_seconds": preprocess_seconds,
+                     "padding_efficiency": real / padded, "inputs_preloaded_on_device": self.preload}
+
+    def _forward(self, x):
+        if not self.preload:
+            x = {k: v.to(self.device) for k, v in x.items()}
+        return self.enc.model(**x, output_hidden_states=True)
+
+    def time_once(self):
+        import torch
+
+        with torch.inference_mode(), self.enc.autocast():
+            _sync(self.device)
+            t, cpu = time.perf_counter(), _cpu_seconds()
+            for x in self.inputs:
+                out = self._forward(x)
+                del out
+            _sync(self.device)
+            self.times.append(time.perf_counter() - t)
+            self.cpus.append(_cpu_seconds() - cpu)
+        best = int(np.argmin(self.times))
+        self.info.update(seconds=self.times[best], cpu_seconds=self.cpus[best], all_seconds=list(self.times))
+        return self.times[-1]
+
+
+def measure_naive(manifest, model_dir, args, kind, out, count):
+    """(c): a per-item loop as a user writes it; returns seconds for the first `count` items (load not timed)."""
+    import pandas as pd
+    import torch
+
+    df = pd.read_csv(manifest).head(count)
+    base = os.path.dirname(os.path.abspath(manifest))
+    device = torch.device(args.device)
+    if kind == "text":
+        from transformers import AutoModel, AutoTokenizer
+        proc, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir)
+    elif kind == "image":
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+        proc, model = CLIPImageProcessor.from_pretrained(model_dir), CLIPVisionModel.from_pretrained(model_dir)
+    else:
+        from transformers import AutoFeatureExtractor, AutoModel
+        proc, model = AutoFeatureExtractor.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir)
+    model = model.eval().to(device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+
+    def one(item_id, src):
+        if kind == "text":
+            inputs = proc(src, return_tensors="pt", truncation=True)
+        elif kind == "image":
+            from PIL import Image
+            inputs = proc(images=Image.open(os.path.join(base, src)).convert("RGB"), return_tensors="pt")
+        else:
+            import soundfile as sf
+            wav, rate = sf.read(os.path.join(base, src), dtype="float32")
+            inputs = proc(wav, sampling_rate=rate, return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with torch.no_grad(), autocast:
+            hidden = model(**inputs, output_hidden_states=True).hidden_states
+        feats = torch.stack([h[0].float().mean(0) for h in hidden]).cpu().numpy()  # (L, D)
+        np.save(os.path.join(out, f"{item_id}.npy"), feats)
+
+    rows = list(zip(df["id"], df[kind]))
+    one(*rows[-1])  # warm-up
+    _sync(device)
+    t, cpu = time.perf_counter(), _cpu_seconds()
+    for item_id, src in rows:
+        one(item_id, src)
+    _sync(device)
+    return {"seconds": time.perf_counter() - t, "n": len(rows), "cpu_seconds": _cpu_seconds() - cpu}
+
+
+def _read_layer(path, layer):
+    """One layer (N, D) of all items through featx.store.open_cache."""
+    from featx.store import open_cache
+
+    with open_cache(path) as c:
+        return c.layer(layer, "mean")
+
+
+def _read_layer_h5py(path, layer):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["pooled/mean"][:, layer, :]
+
+
+def measure_readback(path, layer, repeat=3):
+    """GB/s of reading one layer of all items (page cache warmed by a first read)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        itemsize = f["pooled/mean"].dtype.itemsize
+    out = {}
+    for name, fn in (("featx", _read_layer), ("h5py", _read_layer_h5py)):
+        try:
+            x = fn(path, layer)  # warm the page cache
+        except Exception as e:  # a layout the direct reader does not know
+            out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            continue
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            x = fn(path, layer)
+            times.append(time.perf_counter() - t)
+        stored = int(x.shape[0] * x.shape[1] * itemsize)  # what was read from the file (its storage dtype)
+        out[name] = {"shape": list(x.shape), "dtype_returned": str(x.dtype), "bytes": stored, "seconds": min(times),
+                     "gb_per_s": stored / min(times) / 1e9, "gb_per_s_returned": x.nbytes / min(times) / 1e9}
+    out["file_bytes"] = os.path.getsize(path)
+    return out
+
+
+def write_synthetic_cache(path, n, layers, dim, dtype="float16", chunk=1000):
+    """A cache of n items x layers x dim written with featx.store.CacheWriter (random values)."""
+    from featx.store import CacheWriter
+
+    rng = np.random.default_rng(0)
+    ids = [f"s{k:07d}" for k in range(n)]
+    t = time.perf_counter()
+    writer = CacheWriter(path, ids=ids, attrs={"model": "synthetic", "modality": "text"}, poolings=["mean"],
+                         num_layers=layers, hidden_size=dim, dtype=dtype, seq=False, labels=None, splits=None, meta={},
+                         overwrite=True)
+    try:
+        block = rng.standard_normal((min(chunk, n), layers, dim)).astype(np.float32)
+        for s in range(0, n, chunk):
+            idx = np.arange(s, min(s + chunk, n))
+            writer.write(idx, {"mean": block[:len(idx)]}, None)
+    finally:
+        writer.close()
+    return time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------------------- the run
+def run_kind(kind, args, root):
+    import torch
+
+    n = args.n[kind]
+    model_dir = build_model(kind, args.size, os.path.join(root, "models", f"{args.size}-{kind}"))
+    t = time.perf_counter()
+    manifest = make_data(kind, n, os.path.join(root, "data", kind), args)
+    print(f"[{kind}] {n} items written in {time.perf_counter() - t:.1f}s; model {model_dir}", file=sys.stderr)
+    caches = os.path.join(root, "caches", kind)
+
+    # warm-up: featx on a few items (imports, page cache of the model files, CUDA context)
+    import pandas as pd
+    few = os.path.join(root, "data", kind, f"{kind}-warmup.csv")
+    pd.read_csv(manifest).head(min(n, 4)).to_csv(few, index=False)
+    measure_featx(few, model_dir, os.path.join(root, "caches", f"{kind}-warmup"), args, kind)
+
+    bare = Bare(manifest, model_dir, args, kind)
+    featx_times = []
+    for r in range(args.repeat):  # (a) and (b) alternate, so a change in the machine's load hits both
+        print(f"[{kind}] (a) bare forward {bare.time_once():.2f}s", file=sys.stderr)
+        ft, cache = measure_featx(manifest, model_dir, caches, args, kind)
+        featx_times.append(ft)
+        print(f"[{kind}] (b) featx extract {ft['seconds']:.2f}s (+{ft['load_seconds']:.2f}s model load)",
+              file=sys.stderr)
+    best = min(featx_times, key=lambda r: r["seconds"])
+    positions, samples, enc = bare.positions, bare.samples, bare.enc
+    flops = item_flops(kind, enc.model, positions, samples)
+    num_layers, hidden = enc.num_layers, enc.hidden_size
+    bare, enc = bare.info, None
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+    naive = None
+    if not args.skip_naive:
+        count = min(n, args.naive_n[kind]) if args.naive_n else n
+        naive = measure_naive(manifest, model_dir, args, kind, os.path.join(root, "naive", kind), count)
+        print(f"[{kind}] (c) naive loop {naive['seconds']:.2f}s for {count} items", file=sys.stderr)
+
+    units = positions if kind == "text" else np.ones(n) if kind == "image" else samples / SAMPLE_RATE
+    res = {"kind": kind, "size": args.size, "n": n, "num_layers": num_layers, "hidden_size": hidden,
+           "batch_size": args.batch_size[kind], "unit": UNITS[kind], "units_total": float(units.sum()),
+           "mean_positions": float(positions.mean()), "gflops_per_item": float(flops.mean() / 1e9),
+           "bare": bare, "featx": best, "featx_runs": featx_times, "naive": naive}
+    if kind == "audio":
+        res["audio_seconds_min_mean_max"] = [float(units.min()), float(units.mean()), float(units.max())]
+    if kind == "text":
+        res["tokens_min_mean_max"] = [int(positions.min()), float(positions.mean()), int(positions.max())]
+    peak = args.peak_flops or (H100_BF16_PEAK if args.device == "cuda" else None)
+    for key, secs, m in (("bare", bare["seconds"], n), ("featx", best["seconds"], n),
+                         ("featx_with_load", best["seconds_with_load"], n),
+                         ("naive", naive["seconds"] if naive else None, naive["n"] if naive else 0)):
+        if secs is None:
+            continue
+        r = {"items_per_s": m / secs, "units_per_s": float(units[:m].sum()) / secs,
+             "gflop_per_s": float(flops[:m].sum()) / secs / 1e9}
+        if peak:
+            r["mfu"] = float(flops[:m].sum()) / secs / peak
+        res[f"rate_{key}"] = r
+    res["featx_over_bare"] = res["rate_bare"]["items_per_s"] / res["rate_featx"]["items_per_s"]
+    if naive:
+        res["naive_over_featx"] = res["rate_featx"]["items_per_s"] / res["rate_naive"]["items_per_s"]
+    # CPU seconds per item: less sensitive than wall time to other processes sharing the machine
+    res["cpu_seconds_per_item"] = {"bare": bare["cpu_seconds"] / n,
+                                   "featx_with_load": best["cpu_seconds_with_load"] / n,
+                                   "naive": naive["cpu_seconds"] / naive["n"] if naive else None}
+    res["readback"] = measure_readback(cache, num_layers // 2)
+    return res
+
+
+def _fmt(x, digits=1):
+    if x is None:
+        return "-"
+    if x >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}" if x >= 10 else f"{x:.{digits + 1}f}"
+
+
+def print_table(results, readback, machine, args):
+    cuda = args.device == "cuda"
+    head = (f"{'kind':<6}{'size':<6}{'N':>6}{'unit':>9} | {'(a) it/s':>9}{'(b) it/s':>9}{'(c) it/s':>9} | "
+            f"{'(a) u/s':>9}{'(b) u/s':>9}{'(c) u/s':>9} | {'b/a':>5}{'c/b':>6} | "
+            + (f"{'MFU a':>6}{'MFU b':>6}" if cuda else f"{'GF/s a':>7}{'GF/s b':>7}"))
+    print(f"\nfeatx extraction benchmark on {machine['device_name']} ({args.device}, "
+          f"{'bf16 autocast' if cuda else 'fp32'}, cache dtype {args.dtype}, num_workers {args.num_workers})")
+    print("u/s: units per second (text: tokens, image: images, audio: seconds of audio); (b) excludes the model load")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        a, b, c = r["rate_bare"], r["rate_featx"], r.get("rate_naive")
+        tail = (f"{100 * a['mfu']:>5.1f}%{100 * b['mfu']:>5.1f}%" if cuda and "mfu" in a
+                else f"{_fmt(a['gflop_per_s']):>7}{_fmt(b['gflop_per_s']):>7}")
+        print(f"{r['kind']:<6}{r['size']:<6}{r['n']:>6}{r['unit']:>9} | {_fmt(a['items_per_s']):>9}"
+              f"{_fmt(b['items_per_s']):>9}{_fmt(c['items_per_s'] if c else None):>9} | {_fmt(a['units_per_s']):>9}"
+              f"{_fmt(b['units_per_s']):>9}{_fmt(c['units_per_s'] if c else None):>9} | "
+              f"{r['featx_over_bare']:>5.2f}{_fmt(r.get('naive_over_featx'), 2):>6} | {tail}")
+    for r in results:
+        f = r["featx"]
+        print(f"  {r['kind']}: (b) {f['seconds']:.2f}s + model load {f['load_seconds']:.2f}s = "
+              f"{f['seconds_with_load']:.2f}s; (a) {r['bare']['seconds']:.2f}s in {r['bare']['batches']} batches "
+              f"(batch size {r['batch_size']}, padding efficiency {r['bare']['padding_efficiency']:.2f}); "
+              f"{r['gflops_per_item']:.1f} GFLOP/item"
+              + (f"; (c) {r['naive']['seconds']:.2f}s for {r['naive']['n']} items" if r.get("naive") else ""))
+        cpu = r["cpu_seconds_per_item"]
+        print(f"    CPU seconds per item (all threads and workers): (a) {cpu['bare']:.3f}, (b) incl. load "
+              f"{cpu['featx_with_load']:.3f}" + (f", (c) {cpu['naive']:.3f}" if cpu["naive"] else ""))
+    for name, rb in [(f"{r['kind']} cache", r["readback"]) for r in results] + [("synthetic", readback)]:
+        if not rb:
+            continue
+        parts = []
+        for how in ("featx", "h5py"):
+            x = rb.get(how)
+            if x and "error" not in x:
+                parts.append(f"{how} {x['gb_per_s']:.2f} GB/s ({x['bytes'] / 1e6:.1f} MB in "
+                             f"{1e3 * x['seconds']:.1f} ms)")
+            elif x:
+                parts.append(f"{how}: {x['error']}")
+        print(f"  read one layer back, {name} {tuple(rb.get('featx', {}).get('shape', ()))}: " + "; ".join(parts))
+    if cuda:
+        want = {"image": ("images/s", "items_per_s", 2000), "audio": ("audio-s/s", "units_per_s", 3000),
+                "text": ("sentences/s", "items_per_s", 3000)}
+        for r in results:
+            label, key, target = want[r["kind"]]
+            got = r["rate_featx"][key]
+            print(f"  target {r['kind']}: {got:,.0f} {label} (featx, target >= {target:,} on one H100 with --size large"
+                  f"{', 128-token sentences' if r['kind'] == 'text' else ''}): {'met' if got >= target else 'NOT met'}")
+
+
+def machine_info(args):
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": args.device,
+            "device_name": platform.processor() or platform.machine()}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if hasattr(os, "getloadavg"):
+        info["loadavg_at_start"] = list(os.getloadavg())
+    if args.device == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(0)
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+            info["device_name"] = f"{name} x {os.cpu_count()} cores" if name else info["device_name"]
+        except OSError:
+            pass
+    return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", choices=["tiny", "base", "large"], default="base")
+    p.add_argument("--kinds", default="text,image,audio", help="comma-separated: text,image,audio")
+    p.add_argument("--n", default="64", help="items per kind: one number or text=N,image=N,audio=N")
+    p.add_argument("--naive-n", default=None, help="items for (c), if fewer than --n (same forms as --n)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-size", default="16", help="one number or text=B,image=B,audio=B")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="featx decoding workers (default: 0 on cpu, cpu_count - 2 on cuda)")
+    p.add_argument("--pool", default="mean", help="featx poolings stored in (b)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="cache dtype in (b)")
+    p.add_argument("--text-tokens", type=int, default=None, help="texts of exactly this many tokens (e.g. 128)")
+    p.add_argument("--text-words", default="5,120", help="min,max words per text when --text-tokens is not given")
+    p.add_argument("--audio-seconds", default=None, help="min,max seconds per audio file (default 1,15; tiny 0.3,1.5)")
+    p.add_argument("--image-sizes", default=None, help="WxH,... PNG sizes (default depends on --size)")
+    p.add_argument("--repeat", type=int, default=1, help="repeat (a) and (b); the fastest run is reported")
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--readback-n", type=int, default=20000, help="items of the synthetic read-back cache (0: skip)")
+    p.add_argument("--readback-layers", type=int, default=25)
+    p.add_argument("--readback-dim", type=int, default=1024)
+    p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default on cuda: 790e12)")
+    p.add_argument("--out", default=None, help="folder for models, data and caches (default: a temporary one)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--json", default=None, help="write all figures to this JSON file")
+    args = p.parse_args(argv)
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if bad := [k for k in args.kinds if k not in KINDS]:
+        p.error(f"unknown kind(s) {bad}")
+    args.n = _per_kind(args.n, int, "n")
+    args.naive_n = _per_kind(args.naive_n, int, "naive-n") if args.naive_n else None
+    args.batch_size = _per_kind(args.batch_size, int, "batch-size")
+    args.pool = [s.strip() for s in args.pool.split(",") if s.strip()]
+    args.text_words = _pair(args.text_words, int)
+    args.audio_seconds = _pair(args.audio_seconds or _DEFAULT_AUDIO_SECONDS[args.size], float)
+    args.image_sizes = args.image_sizes or _DEFAULT_IMAGE_SIZES[args.size]
+    if args.num_workers is None:
+        args.num_workers = max(1, (os.cpu_count() or 4) - 2) if args.device == "cuda" else 0
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    root = args.out or tempfile.mkdtemp(prefix="featx-bench-")
+    os.makedirs(root, exist_ok=True)
+    machine = machine_info(args)
+    t0 = time.perf_counter()
+    results = [run_kind(kind, args, root) for kind in args.kinds]
+    readback = None
+    if args.readback_n:
+        path = os.path.join(root, "caches", "synthetic.h5")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_seconds = write_synthetic_cache(path, args.readback_n, args.readback_layers, args.readback_dim)
+        readback = measure_readback(path, args.readback_layers // 2)
+        readback["write_seconds"] = write_seconds
+        readback["items_layers_dim"] = [args.readback_n, args.readback_layers, args.readback_dim]
+        os.remove(path)
+    print_table(results, readback, machine, args)
+    if hasattr(os, "getloadavg"):
+        machine["loadavg_at_end"] = list(os.getloadavg())
+    summary = {"machine": machine, "args": {k: v for k, v in vars(args).items()}, "results": results,
+               "readback_synthetic": readback, "wall_seconds": time.perf_counter() - t0}
+    print(f"total wall time {summary['wall_seconds']:.0f}s; load average {machine.get('loadavg_at_start')} -> "
+          f"{machine.get('loadavg_at_end')}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        print(f"figures written to {args.json}")
+    if not args.out and not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
