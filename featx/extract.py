@@ -210,8 +210,9 @@ class Runner:
 
     @torch.inference_mode()
     def run_batch(self, raws):
-        """Pooled values (B, L, D) per pooling, sequences, and valid-position counts for a list of
-        preprocessed inputs. On CUDA out-of-memory the batch is halved and retried, down to one input.
+        """Pooled values (B, L, D) per pooling and valid-position counts (B,), left on the device so the
+        GPU runs on while the host collates the next batch, and the sequences (CPU arrays) with --seq.
+        On CUDA out-of-memory the batch is halved and retried, down to one input.
         """
         enc = self.encoder
         try:
@@ -220,23 +221,22 @@ class Runner:
                 inputs = {k: v.pin_memory() for k, v in inputs.items()}
             with enc.autocast():
                 hidden, mask = enc.forward(inputs)
-                pooled = {k: v.cpu().numpy() for k, v in pool(hidden, mask, self.poolings).items()}
-            counts = mask.sum(1).cpu().numpy()
+                pooled = pool(hidden, mask, self.poolings)
             seqs = None
             if self.seq:
                 valid = mask.cpu()
                 stacked = [torch.stack([h[b].float().cpu() for h in hidden], dim=1) for b in range(len(raws))]
                 seqs = [s[valid[b]][::self.seq_stride].numpy() for b, s in enumerate(stacked)]
-            return pooled, seqs, counts
+            return pooled, seqs, mask.sum(1)
         except torch.cuda.OutOfMemoryError:
             if len(raws) == 1:
                 raise
             torch.cuda.empty_cache()
             half = len(raws) // 2
             a, b = self.run_batch(raws[:half]), self.run_batch(raws[half:])
-            pooled = {k: np.concatenate([a[0][k], b[0][k]]) for k in a[0]}
+            pooled = {k: torch.cat([a[0][k], b[0][k]]) for k in a[0]}
             seqs = (a[1] + b[1]) if self.seq else None
-            return pooled, seqs, np.concatenate([a[2], b[2]])
+            return pooled, seqs, torch.cat([a[2], b[2]])
 
     def run(self, items):
         """items: list of (index, units). Returns (indices, pooled {name: (n, L, D)}, seqs | None, failures)."""
@@ -249,29 +249,41 @@ class Runner:
             short = {i for i, u in units if enc.num_frames(u.shape[0]) < 1}
             failures += [(i, "audio too short for the model (no frames)") for i in sorted(short)]
             units = [(i, u) for i, u in units if i not in short]
-        per_unit = [None] * len(units)
+        n, shape = len(units), (enc.num_layers, enc.hidden_size)
+        unit_pooled = {k: np.empty((n, *shape), np.float32) for k in self.poolings}
+        unit_count = np.empty(n, np.int64)
+        unit_seq = [None] * n
+        on_device = []
         for batch in self.batches(units):
             pooled, seqs, counts = self.run_batch([units[u][1] for u in batch])
-            for j, u in enumerate(batch):
-                per_unit[u] = ({k: v[j] for k, v in pooled.items()}, seqs[j] if seqs else None, int(counts[j]))
+            on_device.append((np.asarray(batch), pooled, counts))
+            for j, u in enumerate(batch if seqs else ()):
+                unit_seq[u] = seqs[j]
+        for batch, pooled, counts in on_device:  # one wait for the device per group, not per batch
+            for k, v in pooled.items():
+                unit_pooled[k][batch] = v.cpu().numpy()
+            unit_count[batch] = counts.cpu().numpy()
         # Combine units into items: audio windows weighted by frames, video frames equally.
         by_item = {}
-        for (i, _), res in zip(units, per_unit):
-            by_item.setdefault(i, []).append(res)
+        for u, (i, _) in enumerate(units):
+            by_item.setdefault(i, []).append(u)
         indices = [i for i, _ in items if i in by_item]
-        out = {k: np.zeros((len(indices), enc.num_layers, enc.hidden_size), np.float32) for k in self.poolings}
-        seq_out = [] if self.seq else None
+        first = np.array([by_item[i][0] for i in indices], np.int64)
+        out = {k: v[first] for k, v in unit_pooled.items()}
+        seq_out = [unit_seq[u] for u in first] if self.seq else None
         for row, i in enumerate(indices):
-            parts = by_item[i]
-            w = np.array([p[2] if enc.modality == "audio" else 1 for p in parts], np.float64)
+            us = by_item[i]
+            if len(us) == 1:
+                continue
+            w = unit_count[us].astype(np.float64) if enc.modality == "audio" else np.ones(len(us))
             w = w / w.sum()
             for k in self.poolings:
-                out[k][row] = np.tensordot(w, np.stack([p[0][k] for p in parts]), axes=1)
+                out[k][row] = np.tensordot(w, unit_pooled[k][us], axes=1)
             if self.seq:
-                if enc.modality == "image" and len(parts) > 1:  # video: the per-frame sequence of frame values
-                    seq_out.append(np.stack([p[0]["cls" if "cls" in p[0] else "mean"] for p in parts]))
+                if enc.modality == "image":  # video: the per-frame sequence of frame values
+                    seq_out[row] = unit_pooled["cls" if "cls" in unit_pooled else "mean"][us]
                 else:
-                    seq_out.append(np.concatenate([p[1] for p in parts]))
+                    seq_out[row] = np.concatenate([unit_seq[u] for u in us])
         return np.array(indices, np.int64), out, seq_out, failures
 
 
@@ -361,9 +373,10 @@ def _run(writer, todo, runner, decoder, rows, num_workers, group_size, progress,
 
     if len(todo) == 0:
         return
-    loader = torch.utils.data.DataLoader(_Items(rows, todo, decoder), batch_size=None, shuffle=False,
+    # Workers hand over lists of decoded items, not one item per message: fewer inter-process hand-offs.
+    loader = torch.utils.data.DataLoader(_Items(rows, todo, decoder), batch_size=16, shuffle=False,
                                          num_workers=int(num_workers), collate_fn=_identity,
-                                         prefetch_factor=4 * int(runner.batch_size) if num_workers else None)
+                                         prefetch_factor=max(2, int(runner.batch_size) // 4) if num_workers else None)
     bar = tqdm(total=len(todo), unit="item", desc=os.path.basename(str(model).rstrip("/")), disable=not progress,
                dynamic_ncols=True)
     pending, errors = queue.Queue(maxsize=2), []
@@ -399,10 +412,11 @@ def _run(writer, todo, runner, decoder, rows, num_workers, group_size, progress,
             raise errors[0]
 
     try:
-        for item in loader:
-            group.append(item)
-            if len(group) >= group_size:
-                flush()
+        for items in loader:
+            for item in items:
+                group.append(item)
+                if len(group) >= group_size:
+                    flush()
         if group:
             flush()
     finally:
