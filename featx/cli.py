@@ -187,8 +187,10 @@ def _probe_args(p):
     p.add_argument("--recipe", help="YAML recipe with the same keys")
 
 
-def _run_probe(p, args, fusion=(), weighted=False):
+def _run_probe(p, args, fusion_key, weighted=False):
     apply_recipe(p, args, path_keys=("caches", "out"))
+    fusion = getattr(args, fusion_key) or ""  # read after the recipe is applied: it may set the methods
+    fusion = _csv_list(fusion) if isinstance(fusion, str) else list(fusion)
     caches = args.caches if isinstance(args.caches, list) else [args.caches]
     if not caches or not args.out:
         raise FeatxError(f"featx {args.command} needs CACHE.h5 and --out (or a --recipe that gives them)")
@@ -223,8 +225,7 @@ def _probe(sub):
     p.add_argument("--missing", default="intersect", choices=["intersect", "error"],
                    help="items missing from a modality: fuse the shared items (reported) or stop")
     p.add_argument("--late-rule", default="mean", choices=["mean", "stack"])
-    p.set_defaults(func=lambda args: _run_probe(p, args, fusion=_csv_list(args.fusion) if isinstance(
-        args.fusion, str) else list(args.fusion)))
+    p.set_defaults(func=lambda args: _run_probe(p, args, "fusion"))
 
 
 def _fuse(sub):
@@ -237,8 +238,7 @@ def _fuse(sub):
     p.add_argument("--late-rule", default="mean", choices=["mean", "stack"])
     p.add_argument("--weighted", action="store_true", default=False,
                    help="also learn a softmax-weighted sum over layers per modality")
-    p.set_defaults(func=lambda args: _run_probe(p, args, fusion=_csv_list(args.method) if isinstance(
-        args.method, str) else list(args.method)))
+    p.set_defaults(func=lambda args: _run_probe(p, args, "method"))
 
 
 # ---------------------------------------------------------------- finetune
