@@ -592,10 +592,13 @@ class Cache:
             raise FeatxError(f"{self.path} has no pooling {pooling!r} (it has {', '.join(self.poolings)})")
         return self._f[f"pooled/{pooling}"]
 
-    def layer(self, layer, pooling="mean", only_done=True):
-        """One layer for every item: (N_done, D) float32 in manifest order ((N, D) with only_done=False)."""
-        x = self._pooled(pooling)[:, self._layer(layer), :].astype(np.float32)
-        return x[self.done] if only_done else x
+    def layer(self, layer, pooling="mean", only_done=True, dtype=np.float32):
+        """One layer for every item: (N_done, D) in manifest order ((N, D) with only_done=False), as float32,
+        or in the stored dtype with dtype=None (no conversion: the fastest read)."""
+        x = self._pooled(pooling)[:, self._layer(layer), :]
+        if only_done and not self.done.all():  # mask before the cast, and only when something is missing
+            x = x[self.done]
+        return x if dtype is None else x.astype(dtype, copy=False)
 
     def pooled(self, pooling="mean", layers=None, only_done=True):
         """Layers `layers` (default all; negative count from the end): (N_done, L', D) float32, manifest order."""
