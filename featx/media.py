@@ -11,9 +11,11 @@ import numpy as np
 
 from featx.errors import MediaError
 
-__all__ = ["MediaError", "load_text", "load_image", "load_audio"]
+__all__ = ["MediaError", "load_text", "load_image", "load_audio", "resample"]
 
-END_SLACK = 0.25  # seconds a segment may run past the end of its file (rounding in annotations), as for video
+# Annotated segment ends often overshoot a clip by rounding; up to this many seconds past the end is clipped
+# (audio files here, video files and their audio tracks in featx.video).
+END_SLACK = 0.25
 
 
 def _exists(path):
@@ -51,16 +53,18 @@ def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
     import soundfile as sf
 
     _exists(path)
+    start = None if start is None or _isnan(start) else float(start)  # an empty manifest cell means none
+    end = None if end is None or _isnan(end) else float(end)
     try:
         with sf.SoundFile(path) as f:
             rate = f.samplerate
-            first = 0 if start is None or _isnan(start) else int(round(float(start) * rate))
-            last = f.frames if end is None or _isnan(end) else min(f.frames, int(round(float(end) * rate)))
-            if first < 0 or (end is not None and not _isnan(end) and float(end) <= float(start or 0)):
+            first = 0 if start is None else int(round(start * rate))
+            last = f.frames if end is None else min(f.frames, int(round(end * rate)))
+            if first < 0 or (end is not None and end <= (start or 0.0)):
                 raise MediaError(f"bad segment start={start} end={end}")
             if first >= f.frames and f.frames > 0:
                 raise MediaError(f"segment starts at {start}s, after the end of the audio ({f.frames / rate:.2f}s)")
-            if end is not None and not _isnan(end) and float(end) > f.frames / rate + END_SLACK:
+            if end is not None and end > f.frames / rate + END_SLACK:
                 raise MediaError(f"segment ends at {end}s, after the end of the audio ({f.frames / rate:.2f}s)")
             f.seek(first)
             wav = f.read(max(0, last - first), dtype="float32", always_2d=True)
@@ -73,11 +77,16 @@ def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
     wav = wav.mean(axis=1)
     if not np.isfinite(wav).all():
         raise MediaError("audio has non-finite samples (NaN or inf)")
+    return resample(wav, rate, sample_rate)
+
+
+def resample(wav, rate: int, sample_rate: int) -> np.ndarray:
+    """Mono waveform (T,) from `rate` to `sample_rate` Hz with torchaudio.functional.resample; float32 (T',)."""
     if rate != sample_rate:
         import torch
         import torchaudio.functional as AF
 
-        wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), rate, sample_rate).numpy()
+        wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)), rate, sample_rate).numpy()
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 

@@ -19,11 +19,10 @@ from contextlib import contextmanager
 import numpy as np
 
 from featx.errors import FeatxError, MediaError
+from featx.media import END_SLACK, resample
 
 __all__ = ["MediaError", "video_frames", "video_audio", "probe_video", "build_tiny_video"]
 
-# Annotated segment ends often overshoot a clip by rounding; up to this many seconds past the end is clipped.
-END_SLACK = 0.25
 # Audio decoders (AAC, Opus) need the frames before a seek point to rebuild the first samples after it.
 _AUDIO_PREROLL = 0.5
 
@@ -226,13 +225,7 @@ def video_audio(path, sample_rate: int, start: float | None = None, end: float |
         raise MediaError(f"{name}: audio ends at {got_end:.3f} s, before {end:.3f} s (truncated or corrupt file)")
     i0 = max(0, round((start - first) * rate))
     i1 = wave.shape[0] if not math.isfinite(end) else round((end - first) * rate)
-    wave = wave[i0:i1]
-    if rate != sample_rate:
-        import torch
-        import torchaudio
-
-        wave = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(wave)), rate, sample_rate).numpy()
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    return resample(wave[i0:i1], rate, sample_rate)
 
 
 def probe_video(path) -> dict:
