@@ -42,10 +42,7 @@ class CacheData:
 
 def load_cache(path, pool="mean", layers="all", need_labels=True) -> CacheData:
     """Read the pooled layers of a cache (featx.store.open_cache) into memory."""
-    try:
-        from featx.store import open_cache
-    except ImportError:  # store.py has not landed yet: read the documented file layout directly
-        open_cache = _H5Cache
+    from featx.store import open_cache
 
     if not os.path.exists(path):
         raise FeatxError(f"no such cache: {path}")
@@ -69,34 +66,6 @@ def load_cache(path, pool="mean", layers="all", need_labels=True) -> CacheData:
     splits = None if c.splits is None else np.asarray([str(s).lower() for s in np.asarray(c.splits)[done]])
     return CacheData(str(path), str(c.model), str(c.modality), L, int(c.hidden_size), chosen, X,
                      np.asarray(c.ids)[done].astype(str), y, splits, c)
-
-
-class _H5Cache:
-    """Stand-in for featx.store.Cache (same attribute names) over the documented HDF5 layout.
-    Remove once featx.store lands."""
-
-    def __init__(self, path):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            a = f.attrs
-            self.model, self.modality = str(a["model"]), str(a["modality"])
-            self.num_layers, self.hidden_size = int(a["num_layers"]), int(a["hidden_size"])
-            self.poolings = list(f["pooled"].keys())
-            self.ids = f["ids"].asstr()[:]
-            self.done = f["done"][:].astype(bool)
-            lab = f.get("label")
-            self.labels = None if lab is None else (lab.asstr()[:] if lab.dtype.kind == "O" else lab[:])
-            self.splits = f["split"].asstr()[:] if "split" in f else None
-        self.path = path
-
-    def pooled(self, pooling="mean", layers=None):
-        import h5py
-
-        with h5py.File(self.path, "r") as f:
-            data = f[f"pooled/{pooling}"][:]
-        data = data[self.done]
-        return (data if layers is None else data[:, list(layers)]).astype(np.float32)
 
 
 def make_units(y, splits, task, folds=5, seed=0):
