@@ -37,35 +37,34 @@ class CacheData:
     ids: np.ndarray
     y: np.ndarray
     splits: object
-    cache: object
 
 
 def load_cache(path, pool="mean", layers="all", need_labels=True) -> CacheData:
-    """Read the pooled layers of a cache (featx.store.open_cache) into memory."""
+    """Read the pooled layers of a cache (featx.store.open_cache) into memory; the file is closed after."""
     from featx.store import open_cache
 
     if not os.path.exists(path):
         raise FeatxError(f"no such cache: {path}")
-    c = open_cache(path)
-    L = int(c.num_layers)
-    if layers in (None, "all"):
-        chosen = list(range(L))
-    else:
-        chosen = [int(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
-        chosen = [v + L if v < 0 else v for v in chosen]
-        bad = [v for v in chosen if not 0 <= v < L]
-        if bad:
-            raise FeatxError(f"{path}: layers {bad} out of range 0..{L - 1}")
-    if pool not in list(c.poolings):
-        raise FeatxError(f"{path}: no pooling {pool!r} (has {', '.join(map(str, c.poolings))})")
-    if c.labels is None and need_labels:
-        raise FeatxError(f"{path}: the cache has no labels to probe")
-    done = np.asarray(c.done, bool)
-    X = np.asarray(c.pooled(pool, chosen), dtype=np.float32)
-    y = None if c.labels is None else np.asarray(c.labels)[done]
-    splits = None if c.splits is None else np.asarray([str(s).lower() for s in np.asarray(c.splits)[done]])
-    return CacheData(str(path), str(c.model), str(c.modality), L, int(c.hidden_size), chosen, X,
-                     np.asarray(c.ids)[done].astype(str), y, splits, c)
+    with open_cache(path) as c:
+        L = int(c.num_layers)
+        if layers in (None, "all"):
+            chosen = list(range(L))
+        else:
+            chosen = [int(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
+            chosen = [v + L if v < 0 else v for v in chosen]
+            bad = [v for v in chosen if not 0 <= v < L]
+            if bad:
+                raise FeatxError(f"{path}: layers {bad} out of range 0..{L - 1}")
+        if pool not in list(c.poolings):
+            raise FeatxError(f"{path}: no pooling {pool!r} (has {', '.join(map(str, c.poolings))})")
+        if c.labels is None and need_labels:
+            raise FeatxError(f"{path}: the cache has no labels to probe")
+        done = np.asarray(c.done, bool)
+        X = np.asarray(c.pooled(pool, chosen), dtype=np.float32)
+        y = None if c.labels is None else np.asarray(c.labels)[done]
+        splits = None if c.splits is None else np.asarray([str(s).lower() for s in np.asarray(c.splits)[done]])
+        return CacheData(str(path), str(c.model), str(c.modality), L, int(c.hidden_size), chosen, X,
+                         np.asarray(c.ids)[done].astype(str), y, splits)
 
 
 def make_units(y, splits, task, folds=5, seed=0):

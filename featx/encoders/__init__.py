@@ -12,11 +12,6 @@ IMAGE_TYPES = {"clip", "clip_vision_model", "siglip", "siglip_vision_model", "vi
 AUDIO_TYPES = {"wavlm", "wav2vec2", "wav2vec2-conformer", "hubert", "data2vec-audio", "unispeech", "unispeech-sat"}
 
 
-def _hint(name):
-    return ("check the hub id or folder; featx found no local copy and the hub is unreachable or offline "
-            "(download it while online, or pass a local folder)")
-
-
 def load_config(name, trust_remote_code=False):
     """The checkpoint's transformers config; FeatxError (one line, naming the model) when it cannot load."""
     import os
@@ -29,7 +24,8 @@ def load_config(name, trust_remote_code=False):
         if os.path.isdir(str(name)):
             raise FeatxError(f"cannot load model {name!r}: the folder has no usable config.json "
                              f"({str(e).splitlines()[0][:160]})")
-        raise FeatxError(f"cannot load model {name!r}: {_hint(name)}")
+        raise FeatxError(f"cannot load model {name!r}: check the hub id or folder; featx found no local copy and "
+                         "the hub is unreachable or offline (download it while online, or pass a local folder)")
 
 
 def modality_of(config) -> str:
