@@ -38,6 +38,7 @@ __all__ = ["CacheWriter", "Cache", "LayerData", "open_cache", "read_layer", "des
 MODALITIES = ("text", "image", "audio", "video")
 DTYPES = ("float16", "float32")
 _OWN_ATTRS = ("num_layers", "hidden_size", "dtype", "poolings", "featx_version")  # set by the writer itself
+_READ_ROWS = 4096  # items per block when a layer is read and cast
 _CHUNK_BYTES = 512 * 1024  # one chunk of one layer; 256 KiB-1 MiB keeps reading one layer for all items fast
 _OPEN_SOURCES = 32  # files kept open at once while consolidating (parts can number thousands)
 _STR = h5py.string_dtype()
@@ -595,21 +596,41 @@ class Cache:
     def layer(self, layer, pooling="mean", only_done=True, dtype=np.float32):
         """One layer for every item: (N_done, D) in manifest order ((N, D) with only_done=False), as float32,
         or in the stored dtype with dtype=None (no conversion: the fastest read)."""
-        x = self._pooled(pooling)[:, self._layer(layer), :]
-        if only_done and not self.done.all():  # mask before the cast, and only when something is missing
-            x = x[self.done]
-        return x if dtype is None else x.astype(dtype, copy=False)
+        ds = self._pooled(pooling)
+        keep = self.done if only_done and not self.done.all() else None  # mask only when something is missing
+        if dtype is None or np.dtype(dtype) == ds.dtype:
+            x = ds[:, self._layer(layer), :]
+            return x if keep is None else x[keep]
+        n = len(self.ids) if keep is None else int(keep.sum())
+        out = np.empty((n, self.hidden_size), dtype)
+        self._read_into(out, ds, self._layer(layer), keep)
+        return out
 
     def pooled(self, pooling="mean", layers=None, only_done=True):
         """Layers `layers` (default all; negative count from the end): (N_done, L', D) float32, manifest order."""
         ds = self._pooled(pooling)
         chosen = range(self.num_layers) if layers is None else [self._layer(layer) for layer in layers]
-        n = int(self.done.sum()) if only_done else len(self.ids)
+        keep = self.done if only_done and not self.done.all() else None
+        n = len(self.ids) if keep is None else int(keep.sum())
         out = np.empty((n, len(chosen), self.hidden_size), np.float32)
         for j, layer in enumerate(chosen):  # one layer at a time: reads follow the chunks
-            x = ds[:, layer, :]
-            out[:, j] = x[self.done] if only_done else x
+            self._read_into(out[:, j], ds, layer, keep)
         return out
+
+    @staticmethod
+    def _read_into(out, ds, layer, keep):
+        """out[:] = ds[keep, layer, :] cast to out's dtype, in blocks of rows: torch's vectorised cast runs
+        ~3x faster than numpy's float16 -> float32, and the stored-dtype block stays small."""
+        import torch
+
+        o, at = torch.from_numpy(out), 0  # a view, strided too (out[:, j] of pooled())
+        rows = _READ_ROWS
+        for s in range(0, ds.shape[0], rows):
+            block = ds[s:s + rows, layer, :]
+            if keep is not None:
+                block = block[keep[s:s + rows]]
+            o[at:at + len(block)].copy_(torch.from_numpy(block))
+            at += len(block)
 
     def sequence(self, i):
         """Item i's (manifest index) per-position states: (T_i, L, D) float32; T_i = 0 if it is not done."""

@@ -145,7 +145,9 @@ def test_float16_stores_the_cast_and_string_labels(tmp_path):
         assert list(c.labels[:3]) == ["pos", "neg", ""]
 
 
-def test_layer_reads_and_chunk_shape(tmp_path):
+@pytest.mark.parametrize("read_rows", [4096, 128])  # one block, or blocks that straddle the missing items
+def test_layer_reads_and_chunk_shape(tmp_path, monkeypatch, read_rows):
+    monkeypatch.setattr("featx.store._READ_ROWS", read_rows)
     path = str(tmp_path / "c.h5")
     n, big_d = 600, 1024
     rng = np.random.default_rng(1)
@@ -162,6 +164,11 @@ def test_layer_reads_and_chunk_shape(tmp_path):
         np.testing.assert_array_equal(c.layer(1), want[:, 1])
         np.testing.assert_array_equal(c.layer(-2), want[:, 0])
         assert c.layer(0, only_done=False).shape == (n, big_d)
+        np.testing.assert_array_equal(c.layer(0, only_done=False)[[5, 400]], 0)
+        stored = c.layer(1, dtype=None)
+        assert stored.dtype == np.float16 and stored.shape == (n - 2, big_d)
+        np.testing.assert_array_equal(stored, x[done, 1].astype(np.float16))
+        assert c.layer(1, dtype=np.float64).dtype == np.float64
         np.testing.assert_array_equal(c.pooled(layers=[-1, 0]), want[:, ::-1])
         with pytest.raises(FeatxError, match="layer 2 is out of range"):
             c.layer(2)
