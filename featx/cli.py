@@ -67,9 +67,16 @@ def _extract(sub):
     p.add_argument("--pool", default="mean", help="poolings, comma-separated: mean,cls")
     p.add_argument("--seq", action="store_true", default=False, help="also store the full per-position sequences")
     p.add_argument("--seq-stride", type=int, default=1, help="keep every k-th position of stored sequences (audio)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="most inputs per forward")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="text: most padded tokens per forward (batch x longest); default: no limit")
+    p.add_argument("--max-batch-seconds", type=float, default=None,
+                   help="audio: most padded seconds per forward (batch x longest); default 20 on the CPU, "
+                        "no limit on CUDA")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU; stored with the cache")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
     p.add_argument("--max-length", type=int, default=None, help="text: max tokens (default: the tokenizer's)")
     p.add_argument("--max-audio-seconds", type=float, default=30.0, help="longer audio is processed in windows")
     p.add_argument("--fps", type=float, default=3.0, help="video: frames sampled per second for image encoders")
@@ -88,8 +95,10 @@ def _extract(sub):
         models = args.model if isinstance(args.model, list) else [args.model]
         result = extract(args.manifest, models, args.out, pool=_csv_list(args.pool) if isinstance(args.pool, str)
                          else list(args.pool), seq=args.seq, seq_stride=args.seq_stride, batch_size=args.batch_size,
-                         device=args.device, dtype=args.dtype, max_length=args.max_length,
-                         max_audio_seconds=args.max_audio_seconds, fps=args.fps, num_workers=args.num_workers,
+                         device=args.device, dtype=args.dtype, precision=args.precision,
+                         max_length=args.max_length, max_batch_tokens=args.max_batch_tokens,
+                         max_batch_seconds=args.max_batch_seconds, max_audio_seconds=args.max_audio_seconds,
+                         fps=args.fps, num_workers=args.num_workers,
                          trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
                          progress=not args.no_progress)
         return 2 if result.failed else 0

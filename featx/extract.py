@@ -25,6 +25,9 @@ from featx.errors import FeatxError, MediaError
 from featx.manifest import labels_and_splits, read_manifest, source_column
 from featx.pooling import POOLINGS, pool
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CPU_BATCH_SECONDS = 20.0  # audio on the CPU: a padded batch over ~20 s only costs (measured: WavLM-base, 2 cores)
+
 __all__ = ["extract", "ExtractResult", "cache_path"]
 
 
@@ -75,6 +78,27 @@ class Decoder:
     def __call__(self, row) -> list:
         units = self.decode(row)
         return [self.preprocess(u) for u in units] if self.preprocess else units
+
+    def estimate(self, row) -> float:
+        """A cheap cost of a row before decoding, for the length sort: characters of a text, seconds of an
+        audio file (its header) or segment, the size of a video file; 0 for images and unreadable sources."""
+        src = _value(row.get(self.column))
+        if self.modality == "text":
+            return float(len(src)) if isinstance(src, str) else 0.0
+        if self.modality != "audio" or not isinstance(src, str):
+            return 0.0
+        start, end = _value(row.get("start")), _value(row.get("end"))
+        try:
+            if start is not None and end is not None:
+                return max(0.0, float(end) - float(start))
+            if self.column == "video":
+                return float(os.path.getsize(src))
+            import soundfile as sf
+
+            seconds = float(sf.info(src).duration)
+            return max(0.0, (float(end) if end is not None else seconds) - float(start or 0.0))
+        except Exception:  # the decoder reports the item's real error
+            return 0.0
 
     def decode(self, row) -> list:
         src = _value(row.get(self.column))
@@ -193,20 +217,31 @@ class _Distributed:
 class Runner:
     """Runs one encoder over the units of a group of items and combines them into per-item values."""
 
-    def __init__(self, encoder, poolings, seq=False, seq_stride=1, batch_size=16):
+    def __init__(self, encoder, poolings, seq=False, seq_stride=1, batch_size=16, budget=None):
         self.encoder, self.poolings = encoder, list(poolings)
         self.seq, self.seq_stride, self.batch_size = seq, max(1, int(seq_stride)), max(1, int(batch_size))
+        self.budget = budget
 
     def batches(self, units):
-        """Length-sorted batches of unit numbers (longest first, so an out-of-memory shows up at once)."""
+        """Length-sorted batches of unit numbers (longest first, so an out-of-memory shows up at once), each
+        of at most batch_size inputs and, with a budget, at most `budget` padded positions (batch x longest,
+        in Encoder.size units: tokens, samples); an input longer than the budget runs alone."""
         enc = self.encoder
-        order = sorted(range(len(units)), key=lambda u: -enc.size(units[u][1]))  # stable: ties keep item order
+        sizes = [enc.size(u[1]) for u in units]
+        order = sorted(range(len(units)), key=lambda u: -sizes[u])  # stable: ties keep item order
         groups = {}
         for u in order:
             groups.setdefault(enc.batch_key(units[u][1]), []).append(u)
         for members in groups.values():
-            for s in range(0, len(members), self.batch_size):
-                yield members[s:s + self.batch_size]
+            batch = []
+            for u in members:  # sorted longest first: batch[0] is the batch's longest
+                if batch and (len(batch) == self.batch_size
+                              or (self.budget and (len(batch) + 1) * sizes[batch[0]] > self.budget)):
+                    yield batch
+                    batch = []
+                batch.append(u)
+            if batch:
+                yield batch
 
     @torch.inference_mode()
     def run_batch(self, raws):
@@ -288,12 +323,18 @@ class Runner:
 
 
 def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, batch_size=16, device="auto",
-            dtype="float16", max_length=None, max_audio_seconds=30.0, fps=3.0, num_workers=0,
-            trust_remote_code=False, overwrite=False, progress=True, group_size=None) -> ExtractResult:
+            dtype="float16", precision="auto", max_length=None, max_audio_seconds=30.0, fps=3.0,
+            max_batch_tokens=None, max_batch_seconds=None, num_workers=0, trust_remote_code=False,
+            overwrite=False, progress=True, group_size=None) -> ExtractResult:
     """Cache the hidden states of every layer of every item for each model; one HDF5 file per model.
 
     manifest: path of a CSV/JSONL/Parquet manifest. models: hub ids or local folders. out: folder.
     pool: poolings out of ('mean', 'cls'); cls is skipped for audio encoders (they have no CLS token).
+    precision: auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16 (the last two CUDA only);
+    stored with the cache, since it changes the numbers.
+    Items run longest first (a cheap estimate, see Decoder.estimate) in batches of at most batch_size
+    inputs and at most max_batch_tokens padded tokens (text) or max_batch_seconds padded audio seconds
+    (default: CPU_BATCH_SECONDS on the CPU, none on CUDA); values are written back in manifest order.
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried).
     Raises FeatxError for usage/configuration errors, before any model is loaded where it can.
     """
@@ -308,6 +349,11 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
         raise FeatxError(f"--dtype must be float16 or float32, not {dtype!r}")
     if int(batch_size) < 1:
         raise FeatxError("--batch-size must be at least 1")
+    for flag, v in (("--max-batch-tokens", max_batch_tokens), ("--max-batch-seconds", max_batch_seconds)):
+        if v is not None and not float(v) > 0:
+            raise FeatxError(f"{flag} must be positive, not {v}")
+    if precision not in PRECISIONS:
+        raise FeatxError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if not float(fps) > 0:
         raise FeatxError(f"--fps must be positive, not {fps}")
     if not models:
@@ -317,6 +363,11 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     configs = [load_config(m, trust_remote_code) for m in models]
     columns = [source_column(df, modality_of(c), name) for c in configs]
     device = _resolve_device(device)
+    if precision in ("bf16", "fp16") and not device.startswith("cuda"):
+        raise FeatxError(f"--precision {precision} needs a CUDA device (the CPU runs fp32)")
+    precision = precision if precision != "auto" else "bf16" if device.startswith("cuda") else "fp32"
+    if max_batch_seconds is None and not device.startswith("cuda"):
+        max_batch_seconds = CPU_BATCH_SECONDS
     os.makedirs(out, exist_ok=True)
     rows = df.to_dict("records")
     ids = df["id"].tolist()
@@ -325,13 +376,14 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     for model, config, column in zip(models, configs, columns):
         encoder = load_encoder(model, config=config, device=device, trust_remote_code=trust_remote_code,
                                max_length=max_length)
+        encoder.precision = precision
         pools = [p for p in poolings if not (encoder.modality == "audio" and p == "cls")] or ["mean"]
         if len(pools) < len(poolings):
             print(f"featx extract: {model}: audio encoders have no CLS token; storing {','.join(pools)} only",
                   file=sys.stderr)
         modality = "video" if column == "video" and encoder.modality == "image" else encoder.modality
         attrs = {"model": str(model), "modality": modality, "source_column": column, "featx_version": __version__,
-                 "poolings": ",".join(pools), **encoder.attrs}
+                 "poolings": ",".join(pools), "precision": precision, **encoder.attrs}
         if encoder.modality == "audio":
             attrs["max_audio_seconds"] = float(max_audio_seconds or 0)
         if modality == "video":
@@ -349,7 +401,10 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
         todo = dist.my_todo(writer.todo, path) if dist else writer.todo
         decoder = Decoder(encoder.modality, column, getattr(encoder, "sample_rate", None), max_audio_seconds, fps,
                           preprocess=encoder.preprocessor())
-        runner = Runner(encoder, pools, seq=seq, seq_stride=seq_stride, batch_size=batch_size)
+        budget = (max_batch_tokens if encoder.modality == "text" else max_batch_seconds * encoder.sample_rate
+                  if encoder.modality == "audio" and max_batch_seconds else None)
+        runner = Runner(encoder, pools, seq=seq, seq_stride=seq_stride, batch_size=batch_size, budget=budget)
+        todo = longest_first(todo, rows, decoder)
         try:
             _run(writer, todo, runner, decoder, rows, num_workers, group_size or max(64, 8 * int(batch_size)),
                  progress and (not dist or dist.rank == 0), model)
@@ -362,6 +417,15 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
         if not dist or dist.rank == 0:
             _print_summary(summary, path)
     return result
+
+
+def longest_first(todo, rows, decoder):
+    """`todo` (manifest indices) ordered by Decoder.estimate, longest first, ties in manifest order: groups of
+    neighbours then batch with little padding over the whole manifest, not only within a group."""
+    if decoder.modality not in ("text", "audio") or len(todo) < 2:
+        return todo
+    cost = np.array([decoder.estimate(rows[int(i)]) for i in todo])
+    return todo[np.argsort(-cost, kind="stable")]
 
 
 def _run(writer, todo, runner, decoder, rows, num_workers, group_size, progress, model):

@@ -92,6 +92,69 @@ def test_pooled_values_do_not_depend_on_batch_company(family, media, tmp_path, r
         assert np.abs(a.pooled("mean") - b.pooled("mean")).max() <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["tiny_bert", "tiny_wavlm"])
+def test_padded_budget_changes_the_batches_not_the_values(family, media, tmp_path, request):
+    model = request.getfixturevalue(family)
+    one = extract(media, [model], tmp_path / "b1", dtype="float32", batch_size=1, device="cpu", progress=False)
+    tight = extract(media, [model], tmp_path / "budget", dtype="float32", batch_size=8, device="cpu",
+                    max_batch_tokens=16, max_batch_seconds=2.0, progress=False)
+    with open_cache(one.paths[0]) as a, open_cache(tight.paths[0]) as b:
+        assert list(a.ids) == list(b.ids) and b.done.all()  # manifest order, whatever order the items ran in
+        assert np.abs(a.pooled("mean") - b.pooled("mean")).max() <= 1e-5
+
+
+def test_batches_keep_to_the_batch_size_and_the_padded_budget(tiny_bert):
+    from featx.encoders import load_encoder
+    from featx.extract import Runner
+    enc = load_encoder(tiny_bert, device="cpu")
+    pre = enc.preprocessor()
+    counts = np.random.default_rng(0).integers(1, 70, 60)
+    units = [(i, pre(" ".join(["good"] * int(k)))) for i, k in enumerate(counts)]
+    size = [enc.size(u) for _, u in units]
+    batches = list(Runner(enc, ["mean"], batch_size=6, budget=60).batches(units))
+    assert sorted(u for b in batches for u in b) == list(range(len(units)))
+    for b in batches:
+        lengths = [size[u] for u in b]
+        assert len(b) <= 6 and lengths == sorted(lengths, reverse=True)
+        assert len(b) == 1 or len(b) * lengths[0] <= 60  # padded tokens = batch x longest
+    assert any(len(b) == 6 for b in batches) and any(1 < len(b) < 6 for b in batches)  # both limits bind
+    assert all(len(b) == 1 for b in batches if size[b[0]] > 30)  # two such inputs would break the budget
+    assert [len(b) for b in Runner(enc, ["mean"], batch_size=6).batches(units)] == [6] * 10  # no budget
+
+
+def test_items_run_longest_first_by_a_cheap_estimate(tmp_path):
+    from featx.extract import Decoder, longest_first
+    from featx.manifest import read_manifest
+    seconds = [0.4, 1.6, 0.2, 1.0, 0.2]
+    for k, s in enumerate(seconds):
+        write_wav(tmp_path / f"a{k}.wav", s, rate=8000)
+    rows = [{"id": f"a{k}", "audio": f"a{k}.wav"} for k in range(5)]
+    rows += [{"id": "seg", "audio": "a1.wav", "start": 0.1, "end": 0.6}, {"id": "gone", "audio": "nope.wav"},
+             {"id": "tail", "audio": "a1.wav", "start": 1.0}]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    rows = read_manifest(tmp_path / "m.csv").to_dict("records")
+    decoder = Decoder("audio", "audio", 16000)
+    assert [round(decoder.estimate(r), 3) for r in rows] == [0.4, 1.6, 0.2, 1.0, 0.2, 0.5, 0.0, 0.6]
+    # longest first; ties (a2, a4) in manifest order; the missing file (estimate 0) last
+    assert list(longest_first(np.arange(8), rows, decoder)) == [1, 3, 7, 5, 0, 2, 4, 6]
+    text = Decoder("text", "text")
+    assert list(longest_first(np.array([0, 1, 2]), [{"text": "ab"}, {"text": "abcd"}, {"text": ""}], text)) == [1, 0, 2]
+    assert list(longest_first(np.array([2, 0]), rows, Decoder("image", "image"))) == [2, 0]  # images: as given
+
+
+def test_precision_is_checked_and_stored_with_the_cache(tmp_path, media, tiny_bert):
+    from featx.errors import FeatxError
+    with pytest.raises(FeatxError, match="--precision bf16 needs a CUDA device"):
+        extract(media, [tiny_bert], tmp_path / "o", precision="bf16", device="cpu", progress=False)
+    with pytest.raises(FeatxError, match="--precision must be one of"):
+        extract(media, [tiny_bert], tmp_path / "o", precision="half", device="cpu", progress=False)
+    with pytest.raises(FeatxError, match="--max-batch-seconds must be positive"):
+        extract(media, [tiny_bert], tmp_path / "o", max_batch_seconds=0, device="cpu", progress=False)
+    res = extract(media, [tiny_bert], tmp_path / "o", device="cpu", progress=False)
+    with open_cache(res.paths[0]) as c:
+        assert c.attrs["precision"] == "fp32"
+
+
 def test_padding_would_change_a_group_norm_model_so_featx_does_not_pad_it(tiny_wavlm_group, media):
     # The guarantee above is not vacuous: zero-padding one input changes a group-norm model's frames.
     from transformers import AutoModel

@@ -74,8 +74,14 @@ class Encoder:
         """(hidden_states, mask): L tensors (B, T, D) and a (B, T) bool mask of valid positions."""
         raise NotImplementedError
 
+    precision = "auto"  # set by the pipeline: auto | fp32 | bf16 | fp16
+
     def autocast(self):
-        """bf16 autocast on CUDA (fp32 on the CPU, where the numbers must match a plain forward)."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """Autocast for `precision`: auto = bf16 on CUDA and fp32 on the CPU (where the numbers must match a
+        plain forward); fp16/bf16 autocast on CUDA; fp32 none."""
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if self.device.type == "cuda" and self.precision == "auto":
+            half = torch.bfloat16
+        if half is not None and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=half)
         return contextlib.nullcontext()
