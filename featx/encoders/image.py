@@ -32,7 +32,9 @@ class ImageEncoder(Encoder):
             loader = AutoModel
         self._finish_load(from_pretrained(loader, name, "weights", trust_remote_code=trust_remote_code))
         size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None)
-        self.attrs = {"image_size": str(dict(size)) if size else ""}
+        # transformers 5 resizes with torchvision when it is installed (featx[vision]; about half the CPU time
+        # per image) and with PIL otherwise; the two round differently, so the class is a setting of the cache.
+        self.attrs = {"image_size": str(dict(size)) if size else "", "image_processor": type(self.processor).__name__}
 
     def preprocessor(self):
         return _Pixels(self.processor)
