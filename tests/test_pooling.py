@@ -1,0 +1,23 @@
+"""featx.pooling against a numpy reference: padding never enters the mean."""
+import numpy as np
+import torch
+
+from featx.pooling import cls, masked_mean, pool
+
+
+def test_masked_mean_and_cls_match_numpy_and_ignore_padding():
+    rng = np.random.default_rng(0)
+    L, B, T, D = 3, 5, 7, 4
+    hidden = rng.standard_normal((L, B, T, D)).astype(np.float32)
+    lengths = np.array([7, 1, 3, 6, 2])
+    mask = np.arange(T)[None, :] < lengths[:, None]
+    hidden[:, ~mask] = 1e6  # padding holds junk: it must not reach the mean
+    got = masked_mean([torch.from_numpy(h) for h in hidden], torch.from_numpy(mask)).numpy()
+    want = np.stack([[hidden[layer, b, :lengths[b]].mean(0) for layer in range(L)] for b in range(B)])
+    assert got.shape == (B, L, D) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    first = cls([torch.from_numpy(h) for h in hidden]).numpy()
+    np.testing.assert_array_equal(first, hidden[:, :, 0].transpose(1, 0, 2))
+    both = pool([torch.from_numpy(h).to(torch.bfloat16) for h in hidden[:, :, :1]],
+                torch.ones(B, 1, dtype=torch.bool), ["mean", "cls"])
+    assert both["mean"].dtype == torch.float32 and torch.equal(both["mean"], both["cls"])
