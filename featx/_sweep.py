@@ -21,6 +21,8 @@ from featx.probe import BatchedLinearProbe, LayerProbe, infer_task, inner_split,
 
 COLUMNS = ["encoder", "modality", "num_layers", "layer", "pooling", "probe", "method", "train_size", "seed",
            "split", "metric", "value"]
+# layer_weights.csv: one row per fit (seed, unit, training size) and layer; method ties it to its results rows.
+WEIGHT_COLUMNS = ["encoder", "modality", "seed", "layer", "weight", "train_size", "method"]
 _DEV_NAMES = {"dev", "valid", "val", "validation"}
 
 
@@ -201,8 +203,7 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
     df = df.astype({"num_layers": int, "layer": int, "train_size": float, "seed": int, "value": float})
     df.to_csv(os.path.join(out, "results.csv"), index=False)
     df.to_parquet(os.path.join(out, "results.parquet"), index=False)
-    pd.DataFrame(weight_rows, columns=["encoder", "modality", "seed", "layer", "weight"]).to_csv(
-        os.path.join(out, "layer_weights.csv"), index=False)
+    pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
     best_layer_table(df, task).to_csv(os.path.join(out, "best_layers.csv"), index=False)
     primary = metrics.PRIMARY[task]
     chance = chance_parts[0] if chance_parts else {}
@@ -249,8 +250,8 @@ def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, de
 
             w = WeightedLayerProbe(random_state=seed).fit(d.X[fit], y[fit], d.X[dev], y[dev])
             w_pooler.add(y[dev], w.predict(d.X[dev]), y[test], w.predict(d.X[test]))
-            weight_rows.extend(dict(encoder=d.encoder, modality=d.modality, seed=seed, layer=l, weight=float(v))
-                               for l, v in zip(d.layers, w.weights_))
+            weight_rows.extend(dict(encoder=d.encoder, modality=d.modality, seed=seed, layer=l, weight=float(v),
+                                    train_size=size, method="weighted") for l, v in zip(d.layers, w.weights_))
         if chance_parts is not None:
             chance_pooler.append((y[fit], y[test]))
         bar.update(1)
@@ -334,7 +335,8 @@ def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_
                 est.fit([x[fit] for x in Xs], y[fit], [x[dev] for x in Xs], y[dev])
             poolers[method].add(y[dev], est.predict([x[dev] for x in Xs]), y[test], est.predict([x[test] for x in Xs]))
             if method == "gated" and fusion_layer == "weighted":
-                weight_rows.extend(dict(encoder=d.encoder, modality=d.modality, seed=seed, layer=l, weight=float(v))
+                weight_rows.extend(dict(encoder=d.encoder, modality=d.modality, seed=seed, layer=l, weight=float(v),
+                                        train_size=size, method="fusion-gated")
                                    for d, w in zip(datas, est.weights_) for l, v in zip(d.layers, w))
         bar.update(1)
     for method, pooler in poolers.items():

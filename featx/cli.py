@@ -154,7 +154,8 @@ def _manifest(sub):
 
 def _report(sub):
     p = sub.add_parser("report", help="layer-wise plots, CKA heatmaps and a summary table as HTML + Markdown")
-    p.add_argument("results", nargs="+", help="results directories written by `featx probe`")
+    p.add_argument("results", nargs="+", help="results directories written by `featx probe`, `fuse` or `finetune`; "
+                   "several share one page and one summary table")
     p.add_argument("--out", required=True, help="output folder: report.html, summary.md, figures/*.png")
     p.add_argument("--relative-depth", action="store_true", default=False,
                    help="plot layers as relative depth (layer / output layer) to compare encoders of other depths")

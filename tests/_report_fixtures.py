@@ -100,11 +100,14 @@ def make_results_dir(path, task="regression", encoders=ENCODERS, seeds=(0, 1, 2)
     if weights:
         wrows = []
         for encoder, modality, num_layers, peak_layer, peak in encoders:
-            for s in seeds:
-                logits = 3 * _curve(num_layers, peak_layer, 1.0) + rng.normal(0, 0.2, num_layers + 1)
-                w = np.exp(logits) / np.exp(logits).sum()
-                wrows += [{"encoder": encoder, "modality": modality, "seed": s, "layer": l, "weight": w[l]}
-                          for l in range(num_layers + 1)]
+            for ts in train_sizes:
+                # Fewer labels: the weights stay near the bottom layer, so every size's bars differ.
+                at = peak_layer if ts == max(train_sizes) else 0
+                for s in seeds:
+                    logits = 3 * _curve(num_layers, at, 1.0) + rng.normal(0, 0.2, num_layers + 1)
+                    w = np.exp(logits) / np.exp(logits).sum()
+                    wrows += [{"encoder": encoder, "modality": modality, "seed": s, "layer": l, "weight": w[l],
+                               "train_size": ts, "method": "weighted"} for l in range(num_layers + 1)]
         pd.DataFrame(wrows).to_csv(os.path.join(path, "layer_weights.csv"), index=False)
 
     chance = ({"mae": 1.45, "corr": 0.0, "acc2_has0": 0.57, "f1_has0": 0.41, "acc2_non0": 0.58, "f1_non0": 0.42,

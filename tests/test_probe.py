@@ -115,8 +115,9 @@ def test_cli_probe_writes_tables_and_recipe(tmp_path):
     assert list(df.columns) == COLUMNS and set(df.method) == {"layer", "weighted"}
     assert set(df.layer) == {1, 2, 3, -1}
     w = pd.read_csv(out / "layer_weights.csv")
-    assert list(w.columns) == ["encoder", "modality", "seed", "layer", "weight"]
+    assert list(w.columns) == ["encoder", "modality", "seed", "layer", "weight", "train_size", "method"]
     assert w.weight.sum() == pytest.approx(1.0, abs=1e-5)
+    assert set(w.method) == {"weighted"} and set(w.train_size) == {1.0} and sorted(w.layer) == [1, 2, 3]
     assert list(pd.read_csv(out / "results.csv").columns) == COLUMNS
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"caches: [c.h5]\nout: out2\nprobe: batched\ntrain_sizes: [0.5, 1.0]\n")
@@ -148,3 +149,43 @@ def test_classifier_roundtrip(tmp_path, task):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(Exception):
         Classifier.load(str(tmp_path / "bad.safetensors"))
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Torch on one thread: the tiny fits here are far slower with two threads on two busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_layer_weights_rows_name_their_training_size_and_method(tmp_path, one_torch_thread):
+    """Each weight row is tied to its results rows by (encoder, modality, seed, train_size, method)."""
+    Xa, y = planted(n=200, num_layers=4, dim=8, k=3, seed=1)
+    Xb, _ = planted(n=200, num_layers=3, dim=8, k=1, seed=2, signal=np.random.default_rng(1).standard_normal(200))
+    splits = standard_splits(200)
+    a = write_cache(tmp_path / "a.h5", Xa, _ids(200), y, splits, model="toy/a", modality="text")
+    b = write_cache(tmp_path / "b.h5", Xb, _ids(200), y, splits, model="toy/b", modality="audio")
+    df = run_probe([a, b], tmp_path / "out", probe="batched", weighted=True, fusion=["gated"],
+                   fusion_layer="weighted", seeds=[0, 1], train_sizes=[0.25, 1.0], progress=False)
+    w = pd.read_csv(tmp_path / "out" / "layer_weights.csv")
+    assert list(w.columns) == ["encoder", "modality", "seed", "layer", "weight", "train_size", "method"]
+    keys = ["encoder", "modality", "seed", "train_size"]
+    weighted = w[w.method == "weighted"]
+    ran = df[df.method == "weighted"][keys].drop_duplicates()
+    assert sorted(map(tuple, weighted[keys].drop_duplicates().values)) == sorted(map(tuple, ran.values))
+    assert len(ran) == 2 * 2 * 2
+    # One softmax per fit: each (run, method) group holds every layer once and sums to 1.
+    for (enc, _, _, _, method), g in w.groupby(keys + ["method"]):
+        assert sorted(g.layer) == list(range(4 if enc == "toy/a" else 3))
+        assert g.weight.sum() == pytest.approx(1.0, abs=1e-5), (enc, method)
+    gated = w[w.method == "fusion-gated"]
+    fused = df[df.method == "fusion-gated"][["seed", "train_size"]].drop_duplicates()
+    assert sorted(map(tuple, gated[["seed", "train_size"]].drop_duplicates().values)) == sorted(
+        map(tuple, fused.values)) and set(gated.encoder) == {"toy/a", "toy/b"}
+    # The full-data weighted sum of cache a favours its planted layer.
+    full_a = weighted[(weighted.encoder == "toy/a") & (weighted.train_size == 1.0)].groupby("layer").weight.mean()
+    assert full_a.idxmax() == 3

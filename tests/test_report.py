@@ -16,7 +16,7 @@ from featx.cli import main
 from featx.errors import FeatxError
 from featx.report import build_report, cka_matrix
 from featx.report import plots
-from featx.report.results import derive_best_layers, findings, load_results, summary_table
+from featx.report.results import SUMMARY_COLUMNS, derive_best_layers, findings, load_results, summary_table
 
 matplotlib.use("Agg")
 RANDOM_NOTE = "CLIP-ViT and WavLM here are randomly initialised tiny models."
@@ -180,7 +180,11 @@ def test_learning_curves_and_layer_weights(mosi):
     fig = plots.plot_layer_weights(res)
     heights = [p.get_height() for p in fig.axes[2].patches]
     w = res.layer_weights[res.layer_weights["encoder"] == "bert-base-uncased"]
-    np.testing.assert_allclose(heights, w.groupby("layer")["weight"].mean())
+    assert sorted(w["train_size"].unique()) == [0.1, 0.25, 0.5, 1.0]
+    # The bars are the full-data weights, not a mean over every training size.
+    np.testing.assert_allclose(heights, w[w["train_size"] == 1.0].groupby("layer")["weight"].mean())
+    assert not np.allclose(heights, w.groupby("layer")["weight"].mean(), atol=1e-3)
+    assert "at training size 1;" in " ".join(fig.get_suptitle().split())
 
 
 def test_minimal_results_dir_without_optional_files(tmp_path):
@@ -269,3 +273,162 @@ def test_html_renders_in_headless_chromium(mosi, tmp_path):
     # The notes box (background #fff4d6) is drawn near the top; the figures below are not blank.
     assert (np.abs(top - [0xff, 0xf4, 0xd6]).sum(-1) <= 3).sum() > 20000
     assert img[800:].std() > 0.1
+
+
+# ------------------------------------------------------------------------------------------ finetune beside probes
+def _text_manifest(folder, n=30):
+    """Texts of featx.tiny's vocabulary, label = the sentiment word's class; splits train/dev/test."""
+    pos, neg = "good great happy love fun wonderful".split(), "bad awful sad hate boring terrible".split()
+    rows = [{"id": f"t{i}", "text": f"the movie was {(pos if i % 2 else neg)[i % 6]}",
+             "label": "pos" if i % 2 else "neg", "split": ["train", "train", "train", "dev", "test"][i % 5]}
+            for i in range(n)]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "manifest.csv")
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, tiny_bert):
+    """A real `featx finetune` results folder: tiny BERT cut at its last layer (2), two training sizes."""
+    import torch
+
+    from featx.finetune import finetune
+
+    d = tmp_path_factory.mktemp("ft")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on two busy cores: one thread is far faster
+    try:
+        finetune(_text_manifest(str(d / "data")), [tiny_bert], str(d / "ft"), layers=["last"], epochs=2,
+                 train_sizes=[0.5, 1.0], batch_size=8, lr=1e-3, progress=False, save_model=False)
+    finally:
+        torch.set_num_threads(threads)
+    return str(d / "ft")
+
+
+def _finetune_score(ft_dir, metric):
+    rows = pd.read_csv(os.path.join(ft_dir, "results.csv"))
+    sel = rows[(rows["metric"] == metric) & (rows["split"] == "test") & (rows["train_size"] == 1.0)]
+    assert len(sel) == 1 and set(sel["method"]) == {"finetune"} and sel["layer"].item() == 2
+    return sel["value"].item()
+
+
+def test_report_lists_finetune_rows_beside_probe_rows(finetuned, tiny_bert, tmp_path, capsys):
+    probe = make_results_dir(str(tmp_path / "probe"), task="classification", train_sizes=(0.5, 1.0),
+                             encoders=[(tiny_bert, "text", 2, 1, 0.5)], fusion=False)
+    out = tmp_path / "out"
+    assert main(["report", probe, finetuned, "--out", str(out), "--no-cka"]) == 0
+    capsys.readouterr()
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "## Summary: best layer vs output layer vs weighted sum vs fusion vs fine-tuning" in md
+    header = next(l for l in md.splitlines() if l.startswith("| results |"))
+    assert header.endswith("| weighted sum | fusion | fine-tuned |")
+    # The finetune row: its test score at the full training size (not the mean with size 0.5), method finetune.
+    acc, f1 = _finetune_score(finetuned, "acc"), _finetune_score(finetuned, "f1_macro")
+    label = f"{tiny_bert} finetune-concat (layer 2)"
+    for metric, value in (("accuracy", acc), ("macro F1", f1)):
+        assert f"| ft | {label} | text | {metric} | – | – | – | – | – | – | {value:.3f} |" in md
+        assert f"<td>{value:.3f}</td>" in html
+    # The probe rows of the same page keep their numbers and show '–' for fine-tuning.
+    best = pd.read_csv(os.path.join(probe, "best_layers.csv")).query("metric == 'acc'").iloc[0]
+    probe_row = next(l for l in md.splitlines() if l.startswith(f"| probe | {tiny_bert} | text | accuracy |"))
+    assert f"| {int(best['best_layer'])} | {best['best_value']:.3f} |" in probe_row and probe_row.endswith("| – |")
+    # Score-vs-layer plots for the probe folder only; the finetune folder gets its learning curve and a note.
+    names = {os.path.basename(p.split("](")[1].rstrip(")")) for p in md.splitlines() if p.startswith("![")}
+    assert {"probe_layers_acc.png", "probe_learning_acc.png", "ft_learning_f1_macro.png"} <= names
+    assert not [n for n in names if n.startswith("ft_layers")]
+    assert "## ft: fine-tuned model" in md
+    table = summary_table(load_results(finetuned), ["acc"])
+    assert table["fine-tuned"].tolist() == [pytest.approx(acc)] and table["best layer"].isna().all()
+
+
+def test_single_probe_folder_report_has_no_finetune_column(mosi):
+    res, paths = mosi
+    assert list(summary_table(res).columns) == SUMMARY_COLUMNS and not res.has_finetune
+    md = open(paths["md"], encoding="utf-8").read()
+    assert "fine-tuned" not in md and "## Summary: best layer vs output layer vs weighted sum vs fusion\n" in md
+
+
+def test_finetune_rows_in_a_probe_table_leave_the_layer_plots_alone(finetuned, tiny_bert, tmp_path):
+    """Finetune rows appended to a probe's results.csv (layers 0..1 probed; the model was cut at layer 2)."""
+    d = make_results_dir(str(tmp_path / "both"), task="classification", train_sizes=(0.5, 1.0),
+                         encoders=[(tiny_bert, "text", 1, 1, 0.5)], fusion=False, weights=False)
+    probe_rows = pd.read_csv(os.path.join(d, "results.csv"))
+    both = pd.concat([probe_rows, pd.read_csv(os.path.join(finetuned, "results.csv"))], ignore_index=True)
+    both.to_csv(os.path.join(d, "results.csv"), index=False)
+    os.remove(os.path.join(d, "results.parquet"))
+    res = load_results(d)
+    assert res.has_finetune and res.last_layer(tiny_bert, "text") == 1
+    acc = _finetune_score(finetuned, "acc")
+    ax = plots.plot_layer_curves(res, "acc", relative_depth=True).axes[0]
+    curve = next(l for l in ax.get_lines() if l.get_marker() == "o")
+    np.testing.assert_allclose(curve.get_xdata(), [0.0, 1.0])
+    flat = [l for l in ax.get_lines() if l.get_label().startswith("finetune tiny-bert")]
+    assert len(flat) == 1 and flat[0].get_ydata()[0] == pytest.approx(acc)
+    lc = plots.plot_learning_curves(res, "acc")
+    labels = [t.get_text() for t in lc.axes[0].get_legend().get_texts()]
+    assert "output layer (1)" in labels or "best = output layer (1)" in labels
+    table = summary_table(res, ["acc"])
+    assert table["encoder"].tolist() == [tiny_bert, f"{tiny_bert} finetune-concat (layer 2)"]
+    assert pd.isna(table["fine-tuned"][0]) and table["fine-tuned"][1] == pytest.approx(acc)
+    paths = build_report(d, str(tmp_path / "out"), cka=False)
+    assert any(p.endswith("both_layers_acc.png") for p in paths["pngs"])
+
+
+def test_report_refuses_a_folder_that_is_not_results_in_one_line(tmp_path, capsys):
+    good = make_results_dir(str(tmp_path / "res"), task="classification", train_sizes=(1.0,), fusion=False,
+                            weights=False, encoders=[("bert", "text", 2, 1, 0.5)])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    bad_csv = tmp_path / "bad"
+    bad_csv.mkdir()
+    (bad_csv / "results.csv").write_text("encoder,layer\n\"bert,0\n")
+    for other, said in ((tmp_path / "empty", "is not a featx results directory"),
+                        (tmp_path / "file.txt", "is not a directory"),
+                        (bad_csv, "cannot read results")):
+        assert main(["report", good, str(other), "--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("featx report: error:") and said in err and err.count("\n") == 1, err
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Torch on one thread: the tiny fits here are far slower with two threads on two busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_report_plots_the_full_data_weights_of_a_real_probe_run(tmp_path, one_torch_thread):
+    from _synthetic import planted, standard_splits, write_cache as write_planted
+    from featx._sweep import run_probe
+
+    ids, splits = [f"i{i}" for i in range(200)], standard_splits(200)
+    X, y = planted(n=200, num_layers=4, dim=8, k=3, seed=4)
+    Xb, _ = planted(n=200, num_layers=3, dim=8, k=1, seed=5)
+    a = write_planted(tmp_path / "a.h5", X, ids, y, splits, model="toy/a")
+    b = write_planted(tmp_path / "b.h5", Xb, ids, y, splits, model="toy/b", modality="audio")
+    run_probe([a, b], tmp_path / "res", probe="batched", weighted=True, fusion=["gated"], fusion_layer="weighted",
+              train_sizes=[0.1, 1.0], seeds=2, progress=False)
+    res = load_results(tmp_path / "res")
+    w = res.layer_weights
+    assert sorted(w["train_size"].unique()) == [0.1, 1.0] and set(w["method"]) == {"weighted", "fusion-gated"}
+    fig = plots.plot_layer_weights(res)
+    # One panel per encoder and method: the weighted sum's and the gated fusion's weights are not averaged.
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["a (text)\nweighted", "b (audio)\nweighted", "a (text)\nfusion-gated",
+                      "b (audio)\nfusion-gated"]
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    wa = w[(w["encoder"] == "toy/a") & (w["method"] == "weighted")]
+    np.testing.assert_allclose(heights, wa[wa["train_size"] == 1.0].groupby("layer")["weight"].mean())
+    assert int(np.argmax(heights)) == 3
+    # A layer_weights.csv from before train_size / method: every row of an encoder is plotted, as before.
+    pd.read_csv(tmp_path / "res" / "layer_weights.csv").drop(columns=["train_size", "method"]).to_csv(
+        tmp_path / "res" / "layer_weights.csv", index=False)
+    old = load_results(tmp_path / "res")
+    heights = [p.get_height() for p in plots.plot_layer_weights(old).axes[0].patches]
+    np.testing.assert_allclose(heights, w[w["encoder"] == "toy/a"].groupby("layer")["weight"].mean())

@@ -1,4 +1,4 @@
-"""build_report: results directories in, one HTML file, a Markdown summary and the PNGs out."""
+"""build_report: results directories (probe, fuse, finetune) in, one HTML file, a Markdown summary and the PNGs out."""
 from __future__ import annotations
 
 import itertools
@@ -59,12 +59,19 @@ def _result_sections(res, fig_dir, pngs, relative_depth):
     if fig is not None:
         layer_figs.append((_save(fig, fig_dir, f"{res.name}_layers_other_metrics", pngs),
                            f"{res.name}: the other metrics by layer"))
-    sections.append(Section(
-        f"{res.name}: score against layer", level=2, figures=layer_figs,
-        paragraphs=[f"Task: {res.meta.get('task', 'unknown')}; scores on the {res.eval_split} split at the full "
-                    f"training size; primary metric {METRIC_LABELS.get(primary, primary)}. Stars mark the layer "
-                    f"chosen on {res.selection_split}; the dashed grey line is the chance / majority baseline"
-                    + ("; x is relative depth (layer / output layer)." if relative_depth else ".")]))
+    if not layer_figs and res.has_finetune:
+        # A `featx finetune` folder: whole-model scores only, no layer axis to plot them on.
+        sections.append(Section(f"{res.name}: fine-tuned model", level=2, paragraphs=[
+            f"Task: {res.meta.get('task', 'unknown')}; no per-layer scores in these results. The fine-tuned "
+            f"models' {res.eval_split} scores at the full training size (epoch chosen on dev) are in the "
+            f"summary table."]))
+    else:
+        sections.append(Section(
+            f"{res.name}: score against layer", level=2, figures=layer_figs,
+            paragraphs=[f"Task: {res.meta.get('task', 'unknown')}; scores on the {res.eval_split} split at the "
+                        f"full training size; primary metric {METRIC_LABELS.get(primary, primary)}. Stars mark the "
+                        f"layer chosen on {res.selection_split}; the dashed grey line is the chance / majority "
+                        "baseline" + ("; x is relative depth (layer / output layer)." if relative_depth else ".")]))
     fig = plots.plot_layer_weights(res)
     if fig is not None:
         sections.append(Section(f"{res.name}: learned layer weights", level=3, figures=[
@@ -107,7 +114,9 @@ def _cka_section(cache_paths, fig_dir, pngs, debiased):
 def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(), cka=True, debiased=True):
     """Write report.html (self-contained), summary.md and figures/*.png under `out`.
 
-    results_dirs: one path or a list of results directories written by `featx probe`.
+    results_dirs: one path or a list of results directories written by `featx probe`, `featx fuse` or
+    `featx finetune`; their rows share the summary tables (a 'results' column names the folder of each row, and
+    a 'fine-tuned' column holds each fine-tuned model's dev-selected test score when any folder has one).
     caches: HDF5 caches for the CKA heatmaps (default: those listed in each meta.json).
     notes: text shown at the top, e.g. which models are randomly initialised; each meta.json's "notes" are added.
     Returns {"html": path, "md": path, "pngs": [paths]}.
@@ -126,17 +135,21 @@ def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(),
     all_notes = list(dict.fromkeys(all_notes))
     meta_lines = [f"Results: {', '.join(r.path for r in results)}"]
 
-    summary = Section("Summary: best layer vs output layer vs weighted sum vs fusion", paragraphs=[
+    finetune = any(r.has_finetune for r in results)
+    summary = Section("Summary: best layer vs output layer vs weighted sum vs fusion"
+                      + (" vs fine-tuning" if finetune else ""), paragraphs=[
         "The primary metric and the next one. Scores on the test split (cross-validation where there is none), "
         "mean over seeds. The best layer is chosen "
         "on dev; 'best minus output' is positive when the best layer is better than the output layer (for MAE, "
-        "when it is lower). '–' means not run."])
+        "when it is lower). "
+        + ("'fine-tuned' is the jointly fine-tuned model's score, each run's epoch chosen on dev. "
+           if finetune else "") + "'–' means not run."])
     appendix = Section("All metrics", paragraphs=["The summary table for every metric."])
     for r in results:
         name = r.name if len(results) > 1 else None
-        summary.tables.append(_fmt(summary_table(r, r.metrics[:2]), name))  # for MSA: MAE and Corr
+        summary.tables.append(_fmt(summary_table(r, r.metrics[:2], finetune), name))  # for MSA: MAE and Corr
         summary.bullets += [f"{r.name}: {s}" if name else s for s in findings(r)]
-        appendix.tables.append(_fmt(summary_table(r, r.metrics), name))
+        appendix.tables.append(_fmt(summary_table(r, r.metrics, finetune), name))
     if len(results) > 1:
         summary.tables = [pd.concat(summary.tables, ignore_index=True)]
         appendix.tables = [pd.concat(appendix.tables, ignore_index=True)]

@@ -14,7 +14,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-from featx.report.results import METRIC_LABELS, best_layer, layer_curves, learning_curves, method_scores
+from featx.report.results import (METRIC_LABELS, best_layer, full_data_weights, layer_curves, learning_curves,
+                                  method_scores)
 
 _STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
           "xtick.labelsize": 10, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": True,
@@ -32,7 +33,7 @@ def metric_label(res, metric, direction=True):
 
 def encoder_colors(res):
     """A fixed colour per encoder (tab10, in the order the encoders appear), shared by all figures of `res`."""
-    single = res.rows[~res.rows["method"].str.startswith("fusion")]
+    single = res.rows[~res.rows["method"].str.startswith("fusion") & (res.rows["method"] != "finetune")]
     cycle = matplotlib.colormaps["tab10"].colors
     return {enc: cycle[i % len(cycle)] for i, enc in enumerate(dict.fromkeys(single["encoder"]))}
 
@@ -40,6 +41,11 @@ def encoder_colors(res):
 def short_name(name):
     """A model name for display: the last path component of each '+'-joined part ('a/bert+/m/clip' -> 'bert+clip')."""
     return "+".join(os.path.basename(part.rstrip("/")) or part for part in str(name).split("+"))
+
+
+def _suptitle(fig, text):
+    """Set the figure title, wrapped to the figure's width (a one-panel figure is narrower than its title)."""
+    fig.suptitle(textwrap.fill(text, max(40, int(fig.get_figwidth() * 10))))
 
 
 def _panel_title(encoder, modality):
@@ -72,7 +78,9 @@ def _draw_layer_curves(ax, res, metric, relative_depth, detailed):
             xb = at["layer"] / last if relative_depth else at["layer"]
             ax.plot(xb, at["mean"], ls="none", marker="*", ms=17 if detailed else 13, color=color, mec="black",
                     mew=1.0, zorder=5)
-    fusion = method_scores(res, metric, sorted(m for m in set(res.rows["method"]) if m.startswith("fusion")))
+    # Whole-model scores (fusion, fine-tuning) have no layer axis: horizontal lines.
+    fusion = method_scores(res, metric, sorted(m for m in set(res.rows["method"])
+                                               if m.startswith("fusion") or m == "finetune"))
     for style, row in zip(_FUSION_STYLES, fusion.itertuples()):
         ax.axhline(row.mean, color="black", ls=style, lw=1.5,
                    label=f"{row.method} {short_name(row.encoder)}" + (f" ({row.mean:.3f})" if detailed else ""))
@@ -132,35 +140,41 @@ def plot_layer_curves(res, metrics, relative_depth=False):
 
 
 def plot_layer_weights(res):
-    """Bars of the learned layer weights per encoder (mean ± s.d. over seeds), dashed uniform 1/L line.
+    """Bars of the learned layer weights per encoder (mean ± s.d. over seeds), dashed uniform 1/L line; the
+    weights fitted on the largest training size only, one panel per method when several learned weights.
     Returns a Figure or None when the results have no layer weights."""
-    w = res.layer_weights
+    w = full_data_weights(res)
     if w is None or w.empty:
         return None
     colors = encoder_colors(res)
-    groups = list(w.groupby(["encoder", "modality"], sort=False))
+    by_method = w["method"].nunique() > 1
+    groups = list(w.groupby(["encoder", "modality"] + (["method"] if by_method else []), sort=False))
     ncols = min(len(groups), 3)
     nrows = -(-len(groups) // ncols)
     with matplotlib.rc_context(_STYLE):
         fig = Figure(figsize=(4.6 * ncols, 3.6 * nrows + 0.5), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax, ((enc, mod), g) in zip(axes.flat, groups):
+        for ax, (key, g) in zip(axes.flat, groups):
+            enc, mod = key[:2]
             stats = g.groupby("layer")["weight"].agg(["mean", "std"])
             spread = stats["std"] if g.groupby("layer").size().max() > 1 else None
             ax.bar(stats.index, stats["mean"], yerr=spread, capsize=2, color=colors.get(enc, "C0"), alpha=0.85)
             ax.axhline(1.0 / len(stats), color="0.35", ls="--", lw=1.2)
-            ax.set_title(_panel_title(enc, mod))
+            ax.set_title(_panel_title(enc, mod) + (f"\n{key[2]}" if by_method else ""))
             ax.set_xlabel("layer")
             ax.set_ylabel("learned weight")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(axis="x", visible=False)
         for ax in axes.flat[len(groups):]:
             ax.set_visible(False)
-        # layer_weights.csv may hold one row per fold or training size too, not only per seed: count the fits.
-        fits = int(w.groupby(["encoder", "modality", "layer"]).size().max())
+        # layer_weights.csv holds one row per fold too, not only per seed: count the fits.
+        fits = int(w.groupby(["encoder", "modality", "method", "layer"]).size().max())
         seeds = int(w["seed"].nunique())
-        fig.suptitle(f"{res.name}: learned layer weights (softmax), mean ± s.d. over {fits} fit{'s' * (fits > 1)}"
-                     f" ({seeds} seed{'s' * (seeds > 1)}); dashed = uniform 1/L")
+        several = res.layer_weights["train_size"].nunique() > 1
+        _suptitle(fig, f"{res.name}: learned layer weights (softmax), mean ± s.d. over {fits} fit{'s' * (fits > 1)}"
+                  f" ({seeds} seed{'s' * (seeds > 1)})"
+                  + (f" at training size {w['train_size'].iloc[0]:g}" if several else "")
+                  + "; dashed = uniform 1/L")
     return fig
 
 
@@ -202,8 +216,8 @@ def plot_learning_curves(res, metric):
             ax.set_visible(False)
         for ax in axes[:, 0]:
             ax.set_ylabel(metric_label(res, metric))
-        fig.suptitle(f"{res.name}: {metric_label(res, metric, False)} against training labels "
-                     f"({res.eval_split} split, mean ± s.d. over seeds)")
+        _suptitle(fig, f"{res.name}: {metric_label(res, metric, False)} against training labels "
+                  f"({res.eval_split} split, mean ± s.d. over seeds)")
     return fig
 
 

@@ -1,4 +1,5 @@
-"""Read a results directory written by `featx probe` and reduce it to what the report shows.
+"""Read a results directory written by `featx probe`, `featx fuse` or `featx finetune` and reduce it to what the
+report shows.
 
 A results directory holds results.csv (or results.parquet), and optionally best_layers.csv, layer_weights.csv and
 meta.json. Only results are required; every other file and every optional column has a fallback.
@@ -37,7 +38,7 @@ class Results:
     name: str
     rows: pd.DataFrame  # one row per (encoder, layer, method, train_size, seed, split, metric): value
     best_layers: pd.DataFrame  # encoder, modality, metric, best_layer, best_value, output_layer_value, ...
-    layer_weights: pd.DataFrame | None  # encoder, modality, seed, layer, weight; None when not run
+    layer_weights: pd.DataFrame | None  # encoder, modality, seed, layer, weight, train_size, method; None if not run
     meta: dict = field(default_factory=dict)
     selection_split: str = "dev"  # the split the best layers were chosen on
 
@@ -91,7 +92,9 @@ class Results:
     def last_layer(self, encoder, modality):
         """Index of the output layer of an encoder: the deepest layer probed."""
         r = self.rows
-        return int(r[(r["encoder"] == encoder) & (r["modality"] == modality) & (r["layer"] >= 0)]["layer"].max())
+        # Only probe rows: a fine-tuned model's row carries its cut layer, which need not be the deepest probed.
+        return int(r[(r["encoder"] == encoder) & (r["modality"] == modality) & (r["method"] == "layer")
+                     & (r["layer"] >= 0)]["layer"].max())
 
     @property
     def full_train_size(self):
@@ -101,12 +104,18 @@ class Results:
     def has_learning_curves(self):
         return self.rows["train_size"].nunique() > 1
 
+    @property
+    def has_finetune(self):
+        """Whether the rows hold `featx finetune` results (method finetune)."""
+        return bool((self.rows["method"] == "finetune").any())
+
 
 def _read_table(path, what, required):
     try:
         df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
     except (OSError, ValueError) as e:
-        raise FeatxError(f"cannot read {what} {path}: {e}")
+        detail = str(e).strip().splitlines()
+        raise FeatxError(f"cannot read {what} {path}: {detail[0] if detail else type(e).__name__}")
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise FeatxError(f"{path} lacks the column(s) {', '.join(missing)}")
@@ -127,7 +136,8 @@ def load_results(path):
     """Read the results directory at `path` into a Results; raises FeatxError if it has no results table."""
     path = os.path.abspath(str(path))
     if not os.path.isdir(path):
-        raise FeatxError(f"results directory {path} does not exist")
+        raise FeatxError(f"results directory {path} " + ("is not a directory" if os.path.exists(path)
+                                                          else "does not exist"))
     table = next((os.path.join(path, f) for f in ("results.csv", "results.parquet")
                   if os.path.exists(os.path.join(path, f))), None)
     if table is None:
@@ -149,8 +159,9 @@ def load_results(path):
     weights = None
     weights_path = os.path.join(path, "layer_weights.csv")
     if os.path.exists(weights_path):
+        # Files from before train_size / method were written: one method, training size unknown (NaN).
         weights = _fill(_read_table(weights_path, "layer weights", ("encoder", "layer", "weight")),
-                        {"modality": "", "seed": 0})
+                        {"modality": "", "seed": 0, "method": "weighted", "train_size": np.nan})
         weights = weights.astype({"encoder": str, "layer": int, "weight": float}) if len(weights) else None
 
     res = Results(path=path, name=os.path.basename(path.rstrip(os.sep)), rows=rows, best_layers=pd.DataFrame(),
@@ -260,17 +271,57 @@ def learning_curves(res, metric):
     return pd.concat(parts).groupby(keys, sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
 
 
+def full_data_weights(res):
+    """The learned layer weights of the largest training size (all rows when the file has no train_size).
+
+    Returns a DataFrame like res.layer_weights, or None when the results have no layer weights.
+    """
+    w = res.layer_weights
+    if w is None or w.empty or not w["train_size"].notna().any():
+        return w
+    return w[w["train_size"] == w["train_size"].max()]
+
+
 SUMMARY_COLUMNS = ["encoder", "modality", "metric", "best layer", "best-layer score", "output-layer score",
                    "best minus output", "weighted sum", "fusion"]
+FINETUNE_COLUMN = "fine-tuned"
 
 
-def summary_table(res, metrics=None):
-    """Best layer vs output layer vs weighted sum vs fusion, from best_layers (test scores).
+def _finetune_label(res, encoder, probe, layer):
+    """'enc finetune-concat (layer 2)': the cut layer from the row, or per model from meta.json's encoders."""
+    cut = [int(layer)] if layer >= 0 else \
+        [e["layer"] for e in res.meta.get("encoders") or [] if isinstance(e, dict) and "layer" in e]
+    name = f"{encoder} {probe if str(probe).startswith('finetune') else 'finetune'}"
+    if not cut or (layer < 0 and len(cut) != len(str(encoder).split("+"))):
+        return name
+    return f"{name} (layer{'s' * (len(cut) > 1)} {', '.join(str(k) for k in cut)})"
 
-    metrics: the metrics to keep (default: the primary one). Returns a DataFrame with SUMMARY_COLUMNS;
-    'best minus output' is signed so that a positive number means the best layer is better.
+
+def finetune_table(res, metrics):
+    """Fine-tuned models' scores on the evaluated split at the full training size, mean over seeds (or folds).
+
+    The epoch each run keeps is chosen on dev (early stopping), so this is the dev-selected test score.
+    Returns a DataFrame with columns encoder (labelled with head and cut layer), modality, metric, value.
+    """
+    r = res.rows
+    r = r[(r["method"] == "finetune") & r["metric"].isin(metrics) & (r["split"] == res.eval_split)
+          & (r["train_size"] == res.full_train_size)]
+    g = r.groupby(["encoder", "modality", "probe", "layer", "metric"], sort=False)["value"].mean().reset_index()
+    labels = [_finetune_label(res, e, p, k) for e, p, k in zip(g["encoder"], g["probe"], g["layer"])]
+    return pd.DataFrame({"encoder": labels, "modality": g["modality"], "metric": g["metric"], "value": g["value"]},
+                        columns=["encoder", "modality", "metric", "value"])
+
+
+def summary_table(res, metrics=None, finetune=None):
+    """Best layer vs output layer vs weighted sum vs fusion (vs fine-tuning), from best_layers (test scores).
+
+    metrics: the metrics to keep (default: the primary one). finetune: add the 'fine-tuned' column and one
+    row per fine-tuned model (default: only when the results hold finetune rows). Returns a DataFrame with
+    SUMMARY_COLUMNS (+ 'fine-tuned'); 'best minus output' is signed so that a positive number means the best
+    layer is better.
     """
     metrics = [res.primary_metric] if metrics is None else list(metrics)
+    finetune = res.has_finetune if finetune is None else bool(finetune)
     b = res.best_layers[res.best_layers["metric"].isin(metrics)].copy()
     sign = b["metric"].map(lambda m: 1.0 if res.higher_is_better(m) else -1.0)
     layer = b["best_layer"].where(b["best_layer"].notna() & (b["best_layer"] >= 0))
@@ -279,6 +330,13 @@ def summary_table(res, metrics=None):
                         "output-layer score": b["output_layer_value"],
                         "best minus output": sign * (b["best_value"] - b["output_layer_value"]),
                         "weighted sum": b["weighted_value"], "fusion": b["fusion_value"]})
+    if finetune:
+        out[FINETUNE_COLUMN] = np.nan
+        ft = finetune_table(res, metrics)
+        if len(ft):
+            ft = ft.rename(columns={"value": FINETUNE_COLUMN}).reindex(columns=out.columns)
+            out = pd.concat([out, ft.astype({c: out[c].dtype for c in out.columns})], ignore_index=True) \
+                if len(out) else ft.astype({"best layer": "Int64"})
     order = {m: i for i, m in enumerate(metrics)}
     return out.sort_values("metric", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
