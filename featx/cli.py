@@ -71,7 +71,7 @@ def _extract(sub):
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="text: most padded tokens per forward (batch x longest); default: no limit")
     p.add_argument("--max-batch-seconds", type=float, default=None,
-                   help="audio: most padded seconds per forward (batch x longest); default 20 on the CPU, "
+                   help="audio: most padded seconds per forward (batch x longest); default 8 on the CPU, "
                         "no limit on CUDA")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

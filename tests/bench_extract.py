@@ -277,7 +277,8 @@ def measure_featx(manifest, model_dir, out, args, kind):
     t, cpu = time.perf_counter(), _cpu_seconds()
     with _timed_loads(loads):
         res = extract(manifest, [model_dir], out, pool=args.pool, batch_size=args.batch_size[kind], device=args.device,
-                      dtype=args.dtype, num_workers=args.num_workers, progress=False, overwrite=True)
+                      dtype=args.dtype, num_workers=args.num_workers, progress=False, overwrite=True,
+                      max_batch_tokens=args.max_batch_tokens, max_batch_seconds=args.max_batch_seconds)
     _sync(args.device)
     total, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
     if res.failed:
@@ -315,13 +316,15 @@ class Bare:
         import torch
 
         from featx.encoders import load_encoder
-        from featx.extract import Decoder, Runner
+        from featx.extract import CPU_BATCH_SECONDS, Decoder, Runner, longest_first
         from featx.manifest import read_manifest, source_column
 
         df = read_manifest(manifest)
         self.enc = enc = load_encoder(model_dir, device=args.device)
         decoder = Decoder(enc.modality, source_column(df, enc.modality), getattr(enc, "sample_rate", None),
                           preprocess=enc.preprocessor())
+        rows = df.to_dict("records")
+        order = longest_first(np.arange(len(rows)), rows, decoder)  # featx's order over the whole manifest
         t = time.perf_counter()
         loader = torch.utils.data.DataLoader(_Decoded(df.to_dict("records"), decoder), batch_size=None,
                                              num_workers=args.num_workers, collate_fn=_identity)
@@ -330,11 +333,14 @@ class Bare:
         assert all(len(f) == 1 for f in feats)  # one unit per item (audio is shorter than featx's 30 s windows)
         feats = [f[0] for f in feats]
         bs = args.batch_size[kind]
-        runner = Runner(enc, ["mean"], batch_size=bs)
+        seconds = args.max_batch_seconds or (CPU_BATCH_SECONDS if args.device == "cpu" else None)
+        budget = (args.max_batch_tokens if kind == "text" else seconds * enc.sample_rate
+                  if kind == "audio" and seconds else None)
+        runner = Runner(enc, ["mean"], batch_size=bs, budget=budget)
         group = max(64, 8 * bs)  # featx's default group size: batches are sorted within groups of this many items
         inputs = []
         for g in range(0, len(feats), group):
-            units = [(i, feats[i]) for i in range(g, min(g + group, len(feats)))]
+            units = [(int(i), feats[int(i)]) for i in order[g:g + group]]
             for b in runner.batches(units):
                 x = enc.collate([units[u][1] for u in b])
                 if kind == "audio" and not enc.uses_mask:
@@ -656,6 +662,9 @@ def parse_args(argv=None):
     p.add_argument("--n", default="64", help="items per kind: one number or text=N,image=N,audio=N")
     p.add_argument("--naive-n", default=None, help="items for (c), if fewer than --n (same forms as --n)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="featx's text budget, in (a) and (b)")
+    p.add_argument("--max-batch-seconds", type=float, default=None,
+                   help="featx's audio budget, in (a) and (b) (default: featx's, 8 s on the CPU)")
     p.add_argument("--batch-size", default="16", help="one number or text=B,image=B,audio=B")
     p.add_argument("--num-workers", type=int, default=None,
                    help="featx decoding workers (default: 0 on cpu, cpu_count - 2 on cuda)")
