@@ -217,10 +217,10 @@ class _Distributed:
 class Runner:
     """Runs one encoder over the units of a group of items and combines them into per-item values."""
 
-    def __init__(self, encoder, poolings, seq=False, seq_stride=1, batch_size=16, budget=None):
+    def __init__(self, encoder, poolings, seq=False, seq_stride=1, batch_size=16, budget=None, video=False):
         self.encoder, self.poolings = encoder, list(poolings)
         self.seq, self.seq_stride, self.batch_size = seq, max(1, int(seq_stride)), max(1, int(batch_size))
-        self.budget = budget
+        self.budget, self.video = budget, video  # video: units are frames, and a sequence is one row per frame
 
     def batches(self, units):
         """Length-sorted batches of unit numbers (longest first, so an out-of-memory shows up at once), each
@@ -308,17 +308,16 @@ class Runner:
         seq_out = [unit_seq[u] for u in first] if self.seq else None
         for row, i in enumerate(indices):
             us = by_item[i]
+            if self.seq and self.video:  # the per-frame sequence of frame values, one-frame videos too
+                seq_out[row] = unit_pooled["cls" if "cls" in unit_pooled else "mean"][us]
             if len(us) == 1:
                 continue
             w = unit_count[us].astype(np.float64) if enc.modality == "audio" else np.ones(len(us))
             w = w / w.sum()
             for k in self.poolings:
                 out[k][row] = np.tensordot(w, unit_pooled[k][us], axes=1)
-            if self.seq:
-                if enc.modality == "image":  # video: the per-frame sequence of frame values
-                    seq_out[row] = unit_pooled["cls" if "cls" in unit_pooled else "mean"][us]
-                else:
-                    seq_out[row] = np.concatenate([unit_seq[u] for u in us])
+            if self.seq and not self.video:
+                seq_out[row] = np.concatenate([unit_seq[u] for u in us])
         return np.array(indices, np.int64), out, seq_out, failures
 
 
@@ -403,7 +402,8 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
                           preprocess=encoder.preprocessor())
         budget = (max_batch_tokens if encoder.modality == "text" else max_batch_seconds * encoder.sample_rate
                   if encoder.modality == "audio" and max_batch_seconds else None)
-        runner = Runner(encoder, pools, seq=seq, seq_stride=seq_stride, batch_size=batch_size, budget=budget)
+        runner = Runner(encoder, pools, seq=seq, seq_stride=seq_stride, batch_size=batch_size, budget=budget,
+                        video=modality == "video")
         todo = longest_first(todo, rows, decoder)
         try:
             _run(writer, todo, runner, decoder, rows, num_workers, group_size or max(64, 8 * int(batch_size)),
