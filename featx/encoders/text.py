@@ -1,6 +1,9 @@
 """Text encoders that AutoModel loads (BERT, RoBERTa, MiniLM, ...), with the checkpoint's tokenizer."""
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from featx.encoders.base import Encoder, from_pretrained
 
 
@@ -9,7 +12,9 @@ class _Tokenize:
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, text):
-        return dict(self.tokenizer(text, truncation=True, max_length=self.max_length))
+        # int64 arrays: they cross from DataLoader workers as bytes, and collate fills a batch from them fast
+        return {k: np.asarray(v, dtype=np.int64)
+                for k, v in self.tokenizer(text, truncation=True, max_length=self.max_length).items()}
 
 
 class TextEncoder(Encoder):
@@ -34,7 +39,25 @@ class TextEncoder(Encoder):
         return len(feats["input_ids"])
 
     def collate(self, feats):
-        return dict(self.tokenizer.pad(list(feats), padding=True, return_tensors="pt"))
+        """What `tokenizer.pad(feats, padding=True, return_tensors="pt")` returns (tested against it), filled with
+        numpy: tokenizer.pad walks every token in Python (~0.3 ms per 128-token input, which caps a GPU run)."""
+        tok = self.tokenizer
+        pads = {"input_ids": tok.pad_token_id, "token_type_ids": tok.pad_token_type_id, "attention_mask": 0}
+        if tok.pad_token_id is None or any(k not in pads for k in feats[0]):
+            return dict(tok.pad([{k: v.tolist() for k, v in f.items()} for f in feats], padding=True,
+                                return_tensors="pt"))
+        n, left = max(len(f["input_ids"]) for f in feats), tok.padding_side == "left"
+        out = {}
+        for k in feats[0]:
+            a = np.full((len(feats), n), pads[k], dtype=np.int64)
+            for b, f in enumerate(feats):
+                v = f[k]
+                if left:
+                    a[b, n - len(v):] = v
+                else:
+                    a[b, :len(v)] = v
+            out[k] = torch.from_numpy(a)
+        return out
 
     def forward(self, inputs):
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
