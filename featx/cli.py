@@ -80,7 +80,8 @@ def _extract(sub):
     p.add_argument("--max-length", type=int, default=None, help="text: max tokens (default: the tokenizer's)")
     p.add_argument("--max-audio-seconds", type=float, default=30.0, help="longer audio is processed in windows")
     p.add_argument("--fps", type=float, default=3.0, help="video: frames sampled per second for image encoders")
-    p.add_argument("--num-workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="decoding worker processes (default: 0 on the CPU; on CUDA the CPUs less 2, at most 16)")
     p.add_argument("--trust-remote-code", action="store_true", default=False)
     p.add_argument("--overwrite", action="store_true", default=False, help="start again over an existing cache")
     p.add_argument("--no-progress", action="store_true", default=False)

@@ -323,7 +323,7 @@ class Runner:
 
 def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, batch_size=16, device="auto",
             dtype="float16", precision="auto", max_length=None, max_audio_seconds=30.0, fps=3.0,
-            max_batch_tokens=None, max_batch_seconds=None, num_workers=0, trust_remote_code=False,
+            max_batch_tokens=None, max_batch_seconds=None, num_workers=None, trust_remote_code=False,
             overwrite=False, progress=True, group_size=None) -> ExtractResult:
     """Cache the hidden states of every layer of every item for each model; one HDF5 file per model.
 
@@ -334,6 +334,8 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     Items run longest first (a cheap estimate, see Decoder.estimate) in batches of at most batch_size
     inputs and at most max_batch_tokens padded tokens (text) or max_batch_seconds padded audio seconds
     (default: CPU_BATCH_SECONDS on the CPU, none on CUDA); values are written back in manifest order.
+    num_workers: decoding processes (default: 0 on the CPU, whose cores run the forward; on CUDA the CPUs
+    this process may use less 2, shared among torchrun's local ranks, at most 16).
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried).
     Raises FeatxError for usage/configuration errors, before any model is loaded where it can.
     """
@@ -365,6 +367,10 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     if precision in ("bf16", "fp16") and not device.startswith("cuda"):
         raise FeatxError(f"--precision {precision} needs a CUDA device (the CPU runs fp32)")
     precision = precision if precision != "auto" else "bf16" if device.startswith("cuda") else "fp32"
+    if num_workers is None:
+        num_workers = default_workers(device)
+    if int(num_workers) < 0:
+        raise FeatxError(f"--num-workers must be 0 or more, not {num_workers}")
     if max_batch_seconds is None and not device.startswith("cuda"):
         max_batch_seconds = CPU_BATCH_SECONDS
     os.makedirs(out, exist_ok=True)
@@ -417,6 +423,16 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
         if not dist or dist.rank == 0:
             _print_summary(summary, path)
     return result
+
+
+def default_workers(device) -> int:
+    """Decoding workers when none are asked for: 0 on the CPU; on CUDA this process's CPUs less 2 (the main
+    thread and the writer), shared among the local ranks of a torchrun job, at most 16."""
+    if not str(device).startswith("cuda"):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, cpus // local - 2))
 
 
 def longest_first(todo, rows, decoder):

@@ -150,9 +150,21 @@ def test_precision_is_checked_and_stored_with_the_cache(tmp_path, media, tiny_be
         extract(media, [tiny_bert], tmp_path / "o", precision="half", device="cpu", progress=False)
     with pytest.raises(FeatxError, match="--max-batch-seconds must be positive"):
         extract(media, [tiny_bert], tmp_path / "o", max_batch_seconds=0, device="cpu", progress=False)
+    with pytest.raises(FeatxError, match="--num-workers must be 0 or more"):
+        extract(media, [tiny_bert], tmp_path / "o", num_workers=-1, device="cpu", progress=False)
     res = extract(media, [tiny_bert], tmp_path / "o", device="cpu", progress=False)
     with open_cache(res.paths[0]) as c:
         assert c.attrs["precision"] == "fp32"
+
+
+def test_default_workers_leave_the_cpu_to_the_forward_and_share_cpus_among_local_ranks(monkeypatch):
+    from featx.extract import default_workers
+    cpus = len(os.sched_getaffinity(0))
+    assert default_workers("cpu") == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers("cuda") == max(1, min(16, cpus - 2))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers("cuda:3") == max(1, min(16, cpus // 4 - 2))
 
 
 def test_padding_would_change_a_group_norm_model_so_featx_does_not_pad_it(tiny_wavlm_group, media):
