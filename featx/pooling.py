@@ -15,8 +15,10 @@ def masked_mean(hidden_states, mask) -> torch.Tensor:
     """
     w = mask.to(torch.float32)
     w = (w / w.sum(dim=1, keepdim=True)).unsqueeze(1)  # (B, 1, T): 1/count at valid positions
-    # one batched matrix product per layer: half the time of multiply-then-sum, and no (B, T, D) temporary
-    return torch.cat([torch.bmm(w, h.float()) for h in hidden_states], dim=1)
+    # One batched matrix product per layer: half the time of multiply-then-sum, and no (B, T, D) temporary.
+    # In float32 also inside a caller's bf16/fp16 autocast, which would otherwise run bmm in half precision.
+    with torch.autocast(w.device.type, enabled=False):
+        return torch.cat([torch.bmm(w, h.float()) for h in hidden_states], dim=1)
 
 
 def cls(hidden_states) -> torch.Tensor:

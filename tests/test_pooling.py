@@ -21,3 +21,15 @@ def test_masked_mean_and_cls_match_numpy_and_ignore_padding():
     both = pool([torch.from_numpy(h).to(torch.bfloat16) for h in hidden[:, :, :1]],
                 torch.ones(B, 1, dtype=torch.bool), ["mean", "cls"])
     assert both["mean"].dtype == torch.float32 and torch.equal(both["mean"], both["cls"])
+
+
+def test_masked_mean_stays_float32_inside_a_half_precision_autocast():
+    # bmm is on autocast's half-precision list: without care the means would be rounded to bf16
+    torch.manual_seed(0)
+    hidden = [torch.randn(4, 50, 16) for _ in range(3)]
+    mask = torch.arange(50)[None, :] < torch.tensor([50, 7, 33, 1])[:, None]
+    want = masked_mean(hidden, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = masked_mean(hidden, mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
