@@ -453,10 +453,12 @@ def _run(writer, todo, runner, decoder, rows, num_workers, group_size, progress,
 
     if len(todo) == 0:
         return
-    # Workers hand over lists of decoded items, not one item per message: fewer inter-process hand-offs.
-    loader = torch.utils.data.DataLoader(_Items(rows, todo, decoder), batch_size=16, shuffle=False,
-                                         num_workers=int(num_workers), collate_fn=_identity,
-                                         prefetch_factor=max(2, int(runner.batch_size) // 4) if num_workers else None)
+    # Workers hand over lists of up to 16 decoded items; about two groups in flight keep the forward fed
+    # without holding thousands of decoded images (600 KB each as CLIP pixels) in memory.
+    chunk = max(1, min(16, int(group_size)))
+    prefetch = max(2, math.ceil(2 * group_size / (chunk * int(num_workers)))) if num_workers else None
+    loader = torch.utils.data.DataLoader(_Items(rows, todo, decoder), batch_size=chunk, shuffle=False,
+                                         num_workers=int(num_workers), collate_fn=_identity, prefetch_factor=prefetch)
     bar = tqdm(total=len(todo), unit="item", desc=os.path.basename(str(model).rstrip("/")), disable=not progress,
                dynamic_ncols=True)
     pending, errors = queue.Queue(maxsize=2), []

@@ -103,6 +103,18 @@ def test_padded_budget_changes_the_batches_not_the_values(family, media, tmp_pat
         assert np.abs(a.pooled("mean") - b.pooled("mean")).max() <= 1e-5
 
 
+def test_worker_processes_give_the_same_cache(media, tmp_path, tiny_bert, tiny_wavlm):
+    # groups of 3 items: several hand-offs from each worker, and the same batches on both sides
+    here = extract(media, [tiny_bert, tiny_wavlm], tmp_path / "w0", dtype="float32", device="cpu", group_size=3,
+                   progress=False)
+    workers = extract(media, [tiny_bert, tiny_wavlm], tmp_path / "w3", dtype="float32", device="cpu", num_workers=3,
+                      group_size=3, progress=False)
+    for a_path, b_path in zip(here.paths, workers.paths):
+        with open_cache(a_path) as a, open_cache(b_path) as b:
+            assert list(a.ids) == list(b.ids) and a.done.all() and b.done.all()
+            np.testing.assert_array_equal(a.pooled("mean"), b.pooled("mean"))
+
+
 def test_batches_keep_to_the_batch_size_and_the_padded_budget(tiny_bert):
     from featx.encoders import load_encoder
     from featx.extract import Runner
@@ -196,7 +208,8 @@ def test_real_minilm_checkpoint_matches_direct_forward(tmp_path):
                 assert np.abs(c.pooled(p)[k] - ref[p]).max() <= TOL
 
 
-def test_bad_items_fail_alone_with_a_reason(tmp_path, tiny_bert, tiny_clip, tiny_wavlm):
+@pytest.mark.parametrize("workers", [0, 2])  # decoding in this process, or in DataLoader worker processes
+def test_bad_items_fail_alone_with_a_reason(tmp_path, tiny_bert, tiny_clip, tiny_wavlm, workers):
     import soundfile as sf
     d = tmp_path
     write_png(d / "ok.png")
@@ -213,7 +226,8 @@ def test_bad_items_fail_alone_with_a_reason(tmp_path, tiny_bert, tiny_clip, tiny
             ("nan", "text", "ok.png", "nan.wav"), ("stereo", "text", "ok.png", "stereo44k.wav")]
     manifest = d / "bad.csv"
     pd.DataFrame(rows, columns=["id", "text", "image", "audio"]).to_csv(manifest, index=False)
-    res = extract(manifest, [tiny_bert, tiny_clip, tiny_wavlm], d / "out", device="cpu", progress=False)
+    res = extract(manifest, [tiny_bert, tiny_clip, tiny_wavlm], d / "out", device="cpu", progress=False,
+                  num_workers=workers)
     err = {}
     for path in res.paths:
         with open_cache(path) as c:
