@@ -80,3 +80,14 @@ def media(tmp_path):
     path = d / "manifest.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return str(path)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Torch on one thread: the tiny fits here are far slower with two threads on two busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -151,17 +151,6 @@ def test_classifier_roundtrip(tmp_path, task):
         Classifier.load(str(tmp_path / "bad.safetensors"))
 
 
-@pytest.fixture()
-def one_torch_thread():
-    """Torch on one thread: the tiny fits here are far slower with two threads on two busy cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_layer_weights_rows_name_their_training_size_and_method(tmp_path, one_torch_thread):
     """Each weight row is tied to its results rows by (encoder, modality, seed, train_size, method)."""
     Xa, y = planted(n=200, num_layers=4, dim=8, k=3, seed=1)

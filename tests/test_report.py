@@ -392,17 +392,6 @@ def test_report_refuses_a_folder_that_is_not_results_in_one_line(tmp_path, capsy
         assert err.startswith("featx report: error:") and said in err and err.count("\n") == 1, err
 
 
-@pytest.fixture()
-def one_torch_thread():
-    """Torch on one thread: the tiny fits here are far slower with two threads on two busy cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_report_plots_the_full_data_weights_of_a_real_probe_run(tmp_path, one_torch_thread):
     from _synthetic import planted, standard_splits, write_cache as write_planted
     from featx._sweep import run_probe
