@@ -333,17 +333,40 @@ class BatchedLinearProbe(_ProbeBase):
         G = len(grid)
         # Penalty per item: mean logloss + ||W||^2 / (2 C N) has the minimum of C * sum + ||W||^2 / 2.
         lam = torch.tensor([1.0 / (2 * c * N) for c in grid], dtype=Xt.dtype, device=dev)
-        W = torch.zeros(L, G, D, C, dtype=Xt.dtype, device=dev, requires_grad=True)
-        b = torch.zeros(L, G, C, dtype=Xt.dtype, device=dev, requires_grad=True)
         target = torch.as_tensor(codes, device=dev)
+        if dev.type != "cpu":  # all L x G problems in one L-BFGS: big batched products keep a GPU busy
+            return self._lbfgs(Xt, target, lam, C)
+        # On the CPU one problem at a time is faster (measured 7x on 25 x 4 problems of 1280 x 1024): a layer's
+        # features stay in cache, each problem stops when it has converged, and, going up the C grid, each
+        # starts from the previous solution.
+        W = torch.empty(L, G, D, C, dtype=Xt.dtype)
+        b = torch.empty(L, G, C, dtype=Xt.dtype)
+        lam = lam.double()
+        for layer in range(L):
+            Xl, start = Xt[layer:layer + 1].double(), None  # float64: float32 stalls short of the optimum
+            for g in np.argsort(grid):
+                start = self._lbfgs(Xl, target, lam[g:g + 1], C, start)
+                W[layer, g], b[layer, g] = start[0][0, 0], start[1][0, 0]
+        return W, b
+
+    def _lbfgs(self, Xt, target, lam, C, start=None):
+        """Minimise mean logloss + lam ||W||^2 for every layer of Xt (L, N, D) and every lam (G,) at once.
+        Returns W (L, G, D, C') and b (L, G, C'); start: a (W, b) of the same shapes to begin from."""
+        import torch
+
+        L, N, D = Xt.shape
+        G = len(lam)
+        W = torch.zeros(L, G, D, C, dtype=Xt.dtype, device=Xt.device) if start is None else start[0].clone()
+        b = torch.zeros(L, G, C, dtype=Xt.dtype, device=Xt.device) if start is None else start[1].clone()
+        W.requires_grad_(True)
+        b.requires_grad_(True)
         opt = torch.optim.LBFGS([W, b], lr=1, max_iter=self.max_iter, tolerance_grad=self.tol,
                                 tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
-        Xf = Xt.reshape(L, N, D)
 
         def closure():
             opt.zero_grad()
             # One bmm over layers: (L, N, D) @ (L, D, G*C) -> (L, G, N, C).
-            logits = (torch.bmm(Xf, W.permute(0, 2, 1, 3).reshape(L, D, G * C)).reshape(L, N, G, C)
+            logits = (torch.bmm(Xt, W.permute(0, 2, 1, 3).reshape(L, D, G * C)).reshape(L, N, G, C)
                       .permute(0, 2, 1, 3)) + b[:, :, None, :]
             if C == 1:
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(
