@@ -243,8 +243,9 @@ class BatchedLinearProbe(_ProbeBase):
     Regression: closed-form ridge (||y - Xw - b||^2 + alpha ||w||^2, as scikit-learn's Ridge) for every layer
     and alpha by batched Cholesky solves, in the primal (D x D) or dual (N x N) form, whichever is smaller.
     Classification: logistic regression with scikit-learn's penalty (C * sum(logloss) + ||W||^2 / 2; one logit
-    for two classes, softmax otherwise), all layers and Cs in one full-batch L-BFGS problem (the problems are
-    independent, so the sum's minimum is each one's minimum).
+    for two classes, softmax otherwise) by full-batch L-BFGS: on a GPU all layers and Cs in one problem (they are
+    independent, so the sum's minimum is each one's minimum); on the CPU one at a time in float64, each C
+    starting from the previous C's solution.
     Features are standardised per layer with training statistics. Same fit signature and fitted attributes as
     LayerProbe, plus mean_ / scale_ (L, D), coef_ (L, C', D) and intercept_ (L, C') of the chosen values.
     """
