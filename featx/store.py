@@ -129,6 +129,26 @@ def _size(nbytes):
         nbytes /= 1024
 
 
+def _cast(a, dtype):
+    """a as `dtype` ('float16' | 'float32'); the cast runs in torch, ~4x faster than numpy's float32 -> float16."""
+    import torch
+
+    if a.dtype == np.dtype(dtype):
+        return a
+    return torch.from_numpy(np.ascontiguousarray(a)).to(getattr(torch, dtype)).numpy()
+
+
+_EXPONENT = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
+
+
+def _non_finite_rows(a):
+    """(B,) bool: rows of the float array a (B, ...) holding an inf or a NaN (all exponent bits set), found on
+    the bits: several times faster than np.isfinite on float16."""
+    bits, mask = _EXPONENT[a.dtype.itemsize]
+    u = np.ascontiguousarray(a).view(bits).reshape(len(a), -1)
+    return ((u & bits(mask)) == bits(mask)).any(axis=1)
+
+
 # ---------------------------------------------------------------- settings
 def _settings(attrs, poolings, dtype, seq, num_layers, hidden_size, ids):
     """What must match for a cache to be resumed: the caller's attrs, the layout, and the id list."""
@@ -484,9 +504,9 @@ class CacheWriter:
                 a = np.asarray(pooled[p])
                 if a.shape != (B, L, D):
                     raise ValueError(f"pooled[{p!r}] has shape {a.shape}, expected {(B, L, D)}")
-                arrays[p] = a.astype(self.dtype)[order]
-                for b in range(B):
-                    reasons[b] = reasons[b] or self._bad_layer(arrays[p][b:b + 1], f"pooling {p}")
+                arrays[p] = a = _cast(a if (order[1:] > order[:-1]).all() else a[order], self.dtype)
+                for b in np.flatnonzero(_non_finite_rows(a)):
+                    reasons[b] = reasons[b] or self._bad_layer(a[b:b + 1], f"pooling {p}")
             seqs = None
             if self.seq:
                 seqs = [np.asarray(seq[j]).astype(self.dtype) for j in order]

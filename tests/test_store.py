@@ -44,6 +44,7 @@ import sys, time
 sys.path.insert(0, sys.argv[4])
 from test_store import batch, writer_args
 from featx.store import CacheWriter
+import torch  # loaded, as in featx extract (the writer casts with it), before the kill clock starts
 
 path, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 w = CacheWriter(path, **writer_args(n))
