@@ -302,7 +302,7 @@ class Runner:
         by_item = {}
         for u, (i, _) in enumerate(units):
             by_item.setdefault(i, []).append(u)
-        indices = sorted(i for i, _ in items if i in by_item)  # manifest order: the writer stores parts so
+        indices = sorted(i for i, _ in items if i in by_item)  # manifest order, as parts are stored
         first = np.array([by_item[i][0] for i in indices], np.int64)
         out = {k: v[first] for k, v in unit_pooled.items()}
         seq_out = [unit_seq[u] for u in first] if self.seq else None
