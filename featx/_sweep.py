@@ -146,7 +146,9 @@ class _Pooler:
         self.test_pred.append(p_test)
 
     def result(self):
-        dev = {k: float(np.nanmean([d[k] for d in self.dev])) for k in self.dev[0]}
+        with warnings.catch_warnings():  # a metric undefined in every fold (e.g. corr on a tiny dev set) stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            dev = {k: float(np.nanmean([d[k] for d in self.dev])) for k in self.dev[0]}
         test = metrics.compute(self.task, np.concatenate(self.test_true), np.concatenate(self.test_pred))
         return dev, test
 
