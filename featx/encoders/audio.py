@@ -1,6 +1,8 @@
 """Speech encoders of the wav2vec2 family (WavLM, wav2vec2, HuBERT, ...), with the checkpoint's feature extractor."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from featx.encoders.base import Encoder, from_pretrained
@@ -59,7 +61,10 @@ class AudioEncoder(Encoder):
     def forward(self, inputs):
         values = inputs["input_values"].to(self.device, non_blocking=True)
         sample_mask = inputs["attention_mask"].to(self.device, non_blocking=True)
-        out = self.model(values, attention_mask=sample_mask if self.uses_mask else None, output_hidden_states=True)
+        with warnings.catch_warnings():  # WavLM under torch >= 2.1 warns on every padded batch; harmless here
+            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask", category=UserWarning)
+            out = self.model(values, attention_mask=sample_mask if self.uses_mask else None,
+                             output_hidden_states=True)
         hs = out.hidden_states
         lengths = self.model._get_feat_extract_output_lengths(sample_mask.sum(-1))
         frames = torch.arange(hs[0].shape[1], device=hs[0].device)
