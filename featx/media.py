@@ -11,7 +11,7 @@ import numpy as np
 
 from featx.errors import MediaError
 
-__all__ = ["MediaError", "load_text", "load_image", "load_audio", "resample"]
+__all__ = ["MediaError", "load_text", "load_image", "load_audio", "resample", "segment"]
 
 # Annotated segment ends often overshoot a clip by rounding; up to this many seconds past the end is clipped
 # (audio files here, video files and their audio tracks in featx.video).
@@ -27,7 +27,7 @@ def _exists(path):
 
 def load_text(text) -> str:
     """The item's text, stripped; MediaError when empty or only whitespace."""
-    if text is None or (isinstance(text, float) and math.isnan(text)) or not str(text).strip():
+    if text is None or _isnan(text) or not str(text).strip():
         raise MediaError("empty text")
     return str(text).strip()
 
@@ -53,31 +53,47 @@ def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
     import soundfile as sf
 
     _exists(path)
-    start = None if start is None or _isnan(start) else float(start)  # an empty manifest cell means none
-    end = None if end is None or _isnan(end) else float(end)
+    name = os.path.basename(path)
     try:
         with sf.SoundFile(path) as f:
-            rate = f.samplerate
-            first = 0 if start is None else int(round(start * rate))
-            last = f.frames if end is None else min(f.frames, int(round(end * rate)))
-            if first < 0 or (end is not None and end <= (start or 0.0)):
-                raise MediaError(f"bad segment start={start} end={end}")
-            if first >= f.frames and f.frames > 0:
-                raise MediaError(f"segment starts at {start}s, after the end of the audio ({f.frames / rate:.2f}s)")
-            if end is not None and end > f.frames / rate + END_SLACK:
-                raise MediaError(f"segment ends at {end}s, after the end of the audio ({f.frames / rate:.2f}s)")
-            f.seek(first)
+            rate, first, last = f.samplerate, 0, f.frames
+            if f.frames > 0:  # an empty file is reported as zero-length below, whatever the segment
+                start, end = segment(start, end, f.frames / rate, name, "audio")
+                first, last = int(round(start * rate)), min(f.frames, int(round(end * rate)))
+                f.seek(first)
             wav = f.read(max(0, last - first), dtype="float32", always_2d=True)
     except MediaError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
-        raise MediaError(f"cannot decode audio {os.path.basename(path)}: {str(e).splitlines()[0]}")
+        raise MediaError(f"cannot decode audio {name}: {str(e).splitlines()[0]}")
     if wav.shape[0] == 0:
         raise MediaError("zero-length audio")
     wav = wav.mean(axis=1)
     if not np.isfinite(wav).all():
         raise MediaError("audio has non-finite samples (NaN or inf)")
     return resample(wav, rate, sample_rate)
+
+
+def segment(start, end, duration, name, what):
+    """Check the segment [start, end) seconds of a file against its `duration` (None: unknown); return it as
+    floats, end clipped to the duration (inf when unknown and open). MediaError naming `name` and `what`."""
+    start, end = (None if v is None or v != v else v for v in (start, end))  # an empty manifest cell is NaN
+    start = 0.0 if start is None else float(start)
+    if not math.isfinite(start) or start < 0:
+        raise MediaError(f"{name}: segment start {start:g} s is not a time in the file")
+    if end is None:
+        end = duration if duration is not None else math.inf
+    else:
+        end = float(end)
+        if not end > start:
+            raise MediaError(f"{name}: empty segment [{start:g}, {end:g}) s")
+        if duration is not None and end > duration + END_SLACK:
+            raise MediaError(f"{name}: segment [{start:g}, {end:g}) s ends after the {what} ({duration:.3f} s)")
+        if duration is not None:
+            end = min(end, duration)
+    if duration is not None and start >= duration:
+        raise MediaError(f"{name}: segment starts at {start:g} s, after the end of the {what} ({duration:.3f} s)")
+    return start, end
 
 
 def resample(wav, rate: int, sample_rate: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from featx.errors import FeatxError, MediaError
-from featx.media import END_SLACK, resample
+from featx.media import END_SLACK, resample, segment
 
 __all__ = ["MediaError", "video_frames", "video_audio", "probe_video", "build_tiny_video"]
 
@@ -77,27 +77,6 @@ def _stream_end(container, stream) -> float | None:
     return None
 
 
-def _segment(start, end, duration, name, what):
-    """Check [start, end) against `duration` (None: unknown) and return it as floats; end may be inf."""
-    start, end = (None if v is None or v != v else v for v in (start, end))  # an empty manifest cell is NaN
-    start = 0.0 if start is None else float(start)
-    if not math.isfinite(start) or start < 0:
-        raise MediaError(f"{name}: segment start {start:g} s is not a time in the file")
-    if end is None:
-        end = duration if duration is not None else math.inf
-    else:
-        end = float(end)
-        if not end > start:
-            raise MediaError(f"{name}: empty segment [{start:g}, {end:g}) s")
-        if duration is not None and end > duration + END_SLACK:
-            raise MediaError(f"{name}: segment [{start:g}, {end:g}) s ends after the {what} ({duration:.3f} s)")
-        if duration is not None:
-            end = min(end, duration)
-    if duration is not None and start >= duration:
-        raise MediaError(f"{name}: segment starts at {start:g} s, after the end of the {what} ({duration:.3f} s)")
-    return start, end
-
-
 def _targets(start, end, fps, max_frames):
     """Yield the sampling times of [start, end) (the centre rule of the module docstring)."""
     if not fps > 0:
@@ -137,7 +116,7 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         origin = _origin(container)
-        start, end = _segment(start, end, _stream_end(container, stream), name, "video")
+        start, end = segment(start, end, _stream_end(container, stream), name, "video")
         targets = _targets(start, end, fps, max_frames)
         target = next(targets)
         images, times = [], []
@@ -196,7 +175,7 @@ def video_audio(path, sample_rate: int, start: float | None = None, end: float |
         if not rate:
             raise MediaError(f"{name}: the audio track has no sample rate")
         origin = _origin(container)
-        start, end = _segment(start, end, _stream_end(container, stream), name, "audio track")
+        start, end = segment(start, end, _stream_end(container, stream), name, "audio track")
         # Decoders give int or float, planar or packed samples; this gives float planar (channels, n).
         to_float = av.AudioResampler(format="fltp")
         chunks, first, time = [], None, None

@@ -1,0 +1,37 @@
+"""featx.media.load_audio on real files: segments, and bad segments failing with a one-line reason."""
+import numpy as np
+import pytest
+
+from featx.errors import MediaError
+from featx.media import load_audio
+
+from conftest import write_wav
+
+
+def test_audio_segment_is_the_same_samples_as_the_whole_file(tmp_path):
+    path = write_wav(tmp_path / "a.wav", 2.0, rate=16000)
+    whole = load_audio(path, 16000)
+    assert whole.shape == (32000,)
+    np.testing.assert_array_equal(load_audio(path, 16000, start=0.5, end=1.25), whole[8000:20000])
+    np.testing.assert_array_equal(load_audio(path, 16000, start=1.5), whole[24000:])
+    np.testing.assert_array_equal(load_audio(path, 16000, start=float("nan"), end=float("nan")), whole)
+    np.testing.assert_array_equal(load_audio(path, 16000, start=1.5, end=2.2), whole[24000:])  # rounding slack
+
+
+@pytest.mark.parametrize("start, end, reason", [(2.5, None, "after the end of the audio"),
+                                                (1.0, 3.0, "ends after the audio"),
+                                                (1.0, 1.0, "empty segment"),
+                                                (-1.0, 1.0, "not a time")])
+def test_audio_segment_outside_the_file_fails(tmp_path, start, end, reason):
+    path = write_wav(tmp_path / "a.wav", 2.0, rate=16000)
+    with pytest.raises(MediaError, match=reason) as err:
+        load_audio(path, 16000, start=start, end=end)
+    assert "\n" not in str(err.value) and "a.wav" in str(err.value)
+
+
+def test_empty_file_is_zero_length_whatever_the_segment(tmp_path):
+    import soundfile as sf
+    sf.write(str(tmp_path / "e.wav"), np.zeros((0,), np.float32), 16000)
+    for start, end in ((None, None), (0.5, 1.0)):
+        with pytest.raises(MediaError, match="zero-length audio"):
+            load_audio(str(tmp_path / "e.wav"), 16000, start=start, end=end)
