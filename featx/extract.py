@@ -23,6 +23,7 @@ from featx import __version__
 from featx.encoders import load_config, load_encoder, modality_of
 from featx.errors import FeatxError, MediaError
 from featx.manifest import labels_and_splits, read_manifest, source_column
+from featx.media import segment
 from featx.pooling import POOLINGS, pool
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -89,14 +90,14 @@ class Decoder:
             return 0.0
         start, end = _value(row.get("start")), _value(row.get("end"))
         try:
-            if start is not None and end is not None:
-                return max(0.0, float(end) - float(start))
+            if self.column == "video" and (start is None or end is None):
+                return float(os.path.getsize(src))  # the length would need the container opened
             if self.column == "video":
-                return float(os.path.getsize(src))
+                return max(0.0, float(end) - float(start))
             import soundfile as sf
 
-            seconds = float(sf.info(src).duration)
-            return max(0.0, (float(end) if end is not None else seconds) - float(start or 0.0))
+            start, end = segment(start, end, float(sf.info(src).duration), src, "audio")
+            return end - start
         except Exception:  # the decoder reports the item's real error
             return 0.0
 
