@@ -261,7 +261,7 @@ class Runner:
             seqs = None
             if self.seq:
                 valid = mask.cpu()
-                stacked = [torch.stack([h[b].float().cpu() for h in hidden], dim=1) for b in range(len(raws))]
+                stacked = [torch.stack([h[b] for h in hidden], dim=1).float().cpu() for b in range(len(raws))]
                 seqs = [s[valid[b]][::self.seq_stride].numpy() for b, s in enumerate(stacked)]
             return pooled, seqs, mask.sum(1)
         except torch.cuda.OutOfMemoryError:
