@@ -13,7 +13,7 @@ __all__ = ["msa_regression", "classification", "compute", "PRIMARY", "higher_is_
 
 # The metric each task is selected on, and whether larger is better for every metric.
 PRIMARY = {"regression": "mae", "classification": "f1_macro"}
-_LOWER_IS_BETTER = {"mae"}
+_LOWER_IS_BETTER = {"mae", "mse", "rmse", "loss"}  # errors; every other metric is a score
 
 
 def higher_is_better(metric: str) -> bool:

@@ -22,14 +22,6 @@ matplotlib.use("Agg")
 RANDOM_NOTE = "CLIP-ViT and WavLM here are randomly initialised tiny models."
 
 
-def _has_store():
-    try:
-        from featx.store import open_cache  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _caches(folder):
     """Two caches over overlapping items in different orders; returns (path_a, path_b, pooled_a, ids_a)."""
     rng = np.random.default_rng(0)
@@ -233,7 +225,6 @@ def test_cli_report(tmp_path, capsys):
         load_results(tmp_path)
 
 
-@pytest.mark.skipif(not _has_store(), reason="featx.store (the cache reader) has not landed yet")
 def test_cache_cka_aligns_items_by_id(tmp_path):
     from featx.report import cache_cka
 
@@ -248,7 +239,6 @@ def test_cache_cka_aligns_items_by_id(tmp_path):
     np.testing.assert_allclose(within.matrix, cka_matrix(pooled_a), atol=1e-5)
 
 
-@pytest.mark.skipif(not _has_store(), reason="featx.store (the cache reader) has not landed yet")
 def test_report_has_cka_heatmaps(mosi):
     _, paths = mosi
     names = sorted(os.path.basename(p) for p in paths["pngs"] if "cka" in p)

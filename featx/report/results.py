@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from featx.errors import FeatxError
+from featx.metrics import higher_is_better
 
-LOWER_IS_BETTER = frozenset({"mae", "mse", "rmse", "loss"})
 # Known metrics in the order the report lists them; others follow in the order they appear.
 METRIC_ORDER = ["mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7",
                 "acc", "balanced_acc", "f1_macro", "f1_weighted"]
@@ -62,7 +62,7 @@ class Results:
     def higher_is_better(self, metric):
         if metric == self.meta.get("primary_metric") and "higher_is_better" in self.meta:
             return bool(self.meta["higher_is_better"])
-        return metric not in LOWER_IS_BETTER
+        return higher_is_better(metric)
 
     def chance(self, metric):
         value = (self.meta.get("chance") or {}).get(metric)
