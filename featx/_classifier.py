@@ -34,13 +34,6 @@ class Classifier:
         return cls(task, [block], arrays, classes, settings)
 
     @classmethod
-    def from_weighted(cls, task, block, probe, settings=None):
-        """One encoder, all its layers summed with a fitted WeightedLayerProbe's weights."""
-        arrays = {"mean_0": probe.mean_, "scale_0": probe.scale_, "weights_0": probe.weights_,
-                  "coef": probe.coef_, "intercept": probe.intercept_}
-        return cls(task, [block], arrays, probe.classes_, settings)
-
-    @classmethod
     def from_sweep(cls, data, df, task, pool, probe):
         """Refit the linear probe of a cache's best dev layer (train part; dev selects its regularisation)."""
         from featx import metrics

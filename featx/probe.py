@@ -13,10 +13,8 @@ Sweeps over caches, seeds and training sizes that write the results tables live 
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
-from sklearn.base import BaseEstimator, clone
+from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier, MLPRegressor
@@ -279,12 +277,12 @@ class BatchedLinearProbe(_ProbeBase):
         del Xt
         self.mean_, self.scale_ = mean[:, 0].cpu().numpy(), scale[:, 0].cpu().numpy()
         Xd = (torch.from_numpy(np.ascontiguousarray(X_dev.transpose(1, 0, 2))).to(dev) - mean) / scale
-        logits = torch.einsum("lnd,lgdc->lgnc", Xd, W) + b[:, :, None, :]              # (L, G, N_dev, C')
+        logits = (torch.einsum("lnd,lgdc->lgnc", Xd, W) + b[:, :, None, :]).cpu().numpy()  # (L, G, N_dev, C')
         L = X.shape[1]
         self.dev_scores_ = np.empty((L, len(grid)))
         for layer in range(L):
             for g in range(len(grid)):
-                pred = self._decode(logits[layer, g].cpu().numpy())
+                pred = self._decode(logits[layer, g])
                 self.dev_scores_[layer, g] = _primary_score(self.task_, y_dev, pred)
         best = np.argmax(self.dev_scores_, axis=1)
         idx = torch.as_tensor(best, device=dev)
