@@ -13,8 +13,10 @@ from featx import __version__
 from featx.errors import FeatxError
 
 
-def _csv_list(text):
-    return [t.strip() for t in str(text).split(",") if t.strip()]
+def _csv_list(value):
+    """A comma-separated string (command line) or a list (recipe) as a list of non-empty strings."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [t for t in (str(x).strip() for x in items) if t]
 
 
 def _load_recipe(path):
@@ -48,12 +50,16 @@ def apply_recipe(parser, args, path_keys=()):
             raise FeatxError(f"recipe {args.recipe}: unknown key {key!r}")
         if getattr(args, key) != parser.get_default(key):
             continue  # given on the command line
+        action = known[key]
+        if value is not None and not isinstance(value, list) and (action.nargs in ("*", "+")
+                                                                  or isinstance(action, argparse._AppendAction)):
+            value = [value]  # a list-valued option given one value in the recipe
         if key in path_keys and value is not None:
             value = [v if os.path.isabs(str(v)) else os.path.join(base, str(v)) for v in value] \
                 if isinstance(value, list) else (value if os.path.isabs(str(value)) else os.path.join(base, str(value)))
         if key == "model" and value is not None:  # local model folders beside the recipe; hub ids stay as given
             value = [m if os.path.isabs(str(m)) or not os.path.exists(os.path.join(base, str(m)))
-                     else os.path.join(base, str(m)) for m in (value if isinstance(value, list) else [value])]
+                     else os.path.join(base, str(m)) for m in value]
         setattr(args, key, value)
     return args
 
@@ -93,9 +99,7 @@ def _extract(sub):
             raise FeatxError("featx extract needs MANIFEST, --model and --out (or a --recipe that gives them)")
         from featx.extract import extract
 
-        models = args.model if isinstance(args.model, list) else [args.model]
-        result = extract(args.manifest, models, args.out, pool=_csv_list(args.pool) if isinstance(args.pool, str)
-                         else list(args.pool), seq=args.seq, seq_stride=args.seq_stride, batch_size=args.batch_size,
+        result = extract(args.manifest, args.model, args.out, pool=_csv_list(args.pool), seq=args.seq, seq_stride=args.seq_stride, batch_size=args.batch_size,
                          device=args.device, dtype=args.dtype, precision=args.precision,
                          max_length=args.max_length, max_batch_tokens=args.max_batch_tokens,
                          max_batch_seconds=args.max_batch_seconds, max_audio_seconds=args.max_audio_seconds,
@@ -194,20 +198,24 @@ def _probe_args(p):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--save-classifier", action="store_true", default=False,
                    help="save the best dev layer's linear probe per cache (safetensors)")
+    p.add_argument("--weighted", action="store_true", default=False,
+                   help="also learn a softmax-weighted sum over layers (per modality)")
+    p.add_argument("--layer", default="best", help="fusion input per modality: best (dev), weighted or an index")
+    p.add_argument("--missing", default="intersect", choices=["intersect", "error"],
+                   help="items missing from a modality: fuse the shared items (reported) or stop")
+    p.add_argument("--late-rule", default="mean", choices=["mean", "stack"])
     p.add_argument("--no-progress", action="store_true", default=False)
     p.add_argument("--recipe", help="YAML recipe with the same keys")
 
 
-def _run_probe(p, args, fusion_key, weighted=False):
+def _run_probe(p, args, fusion_key):
     apply_recipe(p, args, path_keys=("caches", "out"))
-    fusion = getattr(args, fusion_key) or ""  # read after the recipe is applied: it may set the methods
-    fusion = _csv_list(fusion) if isinstance(fusion, str) else list(fusion)
-    caches = args.caches if isinstance(args.caches, list) else [args.caches]
-    if not caches or not args.out:
+    fusion = _csv_list(getattr(args, fusion_key) or "")  # read after the recipe: it may set the methods
+    if not args.caches or not args.out:
         raise FeatxError(f"featx {args.command} needs CACHE.h5 and --out (or a --recipe that gives them)")
     from featx._sweep import run_probe
 
-    sizes = _csv_list(args.train_sizes) if isinstance(args.train_sizes, str) else list(args.train_sizes)
+    sizes = _csv_list(args.train_sizes)
     try:
         sizes = [float(s) for s in sizes]
     except ValueError:
@@ -215,12 +223,11 @@ def _run_probe(p, args, fusion_key, weighted=False):
     layers = args.layers if isinstance(args.layers, str) else ",".join(map(str, args.layers))
     if layers != "all" and not all(t.lstrip("-").isdigit() for t in _csv_list(layers)):
         raise FeatxError(f"--layers must be 'all' or integers like 3,7,11, got {layers!r}")
-    fusion_layer = getattr(args, "layer", "best")
-    run_probe(caches, args.out, probe=args.probe, layers=layers, pool=args.pool, seeds=args.seeds,
-              train_sizes=sizes, folds=args.folds, weighted=weighted or getattr(args, "weighted", False),
-              fusion=fusion, fusion_layer=int(fusion_layer) if str(fusion_layer).lstrip("-").isdigit()
-              else fusion_layer, missing=getattr(args, "missing", "intersect"),
-              late_rule=getattr(args, "late_rule", "mean"), device=args.device,
+    fusion_layer = args.layer
+    run_probe(args.caches, args.out, probe=args.probe, layers=layers, pool=args.pool, seeds=args.seeds,
+              train_sizes=sizes, folds=args.folds, weighted=args.weighted, fusion=fusion,
+              fusion_layer=int(fusion_layer) if str(fusion_layer).lstrip("-").isdigit() else fusion_layer,
+              missing=args.missing, late_rule=args.late_rule, device=args.device,
               save_classifier=args.save_classifier, progress=not args.no_progress)
     print(f"featx {args.command}: results in {args.out}")
     return 0
@@ -229,13 +236,7 @@ def _run_probe(p, args, fusion_key, weighted=False):
 def _probe(sub):
     p = sub.add_parser("probe", help="fit a probe per layer of each cache; dev selects, test reports")
     _probe_args(p)
-    p.add_argument("--weighted", action="store_true", default=False,
-                   help="also learn a softmax-weighted sum over layers")
     p.add_argument("--fusion", default="", help="also fuse the caches: early,late,gated")
-    p.add_argument("--layer", default="best", help="fusion input per modality: best, weighted or an index")
-    p.add_argument("--missing", default="intersect", choices=["intersect", "error"],
-                   help="items missing from a modality: fuse the shared items (reported) or stop")
-    p.add_argument("--late-rule", default="mean", choices=["mean", "stack"])
     p.set_defaults(func=lambda args: _run_probe(p, args, "fusion"))
 
 
@@ -243,12 +244,6 @@ def _fuse(sub):
     p = sub.add_parser("fuse", help="probe each modality's layers, then fuse the modalities")
     _probe_args(p)
     p.add_argument("--method", default="early,late,gated", help="fusion methods: early,late,gated")
-    p.add_argument("--layer", default="best", help="per modality: best (dev), weighted, or a layer index")
-    p.add_argument("--missing", default="intersect", choices=["intersect", "error"],
-                   help="items missing from a modality: fuse the shared items (reported) or stop")
-    p.add_argument("--late-rule", default="mean", choices=["mean", "stack"])
-    p.add_argument("--weighted", action="store_true", default=False,
-                   help="also learn a softmax-weighted sum over layers per modality")
     p.set_defaults(func=lambda args: _run_probe(p, args, "method"))
 
 
@@ -299,17 +294,13 @@ def _finetune(sub):
             raise FeatxError("featx finetune needs MANIFEST, --model and --out (or a --recipe that gives them)")
         from featx.finetune import finetune
 
-        def items(v):
-            return [str(x) for x in v] if isinstance(v, list) else _csv_list(v)
-
         try:
-            sizes = [float(s) for s in items(args.train_sizes)]
-            blocks = [int(b) for b in items(args.train_blocks)]
+            sizes = [float(s) for s in _csv_list(args.train_sizes)]
+            blocks = [int(b) for b in _csv_list(args.train_blocks)]
         except ValueError:
             raise FeatxError(f"--train-sizes and --train-blocks take numbers, got {args.train_sizes!r} and "
                              f"{args.train_blocks!r}")
-        models = args.model if isinstance(args.model, list) else [args.model]
-        result = finetune(args.manifest, models, args.out, layers=items(args.layer), train_blocks=blocks,
+        result = finetune(args.manifest, args.model, args.out, layers=_csv_list(args.layer), train_blocks=blocks,
                           head=args.head, task=args.task, pooling=args.pooling, proj_size=args.proj_size,
                           hidden_size=args.hidden_size, heads=args.heads, dropout=args.dropout, lr=args.lr,
                           head_lr=args.head_lr, weight_decay=args.weight_decay, lr_decay=args.lr_decay,
