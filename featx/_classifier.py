@@ -34,16 +34,12 @@ class Classifier:
         return cls(task, [block], arrays, classes, settings)
 
     @classmethod
-    def from_sweep(cls, data, df, task, pool, probe):
-        """Refit the linear probe of a cache's best dev layer (train part; dev selects its regularisation)."""
-        from featx import metrics
+    def from_sweep(cls, data, layer, task, pool, probe):
+        """Refit the linear probe of a cache's `layer` (its best dev layer, from _sweep.best_layer_table) on the
+        train part; dev selects its regularisation."""
         from featx._sweep import _make_probe, make_units
 
-        primary = metrics.PRIMARY[task]
-        sign = 1 if metrics.higher_is_better(primary) else -1
-        dev = df[(df.method == "layer") & (df.split == "dev") & (df.metric == primary) & (df.encoder == data.encoder)
-                 & (df.train_size == df.train_size.max())].groupby("layer")["value"].mean()
-        layer = int((sign * dev).idxmax())
+        layer = int(layer)
         col = data.layers.index(layer)
         (train, dev_idx, _), = make_units(data.y, data.splits, task, 5, 0)[0][:1]
         y = data.y if task == "classification" else data.y.astype(np.float64)

@@ -193,20 +193,20 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
     for seed in seeds:
         for size in sizes:
             for d in datas:
-                _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted,
-                                                 device, rows, weight_rows, chance_parts if (
-                                                     seed == seeds[0] and size == sizes[-1] and d is datas[0]) else None,
-                                                 bar)
+                chance_here = seed == seeds[0] and size == sizes[-1] and d is datas[0]  # one chance estimate
+                _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, device, rows, weight_rows,
+                           chance_parts if chance_here else None, bar)
             if fusion:
                 _fuse(datas, aligned, task, probe, pool, seed, size, folds, fusion, fusion_layer, late_rule,
-                      rows, weight_rows, fusion_info, bar)
+                      device, rows, weight_rows, fusion_info, bar)
     bar.close()
     df = pd.DataFrame(rows, columns=COLUMNS)
     df = df.astype({"num_layers": int, "layer": int, "train_size": float, "seed": int, "value": float})
     df.to_csv(os.path.join(out, "results.csv"), index=False)
     df.to_parquet(os.path.join(out, "results.parquet"), index=False)
     pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
-    best_layer_table(df, task).to_csv(os.path.join(out, "best_layers.csv"), index=False)
+    best = best_layer_table(df, task)
+    best.to_csv(os.path.join(out, "best_layers.csv"), index=False)
     primary = metrics.PRIMARY[task]
     chance = chance_parts[0] if chance_parts else {}
     meta = {"task": task, "primary_metric": primary, "higher_is_better": metrics.higher_is_better(primary),
@@ -221,7 +221,8 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
         from featx._classifier import Classifier
 
         for d in datas:
-            Classifier.from_sweep(d, df, task, pool, probe).save(
+            layer = best[(best.encoder == d.encoder) & (best.modality == d.modality)].best_layer.iloc[0]
+            Classifier.from_sweep(d, layer, task, pool, probe).save(
                 os.path.join(out, f"classifier__{_slug(d.encoder)}.safetensors"))
     return df
 
@@ -288,7 +289,7 @@ def _align(datas, missing):
     return {"ids": ids, "index": index, "missing": report}
 
 
-def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_layer, late_rule, rows,
+def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_layer, late_rule, device, rows,
           weight_rows, info, bar):
     """Fuse the modalities on the items they share, for one (seed, size); append rows."""
     from featx.fusion import EarlyFusion, GatedFusion, LateFusion
@@ -312,7 +313,7 @@ def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_
             full.append(X)
             if fusion_layer == "best":
                 # The best dev layer, chosen from the per-modality probe on the same fit / dev parts.
-                sel = _best_dev_layer(d, X, y, fit, dev, task, probe, seed)
+                sel = _best_dev_layer(d, X, y, fit, dev, task, probe, seed, device)
                 feats.append(X[:, sel])
             elif fusion_layer == "weighted":
                 from featx.fusion import WeightedLayerProbe
@@ -349,8 +350,8 @@ def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_
         rows += _rows(b, -1, "dev", dev_m) + _rows(b, -1, test_name, test_m)
 
 
-def _best_dev_layer(d, X, y, fit, dev, task, probe, seed):
-    est = _make_probe(probe if probe != "mlp" else "linear", seed, "auto")
+def _best_dev_layer(d, X, y, fit, dev, task, probe, seed, device):
+    est = _make_probe(probe if probe != "mlp" else "linear", seed, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return est.fit(X[fit], y[fit], X[dev], y[dev]).best_layer_
