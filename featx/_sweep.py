@@ -267,10 +267,7 @@ def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, de
         wb = dict(base, method="weighted", probe="weighted-linear")
         rows += _rows(wb, -1, "dev", dev_m) + _rows(wb, -1, test_name, test_m)
     if chance_parts is not None:
-        if task == "regression":
-            preds = [np.full(len(te), tr.mean()) for tr, te in chance_pooler]
-        else:
-            preds = [np.full(len(te), pd.Series(tr).mode().iloc[0], dtype=object) for tr, te in chance_pooler]
+        preds = [metrics.chance_prediction(task, tr, len(te)) for tr, te in chance_pooler]
         chance_parts.append(metrics.compute(task, np.concatenate([te for _, te in chance_pooler]),
                                             np.concatenate(preds)))
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, mean_absolute_error
 
-__all__ = ["msa_regression", "classification", "compute", "PRIMARY", "higher_is_better", "chance"]
+__all__ = ["msa_regression", "classification", "compute", "PRIMARY", "higher_is_better", "chance",
+           "chance_prediction"]
 
 # The metric each task is selected on, and whether larger is better for every metric.
 PRIMARY = {"regression": "mae", "classification": "f1_macro"}
@@ -75,13 +76,17 @@ def compute(task: str, y_true, y_pred) -> dict:
     raise ValueError(f"unknown task {task!r}")
 
 
-def chance(task: str, y_train, y_test) -> dict:
-    """Metrics of the trivial predictor fitted on y_train: the mean (regression) or the majority class."""
+def chance_prediction(task: str, y_train, n: int) -> np.ndarray:
+    """(n,) predictions of the trivial predictor fitted on y_train: the mean (regression) or the majority
+    class (ties: the smallest)."""
     y_train = np.asarray(y_train)
     if task == "regression":
-        pred = np.full(len(y_test), float(np.mean(y_train.astype(np.float64))))
-    else:
-        values, counts = np.unique(y_train, return_counts=True)
-        pred = np.full(len(y_test), values[np.argmax(counts)], dtype=object)
-        y_test = np.asarray(y_test, dtype=object)
-    return compute(task, y_test, pred)
+        return np.full(n, float(np.mean(y_train.astype(np.float64))))
+    values, counts = np.unique(y_train, return_counts=True)
+    return np.full(n, values[np.argmax(counts)], dtype=object)
+
+
+def chance(task: str, y_train, y_test) -> dict:
+    """Metrics of the trivial predictor fitted on y_train: the mean (regression) or the majority class."""
+    y_test = np.asarray(y_test, dtype=object) if task == "classification" else y_test
+    return compute(task, y_test, chance_prediction(task, y_train, len(y_test)))
