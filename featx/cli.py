@@ -10,7 +10,7 @@ import os
 import sys
 
 from featx import __version__
-from featx.errors import FeatxError
+from featx.errors import FeatxError, first_line
 
 
 def _csv_list(value):
@@ -29,7 +29,7 @@ def _load_recipe(path):
     except OSError as e:
         raise FeatxError(f"cannot read recipe {path}: {e.strerror}")
     except yaml.YAMLError as e:
-        raise FeatxError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}")
+        raise FeatxError(f"recipe {path} is not valid YAML: {first_line(e)}")
     if not isinstance(data, dict):
         raise FeatxError(f"recipe {path} must be a YAML mapping of option: value")
     base = os.path.dirname(os.path.abspath(path))

@@ -10,3 +10,9 @@ class MediaError(Exception):
 
     The message is a one-line reason; it is recorded in the cache's `error` dataset and the batch goes on.
     """
+
+
+def first_line(err) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -21,7 +21,7 @@ import torch
 
 from featx import __version__
 from featx.encoders import load_config, load_encoder, modality_of
-from featx.errors import FeatxError, MediaError
+from featx.errors import FeatxError, MediaError, first_line
 from featx.manifest import labels_and_splits, read_manifest, source_column
 from featx.media import segment
 from featx.pooling import POOLINGS, pool
@@ -144,7 +144,7 @@ class _Items(torch.utils.data.Dataset):
         except MediaError as e:
             return i, None, str(e)
         except Exception as e:  # a decoder bug or an odd file must fail the item, not the batch
-            return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return i, None, f"{type(e).__name__}: {first_line(e)}"
 
 
 def _resolve_device(device):

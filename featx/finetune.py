@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from featx import metrics
-from featx.errors import FeatxError, MediaError
+from featx.errors import FeatxError, MediaError, first_line
 
 __all__ = ["finetune", "FinetuneResult", "JointModel", "load_finetuned", "FinetunedModel", "HEADS", "BLOCK_PATHS"]
 
@@ -237,7 +237,7 @@ def _decode(df, encoders, columns, max_audio_seconds, fps=3.0, labelled=True, wh
             failed.append((row["id"], str(e)))
             continue
         except Exception as e:  # an odd file must fail the item, not the run
-            failed.append((row["id"], f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            failed.append((row["id"], f"{type(e).__name__}: {first_line(e)}"))
             continue
         keep.append(i)
         for r, g in zip(raws, got):

@@ -9,7 +9,7 @@ import os
 
 import pandas as pd
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, first_line
 
 PATH_COLUMNS = ("image", "audio", "video")
 STRING_COLUMNS = ("id", "text", "split") + PATH_COLUMNS
@@ -40,7 +40,7 @@ def read_manifest(path) -> pd.DataFrame:
     except FeatxError:
         raise
     except Exception as e:  # pandas raises many kinds; the user needs one line
-        raise FeatxError(f"cannot read manifest {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise FeatxError(f"cannot read manifest {path}: {first_line(e)}")
     name = os.path.basename(path)
     if "id" not in df.columns:
         raise FeatxError(f"manifest {name} has no 'id' column (columns: {', '.join(map(str, df.columns))})")

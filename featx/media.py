@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from featx.errors import MediaError
+from featx.errors import MediaError, first_line
 
 __all__ = ["MediaError", "load_text", "load_image", "load_audio", "resample", "segment"]
 
@@ -42,7 +42,7 @@ def load_image(path):
             im.load()
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise MediaError(f"cannot decode image {os.path.basename(path)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise MediaError(f"cannot decode image {os.path.basename(path)}: {first_line(e)}")
 
 
 def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
@@ -65,7 +65,7 @@ def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
     except MediaError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
-        raise MediaError(f"cannot decode audio {name}: {str(e).splitlines()[0]}")
+        raise MediaError(f"cannot decode audio {name}: {first_line(e)}")
     if wav.shape[0] == 0:
         raise MediaError("zero-length audio")
     wav = wav.mean(axis=1)

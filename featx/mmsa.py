@@ -21,7 +21,7 @@ import os
 
 import pandas as pd
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, first_line
 
 __all__ = ["mmsa_manifest", "missing_report"]
 
@@ -43,7 +43,7 @@ def _read_labels(label_csv, label_column) -> pd.DataFrame:
         df = pd.read_csv(label_csv, dtype={"video_id": "string", "clip_id": "string", "text": "string",
                                            "mode": "string"}, keep_default_na=False, na_values=[""])
     except Exception as e:  # pandas raises many kinds; the user needs one line
-        raise FeatxError(f"cannot read {label_csv}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise FeatxError(f"cannot read {label_csv}: {first_line(e)}")
     name = os.path.basename(label_csv)
     need = [c for c in ("video_id", "clip_id", "mode", label_column) if c not in df.columns]
     if need:

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from featx import __version__
-from featx.errors import FeatxError
+from featx.errors import FeatxError, first_line
 
 try:
     import fcntl
@@ -194,7 +194,7 @@ def _open_h5(path):
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise FeatxError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0]})") from None
+        raise FeatxError(f"{path} is not a readable HDF5 file ({first_line(e)})") from None
     if not {"ids", "done", "pooled"} <= set(f) or "model" not in f.attrs:
         f.close()
         raise FeatxError(f"{path} is not a featx cache (it lacks ids, done, pooled/ or the model attribute)")

@@ -6,7 +6,7 @@ states with a (B, T) validity mask.
 """
 from __future__ import annotations
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, first_line
 
 IMAGE_TYPES = {"clip", "clip_vision_model", "siglip", "siglip_vision_model", "vit", "dinov2"}
 AUDIO_TYPES = {"wavlm", "wav2vec2", "wav2vec2-conformer", "hubert", "data2vec-audio", "unispeech", "unispeech-sat"}
@@ -23,7 +23,7 @@ def load_config(name, trust_remote_code=False):
     except Exception as e:  # OSError, ValueError, HTTP errors: the user needs the model name and what to do
         if os.path.isdir(str(name)):
             raise FeatxError(f"cannot load model {name!r}: the folder has no usable config.json "
-                             f"({str(e).splitlines()[0][:160]})")
+                             f"({first_line(e)[:160]})")
         raise FeatxError(f"cannot load model {name!r}: check the hub id or folder; featx found no local copy and "
                          "the hub is unreachable or offline (download it while online, or pass a local folder)")
 

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, first_line
 
 
 def from_pretrained(loader, name, what, **kwargs):
@@ -18,8 +18,7 @@ def from_pretrained(loader, name, what, **kwargs):
     try:
         return loader.from_pretrained(name, **kwargs)
     except Exception as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise FeatxError(f"cannot load the {what} of model {name!r}: {first}")
+        raise FeatxError(f"cannot load the {what} of model {name!r}: {first_line(e)[:200]}")
     finally:
         hf_logging.set_verbosity(level)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, first_line
 from featx.metrics import higher_is_better
 
 # Known metrics in the order the report lists them; others follow in the order they appear.
@@ -114,8 +114,7 @@ def _read_table(path, what, required):
     try:
         df = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
     except (OSError, ValueError) as e:
-        detail = str(e).strip().splitlines()
-        raise FeatxError(f"cannot read {what} {path}: {detail[0] if detail else type(e).__name__}")
+        raise FeatxError(f"cannot read {what} {path}: {first_line(e)}")
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise FeatxError(f"{path} lacks the column(s) {', '.join(missing)}")
