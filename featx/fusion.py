@@ -28,7 +28,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featx import metrics
 from featx.errors import FeatxError
-from featx.probe import LayerProbe, _primary_score, as_layers, infer_task, inner_split
+from featx.probe import LayerProbe, _prepare_fit, _primary_score, as_layers, infer_task, inner_split
 from torch import nn
 
 __all__ = ["LayerWeightedSum", "WeightedLayerProbe", "EarlyFusion", "LateFusion", "GatedFusion", "align_by_id"]
@@ -148,15 +148,9 @@ class WeightedLayerProbe(BaseEstimator, _TorchTrainer):
         self.random_state = random_state
 
     def fit(self, X, y, X_dev=None, y_dev=None):
-        X, y = as_layers(X), np.asarray(y)
-        self.task_ = infer_task(y) if self.task == "auto" else self.task
-        if X_dev is None:
-            fit_idx, dev_idx = inner_split(y, self.task_, self.validation_fraction, self.random_state)
-            X, X_dev, y, y_dev = X[fit_idx], X[dev_idx], y[fit_idx], y[dev_idx]
-        X_dev, y_dev = as_layers(X_dev), np.asarray(y_dev)
+        X, y, X_dev, y_dev = _prepare_fit(self, X, y, X_dev, y_dev)
         if self.task_ == "regression":
-            y, y_dev = y.astype(np.float64), y_dev.astype(np.float64)
-        self.classes_ = np.unique(y) if self.task_ == "classification" else None
+            self.classes_ = None
         out_dim = 1 if self.task_ == "regression" else len(self.classes_)
         self.mean_ = X.mean(0)
         std = X.std(0)

@@ -86,29 +86,33 @@ def _primary_score(task, y_true, y_pred):
     return value if metrics.higher_is_better(name) else -value
 
 
+def _prepare_fit(est, X, y, X_dev, y_dev):
+    """Shared start of a probe's fit: check X (N, L, D) and y, set est.task_ (and classes_), hold out a dev
+    part when none is given, cast regression targets. Returns X, y, X_dev, y_dev."""
+    X = as_layers(X)
+    y = np.asarray(y)
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} items, y has {len(y)}")
+    est.task_ = infer_task(y) if est.task == "auto" else est.task
+    if est.task_ not in ("regression", "classification"):
+        raise ValueError(f"task must be auto, regression or classification, got {est.task!r}")
+    if X_dev is None:
+        # No dev part given: hold out a stratified part of the training data for selection.
+        fit_idx, dev_idx = inner_split(y, est.task_, est.validation_fraction, est.random_state)
+        X, X_dev, y, y_dev = X[fit_idx], X[dev_idx], y[fit_idx], y[dev_idx]
+    else:
+        X_dev, y_dev = as_layers(X_dev), np.asarray(y_dev)
+    if est.task_ == "regression":
+        y, y_dev = y.astype(np.float64), y_dev.astype(np.float64)
+    else:
+        est.classes_ = np.unique(y)
+    est.n_layers_in_, est.n_features_in_ = X.shape[1], X.shape[2]
+    return X, y, X_dev, y_dev
+
+
 class _ProbeBase(BaseEstimator):
     """Shared fit plumbing: task, dev part, layer selection, predict/score on the best layer."""
 
-    def _setup(self, X, y, X_dev, y_dev):
-        X = as_layers(X)
-        y = np.asarray(y)
-        if len(X) != len(y):
-            raise ValueError(f"X has {len(X)} items, y has {len(y)}")
-        self.task_ = infer_task(y) if self.task == "auto" else self.task
-        if self.task_ not in ("regression", "classification"):
-            raise ValueError(f"task must be auto, regression or classification, got {self.task!r}")
-        if X_dev is None:
-            # No dev part given: hold out a stratified part of the training data for selection.
-            fit_idx, dev_idx = inner_split(y, self.task_, self.validation_fraction, self.random_state)
-            X, X_dev, y, y_dev = X[fit_idx], X[dev_idx], y[fit_idx], y[dev_idx]
-        else:
-            X_dev, y_dev = as_layers(X_dev), np.asarray(y_dev)
-        if self.task_ == "regression":
-            y, y_dev = y.astype(np.float64), y_dev.astype(np.float64)
-        else:
-            self.classes_ = np.unique(y)
-        self.n_layers_in_, self.n_features_in_ = X.shape[1], X.shape[2]
-        return X, y, X_dev, y_dev
 
     def _layer_index(self, layer):
         check_is_fitted(self, "scores_")
@@ -184,7 +188,7 @@ class LayerProbe(_ProbeBase):
         return DEFAULT_ALPHAS if task == "regression" else DEFAULT_CS
 
     def fit(self, X, y, X_dev=None, y_dev=None):
-        X, y, X_dev, y_dev = self._setup(X, y, X_dev, y_dev)
+        X, y, X_dev, y_dev = _prepare_fit(self, X, y, X_dev, y_dev)
         grid = self._grid(self.task_)
         L = X.shape[1]
         self.dev_scores_ = np.full((L, len(grid)), np.nan)
@@ -261,7 +265,7 @@ class BatchedLinearProbe(_ProbeBase):
     def fit(self, X, y, X_dev=None, y_dev=None):
         import torch
 
-        X, y, X_dev, y_dev = self._setup(X, y, X_dev, y_dev)
+        X, y, X_dev, y_dev = _prepare_fit(self, X, y, X_dev, y_dev)
         grid = tuple(self.grid) if self.grid is not None else (
             DEFAULT_ALPHAS if self.task_ == "regression" else DEFAULT_CS)
         dev = _device(self.device)
