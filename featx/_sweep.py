@@ -200,17 +200,12 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
                 _fuse(datas, aligned, task, probe, pool, seed, size, folds, fusion, fusion_layer, late_rule,
                       device, rows, weight_rows, fusion_info, bar)
     bar.close()
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df = df.astype({"num_layers": int, "layer": int, "train_size": float, "seed": int, "value": float})
-    df.to_csv(os.path.join(out, "results.csv"), index=False)
-    df.to_parquet(os.path.join(out, "results.parquet"), index=False)
+    df = write_results(rows, out)
     pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
     best = best_layer_table(df, task)
     best.to_csv(os.path.join(out, "best_layers.csv"), index=False)
-    primary = metrics.PRIMARY[task]
-    chance = chance_parts[0] if chance_parts else {}
-    meta = {"task": task, "primary_metric": primary, "higher_is_better": metrics.higher_is_better(primary),
-            "chance": chance, "caches": [os.path.abspath(d.path) for d in datas],
+    meta = {**meta_head(task, chance_parts[0] if chance_parts else {}),
+            "caches": [os.path.abspath(d.path) for d in datas],
             "encoders": [{"encoder": d.encoder, "modality": d.modality, "num_layers": d.num_layers,
                           "hidden_size": d.hidden_size} for d in datas]}
     if fusion:
@@ -225,6 +220,22 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
             Classifier.from_sweep(d, layer, task, pool, probe).save(
                 os.path.join(out, f"classifier__{_slug(d.encoder)}.safetensors"))
     return df
+
+
+def write_results(rows, out):
+    """The tidy results table (COLUMNS) of `rows` as out/results.csv and .parquet; returns the DataFrame."""
+    df = pd.DataFrame(rows, columns=COLUMNS).astype({"num_layers": int, "layer": int, "train_size": float,
+                                                     "seed": int, "value": float})
+    df.to_csv(os.path.join(out, "results.csv"), index=False)
+    df.to_parquet(os.path.join(out, "results.parquet"), index=False)
+    return df
+
+
+def meta_head(task, chance):
+    """The keys every meta.json starts with: task, primary metric and its direction, chance scores."""
+    primary = metrics.PRIMARY[task]
+    return {"task": task, "primary_metric": primary, "higher_is_better": metrics.higher_is_better(primary),
+            "chance": chance}
 
 
 def _slug(text):

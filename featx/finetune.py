@@ -720,7 +720,7 @@ def finetune(manifest, models, out, *, layers=None, train_blocks=-1, head="conca
     """
     from featx.encoders import load_config, load_encoder, modality_of
     from featx.manifest import read_manifest, source_column
-    from featx._sweep import COLUMNS, _Pooler, make_units, subsample
+    from featx._sweep import _Pooler, make_units, meta_head, subsample, write_results
     from featx.probe import infer_task
 
     models = [models] if isinstance(models, (str, os.PathLike)) else [str(m) for m in models]
@@ -831,15 +831,10 @@ def finetune(manifest, models, out, *, layers=None, train_blocks=-1, head="conca
             rows += [dict(b, split="dev", metric=k, value=float(v)) for k, v in dev_m.items()]
             if sum(len(t) for t in pooler.test_true):
                 rows += [dict(b, split=test_name, metric=k, value=float(v)) for k, v in test_m.items()]
-    table = pd.DataFrame(rows, columns=COLUMNS).astype({"num_layers": int, "layer": int, "train_size": float,
-                                                        "seed": int, "value": float})
-    table.to_csv(os.path.join(out, "results.csv"), index=False)
-    table.to_parquet(os.path.join(out, "results.parquet"), index=False)
+    table = write_results(rows, out)
     history = [dict(run=d["tag"], **h) for d in done_runs for h in d["history"]]
     pd.DataFrame(history).to_csv(os.path.join(out, "history.csv"), index=False)
-    primary = metrics.PRIMARY[task]
-    meta = {"task": task, "primary_metric": primary, "higher_is_better": metrics.higher_is_better(primary),
-            "chance": chance, "caches": [],
+    meta = {**meta_head(task, chance), "caches": [],
             "encoders": [{"encoder": m, "modality": mo, "num_layers": _num_layers(c), "layer": k, "train_blocks": tb}
                          for m, mo, c, k, tb in zip(models, modalities, configs, cut, blocks)],
             "finetune": {k: cfg[k] for k in cfg if k not in ("models",)}, "precision": precision,
