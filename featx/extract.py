@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 
 from featx import __version__
+from featx._torch import resolve_device, resolve_precision
 from featx.encoders import load_config, load_encoder, modality_of
 from featx.errors import FeatxError, MediaError, first_line
 from featx.manifest import labels_and_splits, read_manifest, source_column
 from featx.media import segment
 from featx.pooling import POOLINGS, pool
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CPU_BATCH_SECONDS = 8.0  # audio on the CPU: bigger padded batches only cost (WavLM-base: 8 s 7.4, 40 s 5.8 audio-s/s)
 
 __all__ = ["extract", "ExtractResult", "cache_path"]
@@ -145,16 +145,6 @@ class _Items(torch.utils.data.Dataset):
             return i, None, str(e)
         except Exception as e:  # a decoder bug or an odd file must fail the item, not the batch
             return i, None, f"{type(e).__name__}: {first_line(e)}"
-
-
-def _resolve_device(device):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FeatxError("--device cuda was asked for, but torch sees no CUDA device (use --device auto or cpu)")
-    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
 
 
 class _Distributed:
@@ -354,8 +344,6 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     for flag, v in (("--max-batch-tokens", max_batch_tokens), ("--max-batch-seconds", max_batch_seconds)):
         if v is not None and not float(v) > 0:
             raise FeatxError(f"{flag} must be positive, not {v}")
-    if precision not in PRECISIONS:
-        raise FeatxError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if not float(fps) > 0:
         raise FeatxError(f"--fps must be positive, not {fps}")
     if not models:
@@ -364,10 +352,8 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     name = os.path.basename(os.fspath(manifest))
     configs = [load_config(m, trust_remote_code) for m in models]
     columns = [source_column(df, modality_of(c), name) for c in configs]
-    device = _resolve_device(device)
-    if precision in ("bf16", "fp16") and not device.startswith("cuda"):
-        raise FeatxError(f"--precision {precision} needs a CUDA device (the CPU runs fp32)")
-    precision = precision if precision != "auto" else "bf16" if device.startswith("cuda") else "fp32"
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     if num_workers is None:
         num_workers = default_workers(device)
     if int(num_workers) < 0:

@@ -27,7 +27,6 @@ its middle frame to an image encoder; audio longer than `max_audio_seconds` is c
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -42,12 +41,12 @@ import torch
 from torch import nn
 
 from featx import metrics
+from featx._torch import autocast, resolve_device, resolve_precision
 from featx.errors import FeatxError, MediaError, first_line
 
 __all__ = ["finetune", "FinetuneResult", "JointModel", "load_finetuned", "FinetunedModel", "HEADS", "BLOCK_PATHS"]
 
 HEADS = ("concat", "gated")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Where each family keeps its transformer blocks, tried in this order.
 BLOCK_PATHS = ("vision_model.encoder.layers", "encoder.layer", "encoder.layers", "transformer.layer")
 # Modules whose output never reaches the hidden states (always frozen: they would get no gradient).
@@ -261,25 +260,6 @@ def _batch(encoders, items, idx):
     return [e.prepare([r[i] for i in idx]) for e, r in zip(encoders, items.raws)]
 
 
-# ------------------------------------------------------------------------------------------ precision
-def _precision(precision, device):
-    if precision not in PRECISIONS:
-        raise FeatxError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise FeatxError(f"--precision {precision} needs a CUDA device (the CPU trains in fp32)")
-        return "fp32"
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return precision
-
-
-def _autocast(device, precision):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 def _rng_state(device):
     tensors = {"rng/torch": torch.get_rng_state()}
@@ -414,7 +394,7 @@ def _predict(model, encoders, items, idx, batch_size, device, precision, task, c
     model.eval()
     outs = []
     for s in range(0, len(idx), batch_size):
-        with _autocast(device, precision):
+        with autocast(device, precision):
             outs.append(model(_batch(encoders, items, idx[s:s + batch_size])).float())
     if not outs:
         return np.asarray([], dtype=object if task == "classification" else np.float64)
@@ -499,7 +479,7 @@ def _train_run(run, items, cfg, encoders_fn, task, classes, run_dir, device, pre
             n_group = sum(len(b) for b in group)
             optimizer.zero_grad(set_to_none=True)
             for b in group:
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     out = model(_batch(encoders, items, b))
                 t = targets[b].to(device)
                 loss = loss_fn(out.float() if task == "classification" else out.float()[:, 0], t)
@@ -690,14 +670,6 @@ def _list(v, cast=str):
     return [cast(x.strip()) for x in str(v).split(",") if x.strip()]
 
 
-def _device(device):
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise FeatxError("--device cuda was asked for, but torch sees no CUDA device (use --device auto or cpu)")
-    return torch.device(device)
-
-
 def finetune(manifest, models, out, *, layers=None, train_blocks=-1, head="concat", task="auto", pooling="mean",
              proj_size=32, hidden_size=128, heads=4, dropout=0.1, lr=3e-5, head_lr=None, weight_decay=0.01,
              lr_decay=0.95, epochs=20, patience=3, batch_size=16, accumulate=1, clip_grad=1.0, loss="l1",
@@ -746,8 +718,8 @@ def finetune(manifest, models, out, *, layers=None, train_blocks=-1, head="conca
     blocks = blocks * len(models) if len(blocks) == 1 else blocks
     if len(blocks) != len(models):
         raise FeatxError(f"give one --train-blocks value, or one per model ({len(models)})")
-    device = _device(device)
-    precision = _precision(precision, device)
+    device = torch.device(resolve_device(device))
+    precision = resolve_precision(precision, device)
 
     df = read_manifest(manifest)
     mname = os.path.basename(os.fspath(manifest))

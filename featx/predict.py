@@ -22,8 +22,8 @@ def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch
     if os.path.isdir(path):
         from featx.finetune import load_finetuned
 
-        from featx.extract import _resolve_device
-        result = load_finetuned(path, device=_resolve_device(device)).predict_manifest(manifest, batch_size)
+        from featx._torch import resolve_device
+        result = load_finetuned(path, device=resolve_device(device)).predict_manifest(manifest, batch_size)
     elif os.path.isfile(path):
         result = _predict_probe(manifest, path, cache_dir, device, batch_size, progress)
     else:

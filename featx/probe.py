@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from featx import metrics
+from featx._torch import resolve_device
 from featx.errors import FeatxError
 
 __all__ = ["LayerProbe", "BatchedLinearProbe", "infer_task", "as_layers", "inner_split", "run_probe", "Classifier",
@@ -231,14 +232,6 @@ class LayerProbe(_ProbeBase):
                 "intercept": np.atleast_1d(model.intercept_)}
 
 
-def _device(device):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class BatchedLinearProbe(_ProbeBase):
     """Linear probes for all L layers x all regularisation values trained at once in torch.
 
@@ -268,7 +261,7 @@ class BatchedLinearProbe(_ProbeBase):
         X, y, X_dev, y_dev = _prepare_fit(self, X, y, X_dev, y_dev)
         grid = tuple(self.grid) if self.grid is not None else (
             DEFAULT_ALPHAS if self.task_ == "regression" else DEFAULT_CS)
-        dev = _device(self.device)
+        dev = torch.device(resolve_device(self.device))
         Xt = torch.from_numpy(np.ascontiguousarray(X.transpose(1, 0, 2))).to(dev)   # (L, N, D)
         mean = Xt.mean(1, keepdim=True)
         scale = Xt.std(1, unbiased=False, keepdim=True)

@@ -1,8 +1,6 @@
 """The interface every encoder adapter implements, and model loading shared by them."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from featx.errors import FeatxError, first_line
@@ -73,14 +71,11 @@ class Encoder:
         """(hidden_states, mask): L tensors (B, T, D) and a (B, T) bool mask of valid positions."""
         raise NotImplementedError
 
-    precision = "auto"  # set by the pipeline: auto | fp32 | bf16 | fp16
+    precision = "auto"  # set by the pipeline: auto | fp32 | bf16 | fp16 (see featx._torch.resolve_precision)
 
     def autocast(self):
         """Autocast for `precision`: auto = bf16 on CUDA and fp32 on the CPU (where the numbers must match a
-        plain forward); fp16/bf16 autocast on CUDA; fp32 none."""
-        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        if self.device.type == "cuda" and self.precision == "auto":
-            half = torch.bfloat16
-        if half is not None and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=half)
-        return contextlib.nullcontext()
+        plain forward)."""
+        from featx._torch import autocast, resolve_precision
+
+        return autocast(self.device, resolve_precision(self.precision, self.device))

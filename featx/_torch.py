@@ -1,0 +1,52 @@
+"""Torch device and precision choices shared by extract, probe, finetune and predict."""
+from __future__ import annotations
+
+import os
+
+from featx.errors import FeatxError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; plain 'cuda' under torchrun -> 'cuda:<LOCAL_RANK>'.
+
+    Raises FeatxError (one line) when CUDA is asked for and torch sees none.
+    """
+    import torch
+
+    device = str(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FeatxError("--device cuda was asked for, but torch sees no CUDA device (use --device auto or cpu)")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def resolve_precision(precision, device) -> str:
+    """'fp32' | 'bf16' | 'fp16' for `precision` on `device` (a str or torch.device): auto is bf16 on CUDA (fp16
+    where the GPU has no bf16) and fp32 on the CPU. FeatxError for an unknown name or half precision on a CPU."""
+    if precision not in PRECISIONS:
+        raise FeatxError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if not str(device).startswith("cuda"):
+        if precision in ("bf16", "fp16"):
+            raise FeatxError(f"--precision {precision} needs a CUDA device (the CPU runs fp32)")
+        return "fp32"
+    if precision == "auto":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def autocast(device, precision):
+    """The autocast context of a resolved precision on `device`: none for fp32."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
