@@ -327,7 +327,7 @@ def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_
                 from featx.fusion import WeightedLayerProbe
 
                 w = WeightedLayerProbe(random_state=seed).fit(X[fit], y[fit], X[dev], y[dev])
-                feats.append(np.einsum("nld,l->nd", (X - w.mean_) / w.scale_, w.weights_))
+                feats.append(w.transform(X))
             else:
                 feats.append(X[:, d.layers.index(int(fusion_layer))])
         for method in methods:

@@ -176,11 +176,14 @@ class WeightedLayerProbe(BaseEstimator, _TorchTrainer):
         self.intercept_ = model.head.bias.detach().numpy().astype(np.float64)
         return self
 
+    def transform(self, X):
+        """(N, D): the learned softmax-weighted sum of the standardised layers of X (N, L, D)."""
+        check_is_fitted(self, "weights_")
+        return np.einsum("nld,l->nd", (as_layers(X) - self.mean_) / self.scale_, self.weights_)
+
     def decision_function(self, X):
         """(N, C') head outputs."""
-        check_is_fitted(self, "weights_")
-        Xs = (as_layers(X) - self.mean_) / self.scale_
-        return np.einsum("nld,l->nd", Xs, self.weights_) @ self.coef_.T + self.intercept_
+        return self.transform(X) @ self.coef_.T + self.intercept_
 
     def predict(self, X):
         out = self.decision_function(X)
