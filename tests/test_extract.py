@@ -103,16 +103,46 @@ def test_padded_budget_changes_the_batches_not_the_values(family, media, tmp_pat
         assert np.abs(a.pooled("mean") - b.pooled("mean")).max() <= 1e-5
 
 
-def test_worker_processes_give_the_same_cache(media, tmp_path, tiny_bert, tiny_wavlm):
-    # groups of 3 items: several hand-offs from each worker, and the same batches on both sides
-    here = extract(media, [tiny_bert, tiny_wavlm], tmp_path / "w0", dtype="float32", device="cpu", group_size=3,
-                   progress=False)
-    workers = extract(media, [tiny_bert, tiny_wavlm], tmp_path / "w2", dtype="float32", device="cpu", num_workers=2,
-                      group_size=3, progress=False)
+def test_worker_processes_give_the_same_cache(media, tmp_path, tiny_bert, tiny_clip, tiny_wavlm):
+    # groups of 3 items: several hand-offs (packed chunks, see test_worker_chunks_...) from each worker, and the
+    # same batches on both sides; 0.5 s audio windows give items of several units
+    kw = dict(dtype="float32", device="cpu", group_size=3, max_audio_seconds=0.5, progress=False)
+    here = extract(media, [tiny_bert, tiny_clip, tiny_wavlm], tmp_path / "w0", **kw)
+    workers = extract(media, [tiny_bert, tiny_clip, tiny_wavlm], tmp_path / "w2", num_workers=2, **kw)
     for a_path, b_path in zip(here.paths, workers.paths):
         with open_cache(a_path) as a, open_cache(b_path) as b:
             assert list(a.ids) == list(b.ids) and a.done.all() and b.done.all()
             np.testing.assert_array_equal(a.pooled("mean"), b.pooled("mean"))
+
+
+def test_worker_chunks_cross_as_one_block_per_dtype_and_unpack_to_the_same_units():
+    import pickle
+
+    import torch
+
+    from featx.extract import _pack, _unpack
+    rng = np.random.default_rng(0)
+    wave = rng.standard_normal(1000).astype(np.float32)
+    pixels = torch.from_numpy(rng.standard_normal((3, 4, 5)).astype(np.float32))
+    frames = [torch.from_numpy(rng.standard_normal((3, 4, 5)).astype(np.float32)) for _ in range(2)]
+    strided = rng.standard_normal((6, 8))[:, ::2]  # not contiguous, float64
+    tokens = {"input_ids": np.arange(7), "attention_mask": np.ones(7, np.int64)}
+    items = [(0, [wave[:300], wave[300:]], None), (1, None, "cannot decode image"), (2, [pixels], None),
+             (3, frames + [strided], None), (4, [tokens], None), (5, [np.zeros(0, np.float32)], None)]
+    blocks, packed = _pack(items)
+    assert sorted(blocks) == ["<f4", "<f8"] and blocks["<f4"].numel() == 1000 + 3 * 60
+    # as a worker hands it over: through pickle, each block one tensor
+    back = _unpack(pickle.loads(pickle.dumps((blocks, packed))))
+    assert [(i, why) for i, _, why in back] == [(i, why) for i, _, why in items]
+    for (_, got, _), (_, want, _) in zip(back, items):
+        assert (got is None) == (want is None)
+        for g, w in zip(got or (), want or ()):
+            assert type(g) is type(w)
+            if isinstance(w, dict):
+                assert g.keys() == w.keys() and all(np.array_equal(g[k], w[k]) for k in w)
+            else:
+                assert g.shape == w.shape and g.dtype == w.dtype and np.array_equal(np.asarray(g), np.asarray(w))
+    assert _pack([(9, None, "missing")]) == ({}, [(9, None, "missing")])
 
 
 def test_batches_keep_to_the_batch_size_and_the_padded_budget(tiny_bert):
