@@ -51,8 +51,8 @@ class AudioEncoder(Encoder):
         # Each input was normalised over its own samples; padding with the processor's value is what
         # the processor does when it pads a batch.
         n = max(f.shape[0] for f in feats)
-        values = torch.full((len(feats), n), float(self.processor.padding_value), dtype=torch.float32)
-        mask = torch.zeros((len(feats), n), dtype=torch.long)
+        values = self.host_tensor((len(feats), n), torch.float32, float(self.processor.padding_value))
+        mask = self.host_tensor((len(feats), n), torch.long, 0)
         for b, f in enumerate(feats):
             values[b, :f.shape[0]] = torch.from_numpy(f)
             mask[b, :f.shape[0]] = 1

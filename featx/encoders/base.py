@@ -59,8 +59,18 @@ class Encoder:
         return None
 
     def collate(self, feats) -> dict:
-        """CPU tensors for a batch of preprocessed inputs (padding as the processor pads)."""
+        """CPU tensors for a batch of preprocessed inputs (padding as the processor pads), made with host_tensor."""
         raise NotImplementedError
+
+    def host_tensor(self, shape, dtype, fill=None):
+        """A CPU tensor for a batch (filled with `fill` unless None). For a CUDA model it is pinned memory from
+        torch's caching host allocator: the batch is copied once, into memory that is reused (no fresh pages
+        to fault in per batch, and a block is not reused before its copy to the device has finished), instead
+        of being stacked into fresh memory and then copied again by pin_memory()."""
+        pin = self.device.type == "cuda"
+        if fill is None:
+            return torch.empty(shape, dtype=dtype, pin_memory=pin)
+        return torch.full(shape, fill, dtype=dtype, pin_memory=pin)
 
     def prepare(self, raws) -> dict:
         """CPU tensors for a batch of decoded inputs: preprocess each, then collate."""

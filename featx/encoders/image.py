@@ -40,7 +40,8 @@ class ImageEncoder(Encoder):
         return _Pixels(self.processor)
 
     def collate(self, feats):
-        return {"pixel_values": torch.stack(list(feats))}
+        out = self.host_tensor((len(feats), *feats[0].shape), feats[0].dtype)
+        return {"pixel_values": torch.stack(list(feats), out=out)}
 
     def forward(self, inputs):
         pixels = inputs["pixel_values"].to(self.device, non_blocking=True)

@@ -49,14 +49,14 @@ class TextEncoder(Encoder):
         n, left = max(len(f["input_ids"]) for f in feats), tok.padding_side == "left"
         out = {}
         for k in feats[0]:
-            a = np.full((len(feats), n), pads[k], dtype=np.int64)
+            out[k] = self.host_tensor((len(feats), n), torch.int64, pads[k])
+            a = out[k].numpy()
             for b, f in enumerate(feats):
                 v = f[k]
                 if left:
                     a[b, n - len(v):] = v
                 else:
                     a[b, :len(v)] = v
-            out[k] = torch.from_numpy(a)
         return out
 
     def forward(self, inputs):
