@@ -187,6 +187,10 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
 
     rows, weight_rows, chance_parts, fusion_info = [], [], [], {}
     aligned = _align(datas, missing) if fusion else None
+    # fusion_layer "best" picks each modality's best dev layer per fold: where fusion's items and folds are the
+    # modality's own (every cache holds the same ids in the same order), the modality's sweep has already fit
+    # that very probe, so its choice is kept ({(cache, seed, size, unit): layer}) instead of fitting it again.
+    best_dev = {} if fusion and fusion_layer == "best" and probe != "mlp" and _same_items(datas, aligned) else None
     n_units = len(make_units(datas[0].y, datas[0].splits, task, folds, 0)[0])
     total = len(seeds) * len(sizes) * n_units * (len(datas) + (1 if fusion else 0))
     bar = tqdm(total=total, desc="probe", disable=not progress, unit="fit")
@@ -195,10 +199,10 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
             for d in datas:
                 chance_here = seed == seeds[0] and size == sizes[-1] and d is datas[0]  # one chance estimate
                 _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, device, rows, weight_rows,
-                           chance_parts if chance_here else None, bar)
+                           chance_parts if chance_here else None, bar, best_dev, datas.index(d))
             if fusion:
                 _fuse(datas, aligned, task, probe, pool, seed, size, folds, fusion, fusion_layer, late_rule,
-                      device, rows, weight_rows, fusion_info, bar)
+                      device, rows, weight_rows, fusion_info, bar, best_dev)
     bar.close()
     df = write_results(rows, out)
     pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
@@ -243,19 +247,22 @@ def _slug(text):
 
 
 def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, device, rows, weight_rows,
-               chance_parts, bar):
-    """Fit the probes of every layer of one cache for one (seed, size); append rows and layer weights."""
+               chance_parts, bar, best_dev=None, k=0):
+    """Fit the probes of every layer of one cache for one (seed, size); append rows and layer weights, and
+    record each fold's best dev layer in best_dev[(k, seed, size, unit)] when best_dev is a dict."""
     units, test_name = make_units(d.y, d.splits, task, folds, seed)
     base = dict(encoder=d.encoder, modality=d.modality, num_layers=d.num_layers, pooling=pool, probe=probe_name,
                 train_size=size, seed=seed)
     poolers = [_Pooler(task) for _ in d.layers]
     w_pooler, chance_pooler = _Pooler(task), []
     y = d.y if task == "classification" else d.y.astype(np.float64)
-    for train, dev, test in units:
+    for u, (train, dev, test) in enumerate(units):
         fit = subsample(train, y, task, size, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # convergence warnings on tiny subsamples
             est = _make_probe(probe, seed, device).fit(d.X[fit], y[fit], d.X[dev], y[dev])
+        if best_dev is not None:
+            best_dev[(k, seed, size, u)] = est.best_layer_
         p_dev, p_test = est.predict_layers(d.X[dev]), est.predict_layers(d.X[test])
         for i, pooler in enumerate(poolers):
             pooler.add(y[dev], p_dev[:, i], y[test], p_test[:, i])
@@ -283,6 +290,17 @@ def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, de
                                             np.concatenate(preds)))
 
 
+def _same_items(datas, aligned):
+    """Whether fusion runs on every cache's own items in its own order, with the same splits: then its folds
+    are each modality's own."""
+    if any(not np.array_equal(idx, np.arange(len(d.ids))) for d, idx in zip(datas, aligned["index"])):
+        return False
+    splits = [d.splits for d in datas]
+    return all(s is None for s in splits) or all(s is not None and np.array_equal(np.asarray(s, str),
+                                                                                  np.asarray(splits[0], str))
+                                                 for s in splits)
+
+
 def _align(datas, missing):
     from featx.fusion import align_by_id
 
@@ -298,7 +316,7 @@ def _align(datas, missing):
 
 
 def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_layer, late_rule, device, rows,
-          weight_rows, info, bar):
+          weight_rows, info, bar, best_dev=None):
     """Fuse the modalities on the items they share, for one (seed, size); append rows."""
     from featx.fusion import EarlyFusion, GatedFusion, LateFusion
 
@@ -321,7 +339,8 @@ def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_
             full.append(X)
             if fusion_layer == "best":
                 # The best dev layer, chosen from the per-modality probe on the same fit / dev parts.
-                sel = _best_dev_layer(d, X, y, fit, dev, task, probe, seed, device)
+                sel = (best_dev[(m, seed, size, u)] if best_dev is not None
+                       else _best_dev_layer(d, X, y, fit, dev, task, probe, seed, device))
                 feats.append(X[:, sel])
             elif fusion_layer == "weighted":
                 from featx.fusion import WeightedLayerProbe

@@ -91,3 +91,32 @@ def test_gated_fusion_over_sequences_learns_layer_weights():
     assert mae < 0.8 * chance
     assert g.weights_[0].shape == (4,) and g.weights_[1].shape == (3,)
     assert g.weights_[0].argmax() == 1 and g.weights_[1].argmax() == 2
+
+
+def test_fusion_on_the_best_layers_reuses_each_modalitys_own_fits(tmp_path, monkeypatch):
+    # Same ids in the same order: fusion's folds are each modality's own, so the best dev layer per fold comes from
+    # the modality's sweep instead of a second sweep; the results are those of fitting it again.
+    import featx._sweep as sweep
+
+    Xa, Xb, y = _two_modalities(n=240)
+    ids, splits = [f"c{i}" for i in range(len(y))], standard_splits(len(y))
+    a = write_cache(tmp_path / "a.h5", Xa, ids, y, splits, model="toy/video", modality="video")
+    b = write_cache(tmp_path / "b.h5", Xb, ids, y, splits, model="toy/audio", modality="audio")
+    calls = []
+    refit, same = sweep._best_dev_layer, sweep._same_items
+    monkeypatch.setattr(sweep, "_best_dev_layer", lambda *args: calls.append(1) or refit(*args))
+    kw = dict(fusion=["early", "late"], seeds=2, train_sizes=(0.5, 1.0), progress=False)
+    reused = run_probe([a, b], tmp_path / "reused", **kw)
+    assert calls == []
+    monkeypatch.setattr(sweep, "_same_items", lambda *args: False)
+    again = run_probe([a, b], tmp_path / "again", **kw)
+    assert len(calls) == 2 * 2 * 2  # seeds x sizes x modalities, one test split each
+    pd.testing.assert_frame_equal(reused, again)
+    # a different order of ids in one cache: fusion's items are no longer the modality's own, so it fits again
+    calls.clear()
+    order = np.random.default_rng(0).permutation(len(y))
+    c = write_cache(tmp_path / "c.h5", Xb[order], np.asarray(ids)[order], y[order], splits[order],
+                    model="toy/audio", modality="audio")
+    monkeypatch.setattr(sweep, "_same_items", same)
+    run_probe([a, c], tmp_path / "shuffled", fusion=["early"], progress=False)
+    assert len(calls) == 2
