@@ -187,10 +187,12 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
 
     rows, weight_rows, chance_parts, fusion_info = [], [], [], {}
     aligned = _align(datas, missing) if fusion else None
-    # fusion_layer "best" picks each modality's best dev layer per fold: where fusion's items and folds are the
-    # modality's own (every cache holds the same ids in the same order), the modality's sweep has already fit
-    # that very probe, so its choice is kept ({(cache, seed, size, unit): layer}) instead of fitting it again.
-    best_dev = {} if fusion and fusion_layer == "best" and probe != "mlp" and _same_items(datas, aligned) else None
+    # fusion_layer "best" picks each modality's best dev layer per fold, "weighted" fits its layer-weighted
+    # probe: where fusion's items and folds are the modality's own (every cache holds the same ids in the same
+    # order), the modality's sweep has already fit that very probe (for "weighted", with --weighted), so its
+    # result is kept ({(cache, seed, size, unit): layer or WeightedLayerProbe}) instead of fitting it again.
+    reuse = (fusion_layer == "best" and probe != "mlp") or (fusion_layer == "weighted" and weighted)
+    best_dev = {} if fusion and reuse and _same_items(datas, aligned) else None
     n_units = len(make_units(datas[0].y, datas[0].splits, task, folds, 0)[0])
     total = len(seeds) * len(sizes) * n_units * (len(datas) + (1 if fusion else 0))
     bar = tqdm(total=total, desc="probe", disable=not progress, unit="fit")
@@ -249,7 +251,8 @@ def _slug(text):
 def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, device, rows, weight_rows,
                chance_parts, bar, best_dev=None, k=0):
     """Fit the probes of every layer of one cache for one (seed, size); append rows and layer weights, and
-    record each fold's best dev layer in best_dev[(k, seed, size, unit)] when best_dev is a dict."""
+    record each fold's best dev layer in best_dev[(k, seed, size, unit)] (and its layer-weighted probe in
+    best_dev[("weighted", k, seed, size, unit)]) when best_dev is a dict."""
     units, test_name = make_units(d.y, d.splits, task, folds, seed)
     base = dict(encoder=d.encoder, modality=d.modality, num_layers=d.num_layers, pooling=pool, probe=probe_name,
                 train_size=size, seed=seed)
@@ -270,6 +273,8 @@ def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, de
             from featx.fusion import WeightedLayerProbe
 
             w = WeightedLayerProbe(random_state=seed).fit(d.X[fit], y[fit], d.X[dev], y[dev])
+            if best_dev is not None:
+                best_dev[("weighted", k, seed, size, u)] = w
             w_pooler.add(y[dev], w.predict(d.X[dev]), y[test], w.predict(d.X[test]))
             weight_rows.extend(dict(encoder=d.encoder, modality=d.modality, seed=seed, layer=l, weight=float(v),
                                     train_size=size, method="weighted") for l, v in zip(d.layers, w.weights_))
@@ -345,7 +350,8 @@ def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_
             elif fusion_layer == "weighted":
                 from featx.fusion import WeightedLayerProbe
 
-                w = WeightedLayerProbe(random_state=seed).fit(X[fit], y[fit], X[dev], y[dev])
+                w = best_dev[("weighted", m, seed, size, u)] if best_dev is not None else \
+                    WeightedLayerProbe(random_state=seed).fit(X[fit], y[fit], X[dev], y[dev])
                 feats.append(w.transform(X))
             else:
                 feats.append(X[:, d.layers.index(int(fusion_layer))])

@@ -97,6 +97,7 @@ def test_fusion_on_the_best_layers_reuses_each_modalitys_own_fits(tmp_path, monk
     # Same ids in the same order: fusion's folds are each modality's own, so the best dev layer per fold comes from
     # the modality's sweep instead of a second sweep; the results are those of fitting it again.
     import featx._sweep as sweep
+    from featx.fusion import WeightedLayerProbe
 
     Xa, Xb, y = _two_modalities(n=240)
     ids, splits = [f"c{i}" for i in range(len(y))], standard_splits(len(y))
@@ -120,3 +121,14 @@ def test_fusion_on_the_best_layers_reuses_each_modalitys_own_fits(tmp_path, monk
     monkeypatch.setattr(sweep, "_same_items", same)
     run_probe([a, c], tmp_path / "shuffled", fusion=["early"], progress=False)
     assert len(calls) == 2
+    # fusion on the layer-weighted sums, with --weighted: the sweep's weighted probes serve fusion too
+    fits = []
+    fit = WeightedLayerProbe.fit
+    monkeypatch.setattr(WeightedLayerProbe, "fit", lambda self, *args: fits.append(1) or fit(self, *args))
+    kw = dict(fusion=["late"], fusion_layer="weighted", weighted=True, progress=False)
+    reused = run_probe([a, b], tmp_path / "w-reused", **kw)
+    assert len(fits) == 2  # one per modality, in its sweep
+    monkeypatch.setattr(sweep, "_same_items", lambda *args: False)
+    again = run_probe([a, b], tmp_path / "w-again", **kw)
+    assert len(fits) == 2 + 4
+    pd.testing.assert_frame_equal(reused, again)
