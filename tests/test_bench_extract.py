@@ -23,6 +23,7 @@ def test_bench_extract_runs_on_tiny_models_and_reports_its_figures(tmp_path):
         for key in ("rate_bare", "rate_featx", "rate_naive"):
             assert x[key]["items_per_s"] > 0 and x[key]["units_per_s"] > 0 and x[key]["gflop_per_s"] > 0
         assert x["featx"]["load_seconds"] > 0 and x["featx"]["seconds_with_load"] > x["featx"]["seconds"]
+        assert 0 < x["featx"]["close_seconds"] < x["featx"]["seconds"]
         assert x["featx_over_bare"] > 0 and x["naive_over_featx"] > 0
         assert x["gflops_per_item"] > 0
         line = next(line for line in r.stdout.splitlines() if line.startswith(x["kind"]))
