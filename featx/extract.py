@@ -362,52 +362,95 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     rows = df.to_dict("records")
     ids = df["id"].tolist()
     labels, splits, meta = labels_and_splits(df)
-    result = ExtractResult()
-    for model, config, column in zip(models, configs, columns):
-        encoder = load_encoder(model, config=config, device=device, trust_remote_code=trust_remote_code,
-                               max_length=max_length)
-        encoder.precision = precision
-        pools = [p for p in poolings if not (encoder.modality == "audio" and p == "cls")] or ["mean"]
-        if len(pools) < len(poolings):
-            print(f"featx extract: {model}: audio encoders have no CLS token; storing {','.join(pools)} only",
-                  file=sys.stderr)
-        modality = "video" if column == "video" and encoder.modality == "image" else encoder.modality
-        attrs = {"model": str(model), "modality": modality, "source_column": column, "featx_version": __version__,
-                 "poolings": ",".join(pools), "precision": precision, **encoder.attrs}
-        if encoder.modality == "audio":
-            attrs["max_audio_seconds"] = float(max_audio_seconds or 0)
-        if modality == "video":
-            attrs["fps"] = float(fps)
-        if seq:
-            attrs["seq_stride"] = int(seq_stride)
-        path = cache_path(manifest, model, out)
-        dist = _Distributed.current()
-        shard = dist.shard_path(path) if dist else path
-        if dist:
-            dist.prepare_final(path, overwrite)
-        writer = CacheWriter(shard, ids=ids, attrs=attrs, poolings=pools, num_layers=encoder.num_layers,
-                             hidden_size=encoder.hidden_size, dtype=dtype, seq=seq, labels=labels, splits=splits,
-                             meta=meta, overwrite=overwrite)
-        todo = dist.my_todo(writer.todo, path) if dist else writer.todo
-        decoder = Decoder(encoder.modality, column, getattr(encoder, "sample_rate", None), max_audio_seconds, fps,
-                          preprocess=encoder.preprocessor())
-        budget = (max_batch_tokens if encoder.modality == "text" else max_batch_seconds * encoder.sample_rate
-                  if encoder.modality == "audio" and max_batch_seconds else None)
-        runner = Runner(encoder, pools, seq=seq, seq_stride=seq_stride, batch_size=batch_size, budget=budget,
-                        video=modality == "video")
-        todo = longest_first(todo, rows, decoder)
-        try:
-            _run(writer, todo, runner, decoder, rows, num_workers, group_size or max(64, 8 * int(batch_size)),
-                 progress and (not dist or dist.rank == 0), model)
-        finally:  # consolidate what was written, also when interrupted
-            summary = writer.close()
-        if dist:
-            summary = dist.merge(path)
-        summary = {"model": str(model), "path": path, **{k: summary[k] for k in ("done", "failed", "pending")}}
-        result.caches.append(summary)
-        if not dist or dist.rank == 0:
-            _print_summary(summary, path)
+    result, closing = ExtractResult(), []
+    try:
+        for model, config, column in zip(models, configs, columns):
+            encoder = load_encoder(model, config=config, device=device, trust_remote_code=trust_remote_code,
+                                   max_length=max_length)
+            encoder.precision = precision
+            pools = [p for p in poolings if not (encoder.modality == "audio" and p == "cls")] or ["mean"]
+            if len(pools) < len(poolings):
+                print(f"featx extract: {model}: audio encoders have no CLS token; storing {','.join(pools)} only",
+                      file=sys.stderr)
+            modality = "video" if column == "video" and encoder.modality == "image" else encoder.modality
+            attrs = {"model": str(model), "modality": modality, "source_column": column, "featx_version": __version__,
+                     "poolings": ",".join(pools), "precision": precision, **encoder.attrs}
+            if encoder.modality == "audio":
+                attrs["max_audio_seconds"] = float(max_audio_seconds or 0)
+            if modality == "video":
+                attrs["fps"] = float(fps)
+            if seq:
+                attrs["seq_stride"] = int(seq_stride)
+            path = cache_path(manifest, model, out)
+            dist = _Distributed.current()
+            shard = dist.shard_path(path) if dist else path
+            if dist:
+                dist.prepare_final(path, overwrite)
+            for c in closing:
+                if c.path == path:  # the same model twice: its first run must have closed before it reopens
+                    c.join()
+            writer = CacheWriter(shard, ids=ids, attrs=attrs, poolings=pools, num_layers=encoder.num_layers,
+                                 hidden_size=encoder.hidden_size, dtype=dtype, seq=seq, labels=labels, splits=splits,
+                                 meta=meta, overwrite=overwrite)
+            todo = dist.my_todo(writer.todo, path) if dist else writer.todo
+            decoder = Decoder(encoder.modality, column, getattr(encoder, "sample_rate", None), max_audio_seconds, fps,
+                              preprocess=encoder.preprocessor())
+            budget = (max_batch_tokens if encoder.modality == "text" else max_batch_seconds * encoder.sample_rate
+                      if encoder.modality == "audio" and max_batch_seconds else None)
+            runner = Runner(encoder, pools, seq=seq, seq_stride=seq_stride, batch_size=batch_size, budget=budget,
+                            video=modality == "video")
+            todo = longest_first(todo, rows, decoder)
+            try:
+                _run(writer, todo, runner, decoder, rows, num_workers, group_size or max(64, 8 * int(batch_size)),
+                     progress and (not dist or dist.rank == 0), model)
+            except BaseException:
+                writer.close()  # consolidate what was written, also when interrupted
+                raise
+            if dist:
+                writer.close()
+                _record(result, model, path, dist.merge(path), dist.rank == 0)
+            else:
+                # Closing the cache (a copy of all it holds, an fsync, removing the parts: seconds for large
+                # caches) overlaps the next model's load and run; h5py lets go of the GIL for its I/O.
+                closing.append(_Closing(writer, model, path))
+    finally:
+        for c in closing:
+            c.join()
+            if c.error is None:
+                _record(result, c.model, c.path, c.summary)
+            elif sys.exc_info()[0] is not None:  # another error is on its way out: say this one too
+                print(f"featx extract: {c.model}: closing {c.path} failed: {first_line(c.error)}", file=sys.stderr)
+    errors = [c.error for c in closing if c.error is not None]
+    if errors:
+        raise errors[0]
     return result
+
+
+class _Closing:
+    """CacheWriter.close() in a thread of its own; join() waits for it, then .summary or .error is set."""
+
+    def __init__(self, writer, model, path):
+        import threading
+
+        self.model, self.path, self.summary, self.error = model, path, None, None
+        self._thread = threading.Thread(target=self._close, args=(writer,), name="featx-close")
+        self._thread.start()
+
+    def _close(self, writer):
+        try:
+            self.summary = writer.close()
+        except BaseException as e:  # re-raised by extract() in the main thread
+            self.error = e
+
+    def join(self):
+        self._thread.join()
+
+
+def _record(result, model, path, summary, show=True):
+    summary = {"model": str(model), "path": path, **{k: summary[k] for k in ("done", "failed", "pending")}}
+    result.caches.append(summary)
+    if show:
+        _print_summary(summary, path)
 
 
 def default_workers(device) -> int:

@@ -413,3 +413,30 @@ def test_sigkill_at_any_moment_then_resume_gives_an_uninterrupted_runs_values(tm
     with open_cache(ref.paths[0]) as a, open_cache(res.paths[0]) as b:
         assert b.done.all() and list(a.ids) == list(b.ids)
         np.testing.assert_allclose(a.pooled("mean"), b.pooled("mean"), atol=1e-5)
+
+
+def test_a_cache_closes_while_the_next_model_runs_and_its_failure_loses_nothing(media, tmp_path, tiny_bert,
+                                                                                tiny_wavlm, monkeypatch):
+    import os
+
+    import featx.store as store
+    from featx.extract import cache_path
+    out = tmp_path / "o"
+    text, audio = cache_path(media, tiny_bert, out), cache_path(media, tiny_wavlm, out)
+    consolidate = store._consolidate
+
+    def disk_full_for_text(out_path, *args):  # the text cache's consolidation fails, after its run
+        if out_path == text:
+            raise OSError(28, "No space left on device")
+        return consolidate(out_path, *args)
+
+    monkeypatch.setattr(store, "_consolidate", disk_full_for_text)
+    with pytest.raises(OSError, match="No space left"):
+        extract(media, [tiny_bert, tiny_wavlm, tiny_bert], out, device="cpu", progress=False)
+    with open_cache(audio) as c:  # the next model ran and closed all the same
+        assert c.done.all()
+    assert not os.path.exists(text) and len(os.listdir(text + ".parts")) > 1  # its parts wait for the next run
+    monkeypatch.setattr(store, "_consolidate", consolidate)
+    res = extract(media, [tiny_bert, tiny_wavlm, tiny_bert], out, device="cpu", progress=False)
+    assert [c["path"] for c in res.caches] == [text, audio, text]
+    assert all(c["done"] == 8 and c["failed"] == 0 for c in res.caches) and not os.path.exists(text + ".parts")
