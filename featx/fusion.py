@@ -73,8 +73,15 @@ class LayerWeightedSum(nn.Module):
         return torch.softmax(self.weight.detach(), 0).cpu().numpy()
 
 
+def _standard_stats(X):
+    """Mean and scale over axis 0 for standardising; a constant column gets scale 1."""
+    std = X.std(0)
+    return X.mean(0), np.where(std > 0, std, 1.0).astype(np.float32)
+
+
 class _TorchTrainer:
-    """Mini-batch Adam with early stopping on the dev primary metric; keeps the best dev state."""
+    """Mini-batch Adam with early stopping on the dev primary metric; keeps the best dev state and returns
+    its primary metric on dev."""
 
     def _train(self, model, batches_fn, n_train, predict_dev, y_dev, task, loss_fn):
         # No weight decay on the layer weights (as s3prl): decay would pull them back to the uniform mean.
@@ -104,7 +111,7 @@ class _TorchTrainer:
                     break
         model.load_state_dict(best_state)
         model.eval()
-        return best
+        return best if metrics.higher_is_better(metrics.PRIMARY[task]) else -best  # _primary_score's sign undone
 
 
 def _loss(task, regression_loss="l1"):
@@ -152,9 +159,7 @@ class WeightedLayerProbe(BaseEstimator, _TorchTrainer):
         if self.task_ == "regression":
             self.classes_ = None
         out_dim = 1 if self.task_ == "regression" else len(self.classes_)
-        self.mean_ = X.mean(0)
-        std = X.std(0)
-        self.scale_ = np.where(std > 0, std, 1.0).astype(np.float32)
+        self.mean_, self.scale_ = _standard_stats(X)
         torch.manual_seed(self.random_state)
         model = nn.Sequential()
         model.add_module("sum", LayerWeightedSum(X.shape[1]))
@@ -169,8 +174,6 @@ class WeightedLayerProbe(BaseEstimator, _TorchTrainer):
             model, lambda idx: ((Xt[idx],), yt[idx]), len(Xt),
             lambda: _decode(self.task_, model(Xd), self.classes_), y_dev, self.task_,
             _loss(self.task_, self.regression_loss))
-        name = metrics.PRIMARY[self.task_]
-        self.dev_score_ = self.dev_score_ if metrics.higher_is_better(name) else -self.dev_score_
         self.weights_ = model.sum.weights()
         self.coef_ = model.head.weight.detach().numpy().astype(np.float64)
         self.intercept_ = model.head.bias.detach().numpy().astype(np.float64)
@@ -325,6 +328,11 @@ def _pad(seqs, idx):
     return torch.from_numpy(x), torch.from_numpy(mask)
 
 
+def _padded_inputs(seqs, idx):
+    """The gated model's inputs for items idx: x_1, mask_1, ..., x_M, mask_M (_pad of each modality)."""
+    return tuple(t for s in seqs for t in _pad(s, idx))
+
+
 def _as_sequences(X):
     """(N, L, D) pooled array -> N sequences of length 1; a list of (T_i, L, D) arrays stays as is."""
     if isinstance(X, np.ndarray) and X.ndim == 3:
@@ -371,12 +379,7 @@ class GatedFusion(BaseEstimator, _TorchTrainer):
         if self.task_ == "regression":
             y, y_dev = y.astype(np.float64), y_dev.astype(np.float64)
         self.classes_ = np.unique(y) if self.task_ == "classification" else None
-        self.means_, self.scales_ = [], []
-        for s in seqs:
-            cat = np.concatenate(s, 0)
-            self.means_.append(cat.mean(0))
-            std = cat.std(0)
-            self.scales_.append(np.where(std > 0, std, 1.0).astype(np.float32))
+        self.means_, self.scales_ = map(list, zip(*(_standard_stats(np.concatenate(s, 0)) for s in seqs)))
         seqs = [self._standardise(s, m) for m, s in enumerate(seqs)]
         dev = [self._standardise(s, m) for m, s in enumerate(dev)]
         torch.manual_seed(self.random_state)
@@ -384,19 +387,10 @@ class GatedFusion(BaseEstimator, _TorchTrainer):
         self.model_ = _gated_model([s[0].shape[-1] for s in seqs], [s[0].shape[1] for s in seqs],
                                    self.hidden_size, self.heads, self.dropout, out_dim)
         yt = _targets(self.task_, y, self.classes_)
-
-        def batch(idx, data=seqs):
-            flat = []
-            for s in data:
-                flat.extend(_pad(s, idx))
-            return tuple(flat)
-
-        dev_inputs = batch(np.arange(len(y_dev)), dev)
-        score = self._train(self.model_, lambda idx: (batch(idx), yt[idx]), len(y),
-                            lambda: _decode(self.task_, self.model_(*dev_inputs), self.classes_), y_dev,
-                            self.task_, _loss(self.task_, "l1"))
-        name = metrics.PRIMARY[self.task_]
-        self.dev_score_ = score if metrics.higher_is_better(name) else -score
+        dev_inputs = _padded_inputs(dev, np.arange(len(y_dev)))
+        self.dev_score_ = self._train(self.model_, lambda idx: (_padded_inputs(seqs, idx), yt[idx]), len(y),
+                                      lambda: _decode(self.task_, self.model_(*dev_inputs), self.classes_), y_dev,
+                                      self.task_, _loss(self.task_, "l1"))
         self.weights_ = [b.sum.weights() for b in self.model_.branches]
         return self
 
@@ -408,8 +402,5 @@ class GatedFusion(BaseEstimator, _TorchTrainer):
         with torch.no_grad():
             for start in range(0, n, 256):
                 idx = np.arange(start, min(n, start + 256))
-                flat = []
-                for s in seqs:
-                    flat.extend(_pad(s, idx))
-                out.append(_decode(self.task_, self.model_(*flat), self.classes_))
+                out.append(_decode(self.task_, self.model_(*_padded_inputs(seqs, idx)), self.classes_))
         return np.concatenate(out)
