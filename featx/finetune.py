@@ -43,6 +43,7 @@ from torch import nn
 from featx import metrics
 from featx._torch import autocast, resolve_device, resolve_precision
 from featx.errors import FeatxError, MediaError, first_line
+from featx.fusion import _loss
 
 __all__ = ["finetune", "FinetuneResult", "JointModel", "load_finetuned", "FinetunedModel", "HEADS", "BLOCK_PATHS"]
 
@@ -117,13 +118,6 @@ class EncoderBranch(nn.Module):
         return hidden_states[self.layer], mask
 
 
-def _pooled(h, mask, pooling):
-    if pooling == "cls":
-        return h[:, 0].float()
-    m = mask.to(torch.float32).unsqueeze(-1)
-    return (h.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
 class ConcatHead(nn.Module):
     """Toledo & Marcacini's head: per modality Linear(D_m, proj) + ReLU on the pooled hidden state; the M
     projections as M tokens through one transformer encoder layer; flattened -> Linear + ReLU + dropout ->
@@ -140,7 +134,10 @@ class ConcatHead(nn.Module):
                                  nn.Linear(hidden_size, out_dim))
 
     def forward(self, seqs, masks):
-        tokens = torch.stack([p(_pooled(h, m, self.pooling)) for p, h, m in zip(self.proj, seqs, masks)], dim=1)
+        from featx.pooling import pool
+
+        tokens = torch.stack([p(pool([h], m, [self.pooling])[self.pooling][:, 0])
+                              for p, h, m in zip(self.proj, seqs, masks)], dim=1)
         return self.mlp(self.mix(tokens).flatten(1))
 
 
@@ -448,10 +445,7 @@ def _train_run(run, items, cfg, encoders_fn, task, classes, run_dir, device, pre
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     primary = metrics.PRIMARY[task]
     sign = 1.0 if metrics.higher_is_better(primary) else -1.0
-    if task == "classification":
-        loss_fn = nn.CrossEntropyLoss()
-    else:
-        loss_fn = nn.L1Loss() if cfg["loss"] == "l1" else nn.MSELoss()
+    loss_fn = _loss(task, cfg["loss"])
     targets = _targets(task, y, classes, stats)
     best_path = os.path.join(run_dir, "best.safetensors")
 
@@ -482,7 +476,7 @@ def _train_run(run, items, cfg, encoders_fn, task, classes, run_dir, device, pre
                 with autocast(device, precision):
                     out = model(_batch(encoders, items, b))
                 t = targets[b].to(device)
-                loss = loss_fn(out.float() if task == "classification" else out.float()[:, 0], t)
+                loss = loss_fn(out.float(), t)
                 scaler.scale(loss * (len(b) / n_group)).backward()
                 total += float(loss.detach()) * len(b)
                 count += len(b)
