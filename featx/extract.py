@@ -247,7 +247,7 @@ class Runner:
                 hidden, mask = enc.forward(inputs)
                 pooled = pool(hidden, mask, self.poolings)
             seqs = None
-            if self.seq:
+            if self.seq and not self.video:  # a video's sequence is its frames' pooled values (see run)
                 valid = mask.cpu()
                 stacked = [torch.stack([h[b] for h in hidden], dim=1).float().cpu() for b in range(len(raws))]
                 seqs = [s[valid[b]][::self.seq_stride].numpy() for b, s in enumerate(stacked)]
@@ -294,7 +294,7 @@ class Runner:
         indices = sorted(i for i, _ in items if i in by_item)  # manifest order, as parts are stored
         first = np.array([by_item[i][0] for i in indices], np.int64)
         out = {k: v[first] for k, v in unit_pooled.items()}
-        seq_out = [unit_seq[u] for u in first] if self.seq else None
+        seq_out = [unit_seq[u] for u in first] if self.seq else None  # None per video item, filled below
         for row, i in enumerate(indices):
             us = by_item[i]
             if self.seq and self.video:  # the per-frame sequence of frame values, one-frame videos too
