@@ -509,11 +509,12 @@ class CacheWriter:
                     reasons[b] = reasons[b] or self._bad_layer(a[b:b + 1], f"pooling {p}")
             seqs = None
             if self.seq:
-                seqs = [np.asarray(seq[j]).astype(self.dtype) for j in order]
+                seqs = [_cast(np.asarray(seq[j]), self.dtype) for j in order]
                 for b, s in enumerate(seqs):
                     if s.ndim != 3 or s.shape[1:] != (L, D):
                         raise ValueError(f"seq[{order[b]}] has shape {s.shape}, expected (T, {L}, {D})")
-                    reasons[b] = reasons[b] or self._bad_layer(s, "sequence")
+                    if _non_finite_rows(s.reshape(1, -1))[0]:
+                        reasons[b] = reasons[b] or self._bad_layer(s, "sequence")
         done = np.array([not r for r in reasons])
         self._write_part(idx[order], done, reasons, {p: a[done] for p, a in arrays.items()},
                          None if seqs is None else [s for s, d in zip(seqs, done) if d])
