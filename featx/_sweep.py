@@ -185,7 +185,7 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
     os.makedirs(out, exist_ok=True)
     probe_name = _probe_name(probe, task)
 
-    rows, weight_rows, chance_parts, fusion_info = [], [], [], {}
+    rows, weight_rows, chance_parts = [], [], []
     aligned = _align(datas, missing) if fusion else None
     # fusion_layer "best" picks each modality's best dev layer per fold, "weighted" fits its layer-weighted
     # probe: where fusion's items and folds are the modality's own (every cache holds the same ids in the same
@@ -204,7 +204,7 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
                            chance_parts if chance_here else None, bar, best_dev, datas.index(d))
             if fusion:
                 _fuse(datas, aligned, task, probe, pool, seed, size, folds, fusion, fusion_layer, late_rule,
-                      device, rows, weight_rows, fusion_info, bar, best_dev)
+                      device, rows, weight_rows, bar, best_dev)
     bar.close()
     df = write_results(rows, out)
     pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
@@ -215,7 +215,8 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
             "encoders": [{"encoder": d.encoder, "modality": d.modality, "num_layers": d.num_layers,
                           "hidden_size": d.hidden_size} for d in datas]}
     if fusion:
-        meta["fusion"] = fusion_info
+        meta["fusion"] = {"items": len(aligned["ids"]), "missing": dict(aligned["missing"]),
+                          "rule": "intersect: items missing from any modality are left out of fusion and listed here"}
     with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, default=float)
     if save_classifier:
@@ -321,7 +322,7 @@ def _align(datas, missing):
 
 
 def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_layer, late_rule, device, rows,
-          weight_rows, info, bar, best_dev=None):
+          weight_rows, bar, best_dev=None):
     """Fuse the modalities on the items they share, for one (seed, size); append rows."""
     from featx.fusion import EarlyFusion, GatedFusion, LateFusion
 
@@ -330,9 +331,6 @@ def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_
     y = y if task == "classification" else y.astype(np.float64)
     splits = None if datas[0].splits is None else datas[0].splits[idx[0]]
     units, test_name = make_units(y, splits, task, folds, seed)
-    info["items"] = len(y)
-    info["missing"] = {k: v for k, v in aligned["missing"].items()}
-    info["rule"] = "intersect: items missing from any modality are left out of fusion and listed here"
     base = dict(encoder="+".join(d.encoder for d in datas), modality="+".join(d.modality for d in datas),
                 num_layers=-1, pooling=pool, train_size=size, seed=seed)
     poolers = {m: _Pooler(task) for m in methods}
