@@ -53,11 +53,9 @@ def _panel_title(encoder, modality):
     return textwrap.fill(f"{short_name(encoder)} ({modality})" if modality else short_name(encoder), 34)
 
 
-def _draw_layer_curves(ax, res, metric, relative_depth, detailed):
-    """Draw one metric's layer curves on `ax`; returns the largest number of seeds behind a point (0 if none)."""
-    curves = layer_curves(res, metric)
-    if curves.empty:
-        return 0
+def _draw_layer_curves(ax, res, metric, curves, relative_depth, detailed):
+    """Draw one metric's layer curves (layer_curves(res, metric), not empty) on `ax`; returns the largest number
+    of seeds behind a point."""
     colors = encoder_colors(res)
     several = len(curves[["probe", "pooling"]].drop_duplicates()) > 1
     max_count = 1
@@ -115,16 +113,19 @@ def plot_layer_curves(res, metrics, relative_depth=False):
     Returns a Figure, or None if none of the metrics has layer scores.
     """
     detailed = isinstance(metrics, str)
-    metrics = [metrics] if detailed else [m for m in metrics if not layer_curves(res, m).empty]
-    if not metrics or layer_curves(res, metrics[0]).empty:
+    curves = {m: layer_curves(res, m) for m in ([metrics] if detailed else metrics)}
+    curves = {m: c for m, c in curves.items() if not c.empty}
+    if not curves:
         return None
+    metrics = list(curves)
     ncols = 1 if detailed else min(2, len(metrics))
     nrows = -(-len(metrics) // ncols)
     with matplotlib.rc_context(_STYLE):
         size = (9, 4.6) if detailed else (4.8 * ncols, 3.3 * nrows + 1.2)
         fig = Figure(figsize=size, layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False)
-        counts = [_draw_layer_curves(ax, res, m, relative_depth, detailed) for ax, m in zip(axes.flat, metrics)]
+        counts = [_draw_layer_curves(ax, res, m, curves[m], relative_depth, detailed)
+                  for ax, m in zip(axes.flat, metrics)]
         for ax in axes.flat[len(metrics):]:
             ax.set_visible(False)
         handles, _ = axes.flat[0].get_legend_handles_labels()
