@@ -1,7 +1,6 @@
 """featx: cache every layer of pretrained encoders to HDF5 and probe them."""
-__version__ = "0.1.0"
-
-from featx.errors import FeatxError, MediaError  # noqa: E402
+from featx.errors import FeatxError, MediaError
+from featx.version import __version__
 
 __all__ = ["FeatxError", "MediaError", "__version__", "extract", "read_layer", "open_cache", "Cache"]
 
@@ -9,9 +8,9 @@ __all__ = ["FeatxError", "MediaError", "__version__", "extract", "read_layer", "
 def __getattr__(name):
     # Heavy imports (torch, transformers, h5py) only when the API is used, so `featx --help` stays fast.
     if name == "extract":
-        from featx.extract import extract
+        from featx.extraction import extract
         return extract
     if name in ("read_layer", "open_cache", "Cache"):
-        from featx import store
-        return getattr(store, name)
+        from featx import cache
+        return getattr(cache, name)
     raise AttributeError(f"module 'featx' has no attribute {name!r}")

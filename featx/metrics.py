@@ -90,3 +90,17 @@ def chance(task: str, y_train, y_test) -> dict:
     """Metrics of the trivial predictor fitted on y_train: the mean (regression) or the majority class."""
     y_test = np.asarray(y_test, dtype=object) if task == "classification" else y_test
     return compute(task, y_test, chance_prediction(task, y_train, len(y_test)))
+
+
+def selection_score(task, y_true, y_pred):
+    """The task's primary metric signed so that larger is better (only that metric is computed: it runs
+    once per layer x regularisation value)."""
+    name = PRIMARY[task]
+    if name == "mae":
+        return -float(np.mean(np.abs(np.asarray(y_true, np.float64) - np.asarray(y_pred, np.float64))))
+    if name == "f1_macro":
+        from sklearn.metrics import f1_score
+
+        return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    value = compute(task, y_true, y_pred)[name]
+    return value if higher_is_better(name) else -value

@@ -20,9 +20,9 @@ def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch
     """
     path = os.fspath(classifier)
     if os.path.isdir(path):
-        from featx.finetune import load_finetuned
+        from featx.finetune.train import load_finetuned
 
-        from featx._torch import resolve_device
+        from featx.device import resolve_device
         result = load_finetuned(path, device=resolve_device(device)).predict_manifest(manifest, batch_size)
     elif os.path.isfile(path):
         result = _predict_probe(manifest, path, cache_dir, device, batch_size, progress)
@@ -35,9 +35,9 @@ def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch
 
 
 def _predict_probe(manifest, path, cache_dir, device, batch_size, progress):
-    from featx._classifier import Classifier
-    from featx.extract import extract
-    from featx.manifest import read_manifest
+    from featx.probing.classifier import Classifier
+    from featx.extraction.pipeline import extract
+    from featx.data.manifest import read_manifest
 
     clf = Classifier.load(path)
     ids = read_manifest(manifest)["id"].astype(str)

@@ -1,7 +1,7 @@
 """Planted caches for the probing tests, written with h5py following the store's file contract.
 
 `planted(...)` draws features where only layer `k` carries the label (other layers are noise), so a probe
-sweep has a right answer. Switch to featx.store.CacheWriter once it exists.
+sweep has a right answer. Switch to featx.cache.store.CacheWriter once it exists.
 """
 from __future__ import annotations
 

@@ -16,31 +16,31 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bert(models_dir):
-    from featx.tiny import build_tiny_bert
+    from featx.demo.tiny import build_tiny_bert
     return build_tiny_bert(str(models_dir / "tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_clip(models_dir):
-    from featx.tiny import build_tiny_clip
+    from featx.demo.tiny import build_tiny_clip
     return build_tiny_clip(str(models_dir / "tiny-clip"))
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_vision(models_dir):
-    from featx.tiny import build_tiny_clip
+    from featx.demo.tiny import build_tiny_clip
     return build_tiny_clip(str(models_dir / "tiny-clip-vision"), vision_only=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_wavlm(models_dir):
-    from featx.tiny import build_tiny_wavlm
+    from featx.demo.tiny import build_tiny_wavlm
     return build_tiny_wavlm(str(models_dir / "tiny-wavlm"))
 
 
 @pytest.fixture(scope="session")
 def tiny_wavlm_group(models_dir):
-    from featx.tiny import build_tiny_wavlm
+    from featx.demo.tiny import build_tiny_wavlm
     return build_tiny_wavlm(str(models_dir / "tiny-wavlm-group"), norm="group")
 
 

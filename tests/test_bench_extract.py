@@ -1,10 +1,10 @@
-"""Smoke test of the extraction benchmark script (tests/bench_extract.py) on tiny models and a few items."""
+"""Smoke test of the extraction benchmark script (tests/benchmarks/bench_extract.py) on tiny models and a few items."""
 import json
 import os
 import subprocess
 import sys
 
-BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_extract.py")
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "bench_extract.py")
 
 
 def test_bench_extract_runs_on_tiny_models_and_reports_its_figures(tmp_path):

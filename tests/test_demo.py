@@ -3,7 +3,7 @@ import os
 
 import pandas as pd
 
-from featx.demo import run_demo
+from featx.demo.run import run_demo
 
 
 def test_demo_runs_its_recipes_and_says_which_models_are_random(tmp_path):
@@ -12,7 +12,7 @@ def test_demo_runs_its_recipes_and_says_which_models_are_random(tmp_path):
     text = open(html, encoding="utf-8").read()
     assert "RANDOM weights" in text and "<img" in text
     res = pd.read_csv(tmp_path / "demo" / "results" / "results.csv")
-    # probe/demo.yaml asks for early and late fusion only: the recipe's methods are the ones run
+    # the demo probe recipe asks for early and late fusion only: the recipe's methods are the ones run
     assert set(res.loc[res.method.str.startswith("fusion"), "method"]) == {"fusion-early", "fusion-late"}
     assert {"text", "image", "audio"} <= set(res.modality)
     assert sorted(res.train_size.unique()) == [0.25, 0.5, 1.0]

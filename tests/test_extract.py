@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from featx import extract
-from featx.store import open_cache
+from featx.cache.store import open_cache
 
 from conftest import write_png, write_wav
 
@@ -120,7 +120,7 @@ def test_worker_chunks_cross_as_one_block_per_dtype_and_unpack_to_the_same_units
 
     import torch
 
-    from featx.extract import _pack, _unpack
+    from featx.extraction.pipeline import _pack, _unpack
     rng = np.random.default_rng(0)
     wave = rng.standard_normal(1000).astype(np.float32)
     pixels = torch.from_numpy(rng.standard_normal((3, 4, 5)).astype(np.float32))
@@ -147,7 +147,7 @@ def test_worker_chunks_cross_as_one_block_per_dtype_and_unpack_to_the_same_units
 
 def test_batches_keep_to_the_batch_size_and_the_padded_budget(tiny_bert):
     from featx.encoders import load_encoder
-    from featx.extract import Runner
+    from featx.extraction.pipeline import Runner
     enc = load_encoder(tiny_bert, device="cpu")
     pre = enc.preprocessor()
     counts = np.random.default_rng(0).integers(1, 70, 60)
@@ -165,8 +165,8 @@ def test_batches_keep_to_the_batch_size_and_the_padded_budget(tiny_bert):
 
 
 def test_items_run_longest_first_by_a_cheap_estimate(tmp_path):
-    from featx.extract import Decoder, longest_first
-    from featx.manifest import read_manifest
+    from featx.extraction.pipeline import Decoder, longest_first
+    from featx.data.manifest import read_manifest
     seconds = [0.4, 1.6, 0.2, 1.0, 0.2]
     for k, s in enumerate(seconds):
         write_wav(tmp_path / f"a{k}.wav", s, rate=8000)
@@ -200,7 +200,7 @@ def test_precision_is_checked_and_stored_with_the_cache(tmp_path, media, tiny_be
 
 
 def test_default_workers_leave_the_cpu_to_the_forward_and_share_cpus_among_local_ranks(monkeypatch):
-    from featx.extract import default_workers
+    from featx.extraction.pipeline import default_workers
     cpus = len(os.sched_getaffinity(0))
     assert default_workers("cpu") == 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
@@ -304,7 +304,7 @@ def _featx(*args, cwd=None):
 
 def _main(capsys, *args):
     """The same CLI in this process (faster: no second torch import); returns (code, stdout, stderr)."""
-    from featx.cli import main
+    from featx.cli.main import main
     code = main([str(a) for a in args])
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -419,8 +419,8 @@ def test_a_cache_closes_while_the_next_model_runs_and_its_failure_loses_nothing(
                                                                                 tiny_wavlm, monkeypatch):
     import os
 
-    import featx.store as store
-    from featx.extract import cache_path
+    import featx.cache.store as store
+    from featx.extraction.pipeline import cache_path
     out = tmp_path / "o"
     text, audio = cache_path(media, tiny_bert, out), cache_path(media, tiny_wavlm, out)
     consolidate = store._consolidate

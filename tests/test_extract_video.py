@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from featx import extract
-from featx.store import open_cache
+from featx.cache.store import open_cache
 
 pytest.importorskip("av")
 
 
 def test_video_items_pool_frames_and_read_the_audio_track(tmp_path, tiny_clip, tiny_wavlm):
-    from featx.video import build_tiny_video, video_audio, video_frames
+    from featx.data.video import build_tiny_video, video_audio, video_frames
     build_tiny_video(str(tmp_path / "a.mkv"), seconds=2.0, fps=10)
     build_tiny_video(str(tmp_path / "silent.mkv"), seconds=1.0, fps=10, tone_hz=None)
     (tmp_path / "junk.mp4").write_bytes(b"not a video at all")

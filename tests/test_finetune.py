@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from featx.cli import main
-from featx.errors import FeatxError
+from featx.cli.main import main
 
 POS = "good great happy love fun wonderful".split()
 NEG = "bad awful sad hate boring terrible".split()
@@ -34,7 +33,7 @@ def one_thread():
 def planted_manifest(folder, n=60, splits=True, regression=False, audio=False, broken=True):
     """label = (text word is positive) + (image is red): each modality alone explains at most 3/4 of it.
 
-    Texts use words of featx.tiny's vocabulary; images are noisy red or blue squares. One extra item points
+    Texts use words of featx.demo.tiny's vocabulary; images are noisy red or blue squares. One extra item points
     at a missing image (it must be skipped, with a message)."""
     from PIL import Image
 
@@ -99,7 +98,7 @@ def raws_for(modality):
 @pytest.mark.parametrize("family", ["bert", "clip", "wavlm", "distilbert"])
 def test_cut_branch_gives_the_full_models_hidden_state_and_trains_only_top_blocks(family, request, tmp_path):
     from featx.encoders import load_encoder
-    from featx.finetune import EncoderBranch
+    from featx.finetune.train import EncoderBranch
 
     path = tiny_distilbert(tmp_path / "distilbert", request.getfixturevalue("tiny_bert")) \
         if family == "distilbert" else request.getfixturevalue(f"tiny_{family}")
@@ -136,7 +135,7 @@ def test_cut_branch_gives_the_full_models_hidden_state_and_trains_only_top_block
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_bert, tiny_clip):
     """bert + clip fine-tuned on the planted task, top block of each trained, the rest frozen."""
-    from featx.finetune import finetune
+    from featx.finetune.train import finetune
 
     d = tmp_path_factory.mktemp("planted")
     manifest = planted_manifest(d / "data")
@@ -172,7 +171,7 @@ def test_planted_two_modality_task_is_learned(trained, tiny_bert, tiny_clip):
 
 def test_frozen_layers_are_bit_identical_after_training(trained, tiny_bert, tiny_clip):
     from featx.encoders import load_encoder
-    from featx.finetune import load_finetuned
+    from featx.finetune.train import load_finetuned
 
     _, result, _ = trained
     saved = load_finetuned(result.model_path)
@@ -187,7 +186,7 @@ def test_frozen_layers_are_bit_identical_after_training(trained, tiny_bert, tiny
 
 
 def test_saved_model_predicts_what_was_scored(trained):
-    from featx.finetune import load_finetuned
+    from featx.finetune.train import load_finetuned
 
     manifest, result, _ = trained
     pred, err = run_quiet(load_finetuned(result.model_path).predict_manifest, manifest)
@@ -202,7 +201,7 @@ def test_saved_model_predicts_what_was_scored(trained):
 def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, tiny_bert, tiny_clip):
     from safetensors.torch import load_file
 
-    from featx.finetune import finetune
+    from featx.finetune.train import finetune
 
     manifest = planted_manifest(tmp_path / "data", n=40, broken=False)
     # dropout > 0 and accumulation: the resumed run must restore the RNG and optimizer states exactly.
@@ -237,7 +236,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, tiny_bert, tiny
 
 # ------------------------------------------------------------------------------------------ CV, three modalities
 def test_cv_regression_with_gated_head_over_three_modalities(tmp_path, tiny_bert, tiny_clip, tiny_wavlm):
-    from featx.finetune import finetune, load_finetuned
+    from featx.finetune.train import finetune, load_finetuned
 
     manifest = planted_manifest(tmp_path / "data", n=24, splits=False, regression=True, audio=True, broken=False)
     result, _ = run_quiet(finetune, manifest, [tiny_bert, tiny_clip, tiny_wavlm], str(tmp_path / "out"),
@@ -282,7 +281,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_bert, tiny_clip, capsys):
 
 
 def test_paper_recipe_keys_are_all_known():
-    from featx.cli import apply_recipe, build_parser
+    from featx.cli.main import apply_recipe, build_parser
 
     parser = build_parser()
     args = parser.parse_args(["finetune", "--recipe", os.path.join(os.path.dirname(__file__), "..", "probe",

@@ -10,9 +10,9 @@ import torch
 
 from _synthetic import planted, standard_splits, write_cache
 from featx import metrics
-from featx._sweep import run_probe
+from featx.probing.sweep import run_probe
 from featx.errors import FeatxError
-from featx.fusion import GatedFusion, LayerWeightedSum, WeightedLayerProbe, align_by_id
+from featx.probing.fusion import GatedFusion, LayerWeightedSum, WeightedLayerProbe, align_by_id
 
 
 def _two_modalities(n=360, seed=0):
@@ -96,8 +96,8 @@ def test_gated_fusion_over_sequences_learns_layer_weights():
 def test_fusion_on_the_best_layers_reuses_each_modalitys_own_fits(tmp_path, monkeypatch):
     # Same ids in the same order: fusion's folds are each modality's own, so the best dev layer per fold comes from
     # the modality's sweep instead of a second sweep; the results are those of fitting it again.
-    import featx._sweep as sweep
-    from featx.fusion import WeightedLayerProbe
+    import featx.probing.sweep as sweep
+    from featx.probing.fusion import WeightedLayerProbe
 
     Xa, Xb, y = _two_modalities(n=240)
     ids, splits = [f"c{i}" for i in range(len(y))], standard_splits(len(y))

@@ -1,9 +1,9 @@
-"""featx.media.load_audio on real files: segments, and bad segments failing with a one-line reason."""
+"""featx.data.media.load_audio on real files: segments, and bad segments failing with a one-line reason."""
 import numpy as np
 import pytest
 
 from featx.errors import MediaError
-from featx.media import load_audio
+from featx.data.media import load_audio
 
 from conftest import write_wav
 

@@ -1,13 +1,13 @@
-"""featx.mmsa and `featx manifest mmsa` on a small MMSA-layout dataset: label.csv + Raw/<video_id>/<clip_id>.mp4."""
+"""featx.data.mmsa and `featx manifest mmsa` on a small MMSA-layout dataset: label.csv + Raw/<video_id>/<clip_id>.mp4."""
 import os
 
 import pandas as pd
 import pytest
 
-from featx.cli import main
+from featx.cli.main import main
 from featx.errors import FeatxError
-from featx.manifest import read_manifest
-from featx.mmsa import missing_report, mmsa_manifest
+from featx.data.manifest import read_manifest
+from featx.data.mmsa import missing_report, mmsa_manifest
 
 LABELS = "".join(line + "\n" for line in [
     "video_id,clip_id,text,label,label_T,annotation,mode",
@@ -27,7 +27,7 @@ def dataset(tmp_path):
     (root / "label.csv").write_text(LABELS, encoding="utf-8")
     videos = [root / "Raw" / "vidA" / "1.mp4", root / "Raw" / "vidA" / "2.mp4", root / "Raw" / "vidB" / "0001.mp4"]
     pytest.importorskip("av")
-    from featx.video import build_tiny_video
+    from featx.data.video import build_tiny_video
 
     for v in videos:
         build_tiny_video(v, seconds=1.0, tone_hz=None)
@@ -52,7 +52,7 @@ def test_manifest_keeps_labels_splits_and_lists_the_missing_video(dataset, tmp_p
     assert back["id"].tolist() == manifest["id"].tolist()
     assert [os.path.realpath(p) for p in back["video"]] == \
            [os.path.realpath(dataset / "Raw" / v) for v in ("vidA/1.mp4", "vidA/2.mp4", "vidB/0001.mp4")]
-    from featx.video import video_frames
+    from featx.data.video import video_frames
 
     frames, _ = video_frames(back["video"][2])
     assert len(frames) == 3  # 1 s at 3 fps

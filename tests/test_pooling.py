@@ -1,8 +1,8 @@
-"""featx.pooling against a numpy reference: padding never enters the mean."""
+"""featx.encoders.pooling against a numpy reference: padding never enters the mean."""
 import numpy as np
 import torch
 
-from featx.pooling import cls, masked_mean, pool
+from featx.encoders.pooling import cls, masked_mean, pool
 
 
 def test_masked_mean_and_cls_match_numpy_and_ignore_padding():

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from featx.cli import main
+from featx.cli.main import main
 
 
 def test_saved_probe_predicts_new_files_like_the_cache_it_was_trained_on(tmp_path, media, tiny_bert, capsys):
@@ -15,7 +15,7 @@ def test_saved_probe_predicts_new_files_like_the_cache_it_was_trained_on(tmp_pat
                  "--no-progress"]) == 0
     saved = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "res") for f in fs if f.endswith(".safetensors")]
     assert len(saved) == 1
-    from featx._classifier import Classifier
+    from featx.probing.classifier import Classifier
     clf = Classifier.load(saved[0])
     _, expected = clf.predict_cache([cache])
     out = tmp_path / "pred.csv"

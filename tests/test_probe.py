@@ -11,8 +11,9 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 
 from _synthetic import planted, standard_splits, write_cache
-from featx._sweep import COLUMNS, run_probe, subsample
-from featx.probe import BatchedLinearProbe, Classifier, LayerProbe, infer_task
+from featx.probing import BatchedLinearProbe, Classifier, LayerProbe, infer_task, run_probe
+from featx.probing.results import COLUMNS
+from featx.probing.splits import subsample
 
 
 def _ids(n):
@@ -118,7 +119,7 @@ def test_learning_curve_sizes_and_k_per_class(tmp_path):
 
 
 def test_cli_probe_writes_tables_and_recipe(tmp_path):
-    from featx.cli import main
+    from featx.cli.main import main
 
     X, y = planted(n=200, num_layers=4, dim=8, k=2, task="classification")
     path = write_cache(tmp_path / "c.h5", X, _ids(200), y, standard_splits(200))
@@ -133,7 +134,7 @@ def test_cli_probe_writes_tables_and_recipe(tmp_path):
     assert set(w.method) == {"weighted"} and set(w.train_size) == {1.0} and sorted(w.layer) == [1, 2, 3]
     assert list(pd.read_csv(out / "results.csv").columns) == COLUMNS
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"caches: [c.h5]\nout: out2\nprobe: batched\ntrain_sizes: [0.5, 1.0]\n")
+    recipe.write_text("caches: [c.h5]\nout: out2\nprobe: batched\ntrain_sizes: [0.5, 1.0]\n")
     assert main(["probe", "--recipe", str(recipe), "--no-progress"]) == 0
     assert set(pd.read_csv(tmp_path / "out2" / "results.csv").train_size) == {0.5, 1.0}
     assert main(["probe", path, "--out", str(out), "--layers", "1,x"]) == 1

@@ -12,11 +12,12 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from _report_fixtures import make_results_dir, write_cache
-from featx.cli import main
+from featx.cli.main import main
 from featx.errors import FeatxError
 from featx.report import build_report, cka_matrix
 from featx.report import plots
-from featx.report.results import SUMMARY_COLUMNS, derive_best_layers, findings, load_results, summary_table
+from featx.probing.results import derive_best_layers, load_results
+from featx.report.results import SUMMARY_COLUMNS, findings, summary_table
 
 matplotlib.use("Agg")
 RANDOM_NOTE = "CLIP-ViT and WavLM here are randomly initialised tiny models."
@@ -267,7 +268,7 @@ def test_html_renders_in_headless_chromium(mosi, tmp_path):
 
 # ------------------------------------------------------------------------------------------ finetune beside probes
 def _text_manifest(folder, n=30):
-    """Texts of featx.tiny's vocabulary, label = the sentiment word's class; splits train/dev/test."""
+    """Texts of featx.demo.tiny's vocabulary, label = the sentiment word's class; splits train/dev/test."""
     pos, neg = "good great happy love fun wonderful".split(), "bad awful sad hate boring terrible".split()
     rows = [{"id": f"t{i}", "text": f"the movie was {(pos if i % 2 else neg)[i % 6]}",
              "label": "pos" if i % 2 else "neg", "split": ["train", "train", "train", "dev", "test"][i % 5]}
@@ -283,7 +284,7 @@ def finetuned(tmp_path_factory, tiny_bert):
     """A real `featx finetune` results folder: tiny BERT cut at its last layer (2), two training sizes."""
     import torch
 
-    from featx.finetune import finetune
+    from featx.finetune.train import finetune
 
     d = tmp_path_factory.mktemp("ft")
     threads = torch.get_num_threads()
@@ -384,7 +385,7 @@ def test_report_refuses_a_folder_that_is_not_results_in_one_line(tmp_path, capsy
 
 def test_report_plots_the_full_data_weights_of_a_real_probe_run(tmp_path, one_torch_thread):
     from _synthetic import planted, standard_splits, write_cache as write_planted
-    from featx._sweep import run_probe
+    from featx.probing.sweep import run_probe
 
     ids, splits = [f"i{i}" for i in range(200)], standard_splits(200)
     X, y = planted(n=200, num_layers=4, dim=8, k=3, seed=4)

@@ -1,4 +1,4 @@
-"""featx.video on small videos written by PyAV: frame i is grey level 8 * i, the audio a 440 Hz sine."""
+"""featx.data.video on small videos written by PyAV: frame i is grey level 8 * i, the audio a 440 Hz sine."""
 import math
 import sys
 from fractions import Fraction
@@ -10,7 +10,7 @@ pytest.importorskip("av")
 
 # The extraction loop catches featx.errors.MediaError: the errors here must be that class.
 from featx.errors import FeatxError, MediaError  # noqa: E402
-from featx.video import build_tiny_video, probe_video, video_audio, video_frames  # noqa: E402
+from featx.data.video import build_tiny_video, probe_video, video_audio, video_frames  # noqa: E402
 
 RATE = 10  # frames per second of the test videos; 3 s long
 

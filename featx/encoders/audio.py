@@ -19,8 +19,9 @@ class _Normalise:
 class AudioEncoder(Encoder):
     modality = "audio"
 
-    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, **_):
-        super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code)
+    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32", **_):
+        super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
+                         precision=precision)
         from transformers import AutoFeatureExtractor, AutoModel
 
         self.processor = from_pretrained(AutoFeatureExtractor, name, "feature extractor",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from featx.device import autocast
 from featx.errors import FeatxError, first_line
 
 
@@ -30,8 +31,9 @@ class Encoder:
 
     modality = ""
 
-    def __init__(self, name, *, config, device="cpu", trust_remote_code=False):
+    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32"):
         self.name = str(name)
+        self.precision = precision  # resolved: fp32 | bf16 | fp16 (featx.device.resolve_precision)
         self.config = config
         self.device = torch.device(device)
         self.trust_remote_code = trust_remote_code
@@ -81,11 +83,6 @@ class Encoder:
         """(hidden_states, mask): L tensors (B, T, D) and a (B, T) bool mask of valid positions."""
         raise NotImplementedError
 
-    precision = "auto"  # set by the pipeline: auto | fp32 | bf16 | fp16 (see featx._torch.resolve_precision)
-
     def autocast(self):
-        """Autocast for `precision`: auto = bf16 on CUDA and fp32 on the CPU (where the numbers must match a
-        plain forward)."""
-        from featx._torch import autocast, resolve_precision
-
-        return autocast(self.device, resolve_precision(self.precision, self.device))
+        """The forward's autocast for the encoder's resolved precision (none for fp32)."""
+        return autocast(self.device, self.precision)

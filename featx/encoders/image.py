@@ -17,8 +17,9 @@ class _Pixels:
 class ImageEncoder(Encoder):
     modality = "image"
 
-    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, **_):
-        super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code)
+    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32", **_):
+        super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
+                         precision=precision)
         from transformers import AutoImageProcessor, AutoModel
 
         self.processor = from_pretrained(AutoImageProcessor, name, "image processor",

@@ -20,8 +20,9 @@ class _Tokenize:
 class TextEncoder(Encoder):
     modality = "text"
 
-    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, max_length=None, **_):
-        super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code)
+    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, max_length=None, precision="fp32", **_):
+        super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
+                         precision=precision)
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)

@@ -14,8 +14,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-from featx.report.results import (METRIC_LABELS, best_layer, full_data_weights, layer_curves, learning_curves,
-                                  method_scores)
+from featx.probing.results import METRIC_LABELS, best_layer
+from featx.report.results import full_data_weights, layer_curves, learning_curves, method_scores
 
 _STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
           "xtick.labelsize": 10, "ytick.labelsize": 10, "figure.titlesize": 13, "axes.grid": True,

@@ -14,7 +14,7 @@ from featx.errors import MediaError, first_line
 __all__ = ["MediaError", "load_text", "load_image", "load_audio", "resample", "segment"]
 
 # Annotated segment ends often overshoot a clip by rounding; up to this many seconds past the end is clipped
-# (audio files here, video files and their audio tracks in featx.video).
+# (audio files here, video files and their audio tracks in featx.data.video).
 END_SLACK = 0.25
 
 

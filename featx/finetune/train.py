@@ -11,10 +11,10 @@ models is always frozen.
 Heads:
 - "concat" (the paper): per modality pooled hidden state -> Linear(D, 32) + ReLU; the M projections as M
   tokens through one transformer encoder layer; flattened -> MLP.
-- "gated": featx.fusion's gated model (Ando et al.) over the cut layer's sequences: Linear + LayerNorm +
+- "gated": featx.probing.fusion's gated model (Ando et al.) over the cut layer's sequences: Linear + LayerNorm +
   ReLU + dropout, masked self-attentive pooling, gated fusion, MLP.
 
-Protocol (shared with `featx probe`, featx._sweep.make_units): with train and test splits in the manifest,
+Protocol (shared with `featx probe`, featx.probing.splits.make_folds): with train and test splits in the manifest,
 train on train, select on dev (held out of train when there is none); otherwise stratified K-fold CV with a
 dev part held out of each training fold, test predictions pooled into split "cv". Early stopping and model
 selection use dev only, never the test part. Results go to the same tidy table as `featx probe`
@@ -41,9 +41,11 @@ import torch
 from torch import nn
 
 from featx import metrics
-from featx._torch import autocast, resolve_device, resolve_precision
+from featx.device import autocast, resolve_device, resolve_precision
 from featx.errors import FeatxError, MediaError, first_line
-from featx.fusion import _loss
+from featx.probing.fusion import gated_model, loss_function
+from featx.probing.results import FoldScores, best_layer, load_results, meta_head, write_results
+from featx.probing.splits import make_folds, subsample
 
 __all__ = ["finetune", "FinetuneResult", "JointModel", "load_finetuned", "FinetunedModel", "HEADS", "BLOCK_PATHS"]
 
@@ -134,7 +136,7 @@ class ConcatHead(nn.Module):
                                  nn.Linear(hidden_size, out_dim))
 
     def forward(self, seqs, masks):
-        from featx.pooling import pool
+        from featx.encoders.pooling import pool
 
         tokens = torch.stack([p(pool([h], m, [self.pooling])[self.pooling][:, 0])
                               for p, h, m in zip(self.proj, seqs, masks)], dim=1)
@@ -142,14 +144,13 @@ class ConcatHead(nn.Module):
 
 
 class GatedHead(nn.Module):
-    """Ando et al.'s gated fusion over the cut layer's sequences, reusing featx.fusion's model with a single
+    """Ando et al.'s gated fusion over the cut layer's sequences, reusing featx.probing.fusion's model with a single
     layer per modality (its layer-weighted sum over one layer is the identity). forward(seqs, masks) -> (B, out)."""
 
     def __init__(self, dims, out_dim, hidden_size=128, heads=4, dropout=0.1):
         super().__init__()
-        from featx.fusion import _gated_model
 
-        self.model = _gated_model(list(dims), [1] * len(dims), hidden_size, heads, dropout, out_dim)
+        self.model = gated_model(list(dims), [1] * len(dims), hidden_size, heads, dropout, out_dim)
 
     def forward(self, seqs, masks):
         args = []
@@ -213,8 +214,8 @@ def _unit(encoder, units, max_audio_seconds):
 
 def _decode(df, encoders, columns, max_audio_seconds, fps=3.0, labelled=True, what="finetune"):
     """Decode every item for every encoder; items that fail or have no label are skipped, each named."""
-    from featx.extract import Decoder
-    from featx.manifest import labels_and_splits
+    from featx.extraction.pipeline import Decoder
+    from featx.data.manifest import labels_and_splits
 
     decoders = [Decoder(e.modality, c, getattr(e, "sample_rate", None), None, fps) for e, c in zip(encoders, columns)]
     labels, splits, _ = labels_and_splits(df)
@@ -445,7 +446,7 @@ def _train_run(run, items, cfg, encoders_fn, task, classes, run_dir, device, pre
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     primary = metrics.PRIMARY[task]
     sign = 1.0 if metrics.higher_is_better(primary) else -1.0
-    loss_fn = _loss(task, cfg["loss"])
+    loss_fn = loss_function(task, cfg["loss"])
     targets = _targets(task, y, classes, stats)
     best_path = os.path.join(run_dir, "best.safetensors")
 
@@ -563,7 +564,7 @@ class FinetunedModel:
     def predict_manifest(self, manifest, batch_size=16) -> pd.DataFrame:
         """DataFrame(id, prediction) for every item of the manifest; items that cannot be decoded are named on
         stderr and get a missing prediction."""
-        from featx.manifest import read_manifest, source_column
+        from featx.data.manifest import read_manifest, source_column
 
         df = read_manifest(manifest)
         columns = [source_column(df, e.modality, os.path.basename(os.fspath(manifest))) for e in self.encoders]
@@ -639,8 +640,6 @@ def _resolve_layers(layers, encoders, probe_results, task):
 
 
 def _best_layer(encoder, probe_results, task):
-    from featx.report.results import best_layer, load_results
-
     if not probe_results:
         raise FeatxError("layer 'best' needs --probe-results DIR (the output of `featx probe`)")
     res = load_results(probe_results)
@@ -685,9 +684,8 @@ def finetune(manifest, models, out, *, layers=None, train_blocks=-1, head="conca
     Returns a FinetuneResult. Raises FeatxError for usage and configuration errors.
     """
     from featx.encoders import load_config, load_encoder, modality_of
-    from featx.manifest import read_manifest, source_column
-    from featx._sweep import _Pooler, make_units, meta_head, subsample, write_results
-    from featx.probe import infer_task
+    from featx.data.manifest import read_manifest, source_column
+    from featx.probing.estimators import infer_task
 
     models = [models] if isinstance(models, (str, os.PathLike)) else [str(m) for m in models]
     if not 1 <= len(models) <= 3:
@@ -773,9 +771,9 @@ def finetune(manifest, models, out, *, layers=None, train_blocks=-1, head="conca
                 probe=probe_name, method="finetune")
     rows, done_runs, chance, model_path = [], [], {}, None
     for seed in seeds:
-        units, test_name = make_units(y, items.splits, task, folds, seed)
+        units, test_name = make_folds(y, items.splits, task, folds, seed)
         for size in sizes:
-            pooler = _Pooler(task)
+            pooler = FoldScores(task)
             for u, (train, dev, test) in enumerate(units):
                 fit = subsample(train, y, task, size, seed)
                 run = _Run(f"n{size:g}-s{seed}-u{u}", u, size, seed, np.asarray(fit), np.asarray(dev),

@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from featx import __version__
-from featx._torch import resolve_device, resolve_precision
+from featx.version import __version__
+from featx.device import resolve_device, resolve_precision
 from featx.encoders import load_config, load_encoder, modality_of
 from featx.errors import FeatxError, MediaError, first_line
-from featx.manifest import labels_and_splits, read_manifest, source_column
-from featx.media import segment
-from featx.pooling import POOLINGS, pool
+from featx.data.manifest import labels_and_splits, read_manifest, source_column
+from featx.data.media import segment
+from featx.encoders.pooling import POOLINGS, pool
 
 CPU_BATCH_SECONDS = 8.0  # audio on the CPU: bigger padded batches only cost (WavLM-base: 8 s 7.4, 40 s 5.8 audio-s/s)
 
@@ -105,20 +105,20 @@ class Decoder:
         src = _value(row.get(self.column))
         start, end = _value(row.get("start")), _value(row.get("end"))
         if self.modality == "text":
-            from featx.media import load_text
+            from featx.data.media import load_text
             return [load_text(src)]
         if self.modality == "image":
             if self.column == "video":
-                from featx.video import video_frames
+                from featx.data.video import video_frames
                 frames, _ = video_frames(src, fps=self.fps, start=start, end=end)
                 return list(frames)
-            from featx.media import load_image
+            from featx.data.media import load_image
             return [load_image(src)]
         if self.column == "video":
-            from featx.video import video_audio
+            from featx.data.video import video_audio
             wav = video_audio(src, self.sample_rate, start=start, end=end)
         else:
-            from featx.media import load_audio
+            from featx.data.media import load_audio
             wav = load_audio(src, self.sample_rate, start=start, end=end)
         # Long audio in near-equal windows no longer than max_audio_seconds, so memory stays bounded.
         limit = int(self.max_audio_seconds * self.sample_rate) if self.max_audio_seconds else 0
@@ -179,14 +179,14 @@ class _Distributed:
         """This rank's share of `todo`, less what an earlier run's final file already holds."""
         todo = todo[todo % self.world == self.rank]
         if os.path.exists(path):
-            from featx.store import open_cache
+            from featx.cache.store import open_cache
 
             with open_cache(path) as c:
                 todo = todo[~c.done[todo]]
         return todo
 
     def merge(self, path):
-        from featx.store import merge_caches, open_cache
+        from featx.cache.store import merge_caches, open_cache
 
         self.td.barrier()
         if self.rank == 0:
@@ -328,7 +328,7 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried).
     Raises FeatxError for usage/configuration errors, before any model is loaded where it can.
     """
-    from featx.store import CacheWriter
+    from featx.cache.store import CacheWriter
 
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     poolings = [pool] if isinstance(pool, str) else list(pool)
@@ -366,8 +366,7 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     try:
         for model, config, column in zip(models, configs, columns):
             encoder = load_encoder(model, config=config, device=device, trust_remote_code=trust_remote_code,
-                                   max_length=max_length)
-            encoder.precision = precision
+                                   precision=precision, max_length=max_length)
             pools = [p for p in poolings if not (encoder.modality == "audio" and p == "cls")] or ["mean"]
             if len(pools) < len(poolings):
                 print(f"featx extract: {model}: audio encoders have no CLS token; storing {','.join(pools)} only",
@@ -596,7 +595,7 @@ def _print_summary(summary, path):
         line += f", {summary['pending']} pending"
     print(f"{line} -> {path}", file=sys.stderr)
     if summary["failed"]:
-        from featx.store import open_cache
+        from featx.cache.store import open_cache
 
         with open_cache(path) as c:
             bad = [(i, e) for i, e in zip(c.ids, c.error) if e]
@@ -604,13 +603,3 @@ def _print_summary(summary, path):
             print(f"  failed {i}: {e}", file=sys.stderr)
         if len(bad) > 10:
             print(f"  ... and {len(bad) - 10} more (see `featx info {path}`)", file=sys.stderr)
-
-
-class _CallableModule(type(sys)):
-    """Importing this module binds `featx.extract` to it, not to the function: calling it calls `extract`."""
-
-    def __call__(self, *args, **kwargs):
-        return extract(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -8,7 +8,7 @@ state ends in `_`. X is (N, L, D): pooled hidden states of L layers (a (N, D) ar
 - `BatchedLinearProbe`: the same linear probes for all layers and all regularisation strengths at once in
   torch (closed-form ridge; full-batch L-BFGS logistic regression), on GPU when there is one.
 
-Sweeps over caches, seeds and training sizes that write the results tables live in `featx._sweep`
+Sweeps over caches, seeds and training sizes that write the results tables live in `featx.probing.sweep`
 (`run_probe`, re-exported here).
 """
 from __future__ import annotations
@@ -16,18 +16,18 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from featx import metrics
-from featx._torch import resolve_device
+from featx.device import resolve_device
 from featx.errors import FeatxError
+from featx.metrics import selection_score
+from featx.probing.splits import inner_split
 
-__all__ = ["LayerProbe", "BatchedLinearProbe", "infer_task", "as_layers", "inner_split", "run_probe", "Classifier",
-           "DEFAULT_ALPHAS", "DEFAULT_CS"]
+__all__ = ["LayerProbe", "BatchedLinearProbe", "infer_task", "as_layers", "prepare_fit", "DEFAULT_ALPHAS", "DEFAULT_CS"]
 
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4)        # ridge: ||y - Xw||^2 + alpha ||w||^2
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0)                 # logistic: C * sum(logloss) + ||w||^2 / 2
@@ -55,39 +55,7 @@ def as_layers(X) -> np.ndarray:
     return X.astype(np.float32, copy=False)
 
 
-def inner_split(y, task, fraction=0.2, random_state=0):
-    """(fit_idx, dev_idx): a stratified split of range(len(y)) (regression stratifies on label quintiles)."""
-    n = len(y)
-    strat = _strata(y, task)
-    try:
-        return train_test_split(np.arange(n), test_size=fraction, random_state=random_state, stratify=strat)
-    except ValueError:  # a class too small to stratify: plain split
-        return train_test_split(np.arange(n), test_size=fraction, random_state=random_state)
-
-
-def _strata(y, task, bins=5):
-    if task == "classification":
-        return np.asarray(y)
-    y = np.asarray(y, dtype=np.float64)
-    edges = np.unique(np.quantile(y, np.linspace(0, 1, bins + 1)[1:-1]))
-    return np.digitize(y, edges)
-
-
-def _primary_score(task, y_true, y_pred):
-    """The task's primary metric signed so that larger is better (only that metric is computed: it runs
-    once per layer x regularisation value)."""
-    name = metrics.PRIMARY[task]
-    if name == "mae":
-        return -float(np.mean(np.abs(np.asarray(y_true, np.float64) - np.asarray(y_pred, np.float64))))
-    if name == "f1_macro":
-        from sklearn.metrics import f1_score
-
-        return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
-    value = metrics.compute(task, y_true, y_pred)[name]
-    return value if metrics.higher_is_better(name) else -value
-
-
-def _prepare_fit(est, X, y, X_dev, y_dev):
+def prepare_fit(est, X, y, X_dev, y_dev):
     """Shared start of a probe's fit: check X (N, L, D) and y, set est.task_ (and classes_), hold out a dev
     part when none is given, cast regression targets. Returns X, y, X_dev, y_dev."""
     X = as_layers(X)
@@ -189,7 +157,7 @@ class LayerProbe(_ProbeBase):
         return DEFAULT_ALPHAS if task == "regression" else DEFAULT_CS
 
     def fit(self, X, y, X_dev=None, y_dev=None):
-        X, y, X_dev, y_dev = _prepare_fit(self, X, y, X_dev, y_dev)
+        X, y, X_dev, y_dev = prepare_fit(self, X, y, X_dev, y_dev)
         grid = self._grid(self.task_)
         L = X.shape[1]
         self.dev_scores_ = np.full((L, len(grid)), np.nan)
@@ -198,7 +166,7 @@ class LayerProbe(_ProbeBase):
             best = None
             for g, value in enumerate(grid):
                 pipe = make_pipeline(StandardScaler(), self._model(self.task_, value)).fit(X[:, layer], y)
-                s = _primary_score(self.task_, y_dev, pipe.predict(X_dev[:, layer]))
+                s = selection_score(self.task_, y_dev, pipe.predict(X_dev[:, layer]))
                 self.dev_scores_[layer, g] = s
                 if best is None or s > best[0]:
                     best = (s, value, pipe)
@@ -258,7 +226,7 @@ class BatchedLinearProbe(_ProbeBase):
     def fit(self, X, y, X_dev=None, y_dev=None):
         import torch
 
-        X, y, X_dev, y_dev = _prepare_fit(self, X, y, X_dev, y_dev)
+        X, y, X_dev, y_dev = prepare_fit(self, X, y, X_dev, y_dev)
         grid = tuple(self.grid) if self.grid is not None else (
             DEFAULT_ALPHAS if self.task_ == "regression" else DEFAULT_CS)
         dev = torch.device(resolve_device(self.device))
@@ -280,7 +248,7 @@ class BatchedLinearProbe(_ProbeBase):
         for layer in range(L):
             for g in range(len(grid)):
                 pred = self._decode(logits[layer, g])
-                self.dev_scores_[layer, g] = _primary_score(self.task_, y_dev, pred)
+                self.dev_scores_[layer, g] = selection_score(self.task_, y_dev, pred)
         best = np.argmax(self.dev_scores_, axis=1)
         idx = torch.as_tensor(best, device=dev)
         ar = torch.arange(L, device=dev)
@@ -403,13 +371,3 @@ class BatchedLinearProbe(_ProbeBase):
     def linear_params(self, layer=None) -> dict:
         i = self._layer_index(layer)
         return {"mean": self.mean_[i], "scale": self.scale_[i], "coef": self.coef_[i], "intercept": self.intercept_[i]}
-
-
-def __getattr__(name):
-    if name == "run_probe":
-        from featx._sweep import run_probe
-        return run_probe
-    if name == "Classifier":
-        from featx._classifier import Classifier
-        return Classifier
-    raise AttributeError(f"module 'featx.probe' has no attribute {name!r}")

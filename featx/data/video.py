@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from featx.errors import FeatxError, MediaError
-from featx.media import END_SLACK, resample, segment
+from featx.data.media import END_SLACK, resample, segment
 
 __all__ = ["MediaError", "video_frames", "video_audio", "probe_video", "build_tiny_video"]
 

@@ -25,7 +25,7 @@ import warnings
 import h5py
 import numpy as np
 
-from featx import __version__
+from featx.version import __version__
 from featx.errors import FeatxError, first_line
 
 try:

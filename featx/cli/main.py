@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from featx import __version__
+from featx.version import __version__
 from featx.errors import FeatxError, first_line
 
 
@@ -97,7 +97,7 @@ def _extract(sub):
         apply_recipe(p, args, path_keys=("manifest", "out"))
         if not args.manifest or not args.model or not args.out:
             raise FeatxError("featx extract needs MANIFEST, --model and --out (or a --recipe that gives them)")
-        from featx.extract import extract
+        from featx.extraction.pipeline import extract
 
         result = extract(args.manifest, args.model, args.out, pool=_csv_list(args.pool), seq=args.seq, seq_stride=args.seq_stride, batch_size=args.batch_size,
                          device=args.device, dtype=args.dtype, precision=args.precision,
@@ -116,7 +116,7 @@ def _info(sub):
     p.add_argument("files", nargs="+")
 
     def run(args):
-        from featx.store import describe
+        from featx.cache.store import describe
 
         for f in args.files:
             print(describe(f))
@@ -141,7 +141,7 @@ def _manifest(sub):
                    help="exit 0 when some videos are missing (they are still left out and listed)")
 
     def run(args):
-        from featx.mmsa import missing_report, mmsa_manifest
+        from featx.data.mmsa import missing_report, mmsa_manifest
 
         manifest, missing = mmsa_manifest(args.label_csv, args.raw, args.out, ext=args.ext,
                                           label_column=args.label_column)
@@ -213,7 +213,7 @@ def _run_probe(p, args, fusion_key):
     fusion = _csv_list(getattr(args, fusion_key) or "")  # read after the recipe: it may set the methods
     if not args.caches or not args.out:
         raise FeatxError(f"featx {args.command} needs CACHE.h5 and --out (or a --recipe that gives them)")
-    from featx._sweep import run_probe
+    from featx.probing.sweep import run_probe
 
     sizes = _csv_list(args.train_sizes)
     try:
@@ -292,7 +292,7 @@ def _finetune(sub):
         apply_recipe(p, args, path_keys=("manifest", "out", "probe_results"))
         if not args.manifest or not args.model or not args.out:
             raise FeatxError("featx finetune needs MANIFEST, --model and --out (or a --recipe that gives them)")
-        from featx.finetune import finetune
+        from featx.finetune.train import finetune
 
         try:
             sizes = [float(s) for s in _csv_list(args.train_sizes)]
@@ -326,7 +326,7 @@ def _demo(sub):
     p.add_argument("--no-progress", action="store_true", default=False)
 
     def run(args):
-        from featx.demo import run_demo
+        from featx.demo.run import run_demo
 
         html = run_demo(args.out, n=args.items, seed=args.seed, progress=not args.no_progress)
         print(f"featx demo: report at {html}")

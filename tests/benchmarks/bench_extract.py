@@ -8,16 +8,16 @@ checkpoint), writes a data set of varied lengths to disk, and measures on the sa
   (a) bare    the batched forward `model(**batch, output_hidden_states=True)` alone, on inputs that were
               decoded, preprocessed, batched (featx's own length-sorted batches) and moved to the device
               before the clock starts; warmed up first. This is the limit.
-  (b) featx   `featx.extract.extract(...)` end to end: decode + preprocess (DataLoader workers), collate,
+  (b) featx   `featx.extraction.pipeline.extract(...)` end to end: decode + preprocess (DataLoader workers), collate,
               forward, pooling on the device, HDF5 writes. Reported with and without the model load
-              (the load is timed inside the run by wrapping featx.extract.load_encoder); a warm-up run on a
+              (the load is timed inside the run by wrapping featx.extraction.pipeline.load_encoder); a warm-up run on a
               few items comes first, so imports, page cache and the CUDA context are warm.
   (c) naive   the loop a user writes by hand: per item decode (PIL / soundfile), the processor on one item,
               a transformers forward with output_hidden_states=True, the mean of every layer, np.save.
               The model load is not timed. On CUDA it runs under the same bf16 autocast as featx.
 
 It then times reading one layer of all items back from a cache (page cache warm), from the caches (b)
-wrote and from a synthetic cache of --readback-n items (written with featx.store.CacheWriter).
+wrote and from a synthetic cache of --readback-n items (written with featx.cache.store.CacheWriter).
 
 Model FLOPs per item (used for GFLOP/s and, on CUDA, model-FLOP utilisation against --peak-flops):
     2 * P * T  +  4 * layers * T^2 * hidden   (+ the conv feature encoder for audio)
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -89,7 +88,7 @@ def build_model(kind, size, path, seed=0):
     if kind == "text":
         from transformers import BertConfig, BertModel, BertTokenizerFast
 
-        from featx.tiny import _vocab  # a small WordPiece vocabulary; the model keeps BERT's vocab_size
+        from featx.demo.tiny import _vocab  # a small WordPiece vocabulary; the model keeps BERT's vocab_size
         tok = BertTokenizerFast(vocab=_vocab(), do_lower_case=True, model_max_length=512)
         cfg = BertConfig(vocab_size=30522 if size != "tiny" else len(tok), max_position_embeddings=512, **t)
         model = BertModel(cfg)
@@ -118,7 +117,7 @@ def build_model(kind, size, path, seed=0):
 
 # -------------------------------------------------------------------------------------------- data
 def _words():
-    from featx.tiny import _vocab
+    from featx.demo.tiny import _vocab
 
     # whole words of the tiny vocabulary: one WordPiece token each
     return [w for w in _vocab() if len(w) > 1 and w.isalpha()]
@@ -247,10 +246,10 @@ def _pair(text, cast):
 
 @contextlib.contextmanager
 def _timed_loads(times):
-    """Wrap featx.extract.load_encoder so the model load inside an extract run is timed (device synced)."""
-    import featx.extract  # noqa: F401  (featx.extract the attribute is the function; the module is in sys.modules)
+    """Wrap featx.extraction.pipeline.load_encoder so the model load inside an extract run is timed (device synced)."""
+    import featx.extraction.pipeline  # noqa: F401  (featx.extraction.pipeline the attribute is the function; the module is in sys.modules)
 
-    fx = sys.modules["featx.extract"]
+    fx = sys.modules["featx.extraction.pipeline"]
     original = fx.load_encoder
 
     def timed(*a, **k):
@@ -271,7 +270,7 @@ def _timed_loads(times):
 def _timed_closes(times):
     """Wrap CacheWriter.close (consolidating the parts into the final file, its fsync, removing the parts): the
     part of (b) that runs after the last forward, not hidden behind it."""
-    from featx.store import CacheWriter
+    from featx.cache.store import CacheWriter
 
     original = CacheWriter.close
 
@@ -292,7 +291,7 @@ def _timed_closes(times):
 # ------------------------------------------------------------------------------------ measurements
 def measure_featx(manifest, model_dir, out, args, kind):
     """(b): featx extract end to end. Returns seconds with and without the model load, and the cache path."""
-    from featx.extract import extract
+    from featx.extraction.pipeline import extract
 
     loads, closes = [], []
     _sync(args.device)
@@ -338,8 +337,8 @@ class Bare:
         import torch
 
         from featx.encoders import load_encoder
-        from featx.extract import CPU_BATCH_SECONDS, Decoder, Runner, longest_first
-        from featx.manifest import read_manifest, source_column
+        from featx.extraction.pipeline import CPU_BATCH_SECONDS, Decoder, Runner, longest_first
+        from featx.data.manifest import read_manifest, source_column
 
         df = read_manifest(manifest)
         self.enc = enc = load_encoder(model_dir, device=args.device)
@@ -464,8 +463,8 @@ def measure_naive(manifest, model_dir, args, kind, out, count):
 
 
 def _read_layer(path, layer):
-    """One layer (N, D) of all items through featx.store.open_cache."""
-    from featx.store import open_cache
+    """One layer (N, D) of all items through featx.cache.store.open_cache."""
+    from featx.cache.store import open_cache
 
     with open_cache(path) as c:
         return c.layer(layer, "mean")
@@ -504,8 +503,8 @@ def measure_readback(path, layer, repeat=3):
 
 
 def write_synthetic_cache(path, n, layers, dim, dtype="float16", chunk=1000):
-    """A cache of n items x layers x dim written with featx.store.CacheWriter (random values)."""
-    from featx.store import CacheWriter
+    """A cache of n items x layers x dim written with featx.cache.store.CacheWriter (random values)."""
+    from featx.cache.store import CacheWriter
 
     rng = np.random.default_rng(0)
     ids = [f"s{k:07d}" for k in range(n)]

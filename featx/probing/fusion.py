@@ -28,7 +28,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from featx import metrics
 from featx.errors import FeatxError
-from featx.probe import LayerProbe, _prepare_fit, _primary_score, as_layers, infer_task, inner_split
+from featx.metrics import selection_score
+from featx.probing.estimators import LayerProbe, as_layers, infer_task, prepare_fit
+from featx.probing.splits import inner_split
 from torch import nn
 
 __all__ = ["LayerWeightedSum", "WeightedLayerProbe", "EarlyFusion", "LateFusion", "GatedFusion", "align_by_id"]
@@ -102,7 +104,7 @@ class _TorchTrainer:
                 opt.step()
             model.eval()
             with torch.no_grad():
-                score = _primary_score(task, y_dev, predict_dev())
+                score = selection_score(task, y_dev, predict_dev())
             if score > best + 1e-9:
                 best, best_state, bad = score, copy.deepcopy(model.state_dict()), 0
             else:
@@ -111,10 +113,11 @@ class _TorchTrainer:
                     break
         model.load_state_dict(best_state)
         model.eval()
-        return best if metrics.higher_is_better(metrics.PRIMARY[task]) else -best  # _primary_score's sign undone
+        return best if metrics.higher_is_better(metrics.PRIMARY[task]) else -best  # selection_score's sign undone
 
 
-def _loss(task, regression_loss="l1"):
+def loss_function(task, regression_loss="l1"):
+    """The training loss of (N, C') outputs: L1 or MSE on column 0 (regression), cross-entropy (classes)."""
     if task == "regression":
         base = nn.L1Loss() if regression_loss == "l1" else nn.MSELoss()
         return lambda out, y: base(out[:, 0], y)
@@ -155,7 +158,7 @@ class WeightedLayerProbe(BaseEstimator, _TorchTrainer):
         self.random_state = random_state
 
     def fit(self, X, y, X_dev=None, y_dev=None):
-        X, y, X_dev, y_dev = _prepare_fit(self, X, y, X_dev, y_dev)
+        X, y, X_dev, y_dev = prepare_fit(self, X, y, X_dev, y_dev)
         if self.task_ == "regression":
             self.classes_ = None
         out_dim = 1 if self.task_ == "regression" else len(self.classes_)
@@ -173,7 +176,7 @@ class WeightedLayerProbe(BaseEstimator, _TorchTrainer):
         self.dev_score_ = self._train(
             model, lambda idx: ((Xt[idx],), yt[idx]), len(Xt),
             lambda: _decode(self.task_, model(Xd), self.classes_), y_dev, self.task_,
-            _loss(self.task_, self.regression_loss))
+            loss_function(self.task_, self.regression_loss))
         self.weights_ = model.sum.weights()
         self.coef_ = model.head.weight.detach().numpy().astype(np.float64)
         self.intercept_ = model.head.bias.detach().numpy().astype(np.float64)
@@ -273,7 +276,8 @@ class LateFusion(BaseEstimator):
         return self.classes_[np.argmax(np.mean(outs, axis=0), axis=1)]
 
 
-def _gated_model(dims, num_layers, hidden, heads, dropout, out_dim):
+def gated_model(dims, num_layers, hidden, heads, dropout, out_dim):
+    """Ando et al.'s gated fusion network over M modalities of (B, T, L_m, D_m) inputs -> (B, out_dim)."""
     LWS = LayerWeightedSum
 
     class AttentivePooling(nn.Module):
@@ -384,13 +388,13 @@ class GatedFusion(BaseEstimator, _TorchTrainer):
         dev = [self._standardise(s, m) for m, s in enumerate(dev)]
         torch.manual_seed(self.random_state)
         out_dim = 1 if self.task_ == "regression" else len(self.classes_)
-        self.model_ = _gated_model([s[0].shape[-1] for s in seqs], [s[0].shape[1] for s in seqs],
+        self.model_ = gated_model([s[0].shape[-1] for s in seqs], [s[0].shape[1] for s in seqs],
                                    self.hidden_size, self.heads, self.dropout, out_dim)
         yt = _targets(self.task_, y, self.classes_)
         dev_inputs = _padded_inputs(dev, np.arange(len(y_dev)))
         self.dev_score_ = self._train(self.model_, lambda idx: (_padded_inputs(seqs, idx), yt[idx]), len(y),
                                       lambda: _decode(self.task_, self.model_(*dev_inputs), self.classes_), y_dev,
-                                      self.task_, _loss(self.task_, "l1"))
+                                      self.task_, loss_function(self.task_, "l1"))
         self.weights_ = [b.sum.weights() for b in self.model_.branches]
         return self
 

@@ -15,8 +15,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from featx import metrics  # noqa: E402
-from featx._sweep import make_units  # noqa: E402
-from featx.probe import BatchedLinearProbe, LayerProbe  # noqa: E402
+from featx.probing.splits import make_folds  # noqa: E402
+from featx.probing.estimators import BatchedLinearProbe, LayerProbe  # noqa: E402
 
 
 def data(n, layers, dim, task, seed=0):
@@ -37,7 +37,7 @@ def data(n, layers, dim, task, seed=0):
 
 def run(task, n, layers, dim, folds, device="cpu"):
     X, y = data(n, layers, dim, task)
-    units, _ = make_units(y, None, task, folds, seed=0)
+    units, _ = make_folds(y, None, task, folds, seed=0)
     out = {}
     for name, make in (("batched", lambda: BatchedLinearProbe(device=device)), ("sklearn", lambda: LayerProbe())):
         start, preds = time.perf_counter(), []

@@ -11,7 +11,8 @@ from featx.errors import FeatxError
 from featx.report import plots
 from featx.report.cka import cache_cka
 from featx.report.html import Section, write_html, write_markdown
-from featx.report.results import METRIC_LABELS, findings, load_results, summary_table
+from featx.probing.results import METRIC_LABELS, load_results
+from featx.report.results import findings, summary_table
 
 TITLE = "featx layer-wise report"
 

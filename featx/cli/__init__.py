@@ -1,0 +1,4 @@
+"""The `featx` command line."""
+from featx.cli.main import build_parser, main
+
+__all__ = ["build_parser", "main"]

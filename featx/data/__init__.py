@@ -1,0 +1,1 @@
+"""Inputs: manifests (`manifest`), media decoding (`media`, `video`) and data-set importers (`mmsa`)."""

@@ -1,0 +1,107 @@
+"""The encoder-family registry: config.model_type -> the adapter that runs it, its modality and its blocks.
+
+Adding a family is one adapter module (a subclass of featx.encoders.base.Encoder) plus one `register_family`
+call naming the model types it serves; `featx extract`, `finetune` and `predict` then accept those models.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from featx.errors import FeatxError, first_line
+
+
+@dataclass(frozen=True)
+class Family:
+    """name: short family name. model_types: the config.model_type values it serves. modality: text | image |
+    audio. adapter: "module:Class" of its Encoder subclass (imported only when a model of the family loads).
+    block_path: dotted path of the model's list of transformer blocks (fine-tuning cuts and freezes there).
+    poolings: the poolings it supports. example: a hub id, for `featx models` and the README."""
+    name: str
+    model_types: tuple
+    modality: str
+    adapter: str
+    block_path: str
+    poolings: tuple = ("mean", "cls")
+    example: str = ""
+    note: str = ""
+
+    def adapter_class(self):
+        module, cls = self.adapter.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+_FAMILIES: dict = {}       # name -> Family
+_BY_TYPE: dict = {}        # model_type -> Family
+
+
+def register_family(family: Family) -> Family:
+    """Register `family`; a model type already served by another family is taken over by this one."""
+    _FAMILIES[family.name] = family
+    for t in family.model_types:
+        _BY_TYPE[t] = family
+    return family
+
+
+def families() -> list:
+    return list(_FAMILIES.values())
+
+
+def family_of(config) -> Family:
+    """The family serving config.model_type; FeatxError (one line) for a type no family serves."""
+    kind = getattr(config, "model_type", "")
+    if kind not in _BY_TYPE:
+        raise FeatxError(f"model type {kind!r} is not supported by featx (supported: "
+                         f"{', '.join(sorted(_BY_TYPE))}); see `featx models`")
+    return _BY_TYPE[kind]
+
+
+def modality_of(config) -> str:
+    """'text', 'image' or 'audio': the modality of the model's family."""
+    return family_of(config).modality
+
+
+def load_config(name, trust_remote_code=False):
+    """The checkpoint's transformers config; FeatxError (one line, naming the model) when it cannot load."""
+    import os
+
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, HTTP errors: the user needs the model name and what to do
+        if os.path.isdir(str(name)):
+            raise FeatxError(f"cannot load model {name!r}: the folder has no usable config.json "
+                             f"({first_line(e)[:160]})")
+        raise FeatxError(f"cannot load model {name!r}: check the hub id or folder; featx found no local copy and "
+                         "the hub is unreachable or offline (download it while online, or pass a local folder)")
+
+
+def load_encoder(name, *, config=None, device="cpu", trust_remote_code=False, precision="fp32", **settings):
+    """The adapter for checkpoint `name` (hub id or local folder), its model loaded in eval mode on `device`.
+
+    precision: a resolved precision (fp32 | bf16 | fp16) for the forward's autocast.
+    settings: max_length (text), max_audio_seconds (audio).
+    """
+    config = config or load_config(name, trust_remote_code)
+    cls = family_of(config).adapter_class()
+    return cls(name, config=config, device=device, trust_remote_code=trust_remote_code, precision=precision,
+               **settings)
+
+
+_TEXT = "featx.encoders.text:TextEncoder"
+register_family(Family("bert", ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "mpnet",
+                                "deberta", "deberta-v2", "camembert"), "text", _TEXT, "encoder.layer",
+                       example="bert-large-uncased"))
+register_family(Family("clip-vision", ("clip", "clip_vision_model"), "image", "featx.encoders.image:ImageEncoder",
+                       "vision_model.encoder.layers", example="openai/clip-vit-large-patch14",
+                       note="the vision tower; hidden states end before post_layernorm"))
+register_family(Family("siglip-vision", ("siglip", "siglip_vision_model"), "image",
+                       "featx.encoders.image:ImageEncoder", "vision_model.encoder.layers", poolings=("mean",),
+                       example="google/siglip-base-patch16-224", note="no class token: mean pooling only"))
+register_family(Family("vit", ("vit", "dinov2"), "image", "featx.encoders.image:ImageEncoder", "encoder.layer",
+                       example="facebook/dinov2-base"))
+register_family(Family("wav2vec2", ("wavlm", "wav2vec2", "wav2vec2-conformer", "hubert", "data2vec-audio",
+                                    "unispeech", "unispeech-sat"), "audio", "featx.encoders.audio:AudioEncoder",
+                       "encoder.layers", poolings=("mean",), example="microsoft/wavlm-large",
+                       note="no class token: mean pooling over the real frames"))
