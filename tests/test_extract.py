@@ -120,7 +120,7 @@ def test_worker_chunks_cross_as_one_block_per_dtype_and_unpack_to_the_same_units
 
     import torch
 
-    from featx.extraction.pipeline import _pack, _unpack
+    from featx.extraction.decode import pack_chunk as _pack, unpack_chunk as _unpack
     rng = np.random.default_rng(0)
     wave = rng.standard_normal(1000).astype(np.float32)
     pixels = torch.from_numpy(rng.standard_normal((3, 4, 5)).astype(np.float32))

@@ -6,23 +6,46 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import warnings
 
 import numpy as np
 
 from featx.errors import MediaError, first_line
 
-__all__ = ["MediaError", "load_text", "load_image", "load_audio", "resample", "segment"]
+__all__ = ["MediaError", "load_text", "load_image", "load_audio", "audio_windows", "resample", "segment",
+           "check_media_file", "check_amplitude", "MAX_IMAGE_PIXELS", "MAX_AMPLITUDE"]
 
 # Annotated segment ends often overshoot a clip by rounding; up to this many seconds past the end is clipped
 # (audio files here, video files and their audio tracks in featx.data.video).
 END_SLACK = 0.25
+# Images with more pixels are refused before they are decoded: a 13300 x 13300 PNG of 21 KB decodes to 3.3 GB.
+MAX_IMAGE_PIXELS = 100_000_000
+# Decoded samples are nominally within [-1, 1]; far beyond is a corrupt or mis-scaled file, not a waveform.
+MAX_AMPLITUDE = 1e3
 
 
-def _exists(path):
+def check_media_file(path) -> None:
+    """MediaError unless `path` names an existing regular file; a FIFO, device or folder is never opened
+    (a FIFO blocks whoever opens it until a writer comes)."""
     if not isinstance(path, str) or not path:
         raise MediaError("no file given")
-    if not os.path.exists(path):
-        raise MediaError(f"file not found: {path}")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise MediaError(f"file not found: {path}") from None
+    if not stat.S_ISREG(mode):
+        raise MediaError(f"not a regular file (a FIFO, device or folder): {path}")
+
+
+def check_amplitude(wav, name) -> None:
+    """MediaError when the waveform holds a non-finite sample or one beyond +-MAX_AMPLITUDE."""
+    if not np.isfinite(wav).all():
+        raise MediaError("audio has non-finite samples (NaN or inf)")
+    peak = float(np.abs(wav).max()) if wav.size else 0.0
+    if peak > MAX_AMPLITUDE:
+        raise MediaError(f"audio {name}: samples reach {peak:.3g}, beyond +-{MAX_AMPLITUDE:g} "
+                         "(a corrupt or mis-scaled file, not a waveform)")
 
 
 def load_text(text) -> str:
@@ -32,17 +55,42 @@ def load_text(text) -> str:
     return str(text).strip()
 
 
-def load_image(path):
-    """An RGB PIL image; MediaError for a missing or undecodable file."""
+def load_image(path, max_pixels=MAX_IMAGE_PIXELS, shortest_side=0):
+    """An RGB PIL image; MediaError for a missing or undecodable file, or one over `max_pixels` pixels (checked
+    from the header, before decoding; None or 0: no budget).
+
+    shortest_side: the shortest side the encoder's processor resizes to; a JPEG at least twice as large on
+    both sides is decoded at a reduced scale (Pillow's draft: 1/2, 1/4 or 1/8) that keeps its shortest side
+    at least 2 x shortest_side, so the processor still downscales it.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    _exists(path)
+    check_media_file(path)
+    name = os.path.basename(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
+            with Image.open(path) as im:
+                if shortest_side and im.format == "JPEG":
+                    _draft(im, 2 * int(shortest_side))
+                width, height = im.size
+                if max_pixels and width * height > max_pixels:
+                    raise MediaError(f"image {name} is {width}x{height} = {width * height / 1e6:.1f} Mpx, over "
+                                     f"the budget of {max_pixels / 1e6:g} Mpx (max_image_pixels)")
+                im.load()
+                return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"image {name} is too large to decode: {first_line(e)}")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise MediaError(f"cannot decode image {os.path.basename(path)}: {first_line(e)}")
+        raise MediaError(f"cannot decode image {name}: {first_line(e)}")
+
+
+def _draft(im, side):
+    """Ask the JPEG decoder for the smallest scale whose shortest side is still >= side (no-op if none)."""
+    width, height = im.size
+    scale = side / min(width, height)
+    if scale <= 0.5:
+        im.draft(im.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
@@ -50,9 +98,20 @@ def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
 
     Decoded with soundfile (channels averaged to mono), resampled with torchaudio.functional.resample.
     """
+    return audio_windows(path, sample_rate, start, end)[0]
+
+
+def audio_windows(path, sample_rate: int, start=None, end=None, max_seconds=None) -> list:
+    """The mono float32 waveform at `sample_rate` of [start, end) seconds, as near-equal windows of at most
+    max_seconds (one window when None): a list of (T_k,) arrays whose concatenation is what load_audio gives.
+
+    The file is read one window (plus the resampling filter's context) at a time, so the memory it takes is
+    the windows at `sample_rate`, not the file at its own rate and channels. MediaError for a missing,
+    undecodable or empty file, non-finite samples, or samples beyond +-MAX_AMPLITUDE.
+    """
     import soundfile as sf
 
-    _exists(path)
+    check_media_file(path)
     name = os.path.basename(path)
     try:
         with sf.SoundFile(path) as f:
@@ -60,18 +119,60 @@ def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
             if f.frames > 0:  # an empty file is reported as zero-length below, whatever the segment
                 start, end = segment(start, end, f.frames / rate, name, "audio")
                 first, last = int(round(start * rate)), min(f.frames, int(round(end * rate)))
-                f.seek(first)
-            wav = f.read(max(0, last - first), dtype="float32", always_2d=True)
+            plan = _ResamplePlan(rate, sample_rate, max(0, last - first))
+            if plan.num_in == 0:
+                raise MediaError("zero-length audio")
+            limit = int(max_seconds * sample_rate) if max_seconds else 0
+            return [plan.window(f, first, a, b, name) for a, b in plan.windows(limit)]
     except MediaError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as e:
         raise MediaError(f"cannot decode audio {name}: {first_line(e)}")
-    if wav.shape[0] == 0:
-        raise MediaError("zero-length audio")
-    wav = wav.mean(axis=1)
-    if not np.isfinite(wav).all():
-        raise MediaError("audio has non-finite samples (NaN or inf)")
-    return resample(wav, rate, sample_rate)
+
+
+class _ResamplePlan:
+    """Windows of a resampled segment, each computed from only the input samples it depends on.
+
+    torchaudio's resample (rates reduced by their gcd to orig -> new) is a strided convolution: output
+    samples [m * new, (m + 1) * new) come from input samples [m * orig - w, (m + 1) * orig + w) with zeros
+    beyond the ends, w the filter's half-width. Resampling a chunk that starts at a multiple of orig and
+    holds a margin >= w of real samples around a window gives that window's samples of the whole.
+    """
+
+    def __init__(self, rate, sample_rate, num_in):
+        g = math.gcd(int(rate), int(sample_rate))
+        self.rate, self.sample_rate, self.num_in = int(rate), int(sample_rate), int(num_in)
+        self.orig, self.new = self.rate // g, self.sample_rate // g
+        same = self.rate == self.sample_rate
+        self.num_out = num_in if same else math.ceil(self.new * num_in / self.orig)
+        # torchaudio's half-width is ceil(6 * orig / (0.99 * min(orig, new))); one more filter span to spare
+        self.margin = 0 if same else 2 * math.ceil(6 * self.orig / (0.99 * min(self.orig, self.new))) + self.orig
+
+    def windows(self, limit):
+        """(start, end) output samples of near-equal windows of at most `limit` samples (np.array_split's)."""
+        n = self.num_out
+        k = math.ceil(n / limit) if limit and n > limit else 1
+        sizes = [n // k + (1 if j < n % k else 0) for j in range(k)]
+        ends = np.cumsum(sizes)
+        return [(int(e - s), int(e)) for s, e in zip(sizes, ends)]
+
+    def window(self, f, first, a, b, name):
+        """Output samples [a, b) (T,) float32, read from the open SoundFile `f` whose segment starts at `first`."""
+        if self.rate == self.sample_rate:
+            return self._read(f, first + a, b - a, name)
+        m0, m1 = a // self.new, (b - 1) // self.new
+        lo = max(0, (m0 - math.ceil(self.margin / self.orig)) * self.orig)
+        hi = min(self.num_in, (m1 + 1) * self.orig + self.margin)
+        out = resample(self._read(f, first + lo, hi - lo, name), self.rate, self.sample_rate)
+        offset = (lo // self.orig) * self.new
+        return np.ascontiguousarray(out[a - offset:b - offset])
+
+    @staticmethod
+    def _read(f, at, n, name):
+        f.seek(at)
+        wav = f.read(n, dtype="float32", always_2d=True).mean(axis=1)
+        check_amplitude(wav, name)
+        return wav
 
 
 def segment(start, end, duration, name, what):

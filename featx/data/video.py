@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from featx.errors import FeatxError, MediaError
-from featx.data.media import END_SLACK, resample, segment
+from featx.data.media import END_SLACK, check_amplitude, check_media_file, resample, segment
 
 __all__ = ["MediaError", "video_frames", "video_audio", "probe_video", "build_tiny_video"]
 
@@ -44,11 +44,8 @@ def _reason(err) -> str:
 def _open(path):
     """Open `path` with PyAV; FFmpeg errors while open or decoding become MediaError naming the file."""
     av = _av()
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise MediaError("no file given")
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MediaError(f"file not found: {path}")
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    check_media_file(path)
     name = os.path.basename(path)
     try:
         container = av.open(path)
@@ -155,6 +152,9 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
             if target is not None and math.isfinite(end):
                 raise MediaError(f"{name}: video frames end at {last_end:.3f} s, before {target:.3f} s "
                                  "(truncated or corrupt file)")
+    if not images:  # e.g. a still image named .mp4: one frame, no duration, ending before the first target
+        raise MediaError(f"{name}: no video frame at {fps:g} fps in [{start:g}, {end:g}) s "
+                         "(a still image or an empty stream?)")
     return images, np.asarray(times, dtype=np.float64)
 
 
@@ -196,6 +196,7 @@ def video_audio(path, sample_rate: int, start: float | None = None, end: float |
     if first is None:
         raise MediaError(f"{name}: no audio could be decoded in [{start:g}, {end:g}) s")
     wave = np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)
+    check_amplitude(wave, name)
     if first > start:  # the track starts after the segment does: silence keeps it aligned with the frames
         wave = np.concatenate([np.zeros(round((first - start) * rate), np.float32), wave])
         first = start

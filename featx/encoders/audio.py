@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from featx.encoders.base import Encoder, from_pretrained
+from featx.encoders.base import Encoder, from_pretrained, model_loader
 
 
 class _Normalise:
@@ -22,11 +22,11 @@ class AudioEncoder(Encoder):
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32", **_):
         super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
                          precision=precision)
-        from transformers import AutoFeatureExtractor, AutoModel
+        from transformers import AutoFeatureExtractor
 
         self.processor = from_pretrained(AutoFeatureExtractor, name, "feature extractor",
                                          trust_remote_code=trust_remote_code)
-        self._finish_load(from_pretrained(AutoModel, name, "weights", config=config,
+        self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights", config=config,
                                           trust_remote_code=trust_remote_code))
         self.sample_rate = int(self.processor.sampling_rate)
         # Group-norm conv features (wav2vec2-base, WavLM-base) normalise over the whole padded length, and

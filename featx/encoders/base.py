@@ -8,11 +8,14 @@ from featx.errors import FeatxError, first_line
 
 
 def from_pretrained(loader, name, what, **kwargs):
-    """`loader.from_pretrained(name)` with transformers' progress bars off and a one-line FeatxError on failure."""
+    """`loader.from_pretrained(name)` with transformers' progress bars and warnings off while it runs (their
+    previous state restored after), and a one-line FeatxError on failure."""
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    bars, hub_bars_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
     level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # a CLIP vision tower loaded from a full CLIP checkpoint lists every text weight
     try:
         return loader.from_pretrained(name, **kwargs)
@@ -20,6 +23,20 @@ def from_pretrained(loader, name, what, **kwargs):
         raise FeatxError(f"cannot load the {what} of model {name!r}: {first_line(e)[:200]}")
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if not hub_bars_off:
+            hub_utils.enable_progress_bars()
+
+
+def model_loader(model_class):
+    """The class that loads an adapter's weights: `model_class` itself, or the transformers class of that name
+    (e.g. "AutoModel", "CLIPVisionModel")."""
+    if not isinstance(model_class, str):
+        return model_class
+    import transformers
+
+    return getattr(transformers, model_class)
 
 
 class Encoder:
@@ -30,6 +47,7 @@ class Encoder:
     """
 
     modality = ""
+    model_class = "AutoModel"  # what loads the weights: a transformers class name or a class with from_pretrained
 
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32"):
         self.name = str(name)

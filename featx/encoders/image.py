@@ -1,9 +1,9 @@
-"""Image encoders: the vision tower of a CLIP checkpoint (full or vision-only), and other ViTs AutoModel loads."""
+"""Image encoders: ViTs AutoModel loads, and the vision tower of a CLIP or SigLIP checkpoint (full or vision-only)."""
 from __future__ import annotations
 
 import torch
 
-from featx.encoders.base import Encoder, from_pretrained
+from featx.encoders.base import Encoder, from_pretrained, model_loader
 
 
 class _Pixels:
@@ -20,18 +20,12 @@ class ImageEncoder(Encoder):
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32", **_):
         super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
                          precision=precision)
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoImageProcessor
 
         self.processor = from_pretrained(AutoImageProcessor, name, "image processor",
                                          trust_remote_code=trust_remote_code)
-        kind = config.model_type
-        if kind in ("clip", "clip_vision_model"):
-            from transformers import CLIPVisionModel as loader  # hidden_states end before post_layernorm
-        elif kind in ("siglip", "siglip_vision_model"):
-            from transformers import SiglipVisionModel as loader
-        else:
-            loader = AutoModel
-        self._finish_load(from_pretrained(loader, name, "weights", trust_remote_code=trust_remote_code))
+        self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights",
+                                          trust_remote_code=trust_remote_code))
         size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None)
         # transformers 5 resizes with torchvision when it is installed (featx[vision]; about half the CPU time
         # per image) and with PIL otherwise; the two round differently, so the class is a setting of the cache.
@@ -39,6 +33,14 @@ class ImageEncoder(Encoder):
 
     def preprocessor(self):
         return _Pixels(self.processor)
+
+    def shortest_side(self) -> int:
+        """The shortest side, in pixels, of the image the processor makes (0 when it does not say)."""
+        sides = []
+        for size in (getattr(self.processor, "size", None), getattr(self.processor, "crop_size", None)):
+            size = dict(size) if size else {}
+            sides += [int(v) for k, v in size.items() if k in ("shortest_edge", "height", "width") and v]
+        return max(sides, default=0)
 
     def collate(self, feats):
         out = self.host_tensor((len(feats), *feats[0].shape), feats[0].dtype)
@@ -49,3 +51,13 @@ class ImageEncoder(Encoder):
         out = self.model(pixel_values=pixels, output_hidden_states=True)
         hs = out.hidden_states
         return hs, torch.ones(hs[0].shape[:2], dtype=torch.bool, device=hs[0].device)
+
+
+class CLIPVisionEncoder(ImageEncoder):
+    """The vision tower of a CLIP checkpoint (full or vision-only); hidden states end before post_layernorm."""
+    model_class = "CLIPVisionModel"
+
+
+class SiglipVisionEncoder(ImageEncoder):
+    """The vision tower of a SigLIP checkpoint (full or vision-only)."""
+    model_class = "SiglipVisionModel"

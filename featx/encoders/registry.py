@@ -6,6 +6,7 @@ call naming the model types it serves; `featx extract`, `finetune` and `predict`
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 
 from featx.errors import FeatxError, first_line
@@ -61,12 +62,59 @@ def modality_of(config) -> str:
     return family_of(config).modality
 
 
+def block_path(config, model=None) -> str:
+    """The dotted path of the loaded model's block list (e.g. "encoder.layer") for config's family: with
+    `model`, the first of the family's alternatives that is a torch ModuleList on it, else the first one.
+
+    FeatxError (one line) for an unsupported model type, a family whose blocks cannot be cut, or a model
+    that has none of the family's block paths."""
+    family = family_of(config)
+    if not family.block_path:
+        raise FeatxError(f"model type {config.model_type!r} ({family.name}) cannot be fine-tuned by featx: "
+                         f"{family.note or 'its blocks are not a list that can be cut'}")
+    paths = family.block_path.split("|")
+    if model is None:
+        return paths[0]
+    import torch
+
+    for path in paths:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return path
+    raise FeatxError(f"cannot fine-tune {type(model).__name__}: it has no block list at {' or '.join(paths)}")
+
+
+def _looks_like_path(name) -> bool:
+    """True for a name only a folder can have: absolute, ./ ../ ~, a backslash, several '/', a trailing '/'."""
+    return name.startswith(("/", os.sep, ".", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def check_model_name(name) -> None:
+    """FeatxError (one line) at once for a model that is neither an existing folder nor a valid hub id: a
+    misspelled folder must not be looked up on the hub (and retried) as if it were a model id."""
+    name = os.fspath(name) if isinstance(name, os.PathLike) else str(name)
+    if os.path.isdir(name):
+        return
+    if _looks_like_path(name):
+        if os.path.exists(name):
+            raise FeatxError(f"model {name!r} is a file, not a model folder")
+        raise FeatxError(f"model folder {name!r} does not exist")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FeatxError(f"model {name!r} is neither an existing folder nor a valid hub id "
+                         "(namespace/name of letters, digits, '-', '_', '.')") from None
+
+
 def load_config(name, trust_remote_code=False):
     """The checkpoint's transformers config; FeatxError (one line, naming the model) when it cannot load."""
-    import os
-
     from transformers import AutoConfig
 
+    check_model_name(name)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError, ValueError, HTTP errors: the user needs the model name and what to do
@@ -90,16 +138,22 @@ def load_encoder(name, *, config=None, device="cpu", trust_remote_code=False, pr
 
 
 _TEXT = "featx.encoders.text:TextEncoder"
-register_family(Family("bert", ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "mpnet",
-                                "deberta", "deberta-v2", "camembert"), "text", _TEXT, "encoder.layer",
-                       example="bert-large-uncased"))
-register_family(Family("clip-vision", ("clip", "clip_vision_model"), "image", "featx.encoders.image:ImageEncoder",
-                       "vision_model.encoder.layers", example="openai/clip-vit-large-patch14",
+_IMAGE = "featx.encoders.image:ImageEncoder"
+register_family(Family("bert", ("bert", "roberta", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2",
+                                "camembert"), "text", _TEXT, "encoder.layer", example="bert-large-uncased"))
+register_family(Family("distilbert", ("distilbert",), "text", _TEXT, "transformer.layer",
+                       example="distilbert-base-uncased"))
+register_family(Family("albert", ("albert",), "text", _TEXT, "", example="albert-base-v2",
+                       note="its layers share weights: extract only, no fine-tuning"))
+register_family(Family("clip-vision", ("clip", "clip_vision_model"), "image",
+                       "featx.encoders.image:CLIPVisionEncoder", "encoder.layers|vision_model.encoder.layers",
+                       example="openai/clip-vit-large-patch14",
                        note="the vision tower; hidden states end before post_layernorm"))
 register_family(Family("siglip-vision", ("siglip", "siglip_vision_model"), "image",
-                       "featx.encoders.image:ImageEncoder", "vision_model.encoder.layers", poolings=("mean",),
-                       example="google/siglip-base-patch16-224", note="no class token: mean pooling only"))
-register_family(Family("vit", ("vit", "dinov2"), "image", "featx.encoders.image:ImageEncoder", "encoder.layer",
+                       "featx.encoders.image:SiglipVisionEncoder", "encoder.layers|vision_model.encoder.layers",
+                       poolings=("mean",), example="google/siglip-base-patch16-224",
+                       note="no class token: mean pooling only"))
+register_family(Family("vit", ("vit", "dinov2"), "image", _IMAGE, "encoder.layer|layers",
                        example="facebook/dinov2-base"))
 register_family(Family("wav2vec2", ("wavlm", "wav2vec2", "wav2vec2-conformer", "hubert", "data2vec-audio",
                                     "unispeech", "unispeech-sat"), "audio", "featx.encoders.audio:AudioEncoder",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from featx.encoders.base import Encoder, from_pretrained
+from featx.encoders.base import Encoder, from_pretrained, model_loader
 
 
 class _Tokenize:
@@ -23,10 +23,10 @@ class TextEncoder(Encoder):
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, max_length=None, precision="fp32", **_):
         super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
                          precision=precision)
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.tokenizer = from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
-        self._finish_load(from_pretrained(AutoModel, name, "weights", config=config,
+        self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights", config=config,
                                           trust_remote_code=trust_remote_code))
         limit = min(int(self.tokenizer.model_max_length or 512),
                     int(getattr(config, "max_position_embeddings", 512) or 512))

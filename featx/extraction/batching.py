@@ -1,0 +1,141 @@
+"""Batching for extraction: items longest first, inputs in length-sorted batches, pooled values per item.
+
+An input is one text, one image, one window of a long audio file or one frame of a video. Inputs of a
+group of items are sorted by length and batched so padding stays small, pooled on the device, and
+combined back into one value per item: a long audio file's windows are weighted by their frame counts
+(so `mean` is the mean over all its frames) and a video's frames equally (the mean over frames of the
+per-frame pooled values).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from featx.encoders.pooling import pool
+
+__all__ = ["Runner", "longest_first"]
+
+
+def longest_first(todo, rows, decoder):
+    """`todo` (manifest indices) ordered by Decoder.estimate, longest first, ties in manifest order: groups of
+    neighbours then batch with little padding over the whole manifest, not only within a group."""
+    if decoder.modality not in ("text", "audio") or len(todo) < 2:
+        return todo
+    cost = np.array([decoder.estimate(rows[int(i)]) for i in todo])
+    return todo[np.argsort(-cost, kind="stable")]
+
+
+class Runner:
+    """Runs one encoder over the inputs of a group of items and combines them into per-item values."""
+
+    def __init__(self, encoder, poolings, seq=False, seq_stride=1, batch_size=16, budget=None, video=False):
+        self.encoder, self.poolings = encoder, list(poolings)
+        self.seq, self.seq_stride, self.batch_size = seq, max(1, int(seq_stride)), max(1, int(batch_size))
+        self.budget, self.video = budget, video  # video: inputs are frames, and a sequence is one row per frame
+
+    def batches(self, inputs):
+        """Length-sorted batches of input numbers (longest first, so an out-of-memory shows up at once), each
+        of at most batch_size inputs and, with a budget, at most `budget` padded positions (batch x longest,
+        in Encoder.size units: tokens, samples); an input longer than the budget runs alone.
+        inputs: [(item index, preprocessed input)]."""
+        enc = self.encoder
+        sizes = [enc.size(x[1]) for x in inputs]
+        order = sorted(range(len(inputs)), key=lambda k: -sizes[k])  # stable: ties keep item order
+        groups = {}
+        for k in order:
+            groups.setdefault(enc.batch_key(inputs[k][1]), []).append(k)
+        for members in groups.values():
+            batch = []
+            for k in members:  # sorted longest first: batch[0] is the batch's longest
+                if batch and (len(batch) == self.batch_size
+                              or (self.budget and (len(batch) + 1) * sizes[batch[0]] > self.budget)):
+                    yield batch
+                    batch = []
+                batch.append(k)
+            if batch:
+                yield batch
+
+    @torch.inference_mode()
+    def run_batch(self, raws):
+        """Pooled values (B, L, D) per pooling and valid-position counts (B,), left on the device so the
+        GPU runs on while the host collates the next batch, and the sequences (CPU arrays) with --seq.
+        On CUDA out-of-memory the batch is halved and retried, down to one input.
+        """
+        enc = self.encoder
+        try:
+            batch = enc.collate(raws)  # pinned on CUDA (Encoder.host_tensor)
+            with enc.autocast():
+                hidden, mask = enc.forward(batch)
+                pooled = pool(hidden, mask, self.poolings)
+            seqs = None
+            if self.seq and not self.video:  # a video's sequence is its frames' pooled values (see run)
+                valid = mask.cpu()
+                stacked = [torch.stack([h[b] for h in hidden], dim=1).float().cpu() for b in range(len(raws))]
+                seqs = [s[valid[b]][::self.seq_stride].numpy() for b, s in enumerate(stacked)]
+            return pooled, seqs, mask.sum(1)
+        except torch.cuda.OutOfMemoryError:
+            if len(raws) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(raws) // 2
+            a, b = self.run_batch(raws[:half]), self.run_batch(raws[half:])
+            pooled = {k: torch.cat([a[0][k], b[0][k]]) for k in a[0]}
+            seqs = (a[1] + b[1]) if self.seq else None
+            return pooled, seqs, torch.cat([a[2], b[2]])
+
+    def run(self, items):
+        """items: list of (index, inputs). Returns (indices, pooled {name: (n, L, D)}, seqs | None, failures)."""
+        inputs, failures = self._flatten(items)
+        pooled, counts, seqs = self._forward(inputs)
+        by_item = {}
+        for k, (i, _) in enumerate(inputs):
+            by_item.setdefault(i, []).append(k)
+        indices = sorted(by_item)  # manifest order, as parts are stored
+        first = np.array([by_item[i][0] for i in indices], np.int64)
+        out = {name: v[first] for name, v in pooled.items()}
+        seq_out = [seqs[k] for k in first] if self.seq else None  # None per video item, filled below
+        for row, i in enumerate(indices):
+            ks = by_item[i]
+            if self.seq and self.video:  # the per-frame sequence of frame values, one-frame videos too
+                seq_out[row] = pooled["cls" if "cls" in pooled else "mean"][ks]
+            if len(ks) == 1:
+                continue
+            # audio windows weighted by their frames, video frames equally
+            w = counts[ks].astype(np.float64) if self.encoder.modality == "audio" else np.ones(len(ks))
+            w = w / w.sum()
+            for name in self.poolings:
+                out[name][row] = np.tensordot(w, pooled[name][ks], axes=1)
+            if self.seq and not self.video:
+                seq_out[row] = np.concatenate([seqs[k] for k in ks])
+        return np.array(indices, np.int64), out, seq_out, failures
+
+    def _flatten(self, items):
+        """[(item index, input)] of every item's inputs, and failures [(index, reason)] for items that have none
+        the model can take."""
+        enc = self.encoder
+        inputs = [(i, x) for i, xs in items for x in xs]
+        failures = [(i, "the item decoded to no input") for i, xs in items if not len(xs)]
+        if enc.modality == "audio":  # too short for the conv feature encoder: fail the item, not the batch
+            short = {i for i, x in inputs if enc.num_frames(x.shape[0]) < 1}
+            failures += [(i, "audio too short for the model (no frames)") for i in sorted(short)]
+            inputs = [(i, x) for i, x in inputs if i not in short]
+        return inputs, failures
+
+    def _forward(self, inputs):
+        """Per input: pooled {name: (n, L, D)} float32, valid positions (n,), sequences (list, None without seq)."""
+        enc = self.encoder
+        n, shape = len(inputs), (enc.num_layers, enc.hidden_size)
+        pooled = {k: np.empty((n, *shape), np.float32) for k in self.poolings}
+        counts = np.empty(n, np.int64)
+        seqs = [None] * n
+        on_device = []
+        for batch in self.batches(inputs):
+            batch_pooled, batch_seqs, batch_counts = self.run_batch([inputs[k][1] for k in batch])
+            on_device.append((np.asarray(batch), batch_pooled, batch_counts))
+            for j, k in enumerate(batch if batch_seqs else ()):
+                seqs[k] = batch_seqs[j]
+        for batch, batch_pooled, batch_counts in on_device:  # one wait for the device per group, not per batch
+            for name, v in batch_pooled.items():
+                pooled[name][batch] = v.cpu().numpy()
+            counts[batch] = batch_counts.cpu().numpy()
+        return pooled, counts, seqs
