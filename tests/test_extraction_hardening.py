@@ -128,27 +128,29 @@ def test_long_audio_is_read_window_by_window(tmp_path):
     del x, t
     decoded_whole = rate * seconds * 2 * 4  # float32 stereo: what reading the whole file allocates
     tracemalloc.start()
-    windows = audio_windows(str(tmp_path / "long.wav"), 16000, max_seconds=10)
+    windows = audio_windows(str(tmp_path / "long.wav"), 16000, max_seconds=10, whole_bytes=8 << 20)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert [len(w) for w in windows] == [16000 * 10] * 12
     assert peak < 0.4 * decoded_whole, peak
-    # the windows are the whole file's resampled samples, split as before
+    # the windows are the whole file's resampled samples, split as before, up to float rounding
     whole = resample(sf.read(tmp_path / "long.wav", dtype="float32")[0].mean(axis=1), rate, 16000)
-    np.testing.assert_array_equal(np.concatenate(windows), whole)
+    np.testing.assert_allclose(np.concatenate(windows), whole, rtol=0, atol=1e-6)
+    assert audio_windows(str(tmp_path / "long.wav"), 16000, max_seconds=10)[0].shape == (160000,)  # 46 MB: whole
 
 
 @pytest.mark.parametrize("rate", [16000, 22050, 44100])
-def test_audio_windows_equal_the_whole_file_split_in_equal_parts(tmp_path, rate):
+@pytest.mark.parametrize("whole_bytes", [0, 1 << 30])  # read window by window, or whole
+def test_audio_windows_equal_the_whole_file_split_in_equal_parts(tmp_path, rate, whole_bytes):
     from featx.data.media import audio_windows
 
     path = write_wav(tmp_path / "a.wav", 5.3, rate=rate, channels=2)
     whole = load_audio(path, 16000, start=0.2, end=5.1)
-    windows = audio_windows(path, 16000, start=0.2, end=5.1, max_seconds=1.0)
+    windows = audio_windows(path, 16000, start=0.2, end=5.1, max_seconds=1.0, whole_bytes=whole_bytes)
     parts = np.array_split(whole, int(np.ceil(len(whole) / 16000)))
     assert [len(w) for w in windows] == [len(p) for p in parts]
     for w, p in zip(windows, parts):
-        np.testing.assert_array_equal(w, p)
+        np.testing.assert_allclose(w, p, rtol=0, atol=0 if whole_bytes else 1e-6)
 
 
 def test_audio_samples_beyond_a_sane_amplitude_fail_the_item(tmp_path, tiny_wavlm):

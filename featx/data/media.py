@@ -23,6 +23,8 @@ END_SLACK = 0.25
 MAX_IMAGE_PIXELS = 100_000_000
 # Decoded samples are nominally within [-1, 1]; far beyond is a corrupt or mis-scaled file, not a waveform.
 MAX_AMPLITUDE = 1e3
+# A segment whose samples (float32, all channels) take more is read window by window, not whole.
+AUDIO_WHOLE_BYTES = 64 << 20
 
 
 def check_media_file(path) -> None:
@@ -101,13 +103,16 @@ def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
     return audio_windows(path, sample_rate, start, end)[0]
 
 
-def audio_windows(path, sample_rate: int, start=None, end=None, max_seconds=None) -> list:
+def audio_windows(path, sample_rate: int, start=None, end=None, max_seconds=None,
+                  whole_bytes=AUDIO_WHOLE_BYTES) -> list:
     """The mono float32 waveform at `sample_rate` of [start, end) seconds, as near-equal windows of at most
-    max_seconds (one window when None): a list of (T_k,) arrays whose concatenation is what load_audio gives.
+    max_seconds (one window when None): a list of (T_k,) arrays whose concatenation is the whole segment
+    resampled at once (np.array_split's windows).
 
-    The file is read one window (plus the resampling filter's context) at a time, so the memory it takes is
-    the windows at `sample_rate`, not the file at its own rate and channels. MediaError for a missing,
-    undecodable or empty file, non-finite samples, or samples beyond +-MAX_AMPLITUDE.
+    A segment over `whole_bytes` (float32, all channels) is read one window (plus the resampling filter's
+    context) at a time, so the memory it takes is the windows at `sample_rate`, not the file at its own
+    rate and channels; resampled windows then equal the whole's up to float rounding (1 ulp). MediaError
+    for a missing, undecodable or empty file, non-finite samples, or samples beyond +-MAX_AMPLITUDE.
     """
     import soundfile as sf
 
@@ -123,6 +128,14 @@ def audio_windows(path, sample_rate: int, start=None, end=None, max_seconds=None
             if plan.num_in == 0:
                 raise MediaError("zero-length audio")
             limit = int(max_seconds * sample_rate) if max_seconds else 0
+            if plan.num_in * f.channels * 4 <= whole_bytes:
+                wav = plan.read(f, first, plan.num_in, name)
+                if wav.shape[0] == 0:
+                    raise MediaError("zero-length audio")
+                wav = resample(wav, rate, sample_rate)
+                if limit and wav.shape[0] > limit:
+                    return list(np.array_split(wav, math.ceil(wav.shape[0] / limit)))
+                return [wav]
             return [plan.window(f, first, a, b, name) for a, b in plan.windows(limit)]
     except MediaError:
         raise
@@ -159,16 +172,17 @@ class _ResamplePlan:
     def window(self, f, first, a, b, name):
         """Output samples [a, b) (T,) float32, read from the open SoundFile `f` whose segment starts at `first`."""
         if self.rate == self.sample_rate:
-            return self._read(f, first + a, b - a, name)
+            return self.read(f, first + a, b - a, name)
         m0, m1 = a // self.new, (b - 1) // self.new
         lo = max(0, (m0 - math.ceil(self.margin / self.orig)) * self.orig)
         hi = min(self.num_in, (m1 + 1) * self.orig + self.margin)
-        out = resample(self._read(f, first + lo, hi - lo, name), self.rate, self.sample_rate)
+        out = resample(self.read(f, first + lo, hi - lo, name), self.rate, self.sample_rate)
         offset = (lo // self.orig) * self.new
         return np.ascontiguousarray(out[a - offset:b - offset])
 
     @staticmethod
-    def _read(f, at, n, name):
+    def read(f, at, n, name):
+        """Samples [at, at + n) of the open SoundFile `f`, channels averaged: (n,) float32."""
         f.seek(at)
         wav = f.read(n, dtype="float32", always_2d=True).mean(axis=1)
         check_amplitude(wav, name)
