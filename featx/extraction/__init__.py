@@ -1,4 +1,4 @@
-"""Extraction: manifest -> decode -> encoder -> pool -> HDF5 cache."""
-from featx.extraction.pipeline import ExtractResult, cache_path, extract
+"""Extraction: manifest -> decode -> encoder -> pool -> HDF5 cache (decode, batching, distributed, pipeline)."""
+from featx.extraction.pipeline import ExtractResult, ExtractSettings, cache_path, extract
 
-__all__ = ["ExtractResult", "cache_path", "extract"]
+__all__ = ["ExtractResult", "ExtractSettings", "cache_path", "extract"]
