@@ -21,11 +21,11 @@ from featx.data.manifest import labels_and_splits, read_manifest, source_column
 from featx.data.media import MAX_IMAGE_PIXELS
 from featx.device import resolve_device, resolve_precision
 from featx.encoders import family_of, load_config, load_encoder
-from featx.encoders.pooling import POOLINGS
 from featx.errors import FeatxError, first_line
 from featx.extraction.batching import Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
 from featx.extraction.distributed import Distributed
+from featx.settings import parse_poolings
 from featx.version import __version__
 
 CPU_BATCH_SECONDS = 8.0  # audio on the CPU: bigger padded batches only cost (WavLM-base: 8 s 7.4, 40 s 5.8 audio-s/s)
@@ -74,10 +74,7 @@ class ExtractSettings:
     def parse(cls, *, pool=("mean",), device="auto", precision="auto", num_workers=None, max_batch_seconds=None,
               group_size=None, **values) -> "ExtractSettings":
         """Validate and resolve `extract`'s keyword arguments; FeatxError (one line) for a bad value."""
-        poolings = [pool] if isinstance(pool, str) else list(pool)
-        bad = [p for p in poolings if p not in POOLINGS]
-        if bad or not poolings:
-            raise FeatxError(f"unknown pooling {bad[0] if bad else '(none)'!r}; choose from {', '.join(POOLINGS)}")
+        poolings = parse_poolings(pool)
         if values.get("dtype", "float16") not in ("float16", "float32"):
             raise FeatxError(f"--dtype must be float16 or float32, not {values['dtype']!r}")
         batch_size = int(values.pop("batch_size", 16))
