@@ -35,7 +35,8 @@ class ImageEncoder(Encoder):
         return _Pixels(self.processor)
 
     def shortest_side(self) -> int:
-        """The shortest side, in pixels, of the image the processor makes (0 when it does not say)."""
+        """The largest side, in pixels, the processor resizes or crops to (0 when it does not say): an image
+        whose shortest side is at least twice this is still downscaled by the processor."""
         sides = []
         for size in (getattr(self.processor, "size", None), getattr(self.processor, "crop_size", None)):
             size = dict(size) if size else {}
