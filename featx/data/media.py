@@ -178,7 +178,7 @@ class _ResamplePlan:
         hi = min(self.num_in, (m1 + 1) * self.orig + self.margin)
         out = resample(self.read(f, first + lo, hi - lo, name), self.rate, self.sample_rate)
         offset = (lo // self.orig) * self.new
-        return np.ascontiguousarray(out[a - offset:b - offset])
+        return out[a - offset:b - offset].copy()  # not a view: the margins are let go
 
     @staticmethod
     def read(f, at, n, name):
