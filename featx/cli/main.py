@@ -292,7 +292,7 @@ def _finetune(sub):
         apply_recipe(p, args, path_keys=("manifest", "out", "probe_results"))
         if not args.manifest or not args.model or not args.out:
             raise FeatxError("featx finetune needs MANIFEST, --model and --out (or a --recipe that gives them)")
-        from featx.finetune.train import finetune
+        from featx.finetune import finetune
 
         try:
             sizes = [float(s) for s in _csv_list(args.train_sizes)]
