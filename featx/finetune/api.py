@@ -239,11 +239,11 @@ def _open_output(out, config, settings):
     write_json(cfg_path, config)
 
 
-def fit_indices(train, labels, task, size, seed):
-    """(indices of the training labels a fit uses, their number): `size` (a TrainSize) of the training part
-    `train`, stratified on classes (classification)."""
+def _training_subset(train, labels, task, size, seed) -> np.ndarray:
+    """Indices of the size.labels(len(train)) training labels a fit uses (`size` a TrainSize), drawn from the
+    training part `train`, stratified on classes (classification)."""
     n = size.labels(len(train))
-    return np.asarray(subsample(train, labels, task, n / len(train), seed)), n
+    return np.asarray(subsample(train, labels, task, n / len(train), seed))
 
 
 def _plan(inputs: _Inputs, settings) -> list:
@@ -255,7 +255,7 @@ def _plan(inputs: _Inputs, settings) -> list:
         for size in settings.train_sizes:
             runs = []
             for k, (train, dev, test) in enumerate(folds):
-                fit, _ = fit_indices(train, labels, inputs.task, size, seed)
+                fit = _training_subset(train, labels, inputs.task, size, seed)
                 runs.append(Run(f"n{size}-s{seed}-f{k}", k, size, seed, fit, np.asarray(dev), np.asarray(test)))
             plan.append((seed, size, test_name, runs))
     return plan
@@ -281,12 +281,11 @@ def _as(values, task):
     return np.asarray(values, dtype=object if task == "classification" else np.float64)
 
 
-def _sweep(inputs: _Inputs, settings, data: TrainingData, out):
+def _sweep(plan, inputs: _Inputs, settings, data: TrainingData, out):
     """Train every planned run; returns (rows, done dicts, chance scores, saved model folder or None)."""
-    plan = _plan(inputs, settings)
     saved = _saved_run(plan) if settings.save_model else None
     labels, task = inputs.items.labels, inputs.task
-    rows, done_runs, model_path = [], [], None
+    base, rows, done_runs, model_path = _row_base(inputs, settings), [], [], None
     for seed, size, test_name, runs in plan:
         pooled = FoldScores(task)
         for run in runs:
@@ -296,7 +295,7 @@ def _sweep(inputs: _Inputs, settings, data: TrainingData, out):
             done_runs.append(done)
             pooled.add(np.asarray(done["dev"]["true"], dtype=labels.dtype), _as(done["dev"]["pred"], task),
                        np.asarray(done["test"]["true"], dtype=labels.dtype), _as(done["test"]["pred"], task))
-        rows += _rows(_row_base(inputs, settings), seed, size, test_name, pooled, runs)
+        rows += _rows(base, seed, size, test_name, pooled, runs)
     chance_run = _saved_run(plan)
     chance = metrics.chance(task, labels[chance_run.fit], labels[chance_run.test]) if len(chance_run.test) else {}
     return rows, done_runs, chance, model_path
@@ -337,8 +336,7 @@ def finetune(manifest, models, out, **settings) -> FinetuneResult:
     meta.json, history.csv (per run and epoch), finetune.json, out/model/ (save_model) and out/runs/.
     Returns a FinetuneResult. Raises FeatxError for usage and configuration errors.
     """
-    models = [models] if isinstance(models, (str, os.PathLike)) else [str(m) for m in models]
-    models = [os.fspath(m) for m in models]
+    models = [os.fspath(models)] if isinstance(models, (str, os.PathLike)) else [os.fspath(m) for m in models]
     if not 1 <= len(models) <= 3:
         raise FeatxError(f"featx finetune takes one to three models (one per modality), got {len(models)}")
     s = FinetuneSettings(**settings)
@@ -346,6 +344,7 @@ def finetune(manifest, models, out, **settings) -> FinetuneResult:
     device = torch.device(resolve_device(s.device))
     precision = resolve_precision(s.precision, device)
     inputs = _prepare(manifest, models, s, device)
+    plan = _plan(inputs, s)
     out = os.fspath(out)
     _open_output(out, _run_config(inputs, s), s)
 
@@ -357,7 +356,7 @@ def finetune(manifest, models, out, **settings) -> FinetuneResult:
 
     data = TrainingData(inputs.items, inputs.task, inputs.classes, inputs.layers, load_encoders, device, precision,
                         s.progress, s.resume)
-    rows, done_runs, chance, model_path = _sweep(inputs, s, data, out)
+    rows, done_runs, chance, model_path = _sweep(plan, inputs, s, data, out)
     table = write_results(rows, out)
     history = [dict(run=d["tag"], **h) for d in done_runs for h in d["history"]]
     pd.DataFrame(history).to_csv(os.path.join(out, "history.csv"), index=False)

@@ -26,6 +26,8 @@ def save_tensors(path, tensors, metadata=None):
 
     tmp = os.fspath(path) + ".tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:  # on disk before the rename, as write_json's files are
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -56,10 +56,7 @@ def _module_list_at(model, path):
 def block_list(model, config):
     """(parent module, attribute name) of the model's list of transformer blocks: the family's block_path,
     else the first of BLOCK_PATHS the model has."""
-    try:
-        found = _module_list_at(model, family_of(config).block_path)
-    except FeatxError:
-        found = None
+    found = _module_list_at(model, family_of(config).block_path)
     for path in BLOCK_PATHS:
         found = found or _module_list_at(model, path)
     if found is None:

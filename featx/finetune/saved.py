@@ -102,7 +102,7 @@ def _read_config(path):
 
 
 def _load_v1(path, config, device):
-    """A model saved before model/ was self-contained: its encoders load from the base models' paths."""
+    """The first format: the encoders load from the base models' paths, which must still exist."""
     from safetensors.torch import load_model
 
     from featx.encoders import load_encoder
@@ -132,6 +132,4 @@ def load_finetuned(path, device="cpu") -> FinetunedModel:
     model = build_model(encoders, [e["layer"] for e in entries], [0] * len(entries), HeadSettings(**config["head"]),
                         out_dim).to(device)
     model.head.load_state_dict(load_tensors(os.path.join(path, HEAD_FILE)), strict=True)
-    for branch, e in zip(model.branches, entries):
-        branch.num_layers = e["num_layers"]  # of the base model, as trained
     return FinetunedModel(model.eval(), encoders, config, device)
