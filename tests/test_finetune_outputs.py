@@ -14,12 +14,7 @@ from featx.cli.main import main
 from test_finetune import FAST, planted_manifest, run_quiet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _no_nan(constant):
