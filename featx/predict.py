@@ -20,7 +20,7 @@ def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch
     """
     path = os.fspath(classifier)
     if os.path.isdir(path):
-        from featx.finetune.train import load_finetuned
+        from featx.finetune import load_finetuned
 
         from featx.device import resolve_device
         result = load_finetuned(path, device=resolve_device(device)).predict_manifest(manifest, batch_size)

@@ -98,7 +98,7 @@ def raws_for(modality):
 @pytest.mark.parametrize("family", ["bert", "clip", "wavlm", "distilbert"])
 def test_cut_branch_gives_the_full_models_hidden_state_and_trains_only_top_blocks(family, request, tmp_path):
     from featx.encoders import load_encoder
-    from featx.finetune.train import EncoderBranch
+    from featx.finetune import EncoderBranch
 
     path = tiny_distilbert(tmp_path / "distilbert", request.getfixturevalue("tiny_bert")) \
         if family == "distilbert" else request.getfixturevalue(f"tiny_{family}")
@@ -135,7 +135,7 @@ def test_cut_branch_gives_the_full_models_hidden_state_and_trains_only_top_block
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_bert, tiny_clip):
     """bert + clip fine-tuned on the planted task, top block of each trained, the rest frozen."""
-    from featx.finetune.train import finetune
+    from featx.finetune import finetune
 
     d = tmp_path_factory.mktemp("planted")
     manifest = planted_manifest(d / "data")
@@ -171,7 +171,7 @@ def test_planted_two_modality_task_is_learned(trained, tiny_bert, tiny_clip):
 
 def test_frozen_layers_are_bit_identical_after_training(trained, tiny_bert, tiny_clip):
     from featx.encoders import load_encoder
-    from featx.finetune.train import load_finetuned
+    from featx.finetune import load_finetuned
 
     _, result, _ = trained
     saved = load_finetuned(result.model_path)
@@ -186,7 +186,7 @@ def test_frozen_layers_are_bit_identical_after_training(trained, tiny_bert, tiny
 
 
 def test_saved_model_predicts_what_was_scored(trained):
-    from featx.finetune.train import load_finetuned
+    from featx.finetune import load_finetuned
 
     manifest, result, _ = trained
     pred, err = run_quiet(load_finetuned(result.model_path).predict_manifest, manifest)
@@ -201,7 +201,7 @@ def test_saved_model_predicts_what_was_scored(trained):
 def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, tiny_bert, tiny_clip):
     from safetensors.torch import load_file
 
-    from featx.finetune.train import finetune
+    from featx.finetune import finetune
 
     manifest = planted_manifest(tmp_path / "data", n=40, broken=False)
     # dropout > 0 and accumulation: the resumed run must restore the RNG and optimizer states exactly.
@@ -214,7 +214,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, tiny_bert, tiny
            "--head-lr", "3e-3", "--batch-size", "8", "--dropout", "0.2", "--patience", "100", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = out / "runs" / "n1-s0-u0" / "latest.json"
+    latest = out / "runs" / "n1.0-s0-f0" / "latest.json"
     deadline = time.time() + 120
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -222,28 +222,29 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, tiny_bert, tiny
     _, stderr = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
     assert json.loads(latest.read_text())["epoch"] < 4
-    assert not (out / "runs" / "n1-s0-u0" / "done.json").exists()
+    assert not (out / "runs" / "n1.0-s0-f0" / "done.json").exists()
 
     rc, err = run_quiet(main, cmd[3:] + ["--resume"])
     assert rc == 0, err
-    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
-    b = load_file(str(out / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for weights in ("head.safetensors", "encoder-0/model.safetensors", "encoder-1/model.safetensors"):
+        a = load_file(str(tmp_path / "whole" / "model" / weights))
+        b = load_file(str(out / "model" / weights))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
     for table in ("results.csv", "history.csv"):  # history: every epoch's loss, also those after the best one
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / table), pd.read_csv(out / table))
 
 
 # ------------------------------------------------------------------------------------------ CV, three modalities
 def test_cv_regression_with_gated_head_over_three_modalities(tmp_path, tiny_bert, tiny_clip, tiny_wavlm):
-    from featx.finetune.train import finetune, load_finetuned
+    from featx.finetune import finetune, load_finetuned
 
     manifest = planted_manifest(tmp_path / "data", n=24, splits=False, regression=True, audio=True, broken=False)
     result, _ = run_quiet(finetune, manifest, [tiny_bert, tiny_clip, tiny_wavlm], str(tmp_path / "out"),
                           head="gated", folds=2, epochs=1, train_sizes=[0.5, 1.0], layers=["1", "last", "-2"],
                           **FAST)
     rows = result.rows
-    assert set(rows["split"]) == {"dev", "cv"} and set(rows["train_size"]) == {0.5, 1.0}
+    assert set(rows["split"]) == {"dev", "cv"} and set(rows["train_size"]) == {"0.5", "1.0"}
     assert set(rows["probe"]) == {"finetune-gated"} and rows["modality"].iloc[0] == "text+image+audio"
     assert len(result.runs) == 4 and set(rows["metric"]) >= {"mae", "corr", "acc7"}
     meta = json.load(open(os.path.join(result.out, "meta.json")))
@@ -253,7 +254,7 @@ def test_cv_regression_with_gated_head_over_three_modalities(tmp_path, tiny_bert
     assert abs(model.config["target_mean"]) < 1.5 and model.config["target_std"] > 0.3
     pred, _ = run_quiet(model.predict_manifest, manifest)
     assert pred["prediction"].dtype == float and pred["prediction"].notna().all()
-    test = next(r for r in result.runs if r["size"] == 1.0 and r["unit"] == 0)["test"]  # the saved run
+    test = next(r for r in result.runs if r["size"] == "1.0" and r["fold"] == 0)["test"]  # the saved run
     np.testing.assert_allclose(pred.set_index("id").loc[test["ids"], "prediction"], test["pred"], rtol=1e-5)
 
 

@@ -284,7 +284,7 @@ def finetuned(tmp_path_factory, tiny_bert):
     """A real `featx finetune` results folder: tiny BERT cut at its last layer (2), two training sizes."""
     import torch
 
-    from featx.finetune.train import finetune
+    from featx.finetune import finetune
 
     d = tmp_path_factory.mktemp("ft")
     threads = torch.get_num_threads()

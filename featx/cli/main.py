@@ -275,7 +275,8 @@ def _finetune(sub):
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--loss", default="l1", choices=["l1", "mse"], help="regression loss")
     p.add_argument("--folds", type=int, default=5, help="CV folds when the manifest has no train/test split")
-    p.add_argument("--train-sizes", default="1.0", help="fractions <= 1 or counts > 1 (k per class): 0.1,1.0")
+    p.add_argument("--train-sizes", default="1.0",
+                   help="fractions of the training part (<= 1) or numbers of labels (> 1): 0.1,200,1.0")
     p.add_argument("--seeds", type=int, default=1, help="repeat over this many seeds (0..n-1)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU")
@@ -292,7 +293,7 @@ def _finetune(sub):
         apply_recipe(p, args, path_keys=("manifest", "out", "probe_results"))
         if not args.manifest or not args.model or not args.out:
             raise FeatxError("featx finetune needs MANIFEST, --model and --out (or a --recipe that gives them)")
-        from featx.finetune.train import finetune
+        from featx.finetune import finetune
 
         try:
             sizes = [float(s) for s in _csv_list(args.train_sizes)]

@@ -15,8 +15,9 @@ from featx import metrics
 from featx.errors import FeatxError, first_line
 from featx.metrics import higher_is_better
 
-COLUMNS = ["encoder", "modality", "num_layers", "layer", "pooling", "probe", "method", "train_size", "seed",
-           "split", "metric", "value"]
+# train_size: as given ("0.5", "200", "1.0"); train_labels: the number of training labels it gave per fit.
+COLUMNS = ["encoder", "modality", "num_layers", "layer", "pooling", "probe", "method", "train_size", "train_labels",
+           "seed", "split", "metric", "value"]
 # layer_weights.csv: one row per fit (seed, unit, training size) and layer; method ties it to its results rows.
 WEIGHT_COLUMNS = ["encoder", "modality", "seed", "layer", "weight", "train_size", "method"]
 
@@ -43,8 +44,7 @@ class FoldScores:
 
 def write_results(rows, out):
     """The tidy results table (COLUMNS) of `rows` as out/results.csv and .parquet; returns the DataFrame."""
-    df = pd.DataFrame(rows, columns=COLUMNS).astype({"num_layers": int, "layer": int, "train_size": float,
-                                                     "seed": int, "value": float})
+    df = pd.DataFrame(rows, columns=COLUMNS).astype({"num_layers": int, "layer": int, "seed": int, "value": float})
     df.to_csv(os.path.join(out, "results.csv"), index=False)
     df.to_parquet(os.path.join(out, "results.parquet"), index=False)
     return df

@@ -1,0 +1,364 @@
+"""`finetune`: fine-tune one to three encoders jointly with a fusion head over a sweep of folds, training sizes
+and seeds, and write the tidy results table (Toledo & Marcacini, LXAI @ ICML 2022).
+
+Protocol (shared with `featx probe`, featx.probing.splits.make_folds): with train and test splits in the
+manifest, train on train, select on dev (held out of train when there is none); otherwise stratified K-fold CV
+with a dev part held out of each training fold, test predictions pooled into split "cv". Early stopping and
+model selection use dev only, never the test part. Results go to the same tidy table as `featx probe` (method
+"finetune"). Each epoch writes a checkpoint that `resume=True` continues from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import pandas as pd
+import torch
+
+from featx import metrics
+from featx.device import resolve_device, resolve_precision
+from featx.errors import FeatxError
+from featx.finetune.data import decode_items
+from featx.finetune.loop import Run, TrainingData, train_run
+from featx.finetune.meta import provenance, read_json, strict, write_json
+from featx.finetune.model import HEADS, HeadSettings
+from featx.probing.results import FoldScores, best_layer, load_results, meta_head, write_results
+from featx.probing.splits import make_folds, subsample
+from featx.settings import POOLINGS, TASKS, choice, csv_list, parse_seeds, parse_train_sizes, resolve_layers
+
+LOSSES = ("l1", "mse")
+# Settings that change the numbers: a resumed run must have the same ones.
+RESUME_KEYS = ("models", "layers", "train_blocks", "head", "task", "pooling", "proj_size", "hidden_size", "heads",
+               "dropout", "lr", "head_lr", "weight_decay", "lr_decay", "epochs", "patience", "batch_size",
+               "accumulate", "clip_grad", "loss", "folds", "train_sizes", "seeds", "max_length", "max_audio_seconds")
+
+
+@dataclass
+class FinetuneSettings:
+    """Every setting of `finetune` but the manifest, models and output folder, parsed and checked on creation.
+
+    layers: per model an index (negative counts from the last), "last" or "best" (from probe_results); one
+    value for all models. train_blocks: top blocks trained per model (-1 all, 0 frozen), one or per model.
+    head: concat | gated. task: auto | regression | classification. lr: encoder learning rate; head_lr: the
+    head's (None: lr). lr_decay: per-epoch exponential factor. epochs / patience: early stopping on the dev
+    primary metric. accumulate: micro-batches per optimizer step. folds: K for CV when the manifest lacks
+    train/test splits. train_sizes: fractions of the training part or numbers of labels (featx.settings).
+    seeds: a count n (seeds 0..n-1) or a list. precision: auto | fp32 | bf16 | fp16.
+    """
+    layers: object = None
+    train_blocks: object = -1
+    head: str = "concat"
+    task: str = "auto"
+    pooling: str = "mean"
+    proj_size: int = 32
+    hidden_size: int = 128
+    heads: int = 4
+    dropout: float = 0.1
+    lr: float = 3e-5
+    head_lr: float = None
+    weight_decay: float = 0.01
+    lr_decay: float = 0.95
+    epochs: int = 20
+    patience: int = 3
+    batch_size: int = 16
+    accumulate: int = 1
+    clip_grad: float = 1.0
+    loss: str = "l1"
+    folds: int = 5
+    train_sizes: object = (1.0,)
+    seeds: object = 1
+    precision: str = "auto"
+    device: str = "auto"
+    max_length: int = None
+    max_audio_seconds: float = 30.0
+    probe_results: str = None
+    save_model: bool = True
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise FeatxError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
+        self.pooling = choice(self.pooling, POOLINGS, "--pooling")
+        self.loss = choice(self.loss, LOSSES, "--loss")
+        self.task = choice(self.task, TASKS, "--task")
+        for name in ("epochs", "batch_size", "accumulate", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise FeatxError(f"--{name.replace('_', '-')} must be at least 1")
+            setattr(self, name, int(getattr(self, name)))
+        self.layers = csv_list(self.layers) or ["last"]
+        try:
+            self.train_blocks = [int(b) for b in csv_list(self.train_blocks)]
+        except ValueError:
+            raise FeatxError(f"--train-blocks takes whole numbers, not {self.train_blocks!r}")
+        self.train_sizes = parse_train_sizes(self.train_sizes)
+        self.seeds = parse_seeds(self.seeds)
+        for name in ("proj_size", "hidden_size", "heads", "folds"):
+            setattr(self, name, int(getattr(self, name)))
+        self.head_lr = float(self.lr if self.head_lr is None else self.head_lr)
+        for name in ("dropout", "lr", "weight_decay", "lr_decay"):
+            setattr(self, name, float(getattr(self, name)))
+        self.clip_grad = float(self.clip_grad or 0)
+
+    @property
+    def head_settings(self) -> HeadSettings:
+        return HeadSettings(self.head, self.pooling, self.proj_size, self.hidden_size, self.heads, self.dropout)
+
+    def per_model(self, n_models):
+        """Check the per-model lists against the number of models, one value given standing for all."""
+        if len(self.train_blocks) == 1:
+            self.train_blocks = self.train_blocks * n_models
+        if len(self.train_blocks) != n_models:
+            raise FeatxError(f"give one --train-blocks value, or one per model ({n_models})")
+        if len(self.layers) == 1:
+            self.layers = self.layers * n_models
+        if len(self.layers) != n_models:
+            raise FeatxError(f"give one layer per model ({n_models}), got {len(self.layers)}")
+
+    def as_dict(self) -> dict:
+        """The settings as JSON values (training sizes as written: "0.5", "200", "1.0")."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["train_sizes"] = [str(s) for s in self.train_sizes]
+        return out
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` wrote: the tidy rows, the output folder, the saved model folder (or None), per-run
+    training histories (done.json dicts)."""
+    rows: pd.DataFrame
+    out: str
+    model_path: object = None
+    runs: list = field(default_factory=list)
+
+
+@dataclass
+class _Inputs:
+    """The models and the decoded data of a finetune call, with what was resolved from them."""
+    models: list
+    configs: list
+    modalities: list   # per model: text | image | audio
+    columns: list      # per model: the manifest column it reads
+    items: object      # featx.finetune.data.DecodedItems, labels as float64 (regression) or str
+    task: str
+    classes: object    # sorted classes (classification) or None
+    layers: list       # cut layer per model
+
+
+def _num_layers(config):
+    return int(getattr(config, "vision_config", config).num_hidden_layers) + 1
+
+
+def _best_layer(encoder, probe_results, task):
+    """The best dev layer `featx probe` recorded for the encoder (matched by name, else by folder name)."""
+    if not probe_results:
+        raise FeatxError("layer 'best' needs --probe-results DIR (the output of `featx probe`)")
+    res = load_results(probe_results)
+    primary = metrics.PRIMARY[task]
+    names = set(res.best_layers["encoder"]) if len(res.best_layers) else set()
+    name = str(encoder.name)
+    match = [n for n in names if n == name] or [n for n in names if os.path.basename(str(n).rstrip("/")) ==
+                                                 os.path.basename(name.rstrip("/"))]
+    for n in match:
+        for modality in (encoder.modality, "video"):
+            k = best_layer(res, n, modality, primary)
+            if k is not None:  # layer 0 is a layer
+                return int(k)
+    raise FeatxError(f"{probe_results} has no best layer for {name} ({encoder.modality}, {primary})")
+
+
+def _cut_layers(specs, encoders, probe_results, task):
+    """Cut layer per encoder from its spec: an index (negative counts from the last), "last" or "best"."""
+    out = []
+    for e, v in zip(encoders, specs):
+        v = str(v).strip().lower()
+        if v == "last":
+            out.append(e.num_layers - 1)
+        elif v == "best":
+            out.append(_best_layer(e, probe_results, task))
+        else:
+            try:
+                k = int(v)
+            except ValueError:
+                raise FeatxError(f"layer must be an integer, 'last' or 'best', not {v!r}")
+            out.append(resolve_layers([k], e.num_layers, e.name)[0])
+    return out
+
+
+def _prepare(manifest, models, settings, device) -> _Inputs:
+    """Load the models' configs and encoders, decode the labelled items, settle the task and cut layers."""
+    from featx.data.manifest import read_manifest, source_column
+    from featx.encoders import load_config, load_encoder, modality_of
+    from featx.probing.estimators import infer_task
+
+    df = read_manifest(manifest)
+    configs = [load_config(m) for m in models]
+    modalities = [modality_of(c) for c in configs]
+    columns = [source_column(df, m, os.path.basename(os.fspath(manifest))) for m in modalities]
+    encoders = [load_encoder(m, config=c, device=device, max_length=settings.max_length)
+                for m, c in zip(models, configs)]
+    items = decode_items(df, encoders, columns, settings.max_audio_seconds)
+    if len(items.ids) < 4:
+        raise FeatxError(f"only {len(items.ids)} usable labelled items; fine-tuning needs more")
+    task = infer_task(items.labels) if settings.task == "auto" else settings.task
+    labels = items.labels
+    items.labels = labels.astype(np.float64) if task == "regression" else labels.astype(str).astype(object)
+    classes = sorted(set(items.labels.tolist())) if task == "classification" else None
+    layers = _cut_layers(settings.layers, encoders, settings.probe_results, task)
+    return _Inputs(models, configs, modalities, columns, items, task, classes, layers)
+
+
+def _run_config(inputs: _Inputs, settings) -> dict:
+    """finetune.json: the resolved settings a resumed run must share."""
+    s = settings.as_dict()
+    resolved = {"models": [os.path.abspath(m) if os.path.isdir(m) else m for m in inputs.models],
+                "layers": inputs.layers, "task": inputs.task}
+    return {k: resolved[k] if k in resolved else s[k] for k in RESUME_KEYS}
+
+
+def _open_output(out, config, settings):
+    """Create `out` for a new run, or check that a resumed one has the same settings."""
+    runs_dir, cfg_path = os.path.join(out, "runs"), os.path.join(out, "finetune.json")
+    if os.path.exists(cfg_path):
+        if settings.overwrite:
+            shutil.rmtree(runs_dir, ignore_errors=True)
+            shutil.rmtree(os.path.join(out, "model"), ignore_errors=True)
+        elif not settings.resume:
+            raise FeatxError(f"{out} already holds a finetune run: pass --resume to continue it or --overwrite "
+                             "to start again")
+        else:
+            old = read_json(cfg_path)
+            changed = [k for k in RESUME_KEYS if json.dumps(strict(old.get(k))) != json.dumps(strict(config.get(k)))]
+            if changed:
+                raise FeatxError(f"cannot resume {out}: settings differ from the run there ({', '.join(changed)})")
+    os.makedirs(runs_dir, exist_ok=True)
+    write_json(cfg_path, config)
+
+
+def _training_subset(train, labels, task, size, seed) -> np.ndarray:
+    """Indices of the size.labels(len(train)) training labels a fit uses (`size` a TrainSize), drawn from the
+    training part `train`, stratified on classes (classification)."""
+    n = size.labels(len(train))
+    return np.asarray(subsample(train, labels, task, n / len(train), seed))
+
+
+def _plan(inputs: _Inputs, settings) -> list:
+    """[(seed, size, test split name, [Run per fold])] in sweep order; sizes are checked against every
+    training part before anything trains."""
+    labels, plan = inputs.items.labels, []
+    for seed in settings.seeds:
+        folds, test_name = make_folds(labels, inputs.items.splits, inputs.task, settings.folds, seed)
+        for size in settings.train_sizes:
+            runs = []
+            for k, (train, dev, test) in enumerate(folds):
+                fit = _training_subset(train, labels, inputs.task, size, seed)
+                runs.append(Run(f"n{size}-s{seed}-f{k}", k, size, seed, fit, np.asarray(dev), np.asarray(test)))
+            plan.append((seed, size, test_name, runs))
+    return plan
+
+
+def _saved_run(plan):
+    """The run whose model is saved: the first seed's first fold at the training size with the most labels."""
+    first_seed = [entry for entry in plan if entry[0] == plan[0][0]]
+    return max((entry[3][0] for entry in first_seed), key=lambda run: len(run.fit))
+
+
+def _rows(base, seed, size, test_name, pooled: FoldScores, runs) -> list:
+    """The tidy rows of one (seed, size): dev metrics averaged over folds, test metrics of the pooled folds."""
+    dev_m, test_m = pooled.result()
+    b = dict(base, train_size=str(size), train_labels=int(round(np.mean([len(r.fit) for r in runs]))), seed=seed)
+    rows = [dict(b, split="dev", metric=k, value=float(v)) for k, v in dev_m.items()]
+    if sum(len(t) for t in pooled.test_true):
+        rows += [dict(b, split=test_name, metric=k, value=float(v)) for k, v in test_m.items()]
+    return rows
+
+
+def _as(values, task):
+    return np.asarray(values, dtype=object if task == "classification" else np.float64)
+
+
+def _sweep(plan, inputs: _Inputs, settings, data: TrainingData, out):
+    """Train every planned run; returns (rows, done dicts, chance scores, saved model folder or None)."""
+    saved = _saved_run(plan) if settings.save_model else None
+    labels, task = inputs.items.labels, inputs.task
+    base, rows, done_runs, model_path = _row_base(inputs, settings), [], [], None
+    for seed, size, test_name, runs in plan:
+        pooled = FoldScores(task)
+        for run in runs:
+            save_to = os.path.join(out, "model") if run is saved else None
+            done = train_run(run, data, settings, os.path.join(out, "runs", run.tag), save_to)
+            model_path = save_to or model_path
+            done_runs.append(done)
+            pooled.add(np.asarray(done["dev"]["true"], dtype=labels.dtype), _as(done["dev"]["pred"], task),
+                       np.asarray(done["test"]["true"], dtype=labels.dtype), _as(done["test"]["pred"], task))
+        rows += _rows(base, seed, size, test_name, pooled, runs)
+    chance_run = _saved_run(plan)
+    chance = metrics.chance(task, labels[chance_run.fit], labels[chance_run.test]) if len(chance_run.test) else {}
+    return rows, done_runs, chance, model_path
+
+
+def _row_base(inputs: _Inputs, settings) -> dict:
+    single = len(inputs.models) == 1
+    modality = "+".join("video" if c == "video" and m == "image" else m
+                        for c, m in zip(inputs.columns, inputs.modalities))
+    return dict(encoder="+".join(inputs.models), modality=modality,
+                num_layers=_num_layers(inputs.configs[0]) if single else -1,
+                layer=inputs.layers[0] if single else -1,
+                pooling="attentive" if settings.head == "gated" else settings.pooling,
+                probe=f"finetune-{settings.head}", method="finetune")
+
+
+def _write_meta(out, inputs: _Inputs, settings, data: TrainingData, chance):
+    """out/meta.json: task and chance, encoders and cut layers, every resolved setting, command line, versions."""
+    config = _run_config(inputs, settings)
+    encoders = [{"encoder": m, "modality": mo, "num_layers": _num_layers(c), "layer": k, "train_blocks": tb}
+                for m, mo, c, k, tb in zip(inputs.models, inputs.modalities, inputs.configs, inputs.layers,
+                                           settings.train_blocks)]
+    resolved = dict(settings.as_dict(), task=inputs.task, cut_layers=inputs.layers, device=str(data.device),
+                    precision=data.precision)
+    meta = {**meta_head(inputs.task, chance), "caches": [], "encoders": encoders,
+            "finetune": {k: v for k, v in config.items() if k != "models"}, "precision": data.precision,
+            "device": data.device.type, "items": int(len(inputs.items.ids)), **provenance(), "settings": resolved,
+            "notes": ["joint fine-tuning: early stopping and model selection on dev only"]}
+    write_json(os.path.join(out, "meta.json"), meta)
+
+
+def finetune(manifest, models, out, **settings) -> FinetuneResult:
+    """Fine-tune one to three encoders (one per modality) jointly with a fusion head; write the results to `out`.
+
+    manifest: CSV/JSONL/Parquet with id, text/image/audio/video, label (and split). models: hub ids or local
+    folders. settings: the fields of FinetuneSettings (layers, train_blocks, head, lr, epochs, train_sizes,
+    seeds, ...). Writes out/results.csv, results.parquet (one row per seed, training size, split, metric),
+    meta.json, history.csv (per run and epoch), finetune.json, out/model/ (save_model) and out/runs/.
+    Returns a FinetuneResult. Raises FeatxError for usage and configuration errors.
+    """
+    models = [os.fspath(models)] if isinstance(models, (str, os.PathLike)) else [os.fspath(m) for m in models]
+    if not 1 <= len(models) <= 3:
+        raise FeatxError(f"featx finetune takes one to three models (one per modality), got {len(models)}")
+    s = FinetuneSettings(**settings)
+    s.per_model(len(models))
+    device = torch.device(resolve_device(s.device))
+    precision = resolve_precision(s.precision, device)
+    inputs = _prepare(manifest, models, s, device)
+    plan = _plan(inputs, s)
+    out = os.fspath(out)
+    _open_output(out, _run_config(inputs, s), s)
+
+    def load_encoders():  # each run starts from fresh pretrained weights
+        from featx.encoders import load_encoder
+
+        return [load_encoder(m, config=c, device=device, max_length=s.max_length)
+                for m, c in zip(models, inputs.configs)]
+
+    data = TrainingData(inputs.items, inputs.task, inputs.classes, inputs.layers, load_encoders, device, precision,
+                        s.progress, s.resume)
+    rows, done_runs, chance, model_path = _sweep(plan, inputs, s, data, out)
+    table = write_results(rows, out)
+    history = [dict(run=d["tag"], **h) for d in done_runs for h in d["history"]]
+    pd.DataFrame(history).to_csv(os.path.join(out, "history.csv"), index=False)
+    _write_meta(out, inputs, s, data, chance)
+    return FinetuneResult(table, out, model_path, done_runs)

@@ -1,0 +1,204 @@
+"""The joint model: encoders cut at a layer (EncoderBranch) and a fusion head over their hidden states.
+
+Each branch is a featx encoder cut at a chosen layer: its block list is truncated so the model stops at hidden
+state `layer` (0 = embeddings output, L-1 = last), and that hidden state is what the head sees, the same tensor
+`featx extract` caches. The block list is found at the encoder family's `block_path` (featx.encoders.registry).
+`train_blocks=k` trains the top k kept blocks only (embeddings and lower blocks frozen and run in eval mode);
+-1 trains everything, 0 freezes the encoder. The conv feature encoder of speech models is always frozen.
+
+Heads:
+- "concat" (Toledo & Marcacini): per modality pooled hidden state -> Linear(D, proj) + ReLU; the M projections
+  as M tokens through one transformer encoder layer; flattened -> MLP.
+- "gated": featx.probing.fusion's gated model (Ando et al.) over the cut layer's sequences.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from featx.device import autocast
+from featx.encoders.pooling import pool
+from featx.encoders.registry import family_of
+from featx.errors import FeatxError
+from featx.probing.fusion import gated_model
+
+HEADS = ("concat", "gated")
+# Searched only when the family's block_path is not on the model (e.g. DistilBERT in the "bert" family).
+BLOCK_PATHS = ("vision_model.encoder.layers", "encoder.layer", "encoder.layers", "transformer.layer")
+# Modules whose output never reaches the hidden states (always frozen: they would get no gradient).
+UNUSED_MODULES = ("pooler", "post_layernorm")
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """The fusion head: kind (concat | gated), pooling of each branch (concat), projection size per modality
+    (concat), MLP / gated fusion size, attention heads, dropout."""
+    head: str = "concat"
+    pooling: str = "mean"
+    proj_size: int = 32
+    hidden_size: int = 128
+    heads: int = 4
+    dropout: float = 0.1
+
+
+def _module_list_at(model, path):
+    """(parent, attribute) when `path` names an nn.ModuleList on `model`, else None."""
+    obj, parts = model, path.split(".")
+    for p in parts[:-1]:
+        obj = getattr(obj, p, None)
+    if obj is not None and isinstance(getattr(obj, parts[-1], None), nn.ModuleList):
+        return obj, parts[-1]
+    return None
+
+
+def block_list(model, config):
+    """(parent module, attribute name) of the model's list of transformer blocks: the family's block_path,
+    else the first of BLOCK_PATHS the model has."""
+    found = _module_list_at(model, family_of(config).block_path)
+    for path in BLOCK_PATHS:
+        found = found or _module_list_at(model, path)
+    if found is None:
+        raise FeatxError(f"cannot fine-tune {type(model).__name__}: featx finds no block list "
+                         f"(looked for {', '.join(BLOCK_PATHS)})")
+    return found
+
+
+def kept_blocks(layer) -> int:
+    """Blocks a branch cut at `layer` keeps: max(layer, 1) (a model with no blocks returns no hidden states)."""
+    return max(int(layer), 1)
+
+
+class EncoderBranch(nn.Module):
+    """One encoder cut at hidden state `layer`, with all but its top `train_blocks` kept blocks frozen.
+
+    forward(inputs) -> (hidden_states[layer] (B, T, D), mask (B, T) bool). The block list is truncated to
+    kept_blocks(layer) blocks, so nothing above the cut runs.
+    """
+
+    def __init__(self, adapter, layer, train_blocks=-1):
+        super().__init__()
+        L = adapter.num_layers
+        layer = int(layer)
+        layer = layer + L if layer < 0 else layer
+        if not 0 <= layer < L:
+            raise FeatxError(f"{adapter.name}: layer {layer} out of range 0..{L - 1}")
+        self.adapter, self.layer, self.num_layers = adapter, layer, L
+        self.modality, self.hidden_size = adapter.modality, adapter.hidden_size
+        self.encoder = adapter.model
+        parent, attr = block_list(self.encoder, adapter.config)
+        setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[:kept_blocks(layer)]))
+        self._freeze(list(getattr(parent, attr)), int(train_blocks))
+
+    def _freeze(self, blocks, train_blocks):
+        """Freeze all but the top `train_blocks` blocks below the cut (-1: train everything)."""
+        used = blocks[:self.layer]
+        k = len(used) if train_blocks < 0 else min(train_blocks, len(used))
+        self.train_all = train_blocks < 0
+        self.encoder.requires_grad_(self.train_all)
+        self.trainable_blocks = used[len(used) - k:] if k else []
+        for block in self.trainable_blocks:
+            block.requires_grad_(True)
+        if self.layer == 0:  # the one block kept for the forward is above the cut
+            blocks[0].requires_grad_(False)
+        for name in UNUSED_MODULES:
+            for holder in (self.encoder, getattr(self.encoder, "vision_model", None)):
+                if holder is not None and isinstance(getattr(holder, name, None), nn.Module):
+                    getattr(holder, name).requires_grad_(False)
+        if hasattr(self.encoder, "freeze_feature_encoder"):  # speech: the conv feature encoder stays as trained
+            self.encoder.freeze_feature_encoder()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and not self.train_all:  # frozen parts behave as the feature extractor did: no dropout
+            self.encoder.eval()
+            for block in self.trainable_blocks:
+                block.train(True)
+        return self
+
+    def forward(self, inputs):
+        hidden_states, mask = self.adapter.forward(inputs)
+        return hidden_states[self.layer], mask
+
+
+class ConcatHead(nn.Module):
+    """Toledo & Marcacini's head: per modality Linear(D_m, proj) + ReLU on the pooled hidden state; the M
+    projections as M tokens through one transformer encoder layer; flattened -> Linear + ReLU + dropout ->
+    Linear(out_dim). forward(seqs: M x (B, T, D_m), masks: M x (B, T)) -> (B, out_dim)."""
+
+    def __init__(self, dims, out_dim, proj_size=32, hidden_size=128, heads=4, dropout=0.1, pooling="mean"):
+        super().__init__()
+        self.pooling = pooling
+        self.proj = nn.ModuleList([nn.Sequential(nn.Linear(d, proj_size), nn.ReLU()) for d in dims])
+        nhead = heads if proj_size % heads == 0 else 1
+        self.mix = nn.TransformerEncoderLayer(proj_size, nhead, dim_feedforward=4 * proj_size, dropout=dropout,
+                                              batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(proj_size * len(dims), hidden_size), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden_size, out_dim))
+
+    def forward(self, seqs, masks):
+        tokens = torch.stack([p(pool([h], m, [self.pooling])[self.pooling][:, 0])
+                              for p, h, m in zip(self.proj, seqs, masks)], dim=1)
+        return self.mlp(self.mix(tokens).flatten(1))
+
+
+class GatedHead(nn.Module):
+    """Ando et al.'s gated fusion over the cut layer's sequences, reusing featx.probing.fusion's model with a
+    single layer per modality (its layer-weighted sum over one layer is the identity).
+    forward(seqs: M x (B, T, D_m), masks: M x (B, T)) -> (B, out_dim)."""
+
+    def __init__(self, dims, out_dim, hidden_size=128, heads=4, dropout=0.1):
+        super().__init__()
+        self.model = gated_model(list(dims), [1] * len(dims), hidden_size, heads, dropout, out_dim)
+
+    def forward(self, seqs, masks):
+        args = []
+        for h, m in zip(seqs, masks):
+            args += [h.float().unsqueeze(2), m]
+        return self.model(*args)
+
+
+class JointModel(nn.Module):
+    """Branches (EncoderBranch) + a fusion head. forward(inputs: one prepared dict per branch) -> (B, out_dim)."""
+
+    def __init__(self, branches, head):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.head = head
+
+    def forward(self, inputs):
+        seqs, masks = zip(*[b(x) for b, x in zip(self.branches, inputs)])
+        return self.head(list(seqs), list(masks)).float()
+
+    def trainable_state(self) -> dict:
+        """name -> tensor of every trainable parameter (what a checkpoint holds)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def make_head(settings: HeadSettings, dims, out_dim) -> nn.Module:
+    """The fusion head over branches of hidden sizes `dims`, with `out_dim` outputs."""
+    s = settings
+    if s.head == "concat":
+        return ConcatHead(dims, out_dim, s.proj_size, s.hidden_size, s.heads, s.dropout, s.pooling)
+    if s.head == "gated":
+        return GatedHead(dims, out_dim, s.hidden_size, s.heads, s.dropout)
+    raise FeatxError(f"unknown head {s.head!r}; choose from {', '.join(HEADS)}")
+
+
+@torch.no_grad()
+def predict(model, batches, coding, device, precision):
+    """(N,) predictions (labels, or values in the label's units) of `model` in eval mode for an iterable of
+    prepared batches (one dict per branch each); `coding` (featx.finetune.data.TargetCoding) decodes them."""
+    model.eval()
+    outs = []
+    for inputs in batches:
+        with autocast(device, precision):
+            outs.append(model(inputs).float())
+    return coding.decode(torch.cat(outs)) if outs else coding.empty()
+
+
+def build_model(encoders, layers, train_blocks, head: HeadSettings, out_dim) -> JointModel:
+    """The joint model of encoder adapters cut at `layers`, `train_blocks` top blocks trainable in each."""
+    branches = [EncoderBranch(a, k, b) for a, k, b in zip(encoders, layers, train_blocks)]
+    return JointModel(branches, make_head(head, [b.hidden_size for b in branches], out_dim))
