@@ -20,13 +20,11 @@ from torch import nn
 
 from featx.device import autocast
 from featx.encoders.pooling import pool
-from featx.encoders.registry import family_of
+from featx.encoders.registry import block_path
 from featx.errors import FeatxError
 from featx.probing.fusion import gated_model
 
 HEADS = ("concat", "gated")
-# Searched only when the family's block_path is not on the model (e.g. DistilBERT in the "bert" family).
-BLOCK_PATHS = ("vision_model.encoder.layers", "encoder.layer", "encoder.layers", "transformer.layer")
 # Modules whose output never reaches the hidden states (always frozen: they would get no gradient).
 UNUSED_MODULES = ("pooler", "post_layernorm")
 
@@ -43,26 +41,14 @@ class HeadSettings:
     dropout: float = 0.1
 
 
-def _module_list_at(model, path):
-    """(parent, attribute) when `path` names an nn.ModuleList on `model`, else None."""
-    obj, parts = model, path.split(".")
-    for p in parts[:-1]:
-        obj = getattr(obj, p, None)
-    if obj is not None and isinstance(getattr(obj, parts[-1], None), nn.ModuleList):
-        return obj, parts[-1]
-    return None
-
-
 def block_list(model, config):
-    """(parent module, attribute name) of the model's list of transformer blocks: the family's block_path,
-    else the first of BLOCK_PATHS the model has."""
-    found = _module_list_at(model, family_of(config).block_path)
-    for path in BLOCK_PATHS:
-        found = found or _module_list_at(model, path)
-    if found is None:
-        raise FeatxError(f"cannot fine-tune {type(model).__name__}: featx finds no block list "
-                         f"(looked for {', '.join(BLOCK_PATHS)})")
-    return found
+    """(parent module, attribute name) of the model's list of transformer blocks, at the path its encoder
+    family names (featx.encoders.registry.block_path)."""
+    *parents, name = block_path(config, model).split(".")
+    obj = model
+    for p in parents:
+        obj = getattr(obj, p)
+    return obj, name
 
 
 def kept_blocks(layer) -> int:
