@@ -265,9 +265,9 @@ def test_cli_errors_are_one_line(tmp_path, tiny_bert, tiny_clip, capsys):
     assert main(["finetune", "--recipe", str(recipe)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown head 'bogus'" in err[0]
-    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layer", "best"]) == 1
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layers", "best"]) == 1
     assert "--probe-results" in capsys.readouterr().err
-    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layer", "7"]) == 1
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layers", "7"]) == 1
     assert "out of range 0..2" in capsys.readouterr().err
     assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--epochs", "1",
                  "--no-progress"]) == 0

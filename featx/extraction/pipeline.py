@@ -476,7 +476,7 @@ def _run(writer, todo, runner, decoder, rows, num_workers, group_size, progress,
     import queue
     import threading
 
-    from tqdm.auto import tqdm
+    from featx.progress import progress_bar
 
     if len(todo) == 0:
         return
@@ -487,8 +487,7 @@ def _run(writer, todo, runner, decoder, rows, num_workers, group_size, progress,
     loader = torch.utils.data.DataLoader(_Items(rows, todo, decoder), batch_size=chunk, shuffle=False,
                                          num_workers=int(num_workers), collate_fn=_pack if num_workers else _identity,
                                          prefetch_factor=prefetch)
-    bar = tqdm(total=len(todo), unit="item", desc=os.path.basename(str(model).rstrip("/")), disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(len(todo), os.path.basename(str(model).rstrip("/")), "item", enabled=progress)
     pending, errors = queue.Queue(maxsize=2), []
 
     def write_loop():

@@ -418,7 +418,7 @@ class _Run:
 def _train_run(run, items, cfg, encoders_fn, task, classes, run_dir, device, precision, progress, resume,
                save_to=None):
     """Train one run (resuming from its checkpoint when asked); returns its done.json dict."""
-    from tqdm.auto import tqdm
+    from featx.progress import progress_bar
 
     done_path = os.path.join(run_dir, "done.json")
     if resume and os.path.exists(done_path):
@@ -466,8 +466,7 @@ def _train_run(run, items, cfg, encoders_fn, task, classes, run_dir, device, pre
         order = run.fit[np.random.default_rng([run.seed, epoch]).permutation(len(run.fit))]
         batches = [order[s:s + bs] for s in range(0, len(order), bs)]
         model.train()
-        bar = tqdm(total=len(batches), desc=f"{run.tag} epoch {epoch + 1}/{cfg['epochs']}", unit="batch",
-                   disable=not progress, dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(len(batches), f"{run.tag} epoch {epoch + 1}/{cfg['epochs']}", "batch", enabled=progress)
         total, count = 0.0, 0
         for g0 in range(0, len(batches), accumulate):
             group = batches[g0:g0 + accumulate]
