@@ -6,6 +6,7 @@ with one line; parsing an already parsed value returns it unchanged.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -167,7 +168,7 @@ def integer(minimum=None):
     """A parser for a whole number (at least `minimum`); "8" and 8 are 8, "eight", 8.5 and true are errors."""
     def parse(value) -> int:
         _plain(value, "a whole number")
-        if isinstance(value, bool) or (isinstance(value, float) and value != int(value)):
+        if isinstance(value, bool) or (isinstance(value, float) and not (math.isfinite(value) and value == int(value))):
             raise FeatxError(f"must be a whole number, not {value!r}")
         try:
             n = int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)

@@ -44,6 +44,7 @@ def test_build_settings_types_every_value_once(tmp_path):
     ("batch-size: eight", "batch-size: must be a whole number, not 'eight'"),
     ("batch_size: 2.5", "batch-size: must be a whole number"),
     ("batch-size: 0", "batch-size: must be at least 1"),
+    ("batch-size: .inf", "batch-size: must be a whole number"),
     ("max-audio-seconds: fast", "max-audio-seconds: must be a number"),
     ("dtype: float64", "dtype: unknown dtype 'float64'; choose from float16, float32"),
     ("pool: max", "unknown pooling 'max'"),

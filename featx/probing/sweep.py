@@ -39,7 +39,7 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
     seeds: int n (seeds 0..n-1) or a list. train_sizes: fractions of the training part, or counts > 1
     (k per class for classification). weighted: also fit the learned layer-weighted sum. fusion: any of
     "early", "late", "gated". fusion_layer: "best" (best dev layer per modality), "weighted", or an int.
-    missing: "intersect" | "error" for items absent from a modality.
+    missing: "intersect" | "error" for items absent from a modality. task: "auto" (from the labels) or forced.
     Writes results.csv / .parquet, best_layers.csv, layer_weights.csv, meta.json. Returns the results DataFrame.
     """
     from featx.progress import progress_bar
