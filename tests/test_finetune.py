@@ -281,11 +281,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_bert, tiny_clip, capsys):
 
 
 def test_paper_recipe_keys_are_all_known():
-    from featx.cli.main import apply_recipe, build_parser
+    from featx.settings import FinetuneSettings, build_settings
 
-    parser = build_parser()
-    args = parser.parse_args(["finetune", "--recipe", os.path.join(os.path.dirname(__file__), "..", "probe",
-                                                                   "finetune.yaml")])
-    sub = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
-    apply_recipe(sub, args, path_keys=("manifest", "out", "probe_results"))
-    assert args.head == "concat" and args.lr == 3e-5 and args.folds == 10 and len(args.model) == 2
+    s = build_settings(FinetuneSettings, recipe=os.path.join(os.path.dirname(__file__), "..", "probe", "finetune.yaml"))
+    assert s.head == "concat" and s.lr == 3e-5 and s.folds == 10 and len(s.model) == 2
