@@ -244,6 +244,17 @@ def texts(value) -> list:
     return [text(v) for v in items]
 
 
+def distinct_paths(value) -> list:
+    """texts(value) where no file is named twice (also under two spellings of its path)."""
+    paths, seen = texts(value), {}
+    for p in paths:
+        key = os.path.realpath(p)
+        if key in seen:
+            raise FeatxError(f"{p} is given twice (as {seen[key]}); give each file once")
+        seen[key] = p
+    return paths
+
+
 FUSIONS = ("early", "late", "gated")
 
 
@@ -560,8 +571,8 @@ class ExtractSettings(Settings):
 class ProbeSettings(Settings):
     """`featx probe`: a probe per layer of each cache (dev selects, test reports), optionally fused."""
     RENAMED: ClassVar[dict] = {"method": "fusion", "layer": "fusion_layer"}
-    caches: list = option([], "HDF5 caches written by featx extract", texts, positional=True, many=True, path=True,
-                          required=True, metavar="CACHE")
+    caches: list = option([], "HDF5 caches written by featx extract, one per modality", distinct_paths,
+                          positional=True, many=True, path=True, required=True, metavar="CACHE")
     out: str = option(None, "output folder: results.csv/.parquet, best_layers.csv, meta.json", path=True,
                       required=True)
     probe: str = option("linear", "linear (ridge or logistic by task), ridge, logistic, mlp, batched (all layers "

@@ -128,12 +128,6 @@ def _summary_of_probe(out):
 def _run_probe(cls, args):
     s = settings_from(args, cls, parsers={"probe": registered_probe})
     check_out_dir(s.out)
-    seen = {}
-    for c in s.caches:
-        key = os.path.realpath(c)
-        if key in seen:
-            raise FeatxError(f"cache {c} is given twice (as {seen[key]}); give each modality's cache once")
-        seen[key] = c
     from featx.probing.sweep import run_probe
 
     run_probe(s.caches, s.out, **s.kwargs())
