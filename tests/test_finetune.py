@@ -266,9 +266,9 @@ def test_cli_errors_are_one_line(tmp_path, tiny_bert, tiny_clip, capsys):
     assert main(["finetune", "--recipe", str(recipe)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown head 'bogus'" in err[0]
-    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layer", "best"]) == 1
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layers", "best"]) == 1
     assert "--probe-results" in capsys.readouterr().err
-    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layer", "7"]) == 1
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--layers", "7"]) == 1
     assert "out of range 0..2" in capsys.readouterr().err
     assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "o"), "--epochs", "1",
                  "--no-progress"]) == 0
@@ -282,11 +282,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_bert, tiny_clip, capsys):
 
 
 def test_paper_recipe_keys_are_all_known():
-    from featx.cli.main import apply_recipe, build_parser
+    from featx.settings import FinetuneSettings, build_settings
 
-    parser = build_parser()
-    args = parser.parse_args(["finetune", "--recipe", os.path.join(os.path.dirname(__file__), "..", "probe",
-                                                                   "finetune.yaml")])
-    sub = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
-    apply_recipe(sub, args, path_keys=("manifest", "out", "probe_results"))
-    assert args.head == "concat" and args.lr == 3e-5 and args.folds == 10 and len(args.model) == 2
+    s = build_settings(FinetuneSettings, recipe=os.path.join(os.path.dirname(__file__), "..", "probe", "finetune.yaml"))
+    assert s.head == "concat" and s.lr == 3e-5 and s.folds == 10 and len(s.model) == 2

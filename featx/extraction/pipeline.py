@@ -368,7 +368,7 @@ class _WriteThread:
 
 def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     """Decode (workers) -> forward (this thread) -> write (a writer thread behind a bounded queue)."""
-    from tqdm.auto import tqdm
+    from featx.progress import progress_bar
 
     if len(todo) == 0:
         return
@@ -380,8 +380,7 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     loader = torch.utils.data.DataLoader(DecodedItems(rows, todo, decoder), batch_size=chunk, shuffle=False,
                                          num_workers=workers, collate_fn=pack_chunk if workers else keep_chunk,
                                          prefetch_factor=prefetch)
-    bar = tqdm(total=len(todo), unit="item", desc=os.path.basename(str(model).rstrip("/")), disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(len(todo), os.path.basename(str(model).rstrip("/")), "item", enabled=progress)
     out = _WriteThread(writer, bar)
     group = []
     try:

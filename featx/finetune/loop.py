@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -133,7 +132,7 @@ def _is_better(state, value, higher) -> bool:
 
 def _epochs(fit: _Fit, run_dir, start, state):
     """Train from epoch `start` until the last epoch or early stopping; state is updated in place."""
-    from tqdm.auto import tqdm
+    from featx.progress import progress_bar
 
     s, d = fit.s, fit.data
     higher = metrics.higher_is_better(fit.primary)
@@ -141,8 +140,7 @@ def _epochs(fit: _Fit, run_dir, start, state):
     for epoch in range(start, s.epochs):
         if state["stopped"]:
             break
-        bar = tqdm(total=n_batches, desc=f"{fit.run.tag} epoch {epoch + 1}/{s.epochs}", unit="batch",
-                   disable=not d.progress, dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(n_batches, f"{fit.run.tag} epoch {epoch + 1}/{s.epochs}", "batch", enabled=d.progress)
         loss = fit.train_epoch(epoch, bar)
         dev_value = fit.dev_score()
         bar.set_postfix(loss=f"{loss:.4f}", **{f"dev_{fit.primary}": f"{dev_value:.4f}"})

@@ -32,20 +32,20 @@ def _rows(base, layer, split, values):
 
 def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, train_sizes=(1.0,), folds=5,
               weighted=False, fusion=(), fusion_layer="best", missing="intersect", late_rule="mean",
-              device="auto", save_classifier=False, progress=True):
+              device="auto", save_classifier=False, progress=True, task="auto"):
     """Probe every layer of every cache, optionally fuse modalities; write results to `out`.
 
     caches: list of .h5 paths. probe: linear | ridge | logistic | mlp | batched. layers: "all" or indices.
     seeds: int n (seeds 0..n-1) or a list. train_sizes: fractions of the training part, or counts > 1
     (k per class for classification). weighted: also fit the learned layer-weighted sum. fusion: any of
     "early", "late", "gated". fusion_layer: "best" (best dev layer per modality), "weighted", or an int.
-    missing: "intersect" | "error" for items absent from a modality.
+    missing: "intersect" | "error" for items absent from a modality. task: "auto" (from the labels) or forced.
     Writes results.csv / .parquet, best_layers.csv, layer_weights.csv, meta.json. Returns the results DataFrame.
     """
-    from tqdm.auto import tqdm
+    from featx.progress import progress_bar
 
     datas = [load_cache(p, pool, layers) for p in caches]
-    tasks = {infer_task(d.y) for d in datas}
+    tasks = {infer_task(d.y) for d in datas} if task == "auto" else {task}
     if len(tasks) != 1:
         raise FeatxError(f"the caches' labels disagree on the task ({', '.join(sorted(tasks))})")
     task = tasks.pop()
@@ -72,7 +72,7 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
     best_dev = {} if fusion and reuse and _same_items(datas, aligned) else None
     n_units = len(make_folds(datas[0].y, datas[0].splits, task, folds, 0)[0])
     total = len(seeds) * len(sizes) * n_units * (len(datas) + (1 if fusion else 0))
-    bar = tqdm(total=total, desc="probe", disable=not progress, unit="fit")
+    bar = progress_bar(total, "probe", "fit", enabled=progress)
     for seed in seeds:
         for size in sizes:
             for d in datas:

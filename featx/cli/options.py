@@ -1,0 +1,114 @@
+"""argparse built from the typed settings of featx.settings: each option declared once there, here only spelled
+as command-line flags. Options keep argparse's SUPPRESS default, so the namespace holds exactly what was written
+on the command line; featx.settings.build_settings merges it over the recipe and the defaults."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+
+from featx.errors import FeatxError
+from featx.settings import build_settings, dashed
+
+EXIT_STATUS = """exit status:
+  0    done
+  1    a usage or configuration error: one line on stderr, nothing done
+  2    done, but some items failed: each is listed with its reason
+  130  interrupted: run the same command again to resume"""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line and exit 1 (2 means "some items failed" in featx)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(1)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+
+class _Renamed(argparse.Action):
+    """An option's former name: a one-line error that gives the name it has now."""
+
+    def __init__(self, option_strings, dest, now="", **kw):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.now = now
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.now}")
+
+
+def _default_text(f):
+    meta = f.metadata
+    if meta["default_text"]:
+        return meta["default_text"]
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    if meta["flag"]:
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return ",".join(map(str, default)) or "none"
+    return "none" if default is None else str(default)
+
+
+def add_settings(parser, cls, recipe=True):
+    """Add one option per field of settings class `cls` (and --recipe) to `parser`."""
+    for f in fields(cls):
+        meta = f.metadata
+        required = meta["required"]
+        help_text = meta["help"] + (" (required)" if required and not meta["positional"] else
+                                    "" if required else f" (default: {_default_text(f)})")
+        kw = dict(default=argparse.SUPPRESS, help=help_text)
+        if meta["positional"]:
+            parser.add_argument(f.name, nargs="*" if meta["many"] else "?", metavar=meta["metavar"] or f.name.upper(),
+                                **kw)
+            continue
+        flags = ["-q", "--quiet"] if f.name == "quiet" else [f"--{dashed(f.name)}"]
+        if meta["flag"]:
+            parser.add_argument(*flags, dest=f.name, action="store_true", **kw)
+        elif meta["many"]:
+            parser.add_argument(*flags, dest=f.name, action="append", metavar=meta["metavar"] or f.name.upper(), **kw)
+        else:
+            parser.add_argument(*flags, dest=f.name, metavar=meta["metavar"] or f.name.upper(), **kw)
+        if f.name == "quiet":  # the flag's older spelling, kept working
+            parser.add_argument("--no-progress", dest="quiet", action="store_true", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+    for old, now in cls.RENAMED.items():
+        parser.add_argument(f"--{dashed(old)}", action=_Renamed, now=f"--{dashed(now)}")
+    if recipe:
+        parser.add_argument("--recipe", default=None, metavar="FILE.yaml",
+                            help="YAML file of option: value with the same names (dashes or underscores) and types; "
+                                 "options written on the command line win (default: none)")
+
+
+def settings_from(args, cls, parsers=None):
+    """The typed settings of a parsed command line: what it wrote, over its --recipe, over the defaults."""
+    names = {f.name for f in fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return build_settings(cls, given, getattr(args, "recipe", None), parsers=parsers, command=args.command)
+
+
+def registered_probe(name) -> str:
+    """A probe name out of featx.probing.registry (FeatxError listing the names otherwise)."""
+    from featx.probing.registry import probe_names
+
+    names = probe_names()
+    if name not in names:
+        raise FeatxError(f"unknown probe {name!r}; choose from {', '.join(names)}")
+    return name
+
+
+def print_table(table, as_json, status):
+    """A summary table on stdout (JSON with null for missing values when as_json); `status` says where the
+    results are (stdout, or stderr under --json so stdout stays pure JSON)."""
+    if as_json:
+        print(json.dumps(json.loads(table.to_json(orient="records", double_precision=6)), indent=1, allow_nan=False))
+        print(status, file=sys.stderr)
+        return
+    if len(table):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–"))
+    print(status)

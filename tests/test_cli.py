@@ -1,0 +1,245 @@
+"""The command line behaves like one program: one name per concept, usage errors exit 1 in one line, outputs
+checked before any work, command-line values win over recipes, summaries on the console and as JSON."""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _synthetic import planted, standard_splits, write_cache
+from featx.cli.main import build_parser, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _featx(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "featx", *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture()
+def caches(tmp_path):
+    """Three planted caches (one per modality) of the same 120 items, regression, with splits."""
+    ids = [f"i{k:03d}" for k in range(120)]
+    splits = standard_splits(120)
+    (tmp_path / "caches").mkdir()
+    out = []
+    for seed, modality in enumerate(("text", "image", "audio")):
+        X, y = planted(n=120, num_layers=3, dim=6, k=1, seed=0)
+        X += np.random.default_rng(seed + 10).normal(0, 0.5, X.shape).astype(np.float32)
+        out.append(write_cache(tmp_path / "caches" / f"m__{modality}.h5", X, ids, y, splits, model=f"toy/{modality}",
+                               modality=modality))
+    return out
+
+
+# ---------------------------------------------------------------- usage errors (issue 12 item 12)
+@pytest.mark.parametrize("args,expect", [
+    (["probe", "--bogus"], "unrecognized arguments: --bogus"),
+    ([], "the following arguments are required: COMMAND"),
+    (["fuse", "x.h5", "--method", "early"], "--method is now --fusion"),
+    (["probe", "x.h5", "--layer", "3"], "--layer is now --fusion-layer"),
+    (["finetune", "m.csv", "--pooling", "cls"], "--pooling is now --pool"),
+    (["finetune", "m.csv", "--layer", "3"], "--layer is now --layers"),
+])
+def test_usage_errors_exit_1_with_one_line(args, expect):
+    r = _featx(*args)
+    assert r.returncode == 1, r.stderr
+    line = _one_line(r.stderr)
+    assert expect in line and "usage:" not in r.stderr
+
+
+def test_help_shows_every_default_and_every_option_has_help():
+    r = _featx("probe", "--help")
+    assert r.returncode == 0 and "(default: linear)" in r.stdout and "exit status" in r.stdout
+    parser = build_parser()
+    assert "exit status" in parser.description and "which layer" in parser.description
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = dict(sub.choices)
+    mmsa = next(a for a in parsers.pop("manifest")._actions if isinstance(a, argparse._SubParsersAction))
+    parsers["manifest mmsa"] = mmsa.choices["mmsa"]
+    parsers.pop("info")   # featx info's own options are another helper's
+    for name, p in parsers.items():
+        for action in p._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            if action.option_strings:
+                assert "(default:" in action.help or "(required)" in action.help, (name, action.dest)
+
+
+# ---------------------------------------------------------------- recipes and the command line (item 2, 11)
+def test_command_line_values_win_over_the_recipe_even_when_they_equal_the_default(tmp_path, caches, capsys):
+    recipe = tmp_path / "probe.yaml"
+    recipe.write_text("caches: [caches/m__text.h5, caches/m__image.h5]\nout: res\nprobe: batched\nseeds: 3\n"
+                      "train-sizes: [0.25, 0.5, 1.0]\nfusion: early,late\n")
+    code, _, err = _run(capsys, "fuse", "--recipe", recipe, "--seeds", "1", "--train-sizes", "1.0", "--fusion",
+                        "early,late,gated", "--quiet")
+    assert code == 0, err
+    res = pd.read_csv(tmp_path / "res" / "results.csv")
+    assert set(res.seed) == {0} and set(res.train_size) == {1.0}
+    assert {"fusion-early", "fusion-late", "fusion-gated"} <= set(res.method)
+
+
+def test_probe_accepts_the_repos_mosi_recipe(tmp_path, caches, capsys):
+    (tmp_path / "probe").mkdir()
+    shutil.copy(os.path.join(REPO, "probe", "mosi.yaml"), tmp_path / "probe" / "mosi.yaml")
+    for src, name in zip(caches, ("clip-vit-large-patch14", "wavlm-large", "bert-large-uncased")):
+        shutil.copy(src, tmp_path / "caches" / f"mosi__{name}.h5")
+    code, out, err = _run(capsys, "probe", "--recipe", tmp_path / "probe" / "mosi.yaml", "--seeds", "1",
+                          "--fusion", "early", "--quiet")
+    assert code == 0, err
+    res = pd.read_csv(tmp_path / "results" / "mosi" / "results.csv")
+    assert set(res.method) == {"layer", "weighted", "fusion-early"}
+
+
+def test_bad_values_are_one_line_with_the_valid_choices(tmp_path, caches, capsys):
+    code, _, err = _run(capsys, "probe", caches[0], "--out", tmp_path / "o", "--probe", "ridgee")
+    assert code == 1 and "batched" in _one_line(err) and "ridgee" in err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"caches: [{caches[0]}]\nout: o\nprobe: ridgee\n")
+    code, _, err = _run(capsys, "probe", "--recipe", recipe)
+    assert code == 1 and "probe: unknown probe 'ridgee'" in _one_line(err) and "batched" in err
+    recipe.write_text("manifest: m.csv\nmodel: [x]\nout: o\nbatch-size: eight\n")
+    code, _, err = _run(capsys, "extract", "--recipe", recipe)
+    assert code == 1 and "batch-size: must be a whole number, not 'eight'" in _one_line(err)
+    code, _, err = _run(capsys, "probe", caches[0], "--out", tmp_path / "o", "--seeds", "0")
+    assert code == 1 and "at least 1" in _one_line(err)
+    assert not (tmp_path / "o").exists()
+    code, _, err = _run(capsys, "probe", caches[0], caches[0], "--out", tmp_path / "o")
+    assert code == 1 and "given twice" in _one_line(err)
+
+
+def test_task_is_forced_from_the_command_line(tmp_path, capsys):
+    X, y = planted(n=120, num_layers=3, dim=6, k=1)
+    flag = write_cache(tmp_path / "flag.h5", X, [f"i{k}" for k in range(120)], (y > 0).astype(float),
+                       standard_splits(120))
+    # a 0/1 label is a classification to `auto`; --task regression fits it as a number
+    code, _, err = _run(capsys, "probe", flag, "--out", tmp_path / "o", "--task", "regression", "-q")
+    assert code == 0, err
+    assert json.load(open(tmp_path / "o" / "meta.json"))["task"] == "regression"
+
+
+# ---------------------------------------------------------------- outputs refused before any work (item 13)
+@pytest.mark.parametrize("command", ["extract", "probe", "fuse", "finetune", "report"])
+def test_out_that_is_a_file_is_refused_first(tmp_path, command, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    first = {"extract": ["m.csv", "--model", "no/model"], "finetune": ["m.csv", "--model", "no/model"]}.get(
+        command, ["missing.h5"])
+    code, _, err = _run(capsys, command, *first, "--out", taken)
+    assert code == 1 and "is a file" in _one_line(err) and taken.read_text() == "keep me"
+
+
+def test_outputs_that_would_overwrite_an_input_are_refused(tmp_path, capsys):
+    manifest = tmp_path / "M.csv"
+    manifest.write_text("id,text\na,hello\n")
+    code, _, err = _run(capsys, "predict", manifest, "--classifier", tmp_path / "c.safetensors", "--out", manifest)
+    assert code == 1 and "overwrite the input" in _one_line(err)
+    code, _, err = _run(capsys, "predict", manifest, "--classifier", tmp_path / "c.safetensors", "--out", tmp_path)
+    assert code == 1 and "is a folder" in _one_line(err)
+    labels = tmp_path / "L.csv"
+    labels.write_text("video_id,clip_id,text,label,mode\nv,1,hi,0.5,train\n")
+    code, _, err = _run(capsys, "manifest", "mmsa", labels, "--out", labels)
+    assert code == 1 and "overwrite the input" in _one_line(err)
+    assert manifest.read_text() == "id,text\na,hello\n" and labels.read_text().startswith("video_id")
+
+
+# ---------------------------------------------------------------- trust_remote_code (issue 13 item 16)
+def test_trust_remote_code_only_from_the_flag_and_named(tmp_path, media, tiny_bert, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"manifest: {media}\nmodel: [{tiny_bert}]\nout: {tmp_path / 'o'}\ntrust-remote-code: true\n")
+    code, _, err = _run(capsys, "extract", "--recipe", recipe)
+    assert code == 1 and "only be given on the command line" in _one_line(err)
+    assert not (tmp_path / "o").exists()
+    code, _, err = _run(capsys, "extract", media, "--model", tiny_bert, "--out", tmp_path / "o", "--dtype",
+                        "float32", "--trust-remote-code", "-q")
+    assert code == 0, err
+    named = [line for line in err.splitlines() if "trust-remote-code" in line]
+    assert len(named) == 1 and tiny_bert in named[0]
+
+
+# ---------------------------------------------------------------- summaries and progress (item 9, 15)
+def test_probe_prints_a_summary_table_or_json(tmp_path, caches, capsys):
+    code, out, err = _run(capsys, "fuse", *caches[:2], "--out", tmp_path / "o", "--fusion", "early", "--probe",
+                          "batched", "-q")
+    assert code == 0, err
+    assert "best_layer" in out and "toy/text" in out and f"results in {tmp_path / 'o'}" in out
+    assert err == ""   # --quiet: no progress
+    code, out, err = _run(capsys, "fuse", *caches[:2], "--out", tmp_path / "o", "--fusion", "early", "--probe",
+                          "batched", "--json", "-q")
+    assert code == 0, err
+
+    def no_nan(word):
+        raise AssertionError(f"not strict JSON: {word}")
+
+    rows = json.loads(out, parse_constant=no_nan)
+    assert {r["encoder"] for r in rows} == {"toy/text", "toy/image"}
+    assert all("best_layer" in r for r in rows) and "results in" in err
+
+
+def test_progress_into_a_pipe_is_plain_lines(tmp_path, caches, capsys):
+    code, _, err = _run(capsys, "probe", caches[0], "--out", tmp_path / "o")
+    assert code == 0
+    assert "\r" not in err and any(line.startswith("probe: ") for line in err.splitlines()), err
+
+
+def test_line_progress_writes_lines_without_carriage_returns():
+    import io
+
+    from featx.progress import LineProgress, progress_bar
+
+    buf = io.StringIO()
+    bar = LineProgress(4, "extract", "item", buf, interval=0)
+    for _ in range(4):
+        bar.update(1)
+    bar.set_postfix(loss="0.1")
+    bar.close()
+    lines = buf.getvalue().splitlines()
+    assert "\r" not in buf.getvalue() and lines[0] == "extract: 1/4 item (25%)" and lines[-1].startswith(
+        "extract: 4/4 item (100%) in ") and lines[-1].endswith("loss=0.1")
+    assert isinstance(progress_bar(3, "x", file=io.StringIO()), LineProgress)
+    quiet = io.StringIO()
+    progress_bar(3, "x", enabled=False, file=quiet).update(3)
+    assert quiet.getvalue() == ""
+
+
+def test_finetune_prints_its_test_rows(tmp_path, tiny_bert, capsys):
+    rows = [{"id": f"x{i}", "text": ["good fun", "awful boring", "great", "bad"][i % 4], "label": float(i % 2),
+             "split": ["train", "train", "train", "dev", "test"][i % 5]} for i in range(20)]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    code, out, err = _run(capsys, "finetune", tmp_path / "m.csv", "--model", tiny_bert, "--out", tmp_path / "o",
+                          "--epochs", "1", "--no-save-model", "--json", "-q", "--device", "cpu")
+    assert code == 0, err
+    table = json.loads(out)
+    assert [r["split"] for r in table] == ["test"] and table[0]["train_size"] == 1.0 and len(table[0]) > 5
+
+
+def test_predict_logs_as_itself_and_says_where_it_wrote(tmp_path, media, tiny_bert, capsys):
+    assert _run(capsys, "extract", media, "--model", tiny_bert, "--out", tmp_path / "cache", "--dtype", "float32",
+                "-q")[0] == 0
+    cache = str(tmp_path / "cache" / "manifest__tiny-bert.h5")
+    assert _run(capsys, "probe", cache, "--out", tmp_path / "res", "--probe", "ridge", "--save-classifier",
+                "-q")[0] == 0
+    saved = [os.path.join(tmp_path / "res", f) for f in os.listdir(tmp_path / "res") if f.endswith(".safetensors")]
+    code, _, err = _run(capsys, "predict", media, "--classifier", saved[0], "--out", tmp_path / "p.csv")
+    assert code == 0, err
+    assert "featx extract" not in err and f"written to {tmp_path / 'p.csv'}" in err
+    assert all(line.startswith(("featx predict:", "  ", "tiny-bert:")) for line in err.splitlines()), err
