@@ -660,7 +660,7 @@ class FinetuneSettings(Settings):
     quiet: bool = option(False, **_QUIET)
 
     def kwargs(self) -> dict:
-        """Keyword arguments of featx.finetune.train.finetune(manifest, model, out, **kwargs)."""
+        """Keyword arguments of featx.finetune.finetune(manifest, model, out, **kwargs)."""
         names = ("layers", "probe_results", "train_blocks", "head", "task", "proj_size", "hidden_size", "heads",
                  "dropout", "lr", "head_lr", "weight_decay", "lr_decay", "epochs", "patience", "batch_size",
                  "accumulate", "clip_grad", "loss", "folds", "train_sizes", "seeds", "precision", "device",

@@ -163,7 +163,7 @@ def _finetune(sub):
     def run(args):
         s = settings_from(args, FinetuneSettings)
         check_out_dir(s.out)
-        from featx.finetune.train import finetune
+        from featx.finetune import finetune
 
         result = finetune(s.manifest, s.model, s.out, **s.kwargs())
         status = f"featx finetune: results in {result.out}" + (f"; model in {result.model_path}"
