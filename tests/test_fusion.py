@@ -66,8 +66,8 @@ def test_fusion_beats_each_modality_and_reports_missing(tmp_path):
     assert meta["fusion"]["missing"]["audio"] == ids[:5] and meta["fusion"]["items"] == n - 5
     best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
     mae = best[best.metric == "mae"].set_index("modality")
-    assert mae.loc["video", "best_layer"] == 1 and mae.loc["audio", "best_layer"] == 2
-    assert (mae.fusion_value < mae.best_value - 0.1).all()
+    assert mae.loc["video", "best_dev_layer"] == 1 and mae.loc["audio", "best_dev_layer"] == 2
+    assert (mae.fusion_score < mae.best_layer_score - 0.1).all()
     df = pd.read_csv(tmp_path / "out" / "results.csv")
     fused = df[(df.method == "fusion-late") & (df.split == "test") & (df.metric == "mae")]
     assert fused.encoder.iloc[0] == "toy/video+toy/audio" and (fused.layer == -1).all()
