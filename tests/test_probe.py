@@ -146,7 +146,7 @@ def test_cli_probe_writes_tables_and_recipe(tmp_path):
 def test_classifier_roundtrip(tmp_path, task):
     X, y = planted(n=200, num_layers=4, dim=8, k=3, task=task)
     path = write_cache(tmp_path / "c.h5", X, _ids(200), y, standard_splits(200))
-    df = run_probe([path], tmp_path / "out", probe="batched", save_classifier=True, progress=False)
+    run_probe([path], tmp_path / "out", probe="batched", save_classifier=True, progress=False)
     files = [f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]
     assert len(files) == 1
     clf = Classifier.load(str(tmp_path / "out" / files[0]))

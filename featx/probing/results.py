@@ -128,7 +128,7 @@ def best_layer_table(df, primary, higher_is_better=None, full_size="1.0"):
     out = []
     layers = full[(full["method"] == "layer") & (full["layer"] >= 0)]
     for (enc, mod), g in layers.groupby(["encoder", "modality"], sort=False):
-        last = int(g["num_layers"].iloc[0]) - 1 if int(g["num_layers"].iloc[0]) > 0 else int(g["layer"].max())
+        last = max(int(g["num_layers"].iloc[0]) - 1, int(g["layer"].max()))   # the output layer
         dev = g[(g["split"] == select) & (g["metric"] == primary)].groupby("layer")["value"].mean()
         if dev.dropna().empty:
             continue

@@ -10,6 +10,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from featx.errors import FeatxError
+from featx.settings import parse_train_size
 
 def inner_split(y, task, fraction=0.2, random_state=0):
     """(fit_idx, dev_idx): a stratified split of range(len(y)) (regression stratifies on label quintiles)."""
@@ -79,10 +80,13 @@ def _given_split(y, splits, task, seed):
     return [(train, dev, test)]
 
 
-def subsample(train_idx, y, task, n_labels, seed):
-    """`n_labels` indices drawn from the training part (all of it when n_labels >= its size); classification
-    keeps the classes' proportions (stratified) where it can. n_labels: TrainSize.labels(len(train_idx))."""
-    n_labels = int(n_labels)
+def subsample(train_idx, y, task, size, seed):
+    """Indices of `size` training labels drawn from the training part (all of it for the full part);
+    classification keeps the classes' proportions (stratified) where it can.
+
+    size: a number of labels (a whole number > 1, e.g. TrainSize.labels(len(train_idx))), or a TrainSize or
+    fraction (0 < x <= 1) resolved here; a count larger than the training part is a FeatxError."""
+    n_labels = parse_train_size(size).labels(len(train_idx))
     if n_labels >= len(train_idx):
         return train_idx
     if task == "classification":
