@@ -10,7 +10,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from featx.errors import FeatxError
-from featx.settings import parse_train_size
+from featx.settings import canonical_split, parse_train_size
 
 def inner_split(y, task, fraction=0.2, random_state=0):
     """(fit_idx, dev_idx): a stratified split of range(len(y)) (regression stratifies on label quintiles)."""
@@ -34,11 +34,15 @@ def strata(y, task, bins=5):
 def make_folds(y, splits, task, folds=5, seed=0):
     """([(train_idx, dev_idx, test_idx)] one per fold, the test split's name: "test" or "cv").
 
-    splits: (N,) canonical names (train, dev, test, "" for none) or None. With train and test present the
-    given parts are used (a missing dev part is held out of train); otherwise stratified K-fold CV, with K
-    lowered to the smallest class's size when that is smaller (fold_count says how many ran)."""
-    if splits is not None and (np.asarray(splits) != "").any():
-        return _given_split(y, np.asarray(splits), task, seed), "test"
+    splits: (N,) split names (train, dev, test or an alias, see settings.canonical_split; "" for none) or None.
+    With any split named, train and test must be present and the given parts are used (a missing dev part is
+    held out of train); otherwise stratified K-fold CV, with K lowered to the smallest class's size when that
+    is smaller (fold_count says how many ran)."""
+    if splits is not None:
+        names = {v: canonical_split(v) for v in set(np.asarray(splits).astype(str).tolist())}
+        splits = np.asarray([names[v] for v in np.asarray(splits).astype(str)], dtype=object)
+    if splits is not None and (splits != "").any():
+        return _given_split(y, splits, task, seed), "test"
     from sklearn.model_selection import StratifiedKFold
 
     labels = strata(y, task)
