@@ -243,7 +243,7 @@ def test_cv_regression_with_gated_head_over_three_modalities(tmp_path, tiny_bert
                           head="gated", folds=2, epochs=1, train_sizes=[0.5, 1.0], layers=["1", "last", "-2"],
                           **FAST)
     rows = result.rows
-    assert set(rows["split"]) == {"dev", "cv"} and set(rows["train_size"]) == {0.5, 1.0}
+    assert set(rows["split"]) == {"dev", "cv"} and set(rows["train_size"]) == {"0.5", "1.0"}
     assert set(rows["probe"]) == {"finetune-gated"} and rows["modality"].iloc[0] == "text+image+audio"
     assert len(result.runs) == 4 and set(rows["metric"]) >= {"mae", "corr", "acc7"}
     meta = json.load(open(os.path.join(result.out, "meta.json")))

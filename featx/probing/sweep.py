@@ -345,8 +345,13 @@ def _fusion_features(datas, idx, y, fit, dev, task, s, seed, reuse=None):
     return feats, full
 
 
+def _fusion_probe(s):
+    """The LayerProbe kind early and late fusion fit: the sweep's probe, or linear for the batched one."""
+    return s.probe if s.probe != "batched" else "linear"
+
+
 def _fusion_estimator(method, s, task, seed):
-    probe = s.probe if s.probe != "batched" else "linear"
+    probe = _fusion_probe(s)
     if method == "early":
         return EarlyFusion(probe=probe, task=task, random_state=seed)
     if method == "late":
@@ -361,7 +366,7 @@ def _fit_fusion(est, Xs, y, fit, dev):
 
 
 def _fusion_label(method, s, task):
-    return {"early": "concat-" + get_probe(s.probe).label(task), "late": f"late-{s.late_rule}",
+    return {"early": "concat-" + get_probe(_fusion_probe(s)).label(task), "late": f"late-{s.late_rule}",
             "gated": "gated-attentive"}[method]
 
 
@@ -408,6 +413,8 @@ def run_meta(datas, aligned, task, s, df) -> dict:
             "train_labels": {str(k): float(v) for k, v in df.groupby("train_size")["train_labels"].mean().items()}}
     notes = [f"{name}: {k} folds ran, not {s.folds} (the smallest class or label bin has only {k} items)"
              for name, k in folds_run.items() if k != 1 and k < s.folds]
+    if s.fusion and s.fusion_layer == "best" and s.probe == "mlp":
+        notes.append("fusion's best layers were chosen on dev by linear probes (the MLP probe's are not reused)")
     if not any(t.is_full for t in s.train_sizes):
         notes.append("the full training part (1.0) was added to the training sizes: the headline uses it")
     if notes:

@@ -176,6 +176,30 @@ def _cka_summary(section, fig_dir, pngs, debiased, names, paths):
                             f"CKA between the output layers of {len(paths)} encoders"))
 
 
+def _summary_sections(results):
+    """(the summary section: primary and next metric, with findings; the appendix: every metric)."""
+    finetune = any(r.has_finetune for r in results)
+    summary = Section("Summary: best layer vs output layer vs weighted sum vs fusion"
+                      + (" vs fine-tuning" if finetune else ""), paragraphs=[
+        "The primary metric and the next one. Scores on the "
+        + " / ".join(dict.fromkeys(r.eval_split for r in results)) + " split ('cv': pooled cross-validation "
+        "folds, where there is no test split), at the full training part, mean over seeds. The best layer and "
+        "the fusion method are chosen on dev; 'best minus output' is positive when the best layer is better "
+        "than the output layer (for MAE, when it is lower). "
+        + ("'fine-tuned' is the jointly fine-tuned model's score, each run's epoch chosen on dev. "
+           if finetune else "") + "'–' means not run."])
+    appendix = Section("All metrics", paragraphs=["The summary table for every metric."])
+    for r in results:
+        name = r.name if len(results) > 1 else None
+        summary.tables.append(_fmt(summary_table(r, r.metrics[:2], finetune), name))  # for MSA: MAE and Corr
+        summary.bullets += [f"{r.name}: {s}" if name else s for s in findings(r)]
+        appendix.tables.append(_fmt(summary_table(r, r.metrics, finetune), name))
+    if len(results) > 1:
+        summary.tables = [pd.concat(summary.tables, ignore_index=True)]
+        appendix.tables = [pd.concat(appendix.tables, ignore_index=True)]
+    return summary, appendix
+
+
 def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(), cka=True, debiased=True,
                  cka_pairs=None):
     """Write report.html (self-contained), summary.md and figures/*.png under `out`.
@@ -204,25 +228,7 @@ def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(),
     all_notes = list(dict.fromkeys(all_notes))
     meta_lines = [f"Results: {', '.join(r.path for r in results)}"]
 
-    finetune = any(r.has_finetune for r in results)
-    summary = Section("Summary: best layer vs output layer vs weighted sum vs fusion"
-                      + (" vs fine-tuning" if finetune else ""), paragraphs=[
-        "The primary metric and the next one. Scores on the "
-        + " / ".join(dict.fromkeys(r.eval_split for r in results)) + " split ('cv': pooled cross-validation "
-        "folds, where there is no test split), at the full training part, mean over seeds. The best layer and "
-        "the fusion method are chosen on dev; 'best minus output' is positive when the best layer is better than the output layer (for MAE, "
-        "when it is lower). "
-        + ("'fine-tuned' is the jointly fine-tuned model's score, each run's epoch chosen on dev. "
-           if finetune else "") + "'–' means not run."])
-    appendix = Section("All metrics", paragraphs=["The summary table for every metric."])
-    for r in results:
-        name = r.name if len(results) > 1 else None
-        summary.tables.append(_fmt(summary_table(r, r.metrics[:2], finetune), name))  # for MSA: MAE and Corr
-        summary.bullets += [f"{r.name}: {s}" if name else s for s in findings(r)]
-        appendix.tables.append(_fmt(summary_table(r, r.metrics, finetune), name))
-    if len(results) > 1:
-        summary.tables = [pd.concat(summary.tables, ignore_index=True)]
-        appendix.tables = [pd.concat(appendix.tables, ignore_index=True)]
+    summary, appendix = _summary_sections(results)
 
     pngs = []
     sections = [summary]
