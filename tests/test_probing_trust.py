@@ -214,3 +214,15 @@ def test_fewer_folds_than_asked_are_noted(tmp_path):
     meta = _strict(tmp_path / "out" / "meta.json")
     assert meta["encoders"][0]["folds_run"] == 3
     assert any("3 folds ran, not 10" in n for n in meta["notes"])
+
+
+def test_fusion_rows_name_the_probe_fusion_fits(tmp_path):
+    """With --probe batched, early fusion fits scikit-learn's ridge: the probe column says so."""
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    splits = standard_splits(120)
+    a = write_cache(tmp_path / "a.h5", X, _ids(120), y, splits, model="toy/a")
+    b = write_cache(tmp_path / "b.h5", X[:, ::-1].copy(), _ids(120), y, splits, model="toy/b", modality="audio")
+    df = run_probe([a, b], tmp_path / "out", probe="batched", fusion=["early"], progress=False)
+    assert set(df[df.method == "fusion-early"].probe) == {"concat-ridge"}
+    best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
+    assert set(best.fusion_method) == {"fusion-early"}
