@@ -226,3 +226,12 @@ def test_fusion_rows_name_the_probe_fusion_fits(tmp_path):
     assert set(df[df.method == "fusion-early"].probe) == {"concat-ridge"}
     best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
     assert set(best.fusion_method) == {"fusion-early"}
+
+
+def test_manifest_numeric_labels_with_missing_values_stay_numeric():
+    from featx.data.manifest import labels_and_splits
+
+    labels, _, _ = labels_and_splits(pd.DataFrame({"id": list("abcde"), "label": ["1.5", "n/a", "NA", "", "-2"]}))
+    assert labels.dtype == np.float64 and labels[0] == 1.5 and labels[4] == -2 and np.isnan(labels[1:4]).all()
+    labels, _, _ = labels_and_splits(pd.DataFrame({"id": list("abc"), "label": ["pos", "n/a", "neg"]}))
+    assert labels.dtype == object
