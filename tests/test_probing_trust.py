@@ -235,3 +235,13 @@ def test_manifest_numeric_labels_with_missing_values_stay_numeric():
     assert labels.dtype == np.float64 and labels[0] == 1.5 and labels[4] == -2 and np.isnan(labels[1:4]).all()
     labels, _, _ = labels_and_splits(pd.DataFrame({"id": list("abc"), "label": ["pos", "n/a", "neg"]}))
     assert labels.dtype == object
+
+
+def test_one_encoder_on_two_modalities_saves_two_classifiers(tmp_path):
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    splits = standard_splits(120)
+    a = write_cache(tmp_path / "a.h5", X, _ids(120), y, splits, model="org/clip", modality="image")
+    b = write_cache(tmp_path / "b.h5", X, _ids(120), y, splits, model="org/clip", modality="video")
+    run_probe([a, b], tmp_path / "out", probe="ridge", save_classifier=True, progress=False)
+    assert sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")) == [
+        "classifier__org-clip-image.safetensors", "classifier__org-clip-video.safetensors"]

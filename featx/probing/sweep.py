@@ -143,11 +143,21 @@ def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, t
     meta = run_meta(datas, aligned, task, s, df)
     write_meta(meta, os.path.join(out, "meta.json"))
     if s.save_classifier:
-        for d in datas:
-            layer = best[(best.encoder == d.name) & (best.modality == d.modality)].best_dev_layer.iloc[0]
-            Classifier.from_sweep(d, layer, task, s).save(os.path.join(out, f"classifier__{slug(d.name)}.safetensors"))
+        save_classifiers(datas, best, task, s, out)
     df.attrs["meta"] = meta
     return df
+
+
+def save_classifiers(datas, best, task, s, out):
+    """out/classifier__NAME.safetensors per cache: its best dev layer's probe (Classifier.from_sweep)."""
+    names = [d.name for d in datas]
+    for d in datas:
+        hit = best[(best.encoder == d.name) & (best.modality == d.modality)].best_dev_layer
+        if hit.empty:
+            warnings.warn(f"{d.name} ({d.modality}): no best dev layer, so no classifier saved")
+            continue
+        stem = d.name if names.count(d.name) == 1 else f"{d.name}-{d.modality}"
+        Classifier.from_sweep(d, hit.iloc[0], task, s).save(os.path.join(out, f"classifier__{slug(stem)}.safetensors"))
 
 
 def load_caches(caches, s):
