@@ -166,7 +166,7 @@ def plot_layer_weights(res):
     colors = encoder_colors(res)
     by_method = w["method"].nunique() > 1
     groups = list(w.groupby(["encoder", "modality"] + (["method"] if by_method else []), sort=False))
-    ncols = min(len(groups), 3)
+    ncols = min(len(groups), 3 if len(groups) <= 9 else 5)
     nrows = -(-len(groups) // ncols)
     with matplotlib.rc_context(_STYLE):
         fig = Figure(figsize=(4.6 * ncols, 3.6 * nrows + 0.5), layout="constrained")
