@@ -66,8 +66,8 @@ def test_fusion_beats_each_modality_and_reports_missing(tmp_path):
     assert meta["fusion"]["missing"]["audio"] == ids[:5] and meta["fusion"]["items"] == n - 5
     best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
     mae = best[best.metric == "mae"].set_index("modality")
-    assert mae.loc["video", "best_layer"] == 1 and mae.loc["audio", "best_layer"] == 2
-    assert (mae.fusion_value < mae.best_value - 0.1).all()
+    assert mae.loc["video", "best_dev_layer"] == 1 and mae.loc["audio", "best_dev_layer"] == 2
+    assert (mae.fusion_score < mae.best_layer_score - 0.1).all()
     df = pd.read_csv(tmp_path / "out" / "results.csv")
     fused = df[(df.method == "fusion-late") & (df.split == "test") & (df.metric == "mae")]
     assert fused.encoder.iloc[0] == "toy/video+toy/audio" and (fused.layer == -1).all()
@@ -104,12 +104,12 @@ def test_fusion_on_the_best_layers_reuses_each_modalitys_own_fits(tmp_path, monk
     a = write_cache(tmp_path / "a.h5", Xa, ids, y, splits, model="toy/video", modality="video")
     b = write_cache(tmp_path / "b.h5", Xb, ids, y, splits, model="toy/audio", modality="audio")
     calls = []
-    refit, same = sweep._best_dev_layer, sweep._same_items
+    refit, same = sweep._best_dev_layer, sweep.same_items
     monkeypatch.setattr(sweep, "_best_dev_layer", lambda *args: calls.append(1) or refit(*args))
     kw = dict(fusion=["early", "late"], seeds=2, train_sizes=(0.5, 1.0), progress=False)
     reused = run_probe([a, b], tmp_path / "reused", **kw)
     assert calls == []
-    monkeypatch.setattr(sweep, "_same_items", lambda *args: False)
+    monkeypatch.setattr(sweep, "same_items", lambda *args: False)
     again = run_probe([a, b], tmp_path / "again", **kw)
     assert len(calls) == 2 * 2 * 2  # seeds x sizes x modalities, one test split each
     pd.testing.assert_frame_equal(reused, again)
@@ -118,7 +118,7 @@ def test_fusion_on_the_best_layers_reuses_each_modalitys_own_fits(tmp_path, monk
     order = np.random.default_rng(0).permutation(len(y))
     c = write_cache(tmp_path / "c.h5", Xb[order], np.asarray(ids)[order], y[order], splits[order],
                     model="toy/audio", modality="audio")
-    monkeypatch.setattr(sweep, "_same_items", same)
+    monkeypatch.setattr(sweep, "same_items", same)
     run_probe([a, c], tmp_path / "shuffled", fusion=["early"], progress=False)
     assert len(calls) == 2
     # fusion on the layer-weighted sums, with --weighted: the sweep's weighted probes serve fusion too
@@ -128,7 +128,7 @@ def test_fusion_on_the_best_layers_reuses_each_modalitys_own_fits(tmp_path, monk
     kw = dict(fusion=["late"], fusion_layer="weighted", weighted=True, progress=False)
     reused = run_probe([a, b], tmp_path / "w-reused", **kw)
     assert len(fits) == 2  # one per modality, in its sweep
-    monkeypatch.setattr(sweep, "_same_items", lambda *args: False)
+    monkeypatch.setattr(sweep, "same_items", lambda *args: False)
     again = run_probe([a, b], tmp_path / "w-again", **kw)
     assert len(fits) == 2 + 4
     pd.testing.assert_frame_equal(reused, again)

@@ -78,12 +78,12 @@ def test_sweep_picks_the_planted_layer(tmp_path, probe, splits):
     assert list(df.columns) == COLUMNS
     assert set(df.split) == ({"dev", "test"} if splits else {"dev", "cv"})
     best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
-    assert (best.best_layer == 4).all()
+    assert (best.best_dev_layer == 4).all()
     mae = best.set_index("metric").loc["mae"]
-    assert mae.best_value < mae.output_layer_value - 0.2
+    assert mae.best_layer_score < mae.output_layer_score - 0.2
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["task"] == "regression" and meta["primary_metric"] == "mae" and not meta["higher_is_better"]
-    assert mae.best_value < meta["chance"]["mae"]
+    assert mae.best_layer_score < meta["chance"]["mae"]
 
 
 def test_test_labels_cannot_influence_selection(tmp_path):
@@ -99,7 +99,7 @@ def test_test_labels_cannot_influence_selection(tmp_path):
         p = write_cache(tmp_path / f"{name}.h5", xx, _ids(300), yy, splits)
         df = run_probe([p], tmp_path / name, seeds=1, progress=False)
         outs.append((df[df.split == "dev"].reset_index(drop=True),
-                     pd.read_csv(tmp_path / name / "best_layers.csv").best_layer))
+                     pd.read_csv(tmp_path / name / "best_layers.csv").best_dev_layer))
     pd.testing.assert_frame_equal(outs[0][0], outs[1][0])
     assert (outs[0][1] == outs[1][1]).all()
 
@@ -108,14 +108,15 @@ def test_learning_curve_sizes_and_k_per_class(tmp_path):
     X, y = planted(n=300, num_layers=3, dim=8, k=1, task="classification")
     y = np.asarray(y)
     train = np.arange(200)
-    picked = subsample(train, y, "classification", 5, seed=0)
-    assert sorted(pd.Series(y[picked]).value_counts().tolist()) == [5, 5, 5]
-    assert len(subsample(train, y, "classification", 0.25, seed=0)) == 50
+    picked = subsample(train, y, "classification", 15, seed=0)   # a number of labels, stratified
+    assert len(picked) == 15 and set(y[picked]) == set(y[train])
+    assert len(subsample(train, y, "classification", 50, seed=0)) == 50
     path = write_cache(tmp_path / "c.h5", X, _ids(300), y, standard_splits(300))
-    df = run_probe([path], tmp_path / "out", probe="batched", seeds=2, train_sizes=[5, 0.5, 1.0], progress=False)
-    assert sorted(df.train_size.unique()) == [0.5, 1.0, 5.0]
+    df = run_probe([path], tmp_path / "out", probe="batched", seeds=2, train_sizes=[15, 0.5, 1.0], progress=False)
+    assert sorted(df.train_size.unique()) == ["0.5", "1.0", "15"]
+    assert df.groupby("train_size").train_labels.first().to_dict() == {"0.5": 90.0, "1.0": 180.0, "15": 15.0}
     f1 = df[(df.split == "test") & (df.metric == "f1_macro") & (df.layer == 1)].groupby("train_size").value.mean()
-    assert f1[1.0] > f1[5.0]
+    assert f1["1.0"] > f1["15"]
 
 
 def test_cli_probe_writes_tables_and_recipe(tmp_path):
@@ -145,7 +146,7 @@ def test_cli_probe_writes_tables_and_recipe(tmp_path):
 def test_classifier_roundtrip(tmp_path, task):
     X, y = planted(n=200, num_layers=4, dim=8, k=3, task=task)
     path = write_cache(tmp_path / "c.h5", X, _ids(200), y, standard_splits(200))
-    df = run_probe([path], tmp_path / "out", probe="batched", save_classifier=True, progress=False)
+    run_probe([path], tmp_path / "out", probe="batched", save_classifier=True, progress=False)
     files = [f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]
     assert len(files) == 1
     clf = Classifier.load(str(tmp_path / "out" / files[0]))
@@ -174,7 +175,7 @@ def test_layer_weights_rows_name_their_training_size_and_method(tmp_path, one_to
     b = write_cache(tmp_path / "b.h5", Xb, _ids(200), y, splits, model="toy/b", modality="audio")
     df = run_probe([a, b], tmp_path / "out", probe="batched", weighted=True, fusion=["gated"],
                    fusion_layer="weighted", seeds=[0, 1], train_sizes=[0.25, 1.0], progress=False)
-    w = pd.read_csv(tmp_path / "out" / "layer_weights.csv")
+    w = pd.read_csv(tmp_path / "out" / "layer_weights.csv", dtype={"train_size": str})
     assert list(w.columns) == ["encoder", "modality", "seed", "layer", "weight", "train_size", "method"]
     keys = ["encoder", "modality", "seed", "train_size"]
     weighted = w[w.method == "weighted"]
@@ -190,5 +191,5 @@ def test_layer_weights_rows_name_their_training_size_and_method(tmp_path, one_to
     assert sorted(map(tuple, gated[["seed", "train_size"]].drop_duplicates().values)) == sorted(
         map(tuple, fused.values)) and set(gated.encoder) == {"toy/a", "toy/b"}
     # The full-data weighted sum of cache a favours its planted layer.
-    full_a = weighted[(weighted.encoder == "toy/a") & (weighted.train_size == 1.0)].groupby("layer").weight.mean()
+    full_a = weighted[(weighted.encoder == "toy/a") & (weighted.train_size == "1.0")].groupby("layer").weight.mean()
     assert full_a.idxmax() == 3

@@ -99,23 +99,27 @@ def test_summary_numbers_come_from_best_layers(mosi):
         f"{bert['best_value'] - fused['fusion']:.3f}."]
     # Probe runs repeat the chosen fusion's value on each encoder's row: still one sentence.
     repeated = dataclasses.replace(res, best_layers=res.best_layers.assign(
-        fusion_value=res.best_layers["fusion_value"].max()))
+        fusion_score=res.best_layers["fusion_score"].max()))
     assert len([s for s in findings(repeated) if s.startswith("Fusion (the fused model)")]) == 1
 
 
 def test_best_layers_derived_from_rows_match_the_probe_file(mosi):
+    """Without best_layers.csv the reader applies the writer's rule (best_layer_table): the same primary-metric
+    choice, and the fusion method best on dev."""
     res, _ = mosi
     derived = derive_best_layers(res).set_index(["encoder", "metric"]).sort_index()
     written = res.best_layers.set_index(["encoder", "metric"]).sort_index()
-    single = written.index[written["best_value"].notna()]
-    assert len(single) == 3 * 8
-    pd.testing.assert_series_equal(derived.loc[single, "best_layer"].astype(int),
-                                   written.loc[single, "best_layer"].astype(int))
-    for col in ("best_value", "output_layer_value", "weighted_value"):
+    single = [k for k in written.index[written["best_layer_score"].notna()] if k[1] == "mae"]
+    assert len(single) == 3
+    pd.testing.assert_series_equal(derived.loc[single, "best_dev_layer"].astype(int),
+                                   written.loc[single, "best_dev_layer"].astype(int))
+    for col in ("best_layer_score", "output_layer_score", "weighted_score"):
         np.testing.assert_allclose(derived.loc[single, col], written.loc[single, col])
-    late = derived.loc["V+A+T fusion-late", "fusion_value"]
-    np.testing.assert_allclose(late, written.loc["V+A+T", "fusion_value"].loc[late.index])
-    assert len(derived.loc["V+A+T fusion-early"]) == len(late)
+    rows = res.rows[(res.rows["train_size"] == "1.0") & (res.rows["metric"] == "mae")]
+    dev = rows[rows["method"].str.startswith("fusion") & (rows["split"] == "dev")].groupby("method")["value"].mean()
+    assert set(derived["fusion_method"]) == {dev.idxmin()}
+    test = rows[(rows["method"] == dev.idxmin()) & (rows["split"] == "test")]["value"].mean()
+    np.testing.assert_allclose(derived.loc[single, "fusion_score"], test)
 
 
 def _drawn(fig):
@@ -133,9 +137,9 @@ def test_layer_curve_figure_marks_best_layer_and_chance(mosi):
     bert = lines["bert-base-uncased"]
     np.testing.assert_array_equal(bert.get_xdata(), np.arange(13))
     rows = res.rows[(res.rows["encoder"] == "bert-base-uncased") & (res.rows["metric"] == "mae")
-                    & (res.rows["split"] == "test") & (res.rows["method"] == "layer") & (res.rows["train_size"] == 1)]
+                    & (res.rows["split"] == "test") & (res.rows["method"] == "layer") & (res.rows["train_size"] == "1.0")]
     np.testing.assert_allclose(bert.get_ydata(), rows.groupby("layer")["value"].mean())
-    best = int(res.best_layers.query("encoder == 'bert-base-uncased' and metric == 'mae'")["best_layer"].iloc[0])
+    best = int(res.best_layers.query("encoder == 'bert-base-uncased' and metric == 'mae'")["best_dev_layer"].iloc[0])
     stars = [l for l in ax.get_lines() if l.get_marker() == "*" and l.get_color() == bert.get_color()]
     assert len(stars) == 1 and stars[0].get_xdata()[0] == best
     assert stars[0].get_ydata()[0] == pytest.approx(bert.get_ydata()[best])
@@ -173,11 +177,11 @@ def test_learning_curves_and_layer_weights(mosi):
     fig = plots.plot_layer_weights(res)
     heights = [p.get_height() for p in fig.axes[2].patches]
     w = res.layer_weights[res.layer_weights["encoder"] == "bert-base-uncased"]
-    assert sorted(w["train_size"].unique()) == [0.1, 0.25, 0.5, 1.0]
+    assert sorted(w["train_size"].unique()) == ["0.1", "0.25", "0.5", "1.0"]
     # The bars are the full-data weights, not a mean over every training size.
-    np.testing.assert_allclose(heights, w[w["train_size"] == 1.0].groupby("layer")["weight"].mean())
+    np.testing.assert_allclose(heights, w[w["train_size"] == "1.0"].groupby("layer")["weight"].mean())
     assert not np.allclose(heights, w.groupby("layer")["weight"].mean(), atol=1e-3)
-    assert "at training size 1;" in " ".join(fig.get_suptitle().split())
+    assert "at the full training part;" in " ".join(fig.get_suptitle().split())
 
 
 def test_minimal_results_dir_without_optional_files(tmp_path):
@@ -314,12 +318,12 @@ def test_report_lists_finetune_rows_beside_probe_rows(finetuned, tiny_bert, tmp_
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "## Summary: best layer vs output layer vs weighted sum vs fusion vs fine-tuning" in md
     header = next(l for l in md.splitlines() if l.startswith("| results |"))
-    assert header.endswith("| weighted sum | fusion | fine-tuned |")
+    assert header.endswith("| weighted sum | fusion method | fusion | fine-tuned |")
     # The finetune row: its test score at the full training size (not the mean with size 0.5), method finetune.
     acc, f1 = _finetune_score(finetuned, "acc"), _finetune_score(finetuned, "f1_macro")
     label = f"{tiny_bert} finetune-concat (layer 2)"
     for metric, value in (("accuracy", acc), ("macro F1", f1)):
-        assert f"| ft | {label} | text | {metric} | – | – | – | – | – | – | {value:.3f} |" in md
+        assert f"| ft | {label} | text | {metric} | – | – | – | – | – | – | – | {value:.3f} |" in md
         assert f"<td>{value:.3f}</td>" in html
     # The probe rows of the same page keep their numbers and show '–' for fine-tuning.
     best = pd.read_csv(os.path.join(probe, "best_layers.csv")).query("metric == 'acc'").iloc[0]
@@ -396,15 +400,15 @@ def test_report_plots_the_full_data_weights_of_a_real_probe_run(tmp_path, one_to
               train_sizes=[0.1, 1.0], seeds=2, progress=False)
     res = load_results(tmp_path / "res")
     w = res.layer_weights
-    assert sorted(w["train_size"].unique()) == [0.1, 1.0] and set(w["method"]) == {"weighted", "fusion-gated"}
+    assert sorted(w["train_size"].unique()) == ["0.1", "1.0"] and set(w["method"]) == {"weighted", "fusion-gated"}
     fig = plots.plot_layer_weights(res)
     # One panel per encoder and method: the weighted sum's and the gated fusion's weights are not averaged.
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
-    assert titles == ["a (text)\nweighted", "b (audio)\nweighted", "a (text)\nfusion-gated",
-                      "b (audio)\nfusion-gated"]
+    assert titles == ["toy/a (text)\nweighted", "toy/b (audio)\nweighted", "toy/a (text)\nfusion-gated",
+                      "toy/b (audio)\nfusion-gated"]
     heights = [p.get_height() for p in fig.axes[0].patches]
     wa = w[(w["encoder"] == "toy/a") & (w["method"] == "weighted")]
-    np.testing.assert_allclose(heights, wa[wa["train_size"] == 1.0].groupby("layer")["weight"].mean())
+    np.testing.assert_allclose(heights, wa[wa["train_size"] == "1.0"].groupby("layer")["weight"].mean())
     assert int(np.argmax(heights)) == 3
     # A layer_weights.csv from before train_size / method: every row of an encoder is plotted, as before.
     pd.read_csv(tmp_path / "res" / "layer_weights.csv").drop(columns=["train_size", "method"]).to_csv(

@@ -80,8 +80,11 @@ def labels_and_splits(df: pd.DataFrame):
     meta = the other columns as strings."""
     labels = None
     if "label" in df.columns:
-        numeric = pd.to_numeric(df["label"], errors="coerce")
-        if numeric.notna().sum() == df["label"].notna().sum():
+        # "n/a", "NA", "" and the like are missing labels, so one of them does not make a numeric column text.
+        text = df["label"].astype("string").str.strip()
+        present = df["label"].notna() & ~text.str.lower().isin(["", "n/a", "na", "nan", "none", "null", "-"])
+        numeric = pd.to_numeric(df["label"].where(present), errors="coerce")
+        if present.any() and numeric.notna().sum() == present.sum():
             labels = numeric.to_numpy(dtype="float64")
         else:
             labels = df["label"].astype("string").fillna("").to_numpy(dtype=object)

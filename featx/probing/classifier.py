@@ -8,10 +8,12 @@ out = f @ coef.T + intercept (regression: out[:, 0]; classes: argmax, or out > 0
 from __future__ import annotations
 
 import json
+import os
+import warnings
 
 import numpy as np
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, first_line
 from featx.probing.data import load_cache
 from featx.probing.fusion import align_by_id
 from featx.probing.registry import make_probe
@@ -38,19 +40,32 @@ class Classifier:
         return cls(task, [block], arrays, classes, settings)
 
     @classmethod
-    def from_sweep(cls, data, layer, task, pool, probe):
-        """Refit the linear probe of a cache's `layer` (its best dev layer, from _sweep.best_layer_table) on the
-        train part; dev selects its regularisation."""
-        layer = int(layer)
+    def from_sweep(cls, data, layer, task, settings):
+        """The probe of a cache's `layer` (its best dev layer) as the sweep reported it: the first seed's first
+        fold, the full training part, the sweep's probe (linear for a probe without linear weights), folds and
+        device; dev selects its regularisation. settings: a SweepSettings. The file records all of these."""
+        from featx.probing.registry import get_probe
+
+        layer, seed = int(layer), int(settings.seeds[0])
         col = data.layers.index(layer)
-        (train, dev_idx, _), = make_folds(data.y, data.splits, task, 5, 0)[0][:1]
-        y = data.y if task == "classification" else data.y.astype(np.float64)
-        est = make_probe(probe if probe in ("batched", "ridge", "logistic") else "linear", 0, "auto")
-        est.fit(data.X[train][:, [col]], y[train], data.X[dev_idx][:, [col]], y[dev_idx])
-        block = {"encoder": data.encoder, "modality": data.modality, "pooling": pool, "layers": [layer],
-                 "hidden_size": data.hidden_size, "num_layers": data.num_layers}
-        return cls.from_linear(task, block, est.linear_params(0), getattr(est, "classes_", None),
-                               {"probe": probe, "selected_on": "dev"})
+        folds, test_split = make_folds(data.y, data.splits, task, settings.folds, seed)
+        train, dev, _ = folds[0]
+        y = data.y if task == "classification" else np.asarray(data.y, dtype=np.float64)
+        probe = settings.probe if get_probe(settings.probe).linear else "linear"
+        est = make_probe(probe, seed, settings.device)
+        if "task" in est.get_params():
+            est.set_params(task=task)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the sweep's fit ignores the same convergence warnings
+            est.fit(data.X[train], y[train], data.X[dev], y[dev])
+        block = {"encoder": data.encoder, "name": data.name or data.encoder, "modality": data.modality,
+                 "pooling": settings.pool, "layers": [layer], "hidden_size": data.hidden_size,
+                 "num_layers": data.num_layers}
+        record = {"probe": probe, "sweep_probe": settings.probe, "folds": settings.folds, "fold": 0,
+                  "folds_run": len(folds), "seed": seed, "device": settings.device, "train_size": "1.0",
+                  "train_labels": int(len(train)), "test_split": test_split, "selected_on": "dev",
+                  "layers_probed": list(data.layers)}
+        return cls.from_linear(task, block, est.linear_params(col), getattr(est, "classes_", None), record)
 
     def save(self, path):
         """Write `path` (.safetensors) with the JSON header in its metadata."""
@@ -65,20 +80,34 @@ class Classifier:
 
     @classmethod
     def load(cls, path):
-        from safetensors import safe_open
+        """Read a classifier saved by `save`; a damaged or foreign file is a one-line FeatxError naming it."""
+        header, arrays = _read(path)
+        try:
+            clf = cls(header["task"], header["blocks"], arrays, _classes(header), header.get("settings") or {})
+        except (KeyError, TypeError, ValueError) as e:
+            raise FeatxError(f"{path}: not a valid featx classifier ({first_line(e)})")
+        clf.validate(path)
+        return clf
 
-        with safe_open(path, framework="numpy") as f:
-            meta = (f.metadata() or {}).get("featx")
-            if meta is None:
-                raise FeatxError(f"{path} is not a featx classifier (no featx header)")
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-        header = json.loads(meta)
-        if header.get("format") != FORMAT:
-            raise FeatxError(f"{path}: unsupported classifier format {header.get('format')!r}")
-        classes = header["classes"]
-        if classes is not None and header.get("classes_dtype") in ("f", "i", "u", "b"):
-            classes = np.asarray(classes, dtype=np.float64)
-        return cls(header["task"], header["blocks"], arrays, classes, header["settings"])
+    def validate(self, where="classifier"):
+        """Check the header and every array's shape and finiteness against the model; FeatxError otherwise."""
+        def bad(msg):
+            raise FeatxError(f"{where}: damaged classifier: {msg}")
+        if self.task not in ("regression", "classification"):
+            bad(f"task {self.task!r}")
+        if not isinstance(self.blocks, list) or not self.blocks or not all(isinstance(b, dict) for b in self.blocks):
+            bad("no encoder blocks")
+        dims = [_block_shape(b, bad) for b in self.blocks]
+        for b, (n_layers, dim) in enumerate(dims):
+            for name, shape in ((f"mean_{b}", (n_layers, dim)), (f"scale_{b}", (n_layers, dim)),
+                                (f"weights_{b}", (n_layers,))):
+                _check_array(self.arrays, name, shape, bad)
+            if (self.arrays[f"scale_{b}"] == 0).any():
+                bad(f"scale_{b} holds zeros")
+        coef = self.arrays.get("coef")
+        outputs = 1 if self.task == "regression" else _class_outputs(self.classes, coef, bad)
+        _check_array(self.arrays, "coef", (outputs, sum(d for _, d in dims)), bad)
+        _check_array(self.arrays, "intercept", (outputs,), bad)
 
     def features(self, inputs):
         """inputs: list per block of (N, L_b, D_b) pooled layers (in the block's layer order) -> (N, sum D_b)."""
@@ -109,3 +138,65 @@ class Classifier:
                 raise FeatxError(f"{d.path}: hidden size {d.X.shape[2]} but the classifier expects {blk['hidden_size']}")
         ids, index, _ = align_by_id([d.ids for d in datas], [d.modality for d in datas])
         return ids, self.predict([d.X[i] for d, i in zip(datas, index)])
+
+
+def _read(path):
+    """(header dict, {name: array}) of a classifier file; one line for anything that is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FeatxError(f"classifier not found: {path}")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = (f.metadata() or {}).get("featx")
+            if meta is None:
+                raise FeatxError(f"{path} is not a featx classifier (no featx header)")
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FeatxError(f"{path}: not a readable classifier file ({first_line(e)})")
+    try:
+        header = json.loads(meta)
+    except ValueError as e:
+        raise FeatxError(f"{path}: the classifier's header is not valid JSON ({first_line(e)})")
+    if not isinstance(header, dict):
+        raise FeatxError(f"{path}: the classifier's header is not a JSON object")
+    if header.get("format") != FORMAT:
+        raise FeatxError(f"{path}: unsupported classifier format {header.get('format')!r}")
+    return header, arrays
+
+
+def _classes(header):
+    classes = header.get("classes")
+    if classes is not None and header.get("classes_dtype") in ("f", "i", "u", "b"):
+        classes = np.asarray(classes, dtype=np.float64)
+    return classes
+
+
+def _block_shape(block, bad):
+    layers, dim = block.get("layers"), block.get("hidden_size")
+    if not isinstance(layers, list) or not layers or not all(isinstance(v, int) for v in layers):
+        bad(f"block {block.get('encoder')!r} has no list of layers")
+    if not isinstance(dim, int) or dim < 1:
+        bad(f"block {block.get('encoder')!r} has no hidden size")
+    for key in ("encoder", "pooling"):
+        if not isinstance(block.get(key), str):
+            bad(f"block without {key}")
+    return len(layers), dim
+
+
+def _check_array(arrays, name, shape, bad):
+    a = arrays.get(name)
+    if a is None:
+        bad(f"array {name} is missing")
+    if tuple(a.shape) != tuple(shape):
+        bad(f"array {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    if not np.isfinite(a).all():
+        bad(f"array {name} holds NaN or infinite values")
+
+
+def _class_outputs(classes, coef, bad):
+    """Rows coef must have: one per class, or one for two classes (a single logit)."""
+    if classes is None or len(classes) < 2:
+        bad("a classification model needs at least two classes")
+    binary = len(classes) == 2 and coef is not None and coef.ndim == 2 and coef.shape[0] == 1
+    return 1 if binary else len(classes)

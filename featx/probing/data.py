@@ -8,11 +8,17 @@ import numpy as np
 
 from featx.cache import open_cache
 from featx.errors import FeatxError
+from featx.naming import display_name
+from featx.settings import canonical_split, resolve_layers
+
+# Label values that mean "no label" (compared case-insensitively after stripping).
+MISSING_LABELS = frozenset({"", "n/a", "na", "nan", "none", "null", "-"})
 
 
 @dataclass
 class CacheData:
-    """One cache's done items: X (N, L', D) for `layers`, ids (N,), y (N,), splits (N,) or None."""
+    """One cache's done, labelled items: X (N, L', D) for `layers`, ids (N,), y (N,) float64 or str,
+    splits (N,) canonical names or None; unlabeled: how many done items had no label (left out)."""
     path: str
     encoder: str
     modality: str
@@ -23,29 +29,97 @@ class CacheData:
     ids: np.ndarray
     y: np.ndarray
     splits: object
+    unlabeled: int = 0
+    name: str = ""  # the display name (featx.naming.display_names), set by the sweep
 
 
-def load_cache(path, pool="mean", layers="all", need_labels=True) -> CacheData:
-    """Read the pooled layers of a cache (featx.cache.store.open_cache) into memory; the file is closed after."""
+def read_labels(raw, ids, task="auto"):
+    """(y (N,), labelled (N,) bool) from a cache's stored labels.
+
+    A column whose non-missing values are all numbers is numeric (float64, NaN where missing); otherwise the
+    values are class names (str). task "regression" requires numbers, "classification" makes numbers class
+    names ("1", "2.5"). A non-finite number is a FeatxError naming the item."""
+    raw = np.asarray(raw)
+    if raw.dtype.kind in "fiub":
+        values = raw.astype(np.float64)
+    else:
+        text = np.asarray([("" if v is None else (v.decode() if isinstance(v, bytes) else str(v))).strip()
+                           for v in raw], dtype=object)
+        missing = np.asarray([t.lower() in MISSING_LABELS for t in text], bool)
+        values = _as_numbers(text, missing)
+        if values is None:
+            if task == "regression":
+                bad = next(t for t, m in zip(text, missing) if not m and _number(t) is None)
+                raise FeatxError(f"task regression needs numeric labels, but the label column holds {bad!r}")
+            return text, ~missing
+    inf = np.isinf(values)
+    if inf.any():
+        raise FeatxError(f"item {ids[int(np.flatnonzero(inf)[0])]!r} has a non-finite label "
+                         f"({values[inf][0]:g}); fix or remove it")
+    labelled = ~np.isnan(values)
+    if task == "classification":
+        return np.asarray([f"{v:g}" if ok else "" for v, ok in zip(values, labelled)], dtype=object), labelled
+    return values, labelled
+
+
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _as_numbers(text, missing):
+    """float64 values (NaN where missing) when every non-missing text is a number, else None."""
+    out = np.full(len(text), np.nan)
+    for i, (t, m) in enumerate(zip(text, missing)):
+        if m:
+            continue
+        v = _number(t)
+        if v is None:
+            return None
+        out[i] = v
+    return out if (~missing).any() else None
+
+
+def _splits(raw, path):
+    names = {}
+    for v in np.unique(np.asarray(raw).astype(str)):
+        try:
+            names[v] = canonical_split(v)
+        except FeatxError as e:
+            raise FeatxError(f"{path}: {e}")
+    return np.asarray([names[v] for v in np.asarray(raw).astype(str)], dtype=object)
+
+
+def load_cache(path, pool="mean", layers="all", need_labels=True, task="auto") -> CacheData:
+    """Read the pooled layers of a cache (featx.cache.store.open_cache) into memory; the file is closed after.
+
+    With need_labels, items without a label are left out (counted in CacheData.unlabeled)."""
     if not os.path.exists(path):
         raise FeatxError(f"no such cache: {path}")
     with open_cache(path) as c:
         L = int(c.num_layers)
-        if layers in (None, "all"):
-            chosen = list(range(L))
-        else:
-            chosen = [int(v) for v in (layers.split(",") if isinstance(layers, str) else layers)]
-            chosen = [v + L if v < 0 else v for v in chosen]
-            bad = [v for v in chosen if not 0 <= v < L]
-            if bad:
-                raise FeatxError(f"{path}: layers {bad} out of range 0..{L - 1}")
+        chosen = resolve_layers(layers, L, where=str(path))
         if pool not in list(c.poolings):
             raise FeatxError(f"{path}: no pooling {pool!r} (has {', '.join(map(str, c.poolings))})")
         if c.labels is None and need_labels:
             raise FeatxError(f"{path}: the cache has no labels to probe")
         done = np.asarray(c.done, bool)
+        ids = np.asarray(c.ids)[done].astype(str)
+        keep = np.ones(len(ids), bool)
+        y = None
+        if need_labels:
+            y, keep = read_labels(np.asarray(c.labels)[done], ids, task)
+        elif c.labels is not None:
+            y = np.asarray(c.labels)[done]
+        if need_labels and not keep.any():
+            raise FeatxError(f"{path}: none of the {len(ids)} done items has a label")
         X = np.asarray(c.pooled(pool, chosen), dtype=np.float32)
-        y = None if c.labels is None else np.asarray(c.labels)[done]
-        splits = None if c.splits is None else np.asarray([str(s).lower() for s in np.asarray(c.splits)[done]])
-        return CacheData(str(path), str(c.model), str(c.modality), L, int(c.hidden_size), chosen, X,
-                         np.asarray(c.ids)[done].astype(str), y, splits)
+        splits = None if c.splits is None else _splits(np.asarray(c.splits)[done], path)
+        model, modality, hidden = str(c.model), str(c.modality), int(c.hidden_size)
+    if not keep.all():
+        X, ids, y = X[keep], ids[keep], y[keep]
+        splits = None if splits is None else splits[keep]
+    return CacheData(str(path), model, modality, L, hidden, chosen, X, ids, y, splits, int((~keep).sum()),
+                     display_name(model))

@@ -14,13 +14,21 @@ import pandas as pd
 from featx import metrics
 from featx.errors import FeatxError, first_line
 from featx.metrics import higher_is_better
+from featx.settings import parse_train_size
 
-# train_size: as given ("0.5", "200", "1.0"); train_labels: the number of training labels it gave per fit.
 COLUMNS = ["encoder", "modality", "num_layers", "layer", "pooling", "probe", "method", "train_size", "train_labels",
            "seed", "split", "metric", "value"]
 # layer_weights.csv: one row per fit (seed, unit, training size) and layer; method ties it to its results rows.
 WEIGHT_COLUMNS = ["encoder", "modality", "seed", "layer", "weight", "train_size", "method"]
-
+# best_layers.csv: per (encoder, modality, metric), scores on `split` (test, or cv without a test split) at the
+# full training part; the best layer and the fusion method are chosen on `selected_on` (dev) by the primary metric.
+BEST_COLUMNS = ["encoder", "modality", "metric", "split", "train_size", "selected_on", "best_dev_layer",
+                "best_layer_score", "output_layer", "output_layer_score", "weighted_score", "fusion_method",
+                "fusion_score"]
+# Column names best_layers.csv had before BEST_COLUMNS.
+_OLD_BEST = {"best_layer": "best_dev_layer", "best_value": "best_layer_score",
+             "output_layer_value": "output_layer_score", "weighted_value": "weighted_score",
+             "fusion_value": "fusion_score"}
 
 
 class FoldScores:
@@ -42,9 +50,29 @@ class FoldScores:
         return dev, test
 
 
+def size_label(value) -> str:
+    """A training size as the results table writes it ("0.25", "200", "1.0"); numbers from older tables too."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "1.0"
+    return str(parse_train_size(value))
+
+
+def is_full_size(values) -> np.ndarray:
+    """(N,) bool: which training sizes are the whole training part."""
+    return np.asarray([parse_train_size(size_label(v)).is_full for v in values], bool)
+
+
 def write_results(rows, out):
-    """The tidy results table (COLUMNS) of `rows` as out/results.csv and .parquet; returns the DataFrame."""
-    df = pd.DataFrame(rows, columns=COLUMNS).astype({"num_layers": int, "layer": int, "seed": int, "value": float})
+    """The tidy results table (COLUMNS) of `rows` as out/results.csv and .parquet; returns the DataFrame.
+    train_size is written as given (str); train_labels is the number of training labels (mean over folds)."""
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["train_size"] = [size_label(v) for v in df["train_size"]]
+    df = df.astype({"num_layers": int, "layer": int, "train_labels": float, "seed": int, "value": float})
     df.to_csv(os.path.join(out, "results.csv"), index=False)
     df.to_parquet(os.path.join(out, "results.parquet"), index=False)
     return df
@@ -57,35 +85,75 @@ def meta_head(task, chance):
             "chance": chance}
 
 
-def best_layer_table(df, task):
-    """Per (encoder, modality, metric): the best dev layer (primary metric, mean over seeds, largest training
-    size) with its test value, the output layer's test value, the weighted sum's, and the best fusion's."""
-    primary = metrics.PRIMARY[task]
-    sign = 1 if metrics.higher_is_better(primary) else -1
-    top = df[df.train_size == df.train_size.max()]
-    test_split = "test" if (top.split == "test").any() else "cv"
-    mean = top.groupby(["encoder", "modality", "method", "layer", "split", "metric"], sort=False)["value"].mean()
-    fusion_value = {}
-    fus = top[top.method.str.startswith("fusion")]
-    if len(fus):
-        fm = fus.groupby(["method", "split", "metric"])["value"].mean()
-        devs = {m: fm.get((m, "dev", primary), np.nan) for m in fus.method.unique()}
-        chosen = max(devs, key=lambda m: sign * devs[m])   # chosen on dev, never test
-        fusion_value = {k[2]: v for k, v in fm.items() if k[0] == chosen and k[1] == test_split}
+def strict_json(value):
+    """`value` with NaN and infinities as None, numpy scalars and arrays as Python values (for allow_nan=False)."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+def write_meta(meta, path):
+    """Write `meta` as strict JSON (null for missing numbers)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(strict_json(meta), f, indent=2, allow_nan=False)
+    return path
+
+
+def eval_split_of(rows) -> str:
+    """The split whose scores are reported: test if there is one, else cross-validation, else dev."""
+    splits = set(rows["split"])
+    return next((s for s in ("test", "cv", "dev") if s in splits), sorted(splits)[0] if splits else "test")
+
+
+def best_layer_table(df, primary, higher_is_better=None, full_size="1.0"):
+    """BEST_COLUMNS per (encoder, modality, metric) of a results table (COLUMNS): the layer best on dev by the
+    `primary` metric (mean over seeds) at the full training part, its score on the evaluated split, the output
+    layer's, the weighted sum's and that of the fusion method best on dev. Without dev rows, selection falls
+    back to the evaluated split (older tables), and selected_on says so. full_size: the train_size label of
+    the whole training part."""
+    sign = 1 if (metrics.higher_is_better(primary) if higher_is_better is None else higher_is_better) else -1
+    full = df[df["train_size"].map(size_label) == full_size] if len(df) else df
+    test_split = eval_split_of(full)
+    select = "dev" if (full["split"] == "dev").any() else test_split
+    mean = full.groupby(["encoder", "modality", "method", "layer", "split", "metric"], sort=False)["value"].mean()
+    fusion_method, fusion_value = _best_fusion(full, primary, sign, select, test_split)
     out = []
-    layers = top[top.method == "layer"]
+    layers = full[(full["method"] == "layer") & (full["layer"] >= 0)]
     for (enc, mod), g in layers.groupby(["encoder", "modality"], sort=False):
-        L = int(g.num_layers.iloc[0])
-        dev = g[(g.split == "dev") & (g.metric == primary)].groupby("layer")["value"].mean()
+        last = max(int(g["num_layers"].iloc[0]) - 1, int(g["layer"].max()))   # the output layer
+        dev = g[(g["split"] == select) & (g["metric"] == primary)].groupby("layer")["value"].mean()
+        if dev.dropna().empty:
+            continue
         best = int((sign * dev).idxmax())
-        for metric in g.metric.unique():
+        for metric in g["metric"].unique():
             def val(method, layer):
                 return float(mean.get((enc, mod, method, layer, test_split, metric), np.nan))
-            out.append(dict(encoder=enc, modality=mod, metric=metric, best_layer=best, best_value=val("layer", best),
-                            output_layer_value=val("layer", L - 1), weighted_value=val("weighted", -1),
-                            fusion_value=float(fusion_value.get(metric, np.nan))))
-    return pd.DataFrame(out, columns=["encoder", "modality", "metric", "best_layer", "best_value",
-                                      "output_layer_value", "weighted_value", "fusion_value"])
+            out.append(dict(encoder=enc, modality=mod, metric=metric, split=test_split, train_size=full_size,
+                            selected_on=select, best_dev_layer=best, best_layer_score=val("layer", best),
+                            output_layer=last, output_layer_score=val("layer", last),
+                            weighted_score=val("weighted", -1), fusion_method=fusion_method,
+                            fusion_score=float(fusion_value.get(metric, np.nan))))
+    return pd.DataFrame(out, columns=BEST_COLUMNS)
+
+
+def _best_fusion(full, primary, sign, select, test_split):
+    """(the fusion method best on `select` by the primary metric, {metric: its score on test_split})."""
+    fus = full[full["method"].str.startswith("fusion")]
+    if not len(fus):
+        return None, {}
+    fm = fus.groupby(["method", "split", "metric"])["value"].mean()
+    devs = {m: fm.get((m, select, primary), np.nan) for m in fus["method"].unique()}
+    devs = {m: v for m, v in devs.items() if np.isfinite(v)} or {m: 0.0 for m in devs}
+    chosen = max(devs, key=lambda m: sign * devs[m])   # chosen on dev, never test
+    return chosen, {k[2]: v for k, v in fm.items() if k[0] == chosen and k[1] == test_split}
 
 
 # ---------------------------------------------------------------- reading a results directory
@@ -98,9 +166,9 @@ METRIC_LABELS = {"mae": "MAE", "corr": "Pearson r", "acc2_has0": "Acc-2 (has-0)"
                  "f1_weighted": "weighted F1"}
 _REQUIRED = ("encoder", "layer", "metric", "value")
 _DEFAULTS = {"modality": "", "num_layers": -1, "pooling": "", "probe": "", "method": "layer",
-             "train_size": 1.0, "seed": 0, "split": "test"}
+             "seed": 0, "split": "test", "train_labels": np.nan}
 GROUP = ["encoder", "modality"]
-_BEST_VALUES = ("best_value", "output_layer_value", "weighted_value", "fusion_value")
+_BEST_VALUES = ("best_layer_score", "output_layer_score", "weighted_score", "fusion_score")
 
 
 @dataclass
@@ -110,7 +178,7 @@ class Results:
     path: str
     name: str
     rows: pd.DataFrame  # one row per (encoder, layer, method, train_size, seed, split, metric): value
-    best_layers: pd.DataFrame  # encoder, modality, metric, best_layer, best_value, output_layer_value, ...
+    best_layers: pd.DataFrame  # BEST_COLUMNS (older files' columns renamed to them)
     layer_weights: pd.DataFrame | None  # encoder, modality, seed, layer, weight, train_size, method; None if not run
     meta: dict = field(default_factory=dict)
     selection_split: str = "dev"  # the split the best layers were chosen on
@@ -144,8 +212,7 @@ class Results:
     @property
     def eval_split(self):
         """The split whose scores are plotted: test if there is one, else cross-validation, else dev."""
-        splits = set(self.rows["split"])
-        return next((s for s in ("test", "cv", "dev") if s in splits), sorted(splits)[0])
+        return eval_split_of(self.rows)
 
     @property
     def notes(self):
@@ -171,7 +238,21 @@ class Results:
 
     @property
     def full_train_size(self):
-        return float(self.rows["train_size"].max())
+        """The train_size label of the headline rows: the whole training part ("1.0"); a table without one
+        (older runs) falls back to the size with the most training labels."""
+        sizes = list(dict.fromkeys(self.rows["train_size"]))
+        full = [s for s in sizes if _is_full_label(s)]
+        return full[0] if full else max(sizes, key=self.labels_of)
+
+    def labels_of(self, size):
+        """The number of training labels behind a train_size label (mean over rows), or the size's number."""
+        n = self.rows.loc[self.rows["train_size"] == size, "train_labels"].mean()
+        if np.isfinite(n):
+            return float(n)
+        try:
+            return float(size)
+        except ValueError:
+            return 0.0
 
     @property
     def has_learning_curves(self):
@@ -215,7 +296,8 @@ def load_results(path):
     if table is None:
         raise FeatxError(f"{path} is not a featx results directory: it has no results.csv or results.parquet")
     rows = _fill(_read_table(table, "results", _REQUIRED).dropna(subset=["value"]), _DEFAULTS)
-    rows = rows.astype({"encoder": str, "metric": str, "layer": int, "value": float})
+    rows["train_size"] = [size_label(v) for v in rows["train_size"]] if "train_size" in rows else "1.0"
+    rows = rows.astype({"encoder": str, "metric": str, "layer": int, "value": float, "train_labels": float})
     if rows.empty:
         raise FeatxError(f"{table} has no rows with a value")
 
@@ -235,49 +317,38 @@ def load_results(path):
         weights = _fill(_read_table(weights_path, "layer weights", ("encoder", "layer", "weight")),
                         {"modality": "", "seed": 0, "method": "weighted", "train_size": np.nan})
         weights = weights.astype({"encoder": str, "layer": int, "weight": float}) if len(weights) else None
+        if weights is not None:
+            weights["train_size"] = [None if pd.isna(v) else size_label(v) for v in weights["train_size"]]
 
     res = Results(path=path, name=os.path.basename(path.rstrip(os.sep)), rows=rows, best_layers=pd.DataFrame(),
                   layer_weights=weights, meta=meta)
     best_path = os.path.join(path, "best_layers.csv")
     if os.path.exists(best_path):
-        best = _fill(_read_table(best_path, "best layers", ("encoder", "metric", "best_layer")),
-                     {"modality": "", **{c: np.nan for c in _BEST_VALUES}})
+        best = _read_table(best_path, "best layers", ("encoder", "metric"))
+        best = best.rename(columns={k: v for k, v in _OLD_BEST.items() if k in best.columns})
+        if "best_dev_layer" not in best.columns:
+            raise FeatxError(f"{best_path} lacks the column best_dev_layer")
+        best = _fill(best, {"modality": "", "fusion_method": np.nan, **{c: np.nan for c in _BEST_VALUES}})
         res.best_layers = best.astype({"encoder": str, "metric": str})
+        if "selected_on" in best.columns and best["selected_on"].notna().any():
+            res.selection_split = str(best["selected_on"].dropna().iloc[0])
     else:
         res.best_layers = derive_best_layers(res)
         res.selection_split = "dev" if "dev" in set(rows["split"]) else res.eval_split
     return res
 
 
-def _mean_by(rows, keys):
-    return rows.groupby(keys, sort=True)["value"].mean()
+def _is_full_label(size):
+    try:
+        return parse_train_size(size).is_full
+    except FeatxError:
+        return False
 
 
 def derive_best_layers(res):
-    """best_layers.csv computed from the rows: best layer on dev (or on the evaluated split without dev)."""
-    rows = res.rows[res.rows["train_size"] == res.full_train_size]
-    layer_rows = rows[(rows["method"] == "layer") & (rows["layer"] >= 0)]
-    select_split = "dev" if "dev" in set(layer_rows["split"]) else res.eval_split
-    out = []
-    for (encoder, modality, metric), g in layer_rows.groupby(GROUP + ["metric"], sort=False):
-        chooser = _mean_by(g[g["split"] == select_split], "layer")
-        scores = _mean_by(g[g["split"] == res.eval_split], "layer")
-        if chooser.empty or scores.empty:
-            continue
-        best = int(chooser.idxmax() if res.higher_is_better(metric) else chooser.idxmin())
-        enc = rows[(rows["encoder"] == encoder) & (rows["modality"] == modality) & (rows["metric"] == metric)
-                   & (rows["split"] == res.eval_split)]
-        weighted = enc[enc["method"] == "weighted"]["value"]
-        out.append({"encoder": encoder, "modality": modality, "metric": metric, "best_layer": best,
-                    "best_value": scores.get(best, np.nan), "output_layer_value": scores.iloc[-1],
-                    "weighted_value": weighted.mean() if len(weighted) else np.nan, "fusion_value": np.nan})
-    fusion = rows[rows["method"].str.startswith("fusion") & (rows["split"] == res.eval_split)]
-    for (encoder, modality, method, metric), g in fusion.groupby(GROUP + ["method", "metric"], sort=False):
-        # One row per fusion method, named after it: a mean over early and late fusion would mean nothing.
-        out.append({"encoder": f"{encoder} {method}", "modality": modality, "metric": metric, "best_layer": np.nan,
-                    "best_value": np.nan, "output_layer_value": np.nan, "weighted_value": np.nan,
-                    "fusion_value": g["value"].mean()})
-    return pd.DataFrame(out, columns=GROUP + ["metric", "best_layer", *_BEST_VALUES])
+    """best_layers.csv computed from the rows with the writer's rule (best_layer_table)."""
+    primary = res.primary_metric
+    return best_layer_table(res.rows, primary, res.higher_is_better(primary), res.full_train_size)
 
 
 def best_layer(res, encoder, modality, metric):
@@ -285,6 +356,6 @@ def best_layer(res, encoder, modality, metric):
     b = res.best_layers
     # A best_layers.csv without a modality column matches on the encoder alone.
     same = (b["encoder"] == encoder) & (b["metric"] == metric) & b["modality"].isin([modality, ""])
-    hit = b[same]["best_layer"].dropna()
+    hit = b[same]["best_dev_layer"].dropna()
     hit = hit[hit >= 0]  # fusion rows carry -1
     return int(hit.iloc[0]) if len(hit) else None

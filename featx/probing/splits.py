@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-DEV_NAMES = {"dev", "valid", "val", "validation"}
-
+from featx.errors import FeatxError
+from featx.settings import canonical_split, parse_train_size
 
 def inner_split(y, task, fraction=0.2, random_state=0):
     """(fit_idx, dev_idx): a stratified split of range(len(y)) (regression stratifies on label quintiles)."""
@@ -32,49 +32,70 @@ def strata(y, task, bins=5):
 
 
 def make_folds(y, splits, task, folds=5, seed=0):
-    """([(train_idx, dev_idx, test_idx)] one per fold, the test split's name: "test" or "cv")."""
-    n = len(y)
-    if splits is not None and np.isin(splits, ["train"]).any() and np.isin(splits, ["test"]).any():
-        train = np.flatnonzero(splits == "train")
-        dev = np.flatnonzero(np.isin(splits, list(DEV_NAMES)))
-        test = np.flatnonzero(splits == "test")
-        if dev.size == 0:  # no dev part: hold one out of train, never out of test
-            fit, d = inner_split(y[train], task, 0.2, seed)
-            train, dev = train[fit], train[d]
-        return [(train, dev, test)], "test"
+    """([(train_idx, dev_idx, test_idx)] one per fold, the test split's name: "test" or "cv").
+
+    splits: (N,) split names (train, dev, test or an alias, see settings.canonical_split; "" for none) or None.
+    With any split named, train and test must be present and the given parts are used (a missing dev part is
+    held out of train); otherwise stratified K-fold CV, with K lowered to the smallest class's size when that
+    is smaller (fold_count says how many ran)."""
+    if splits is not None:
+        names = {v: canonical_split(v) for v in set(np.asarray(splits).astype(str).tolist())}
+        splits = np.asarray([names[v] for v in np.asarray(splits).astype(str)], dtype=object)
+    if splits is not None and (splits != "").any():
+        return _given_split(y, splits, task, seed), "test"
     from sklearn.model_selection import StratifiedKFold
 
     labels = strata(y, task)
-    _, counts = np.unique(labels, return_counts=True)
-    k = int(min(folds, max(2, counts.min())))
     units = []
-    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), labels):
+    for tr, te in StratifiedKFold(fold_count(y, task, folds), shuffle=True, random_state=seed).split(
+            np.zeros(len(y)), labels):
         fit, d = inner_split(y[tr], task, 0.2, seed)
         units.append((tr[fit], tr[d], te))
     return units, "cv"
 
 
-def subsample(train_idx, y, task, size, seed):
-    """Indices of a random subsample of the training part: a fraction (<= 1), k per class (classification,
-    size > 1) or an absolute count (regression, size > 1)."""
-    rng = np.random.default_rng(seed)
-    if size <= 1.0:
-        if size >= 1.0:
-            return train_idx
-        n = max(2, int(round(size * len(train_idx))))
-        if task == "classification":
-            from sklearn.model_selection import train_test_split
+def fold_count(y, task, folds):
+    """The number of CV folds that can run: `folds`, lowered to the smallest stratum's size (at least 2)."""
+    _, counts = np.unique(strata(y, task), return_counts=True)
+    if len(y) < 4:
+        raise FeatxError(f"cross-validation needs at least 4 labelled items, got {len(y)}")
+    return int(min(folds, max(2, counts.min())))
 
-            try:
-                return train_test_split(train_idx, train_size=n, random_state=seed, stratify=y[train_idx])[0]
-            except ValueError:
-                pass
-        return rng.choice(train_idx, size=n, replace=False)
-    k = int(size)
+
+def _given_split(y, splits, task, seed):
+    """The one (train, dev, test) fold of a manifest's split column; too small a part is a one-line error."""
+    train = np.flatnonzero(splits == "train")
+    dev = np.flatnonzero(splits == "dev")
+    test = np.flatnonzero(splits == "test")
+    if train.size == 0 or test.size == 0:
+        raise FeatxError("the split column needs both train and test items (found "
+                         + ", ".join(f"{n} {k}" for k, n in (("train", train.size), ("dev", dev.size),
+                                                                  ("test", test.size))) + ")")
+    if dev.size == 0:  # no dev part: hold one out of train, never out of test
+        if train.size < 4:
+            raise FeatxError(f"the train split has {train.size} labelled item(s); with no dev split at least "
+                             "4 are needed to hold a dev part out")
+        fit, d = inner_split(y[train], task, 0.2, seed)
+        train, dev = train[fit], train[d]
+    small = [(k, n) for k, n in (("train", train.size), ("dev", dev.size), ("test", test.size)) if n < 2]
+    if small:
+        raise FeatxError(f"the {small[0][0]} split has {small[0][1]} labelled item; each of train, dev and test "
+                         "needs at least 2")
+    return [(train, dev, test)]
+
+
+def subsample(train_idx, y, task, size, seed):
+    """Indices of `size` training labels drawn from the training part (all of it for the full part);
+    classification keeps the classes' proportions (stratified) where it can.
+
+    size: a number of labels (a whole number > 1, e.g. TrainSize.labels(len(train_idx))), or a TrainSize or
+    fraction (0 < x <= 1) resolved here; a count larger than the training part is a FeatxError."""
+    n_labels = parse_train_size(size).labels(len(train_idx))
+    if n_labels >= len(train_idx):
+        return train_idx
     if task == "classification":
-        picks = []
-        for c in np.unique(y[train_idx]):
-            members = train_idx[y[train_idx] == c]
-            picks.append(rng.choice(members, size=min(k, len(members)), replace=False))
-        return np.concatenate(picks)
-    return rng.choice(train_idx, size=min(k, len(train_idx)), replace=False)
+        try:
+            return train_test_split(train_idx, train_size=n_labels, random_state=seed, stratify=y[train_idx])[0]
+        except ValueError:  # fewer labels than classes, or a class of one: a plain random draw
+            pass
+    return np.random.default_rng(seed).choice(train_idx, size=n_labels, replace=False)

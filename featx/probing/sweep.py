@@ -3,168 +3,293 @@
 `run_probe(caches, out, ...)` is what `featx probe` and `featx fuse` call. Protocol: with a manifest `split`
 column, fit on train, select (regularisation per layer, best layer) on dev, report dev and test; without
 splits, stratified K-fold CV, an inner stratified split of each training fold for selection, and the
-out-of-fold test predictions pooled into split "cv". Training sizes subsample the training part only.
+out-of-fold test predictions pooled into split "cv". Training sizes subsample the training part only; each
+is resolved per fold to a number of training labels (TrainSize.labels).
 """
 from __future__ import annotations
 
-import json
 import os
+import sys
 import warnings
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
 from featx import metrics
 from featx.errors import FeatxError
+from featx.naming import display_names, slug
 from featx.probing.classifier import Classifier
 from featx.probing.data import load_cache
 from featx.probing.estimators import infer_task
 from featx.probing.fusion import EarlyFusion, GatedFusion, LateFusion, WeightedLayerProbe, align_by_id
 from featx.probing.registry import get_probe, make_probe
-from featx.probing.results import WEIGHT_COLUMNS, FoldScores, best_layer_table, meta_head, write_results
-from featx.probing.splits import make_folds, subsample
+from featx.probing.results import (WEIGHT_COLUMNS, FoldScores, best_layer_table, meta_head, write_meta,
+                                   write_results)
+from featx.probing.splits import fold_count, make_folds, subsample
+from featx.settings import (DEVICES, TASKS, TrainSize, choice, csv_list, parse_layers, parse_seeds,
+                            parse_train_sizes)
 
+FUSIONS = ("early", "late", "gated")
+FULL = TrainSize("fraction", 1.0)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything that changes a sweep's numbers, parsed and validated once (SweepSettings.parse).
+
+    layers: "all" or indices; seeds: the seeds run; train_sizes: TrainSize in the order given (the full
+    training part always among them); fusion: methods out of FUSIONS; fusion_layer: "best" (each modality's
+    best dev layer), "weighted" or a layer index; task: "auto" (from the labels), regression or classification.
+    """
+    probe: str = "linear"
+    layers: object = "all"
+    pool: str = "mean"
+    seeds: tuple = (0,)
+    train_sizes: tuple = (FULL,)
+    folds: int = 5
+    weighted: bool = False
+    fusion: tuple = ()
+    fusion_layer: object = "best"
+    missing: str = "intersect"
+    late_rule: str = "mean"
+    device: str = "auto"
+    task: str = "auto"
+    save_classifier: bool = False
+
+    @classmethod
+    def parse(cls, **values) -> "SweepSettings":
+        """Settings from raw values (command line, recipe or Python); one-line FeatxError for a bad one."""
+        s = replace(cls(), **values)
+        get_probe(s.probe)
+        try:
+            folds = int(s.folds)
+        except (TypeError, ValueError):
+            raise FeatxError(f"folds must be a whole number >= 2, not {s.folds!r}")
+        if folds < 2:
+            raise FeatxError(f"folds must be at least 2, not {folds}")
+        fusion = tuple(dict.fromkeys(csv_list(s.fusion)))
+        bad = sorted(set(fusion) - set(FUSIONS))
+        if bad:
+            raise FeatxError(f"unknown fusion method(s) {bad}: use {', '.join(FUSIONS)}")
+        return replace(s, layers=parse_layers(s.layers), pool=str(s.pool), seeds=tuple(parse_seeds(s.seeds)),
+                       train_sizes=tuple(parse_train_sizes(s.train_sizes)), folds=folds, weighted=bool(s.weighted),
+                       fusion=fusion, fusion_layer=_fusion_layer(s.fusion_layer),
+                       missing=choice(s.missing, ("intersect", "error"), "missing"),
+                       late_rule=choice(s.late_rule, ("mean", "stack"), "late_rule"),
+                       device=choice(s.device, DEVICES, "device"), task=choice(s.task, TASKS, "task"),
+                       save_classifier=bool(s.save_classifier))
+
+    @property
+    def sizes_run(self) -> tuple:
+        """The training sizes fitted: those given, plus the full training part (the headline) if absent."""
+        return self.train_sizes if any(t.is_full for t in self.train_sizes) else self.train_sizes + (FULL,)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["train_sizes"] = [str(t) for t in self.train_sizes]
+        out["train_sizes_run"] = [str(t) for t in self.sizes_run]
+        return out
+
+
+def _fusion_layer(value):
+    if str(value) in ("best", "weighted"):
+        return str(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise FeatxError(f"fusion_layer must be best, weighted or a layer index, not {value!r}")
+
+
+@dataclass
+class SweepOutput:
+    """Rows of one fit group: results rows, layer-weight rows, and per fold what fusion may reuse:
+    best dev layer (index into the cache's layers) and the fitted WeightedLayerProbe."""
+    rows: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    best_dev: dict = field(default_factory=dict)
+    weighted_models: dict = field(default_factory=dict)
+
+
+def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, train_sizes=(1.0,), folds=5,
+              weighted=False, fusion=(), fusion_layer="best", missing="intersect", late_rule="mean",
+              device="auto", save_classifier=False, task="auto", progress=True):
+    """Probe every layer of every cache, optionally fuse modalities; write results to `out`.
+
+    caches: list of .h5 paths. probe: a registered probe (linear | ridge | logistic | mlp | batched). layers:
+    "all" or indices. seeds: a count n (seeds 0..n-1) or a list. train_sizes: fractions of the training part
+    (0 < x <= 1) or numbers of labels (whole numbers > 1). weighted: also fit the layer-weighted sum. fusion:
+    any of early, late, gated. fusion_layer: best | weighted | an index. missing: intersect | error.
+    task: auto | regression | classification. See SweepSettings.
+    Writes results.csv / .parquet, best_layers.csv, layer_weights.csv, meta.json (and classifier__NAME.safetensors
+    with save_classifier). Returns the results DataFrame; its attrs["meta"] is what meta.json holds.
+    """
+    s = SweepSettings.parse(probe=probe, layers=layers, pool=pool, seeds=seeds, train_sizes=train_sizes,
+                            folds=folds, weighted=weighted, fusion=fusion, fusion_layer=fusion_layer,
+                            missing=missing, late_rule=late_rule, device=device, task=task,
+                            save_classifier=save_classifier)
+    datas = load_caches(caches, s)
+    task = resolve_task(datas, s.task)
+    if s.fusion and len(datas) < 2:
+        raise FeatxError("fusion needs at least two caches (one per modality)")
+    check_sizes(datas, task, s)
+    os.makedirs(out, exist_ok=True)
+    aligned = align(datas, s.missing) if s.fusion else None
+    rows, weight_rows = _sweep_all(datas, aligned, task, s, progress)
+    df = write_results(rows, out)
+    pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
+    best = best_layer_table(df, metrics.PRIMARY[task])
+    best.to_csv(os.path.join(out, "best_layers.csv"), index=False)
+    meta = run_meta(datas, aligned, task, s, df)
+    write_meta(meta, os.path.join(out, "meta.json"))
+    if s.save_classifier:
+        save_classifiers(datas, best, task, s, out)
+    df.attrs["meta"] = meta
+    return df
+
+
+def save_classifiers(datas, best, task, s, out):
+    """out/classifier__NAME.safetensors per cache: its best dev layer's probe (Classifier.from_sweep)."""
+    names = [d.name for d in datas]
+    for d in datas:
+        hit = best[(best.encoder == d.name) & (best.modality == d.modality)].best_dev_layer
+        if hit.empty:
+            warnings.warn(f"{d.name} ({d.modality}): no best dev layer, so no classifier saved")
+            continue
+        stem = d.name if names.count(d.name) == 1 else f"{d.name}-{d.modality}"
+        Classifier.from_sweep(d, hit.iloc[0], task, s).save(os.path.join(out, f"classifier__{slug(stem)}.safetensors"))
+
+
+def load_caches(caches, s):
+    """CacheData per path with its display name set; the same file twice is a one-line error."""
+    paths = [os.fspath(p) for p in caches]
+    if not paths:
+        raise FeatxError("give at least one cache")
+    seen = {}
+    for p in paths:
+        key = os.path.realpath(p)
+        if key in seen:
+            raise FeatxError(f"the cache {p} is given twice (as {seen[key]} too); give each cache once")
+        seen[key] = p
+    datas = [load_cache(p, s.pool, s.layers, task=s.task) for p in paths]
+    for d, name in zip(datas, display_names([d.encoder for d in datas])):
+        d.name = name
+    return datas
+
+
+def resolve_task(datas, forced="auto") -> str:
+    """The task of the caches' labels (or `forced`); caches that disagree are a one-line error."""
+    if forced != "auto":
+        return forced
+    tasks = {infer_task(d.y) for d in datas}
+    if len(tasks) != 1:
+        raise FeatxError(f"the caches' labels disagree on the task ({', '.join(sorted(tasks))}); "
+                         "set task to regression or classification")
+    return tasks.pop()
+
+
+def check_sizes(datas, task, s):
+    """Every training size must fit every fold's training part (TrainSize.labels raises otherwise)."""
+    for d in datas:
+        for seed in s.seeds:
+            folds, _ = make_folds(d.y, d.splits, task, s.folds, seed)
+            for size in s.sizes_run:
+                size.labels(min(len(train) for train, _, _ in folds))
+
+
+def _sweep_all(datas, aligned, task, s, progress):
+    """(results rows, layer-weight rows) of every cache, seed and size, and of fusion."""
+    from featx.progress import progress_bar
+
+    reuse = (s.fusion_layer == "best" and s.probe != "mlp") or (s.fusion_layer == "weighted" and s.weighted)
+    reuse = bool(s.fusion) and reuse and same_items(datas, aligned)
+    n_folds = len(make_folds(datas[0].y, datas[0].splits, task, s.folds, s.seeds[0])[0])
+    total = len(s.seeds) * len(s.sizes_run) * n_folds * (len(datas) + (1 if s.fusion else 0))
+    bar = progress_bar(total, "probe", "fit", enabled=progress)
+    rows, weights = [], []
+    for seed in s.seeds:
+        for size in s.sizes_run:
+            kept = []
+            for d in datas:
+                got = sweep_cache(d, task, s, seed, size, keep=reuse, tick=bar.update)
+                rows += got.rows
+                weights += got.weights
+                kept.append(got)
+            if s.fusion:
+                got = fuse(datas, aligned, task, s, seed, size, kept if reuse else None, tick=bar.update)
+                rows += got.rows
+                weights += got.weights
+    bar.close()
+    return rows, weights
 
 
 def _rows(base, layer, split, values):
     return [dict(base, layer=layer, split=split, metric=m, value=float(v)) for m, v in values.items()]
 
 
-def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, train_sizes=(1.0,), folds=5,
-              weighted=False, fusion=(), fusion_layer="best", missing="intersect", late_rule="mean",
-              device="auto", save_classifier=False, progress=True, task="auto"):
-    """Probe every layer of every cache, optionally fuse modalities; write results to `out`.
-
-    caches: list of .h5 paths. probe: linear | ridge | logistic | mlp | batched. layers: "all" or indices.
-    seeds: int n (seeds 0..n-1) or a list. train_sizes: fractions of the training part, or counts > 1
-    (k per class for classification). weighted: also fit the learned layer-weighted sum. fusion: any of
-    "early", "late", "gated". fusion_layer: "best" (best dev layer per modality), "weighted", or an int.
-    missing: "intersect" | "error" for items absent from a modality. task: "auto" (from the labels) or forced.
-    Writes results.csv / .parquet, best_layers.csv, layer_weights.csv, meta.json. Returns the results DataFrame.
-    """
-    from featx.progress import progress_bar
-
-    datas = [load_cache(p, pool, layers) for p in caches]
-    tasks = {infer_task(d.y) for d in datas} if task == "auto" else {task}
-    if len(tasks) != 1:
-        raise FeatxError(f"the caches' labels disagree on the task ({', '.join(sorted(tasks))})")
-    task = tasks.pop()
-    seeds = list(range(int(seeds))) if np.isscalar(seeds) else [int(s) for s in seeds]
-    sizes = [float(s) for s in train_sizes]
-    if any(s <= 0 for s in sizes):
-        raise FeatxError("training sizes must be > 0 (fractions <= 1 or counts > 1)")
-    fusion = [f for f in (fusion or ()) if f]
-    bad = set(fusion) - {"early", "late", "gated"}
-    if bad:
-        raise FeatxError(f"unknown fusion method(s) {sorted(bad)}: use early, late, gated")
-    if fusion and len(datas) < 2:
-        raise FeatxError("fusion needs at least two caches (one per modality)")
-    os.makedirs(out, exist_ok=True)
-    probe_name = get_probe(probe).label(task)
-
-    rows, weight_rows, chance_parts = [], [], []
-    aligned = _align(datas, missing) if fusion else None
-    # fusion_layer "best" picks each modality's best dev layer per fold, "weighted" fits its layer-weighted
-    # probe: where fusion's items and folds are the modality's own (every cache holds the same ids in the same
-    # order), the modality's sweep has already fit that very probe (for "weighted", with --weighted), so its
-    # result is kept ({(cache, seed, size, unit): layer or WeightedLayerProbe}) instead of fitting it again.
-    reuse = (fusion_layer == "best" and probe != "mlp") or (fusion_layer == "weighted" and weighted)
-    best_dev = {} if fusion and reuse and _same_items(datas, aligned) else None
-    n_units = len(make_folds(datas[0].y, datas[0].splits, task, folds, 0)[0])
-    total = len(seeds) * len(sizes) * n_units * (len(datas) + (1 if fusion else 0))
-    bar = progress_bar(total, "probe", "fit", enabled=progress)
-    for seed in seeds:
-        for size in sizes:
-            for d in datas:
-                chance_here = seed == seeds[0] and size == sizes[-1] and d is datas[0]  # one chance estimate
-                _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, device, rows, weight_rows,
-                           chance_parts if chance_here else None, bar, best_dev, datas.index(d))
-            if fusion:
-                _fuse(datas, aligned, task, probe, pool, seed, size, folds, fusion, fusion_layer, late_rule,
-                      device, rows, weight_rows, bar, best_dev)
-    bar.close()
-    df = write_results(rows, out)
-    pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
-    best = best_layer_table(df, task)
-    best.to_csv(os.path.join(out, "best_layers.csv"), index=False)
-    meta = {**meta_head(task, chance_parts[0] if chance_parts else {}),
-            "caches": [os.path.abspath(d.path) for d in datas],
-            "encoders": [{"encoder": d.encoder, "modality": d.modality, "num_layers": d.num_layers,
-                          "hidden_size": d.hidden_size} for d in datas]}
-    if fusion:
-        meta["fusion"] = {"items": len(aligned["ids"]), "missing": dict(aligned["missing"]),
-                          "rule": "intersect: items missing from any modality are left out of fusion and listed here"}
-    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, default=float)
-    if save_classifier:
-        for d in datas:
-            layer = best[(best.encoder == d.encoder) & (best.modality == d.modality)].best_layer.iloc[0]
-            Classifier.from_sweep(d, layer, task, pool, probe).save(
-                os.path.join(out, f"classifier__{_slug(d.encoder)}.safetensors"))
-    return df
+def _targets(y, task):
+    return y if task == "classification" else np.asarray(y, dtype=np.float64)
 
 
-def _slug(text):
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text).strip("-")
+def _fit(est, X, y, fit, dev, task):
+    """Fit `est` on the fit part with the dev part for selection; the task is the sweep's, not re-inferred."""
+    if "task" in est.get_params():
+        est.set_params(task=task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # convergence warnings on tiny subsamples
+        return est.fit(X[fit], y[fit], X[dev], y[dev])
 
 
-def _sweep_one(d, task, probe, probe_name, pool, seed, size, folds, weighted, device, rows, weight_rows,
-               chance_parts, bar, best_dev=None, k=0):
-    """Fit the probes of every layer of one cache for one (seed, size); append rows and layer weights, and
-    record each fold's best dev layer in best_dev[(k, seed, size, unit)] (and its layer-weighted probe in
-    best_dev[("weighted", k, seed, size, unit)]) when best_dev is a dict."""
-    units, test_name = make_folds(d.y, d.splits, task, folds, seed)
-    base = dict(encoder=d.encoder, modality=d.modality, num_layers=d.num_layers, pooling=pool, probe=probe_name,
-                train_size=size, seed=seed)
-    poolers = [FoldScores(task) for _ in d.layers]
-    w_pooler, chance_pooler = FoldScores(task), []
-    y = d.y if task == "classification" else d.y.astype(np.float64)
-    for u, (train, dev, test) in enumerate(units):
-        fit = subsample(train, y, task, size, seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # convergence warnings on tiny subsamples
-            est = make_probe(probe, seed, device).fit(d.X[fit], y[fit], d.X[dev], y[dev])
-        if best_dev is not None:
-            best_dev[(k, seed, size, u)] = est.best_layer_
+def sweep_cache(d, task, s, seed, size, keep=False, tick=lambda n: None) -> SweepOutput:
+    """Fit the probes of every layer of one cache for one (seed, size); with `keep`, each fold's best dev layer
+    and weighted probe are kept for fusion."""
+    folds, test_name = make_folds(d.y, d.splits, task, s.folds, seed)
+    y = _targets(d.y, task)
+    scores = [FoldScores(task) for _ in d.layers]
+    w_scores, n_labels, got = FoldScores(task), [], SweepOutput()
+    for k, (train, dev, test) in enumerate(folds):
+        fit = subsample(train, y, task, size.labels(len(train)), seed)
+        n_labels.append(len(fit))
+        est = _fit(make_probe(s.probe, seed, s.device), d.X, y, fit, dev, task)
         p_dev, p_test = est.predict_layers(d.X[dev]), est.predict_layers(d.X[test])
-        for i, pooler in enumerate(poolers):
-            pooler.add(y[dev], p_dev[:, i], y[test], p_test[:, i])
-        if weighted:
-            w = WeightedLayerProbe(random_state=seed).fit(d.X[fit], y[fit], d.X[dev], y[dev])
-            if best_dev is not None:
-                best_dev[("weighted", k, seed, size, u)] = w
-            w_pooler.add(y[dev], w.predict(d.X[dev]), y[test], w.predict(d.X[test]))
-            weight_rows.extend(dict(encoder=d.encoder, modality=d.modality, seed=seed, layer=l, weight=float(v),
-                                    train_size=size, method="weighted") for l, v in zip(d.layers, w.weights_))
-        if chance_parts is not None:
-            chance_pooler.append((y[fit], y[test]))
-        bar.update(1)
-    for layer, pooler in zip(d.layers, poolers):
-        dev_m, test_m = pooler.result()
-        rows += _rows(dict(base, method="layer"), layer, "dev", dev_m) + _rows(dict(base, method="layer"), layer,
-                                                                               test_name, test_m)
-    if weighted:
-        dev_m, test_m = w_pooler.result()
+        for i, fold_scores in enumerate(scores):
+            fold_scores.add(y[dev], p_dev[:, i], y[test], p_test[:, i])
+        if keep:
+            got.best_dev[k] = est.best_layer_
+        if s.weighted:
+            w = _fit(WeightedLayerProbe(random_state=seed), d.X, y, fit, dev, task)
+            if keep:
+                got.weighted_models[k] = w
+            w_scores.add(y[dev], w.predict(d.X[dev]), y[test], w.predict(d.X[test]))
+            got.weights += [dict(encoder=d.name, modality=d.modality, seed=seed, layer=layer, weight=float(v),
+                                 train_size=str(size), method="weighted") for layer, v in zip(d.layers, w.weights_)]
+        tick(1)
+    base = dict(encoder=d.name, modality=d.modality, num_layers=d.num_layers, pooling=s.pool,
+                probe=get_probe(s.probe).label(task), train_size=str(size), train_labels=float(np.mean(n_labels)),
+                seed=seed, method="layer")
+    for layer, fold_scores in zip(d.layers, scores):
+        dev_m, test_m = fold_scores.result()
+        got.rows += _rows(base, layer, "dev", dev_m) + _rows(base, layer, test_name, test_m)
+    if s.weighted:
+        dev_m, test_m = w_scores.result()
         wb = dict(base, method="weighted", probe="weighted-linear")
-        rows += _rows(wb, -1, "dev", dev_m) + _rows(wb, -1, test_name, test_m)
-    if chance_parts is not None:
-        preds = [metrics.chance_prediction(task, tr, len(te)) for tr, te in chance_pooler]
-        chance_parts.append(metrics.compute(task, np.concatenate([te for _, te in chance_pooler]),
-                                            np.concatenate(preds)))
+        got.rows += _rows(wb, -1, "dev", dev_m) + _rows(wb, -1, test_name, test_m)
+    return got
 
 
-def _same_items(datas, aligned):
+def same_items(datas, aligned):
     """Whether fusion runs on every cache's own items in its own order, with the same splits: then its folds
     are each modality's own."""
     if any(not np.array_equal(idx, np.arange(len(d.ids))) for d, idx in zip(datas, aligned["index"])):
         return False
     splits = [d.splits for d in datas]
-    return all(s is None for s in splits) or all(s is not None and np.array_equal(np.asarray(s, str),
+    return all(x is None for x in splits) or all(x is not None and np.array_equal(np.asarray(x, str),
                                                                                   np.asarray(splits[0], str))
-                                                 for s in splits)
+                                                 for x in splits)
 
 
-def _align(datas, missing):
+def align(datas, missing):
+    """{"ids", "index" (M, K), "missing" {modality: [ids]}}: the labelled items every cache shares."""
     ids, index, report = align_by_id([d.ids for d in datas], [d.modality for d in datas], missing)
     if any(report.values()):
         lost = {k: len(v) for k, v in report.items() if v}
@@ -176,66 +301,135 @@ def _align(datas, missing):
     return {"ids": ids, "index": index, "missing": report}
 
 
-def _fuse(datas, aligned, task, probe, pool, seed, size, folds, methods, fusion_layer, late_rule, device, rows,
-          weight_rows, bar, best_dev=None):
-    """Fuse the modalities on the items they share, for one (seed, size); append rows."""
+def fuse(datas, aligned, task, s, seed, size, kept=None, tick=lambda n: None) -> SweepOutput:
+    """Fuse the modalities on the items they share, for one (seed, size). kept: each cache's SweepOutput
+    of the same (seed, size) when fusion's folds are the caches' own (its selections are reused)."""
     idx = aligned["index"]
-    y = datas[0].y[idx[0]]
-    y = y if task == "classification" else y.astype(np.float64)
+    y = _targets(datas[0].y[idx[0]], task)
     splits = None if datas[0].splits is None else datas[0].splits[idx[0]]
-    units, test_name = make_folds(y, splits, task, folds, seed)
-    base = dict(encoder="+".join(d.encoder for d in datas), modality="+".join(d.modality for d in datas),
-                num_layers=-1, pooling=pool, train_size=size, seed=seed)
-    poolers = {m: FoldScores(task) for m in methods}
-    for u, (train, dev, test) in enumerate(units):
-        fit = subsample(train, y, task, size, seed)
-        feats, full = [], []
-        for m, d in enumerate(datas):
-            X = d.X[idx[m]]
-            full.append(X)
-            if fusion_layer == "best":
-                # The best dev layer, chosen from the per-modality probe on the same fit / dev parts.
-                sel = (best_dev[(m, seed, size, u)] if best_dev is not None
-                       else _best_dev_layer(d, X, y, fit, dev, task, probe, seed, device))
-                feats.append(X[:, sel])
-            elif fusion_layer == "weighted":
-                w = best_dev[("weighted", m, seed, size, u)] if best_dev is not None else \
-                    WeightedLayerProbe(random_state=seed).fit(X[fit], y[fit], X[dev], y[dev])
-                feats.append(w.transform(X))
-            else:
-                feats.append(X[:, d.layers.index(int(fusion_layer))])
-        for method in methods:
-            if method == "early":
-                est = EarlyFusion(probe=probe if probe != "batched" else "linear", random_state=seed)
-            elif method == "late":
-                est = LateFusion(rule=late_rule, probe=probe if probe != "batched" else "linear", random_state=seed)
-            else:
-                est = GatedFusion(random_state=seed)
-            if method == "gated":  # learns its own layer weights when asked for the weighted sum
-                Xs = full if fusion_layer == "weighted" else [f[:, None] for f in feats]
-            else:
-                Xs = feats
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                est.fit([x[fit] for x in Xs], y[fit], [x[dev] for x in Xs], y[dev])
-            poolers[method].add(y[dev], est.predict([x[dev] for x in Xs]), y[test], est.predict([x[test] for x in Xs]))
-            if method == "gated" and fusion_layer == "weighted":
-                weight_rows.extend(dict(encoder=d.encoder, modality=d.modality, seed=seed, layer=l, weight=float(v),
-                                        train_size=size, method="fusion-gated")
-                                   for d, w in zip(datas, est.weights_) for l, v in zip(d.layers, w))
-        bar.update(1)
-    for method, pooler in poolers.items():
-        dev_m, test_m = pooler.result()
-        b = dict(base, method=f"fusion-{method}",
-                 probe={"early": "concat-" + get_probe(probe).label(task), "late": f"late-{late_rule}",
-                        "gated": "gated-attentive"}[method])
-        rows += _rows(b, -1, "dev", dev_m) + _rows(b, -1, test_name, test_m)
+    folds, test_name = make_folds(y, splits, task, s.folds, seed)
+    scores, n_labels, got = {m: FoldScores(task) for m in s.fusion}, [], SweepOutput()
+    for k, (train, dev, test) in enumerate(folds):
+        fit = subsample(train, y, task, size.labels(len(train)), seed)
+        n_labels.append(len(fit))
+        reuse = [(g.best_dev[k], g.weighted_models.get(k)) for g in kept] if kept else None
+        feats, full = _fusion_features(datas, idx, y, fit, dev, task, s, seed, reuse)
+        for method in s.fusion:
+            Xs = full if method == "gated" and s.fusion_layer == "weighted" else \
+                [f[:, None] for f in feats] if method == "gated" else feats
+            est = _fit_fusion(_fusion_estimator(method, s, task, seed), Xs, y, fit, dev)
+            scores[method].add(y[dev], est.predict([x[dev] for x in Xs]), y[test], est.predict([x[test] for x in Xs]))
+            if method == "gated" and s.fusion_layer == "weighted":
+                got.weights += [dict(encoder=d.name, modality=d.modality, seed=seed, layer=layer, weight=float(v),
+                                     train_size=str(size), method="fusion-gated")
+                                for d, w in zip(datas, est.weights_) for layer, v in zip(d.layers, w)]
+        tick(1)
+    base = dict(encoder="+".join(d.name for d in datas), modality="+".join(d.modality for d in datas),
+                num_layers=-1, pooling=s.pool, train_size=str(size), train_labels=float(np.mean(n_labels)), seed=seed)
+    for method, fold_scores in scores.items():
+        dev_m, test_m = fold_scores.result()
+        b = dict(base, method=f"fusion-{method}", probe=_fusion_label(method, s, task))
+        got.rows += _rows(b, -1, "dev", dev_m) + _rows(b, -1, test_name, test_m)
+    return got
 
 
-def _best_dev_layer(d, X, y, fit, dev, task, probe, seed, device):
-    est = make_probe(probe if probe != "mlp" else "linear", seed, device)
+def _fusion_features(datas, idx, y, fit, dev, task, s, seed, reuse=None):
+    """(one (N, D_m) feature per modality, the (N, L_m, D_m) layers per modality) for one fold. reuse: per
+    modality (best dev layer, WeightedLayerProbe or None) from its own sweep of this fold."""
+    feats, full = [], []
+    for m, d in enumerate(datas):
+        X = d.X[idx[m]]
+        full.append(X)
+        if s.fusion_layer == "best":
+            # The best dev layer, chosen by the per-modality probe on the same fit / dev parts.
+            sel = reuse[m][0] if reuse else _best_dev_layer(X, y, fit, dev, task, s, seed)
+            feats.append(X[:, sel])
+        elif s.fusion_layer == "weighted":
+            w = reuse[m][1] if reuse else \
+                _fit(WeightedLayerProbe(random_state=seed), X, y, fit, dev, task)
+            feats.append(w.transform(X))
+        else:
+            if s.fusion_layer not in d.layers:
+                raise FeatxError(f"fusion layer {s.fusion_layer} is not among the layers probed for {d.name}")
+            feats.append(X[:, d.layers.index(s.fusion_layer)])
+    return feats, full
+
+
+def _fusion_probe(s):
+    """The LayerProbe kind early and late fusion fit: the sweep's probe, or linear for the batched one."""
+    return s.probe if s.probe != "batched" else "linear"
+
+
+def _fusion_estimator(method, s, task, seed):
+    probe = _fusion_probe(s)
+    if method == "early":
+        return EarlyFusion(probe=probe, task=task, random_state=seed)
+    if method == "late":
+        return LateFusion(rule=s.late_rule, probe=probe, task=task, random_state=seed)
+    return GatedFusion(task=task, random_state=seed)
+
+
+def _fit_fusion(est, Xs, y, fit, dev):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return est.fit(X[fit], y[fit], X[dev], y[dev]).best_layer_
+        return est.fit([x[fit] for x in Xs], y[fit], [x[dev] for x in Xs], y[dev])
 
 
+def _fusion_label(method, s, task):
+    return {"early": "concat-" + get_probe(_fusion_probe(s)).label(task), "late": f"late-{s.late_rule}",
+            "gated": "gated-attentive"}[method]
+
+
+def _best_dev_layer(X, y, fit, dev, task, s, seed):
+    est = make_probe(s.probe if s.probe != "mlp" else "linear", seed, s.device)
+    return _fit(est, X, y, fit, dev, task).best_layer_
+
+
+def chance_scores(d, task, s):
+    """Metrics of the chance / majority prediction on the first seed's folds, full training part."""
+    folds, _ = make_folds(d.y, d.splits, task, s.folds, s.seeds[0])
+    y = _targets(d.y, task)
+    preds = [metrics.chance_prediction(task, y[train], len(test)) for train, _, test in folds]
+    return metrics.compute(task, np.concatenate([y[test] for _, _, test in folds]), np.concatenate(preds))
+
+
+def versions() -> dict:
+    """Versions of featx and the libraries whose numbers it reports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from featx.version import __version__
+
+    out = {"featx": __version__}
+    for pkg in ("torch", "transformers", "scikit-learn", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_meta(datas, aligned, task, s, df) -> dict:
+    """meta.json: task and metric, chance, command line, every resolved setting, versions, encoders, items."""
+    folds_run = {d.name: (1 if make_folds(d.y, d.splits, task, s.folds, s.seeds[0])[1] == "test"
+                          else fold_count(d.y, task, s.folds)) for d in datas}
+    meta = {**meta_head(task, chance_scores(datas[0], task, s)), "command": list(sys.argv),
+            "settings": {**s.to_json(), "task": task}, "versions": versions(),
+            "caches": [os.path.abspath(d.path) for d in datas],
+            "encoders": [{"encoder": d.name, "path": d.encoder, "cache": os.path.abspath(d.path),
+                          "modality": d.modality, "num_layers": d.num_layers, "hidden_size": d.hidden_size,
+                          "layers": list(d.layers), "labelled_items": len(d.ids), "unlabeled_items": d.unlabeled,
+                          "folds_run": folds_run[d.name]} for d in datas],
+            "unlabeled": {d.name: d.unlabeled for d in datas},
+            "train_labels": {str(k): float(v) for k, v in df.groupby("train_size")["train_labels"].mean().items()}}
+    notes = [f"{name}: {k} folds ran, not {s.folds} (the smallest class or label bin has only {k} items)"
+             for name, k in folds_run.items() if k != 1 and k < s.folds]
+    if s.fusion and s.fusion_layer == "best" and s.probe == "mlp":
+        notes.append("fusion's best layers were chosen on dev by linear probes (the MLP probe's are not reused)")
+    if not any(t.is_full for t in s.train_sizes):
+        notes.append("the full training part (1.0) was added to the training sizes: the headline uses it")
+    if notes:
+        meta["notes"] = notes
+    if aligned is not None:
+        meta["fusion"] = {"items": len(aligned["ids"]), "missing": dict(aligned["missing"]),
+                          "rule": "intersect: items missing from any modality are left out of fusion and listed here"}
+    return meta

@@ -3,29 +3,28 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 
 import pandas as pd
 
 from featx.errors import FeatxError
 from featx.report import plots
-from featx.report.cka import cache_cka
+from featx.naming import display_names, slug
+from featx.report.cka import cache_cka, summary_cka
 from featx.report.html import Section, write_html, write_markdown
 from featx.probing.results import METRIC_LABELS, load_results
-from featx.report.results import findings, summary_table
+from featx.report.results import FINETUNE_COLUMN, SCORE_COLUMNS, findings, summary_table
 
 TITLE = "featx layer-wise report"
-
-
-def _slug(text):
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
+# Up to this many caches, every pair gets its layer-by-layer CKA figure unless pairs are named.
+MAX_CKA_PAIRS_AUTO = 4
 
 
 def _fmt(table, results_name=None):
     """Numbers as text with 3 decimals for display; prefix a 'results' column when several dirs are shown."""
     out = table.copy()
-    for col in out.columns[4:]:
+    for col in [c for c in out.columns if c in SCORE_COLUMNS or c == FINETUNE_COLUMN]:
         out[col] = out[col].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
+    out["fusion method"] = out["fusion method"].map(lambda v: "–" if pd.isna(v) else str(v))
     out["best layer"] = out["best layer"].map(lambda v: "–" if pd.isna(v) else str(int(v)))
     out["metric"] = out["metric"].map(lambda m: METRIC_LABELS.get(m, m))
     if results_name is not None:
@@ -42,7 +41,7 @@ def _unique_names(results):
 
 
 def _save(fig, out_dir, stem, pngs):
-    path = plots.save(fig, os.path.join(out_dir, f"{_slug(stem)}.png"))
+    path = plots.save(fig, os.path.join(out_dir, f"{slug(stem)}.png"))
     pngs.append(path)
     return path
 
@@ -79,7 +78,7 @@ def _result_sections(res, fig_dir, pngs, relative_depth):
             (_save(fig, fig_dir, f"{res.name}_layer_weights", pngs), f"{res.name}: learned layer weights")]))
     fig = plots.plot_learning_curves(res, primary)
     if fig is not None:
-        sizes = ", ".join(f"{s:g}" for s in sorted(res.rows["train_size"].unique()))
+        sizes = ", ".join(_size_text(res, size) for size in sorted(res.rows["train_size"].unique(), key=res.labels_of))
         sections.append(Section(
             f"{res.name}: low-resource learning curves", level=3,
             paragraphs=[f"{METRIC_LABELS.get(primary, primary)} against training labels ({sizes}); the best "
@@ -89,30 +88,120 @@ def _result_sections(res, fig_dir, pngs, relative_depth):
     return sections
 
 
-def _cka_section(cache_paths, fig_dir, pngs, debiased):
+def _size_text(res, size):
+    """'0.25 (45 labels)': a training size as given, with the number of labels it meant."""
+    n = res.rows.loc[res.rows["train_size"] == size, "train_labels"].mean()
+    return f"{size} ({n:.0f} labels)" if pd.notna(n) and str(size) != f"{n:.0f}" else str(size)
+
+
+def _cka_section(cache_paths, fig_dir, pngs, debiased, pairs=None):
+    """Within-cache CKA per cache, one output-layer summary matrix over all caches, and the layer-by-layer
+    CKA of the pairs asked for (pairs: None = every pair for up to MAX_CKA_PAIRS_AUTO caches, "all", or a list
+    of (a, b) naming caches by path, file stem or encoder name)."""
     section = Section("Representation similarity (linear CKA)", level=2)
     estimator = "debiased (Kornblith et al. 2019, unbiased HSIC of Song et al. 2012)" if debiased else "plain"
     section.paragraphs.append(f"Linear CKA between layers, {estimator} estimator, over the items done in both "
                               "caches (aligned by id).")
     found = [p for p in dict.fromkeys(cache_paths) if os.path.exists(p)]
     section.bullets += [f"cache not found: {p}" for p in dict.fromkeys(cache_paths) if p not in found]
-    pairs = [(p, None) for p in found] + list(itertools.combinations(found, 2))
-    for x, y in pairs:
-        try:
-            result = cache_cka(x, y, debiased=debiased)
-        except (FeatxError, OSError, KeyError) as e:
-            section.bullets.append(f"CKA of {os.path.basename(x)}" + (f" and {os.path.basename(y)}" if y else "")
-                                   + f" skipped: {e}")
-            continue
-        stem = f"cka_{os.path.splitext(os.path.basename(x))[0]}" + \
-            (f"__{os.path.splitext(os.path.basename(y))[0]}" if y else "")
-        what = f"within {plots.short_name(result.name_x)}" if y is None else \
-            f"{plots.short_name(result.name_x)} vs {plots.short_name(result.name_y)}"
-        section.figures.append((_save(plots.plot_cka(result), fig_dir, stem, pngs), f"CKA {what}"))
+    names = _cache_names(found)
+    for x in found:
+        _cka_figure(section, fig_dir, pngs, debiased, names, x)
+    if len(found) > 2:
+        _cka_summary(section, fig_dir, pngs, debiased, names, found)
+    chosen = cka_pairs(pairs, found, names)
+    if len(found) > 1 and not chosen:
+        section.paragraphs.append("Layer-by-layer CKA between two encoders: ask for the pairs (cka_pairs).")
+    for x, y in chosen:
+        _cka_figure(section, fig_dir, pngs, debiased, names, x, y)
     return section
 
 
-def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(), cka=True, debiased=True):
+def _cache_names(paths):
+    """{cache path: its encoder's display name} (the file stem where the cache cannot be read)."""
+    from featx.cache.store import open_cache
+
+    models = []
+    for p in paths:
+        try:
+            with open_cache(p) as c:
+                models.append(str(c.model))
+        except (FeatxError, OSError, KeyError):
+            models.append(os.path.splitext(os.path.basename(p))[0])
+    return dict(zip(paths, display_names(models)))
+
+
+def cka_pairs(pairs, paths, names):
+    """The (path_a, path_b) pairs to draw: see _cka_section; an unknown name is a one-line error."""
+    if pairs is None:
+        pairs = "all" if len(paths) <= MAX_CKA_PAIRS_AUTO else []
+    if pairs == "all":
+        return list(itertools.combinations(paths, 2))
+    lookup = {}
+    for p in paths:
+        for key in (p, os.path.abspath(p), os.path.splitext(os.path.basename(p))[0], names[p]):
+            lookup.setdefault(str(key), p)
+    out = []
+    for a, b in pairs:
+        missing = [k for k in (a, b) if str(k) not in lookup]
+        if missing:
+            raise FeatxError(f"CKA pair {a}:{b}: no cache named {missing[0]!r} (use a cache path, its file "
+                             f"stem or an encoder name: {', '.join(names.values())})")
+        out.append((lookup[str(a)], lookup[str(b)]))
+    return list(dict.fromkeys(out))
+
+
+def _cka_figure(section, fig_dir, pngs, debiased, names, x, y=None):
+    try:
+        result = cache_cka(x, y, debiased=debiased)
+    except (FeatxError, OSError, KeyError) as e:
+        section.bullets.append(f"CKA of {os.path.basename(x)}" + (f" and {os.path.basename(y)}" if y else "")
+                               + f" skipped: {e}")
+        return
+    stem = f"cka_{os.path.splitext(os.path.basename(x))[0]}" + \
+        (f"__{os.path.splitext(os.path.basename(y))[0]}" if y else "")
+    what = f"within {names[x]}" if y is None else f"{names[x]} vs {names[y]}"
+    result.name_x, result.name_y = names[x], names[y if y else x]
+    section.figures.append((_save(plots.plot_cka(result), fig_dir, stem, pngs), f"CKA {what}"))
+
+
+def _cka_summary(section, fig_dir, pngs, debiased, names, paths):
+    try:
+        summary = summary_cka(paths, debiased=debiased)
+    except (FeatxError, OSError, KeyError) as e:
+        section.bullets.append(f"CKA summary over {len(paths)} caches skipped: {e}")
+        return
+    fig = plots.plot_cka_summary(summary, [names[p] for p in paths])
+    section.figures.append((_save(fig, fig_dir, "cka_summary", pngs),
+                            f"CKA between the output layers of {len(paths)} encoders"))
+
+
+def _summary_sections(results):
+    """(the summary section: primary and next metric, with findings; the appendix: every metric)."""
+    finetune = any(r.has_finetune for r in results)
+    summary = Section("Summary: best layer vs output layer vs weighted sum vs fusion"
+                      + (" vs fine-tuning" if finetune else ""), paragraphs=[
+        "The primary metric and the next one. Scores on the "
+        + " / ".join(dict.fromkeys(r.eval_split for r in results)) + " split ('cv': pooled cross-validation "
+        "folds, where there is no test split), at the full training part, mean over seeds. The best layer and "
+        "the fusion method are chosen on dev; 'best minus output' is positive when the best layer is better "
+        "than the output layer (for MAE, when it is lower). "
+        + ("'fine-tuned' is the jointly fine-tuned model's score, each run's epoch chosen on dev. "
+           if finetune else "") + "'–' means not run."])
+    appendix = Section("All metrics", paragraphs=["The summary table for every metric."])
+    for r in results:
+        name = r.name if len(results) > 1 else None
+        summary.tables.append(_fmt(summary_table(r, r.metrics[:2], finetune), name))  # for MSA: MAE and Corr
+        summary.bullets += [f"{r.name}: {s}" if name else s for s in findings(r)]
+        appendix.tables.append(_fmt(summary_table(r, r.metrics, finetune), name))
+    if len(results) > 1:
+        summary.tables = [pd.concat(summary.tables, ignore_index=True)]
+        appendix.tables = [pd.concat(appendix.tables, ignore_index=True)]
+    return summary, appendix
+
+
+def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(), cka=True, debiased=True,
+                 cka_pairs=None):
     """Write report.html (self-contained), summary.md and figures/*.png under `out`.
 
     results_dirs: one path or a list of results directories written by `featx probe`, `featx fuse` or
@@ -120,6 +209,9 @@ def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(),
     a 'fine-tuned' column holds each fine-tuned model's dev-selected test score when any folder has one).
     caches: HDF5 caches for the CKA heatmaps (default: those listed in each meta.json).
     notes: text shown at the top, e.g. which models are randomly initialised; each meta.json's "notes" are added.
+    cka_pairs: the cross-encoder layer-by-layer CKA figures: None (every pair when there are at most
+    MAX_CKA_PAIRS_AUTO caches), "all", or a list of (a, b) by cache path, file stem or encoder name; with more
+    than two caches, one summary matrix (output layer vs output layer) is always drawn.
     Returns {"html": path, "md": path, "pngs": [paths]}.
     """
     if isinstance(results_dirs, (str, os.PathLike)):
@@ -136,24 +228,7 @@ def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(),
     all_notes = list(dict.fromkeys(all_notes))
     meta_lines = [f"Results: {', '.join(r.path for r in results)}"]
 
-    finetune = any(r.has_finetune for r in results)
-    summary = Section("Summary: best layer vs output layer vs weighted sum vs fusion"
-                      + (" vs fine-tuning" if finetune else ""), paragraphs=[
-        "The primary metric and the next one. Scores on the test split (cross-validation where there is none), "
-        "mean over seeds. The best layer is chosen "
-        "on dev; 'best minus output' is positive when the best layer is better than the output layer (for MAE, "
-        "when it is lower). "
-        + ("'fine-tuned' is the jointly fine-tuned model's score, each run's epoch chosen on dev. "
-           if finetune else "") + "'–' means not run."])
-    appendix = Section("All metrics", paragraphs=["The summary table for every metric."])
-    for r in results:
-        name = r.name if len(results) > 1 else None
-        summary.tables.append(_fmt(summary_table(r, r.metrics[:2], finetune), name))  # for MSA: MAE and Corr
-        summary.bullets += [f"{r.name}: {s}" if name else s for s in findings(r)]
-        appendix.tables.append(_fmt(summary_table(r, r.metrics, finetune), name))
-    if len(results) > 1:
-        summary.tables = [pd.concat(summary.tables, ignore_index=True)]
-        appendix.tables = [pd.concat(appendix.tables, ignore_index=True)]
+    summary, appendix = _summary_sections(results)
 
     pngs = []
     sections = [summary]
@@ -162,7 +237,7 @@ def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(),
     if cka:
         cache_paths = [str(c) for c in caches] if caches is not None else [c for r in results for c in r.caches]
         if cache_paths:
-            sections.append(_cka_section(cache_paths, fig_dir, pngs, debiased))
+            sections.append(_cka_section(cache_paths, fig_dir, pngs, debiased, cka_pairs))
         else:
             sections.append(Section("Representation similarity (linear CKA)", paragraphs=[
                 "No caches given (--cache) or listed in meta.json; CKA skipped."]))

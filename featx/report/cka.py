@@ -149,3 +149,53 @@ def cache_cka(path_x, path_y=None, pooling="mean", debiased=True, max_items=2048
         names = str(cx.model), str(cy.model)
     return CacheCKA(matrix=cka_matrix(X, Y, debiased=debiased), name_x=names[0], name_y=names[1],
                     num_items=len(ix), debiased=debiased, pooling=pooling)
+
+
+@dataclass
+class SummaryCKA:
+    """CKA between the output layers of several caches over the items done in all of them."""
+
+    matrix: np.ndarray  # (M, M)
+    names: list         # M model names (as stored in the caches)
+    paths: list         # M cache paths
+    num_items: int
+    debiased: bool
+    pooling: str
+
+
+def summary_cka(paths, pooling="mean", debiased=True, max_items=2048, seed=0):
+    """(M, M) linear CKA between the output layers of the caches at `paths`, on the ids done in every one of
+    them (a seeded subset above max_items). One n x n Gram matrix per cache, then one dot product per pair."""
+    from featx.cache.store import open_cache
+
+    ids, names = [], []
+    for p in paths:
+        with closing(open_cache(p)) as c:
+            ids.append(np.asarray(c.ids)[np.asarray(c.done, dtype=bool)].astype(str))
+            names.append(str(c.model))
+    common = ids[0]
+    for other in ids[1:]:
+        common = np.intersect1d(common, other)
+    if len(common) > max_items:
+        common = np.sort(np.random.default_rng(seed).choice(common, max_items, replace=False))
+    n = len(common)
+    _check_n(n, debiased)
+    grams, rows = [], []
+    small = len(paths) * n * n * 8 <= _GRAM_BYTES   # <K_i, K_j> from Gram matrices, else from X_i^T X_j
+    for p, own in zip(paths, ids):
+        with closing(open_cache(p)) as c:
+            order = np.argsort(own)
+            x = _centre(np.asarray(c.layer(c.num_layers - 1, pooling))[order[np.searchsorted(own, common,
+                                                                                               sorter=order)]])
+        grams.append(x @ x.T if small else x)
+        rows.append((x * x).sum(1))
+    sim = (lambda a, b: float(np.vdot(a, b))) if small else (lambda a, b: float(np.linalg.norm(a.T @ b) ** 2))
+    selfs = [sim(k, k) for k in grams]
+    m = len(paths)
+    matrix = np.empty((m, m))
+    for i in range(m):
+        for j in range(i, m):
+            matrix[i, j] = matrix[j, i] = _cka(sim(grams[i], grams[j]), selfs[i], selfs[j], rows[i], rows[j], n,
+                                               debiased)
+    return SummaryCKA(matrix=matrix, names=names, paths=list(paths), num_items=n, debiased=debiased,
+                      pooling=pooling)

@@ -88,10 +88,15 @@ def write_html(path, title, sections, notes=(), meta_lines=()):
     return path
 
 
+def md_text(text):
+    """Text for Markdown: HTML special characters escaped, so a model name such as '<script>' stays text."""
+    return html.escape(str(text), quote=False)
+
+
 def markdown_table(df):
-    """A GitHub pipe table of `df` (cells as text; '|' escaped; missing values as '–')."""
+    """A GitHub pipe table of `df` (cells as text; '|' and HTML escaped; missing values as '–')."""
     def cell(v):
-        return "–" if pd.isna(v) else str(v).replace("|", "\\|")
+        return "–" if pd.isna(v) else md_text(v).replace("|", "\\|")
 
     numeric = _numeric_columns(df)
     lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |",
@@ -103,19 +108,20 @@ def markdown_table(df):
 def write_markdown(path, title, sections, notes=(), meta_lines=()):
     """Write the Markdown summary to `path`; figures are linked relative to the file's folder."""
     base = os.path.dirname(os.path.abspath(path))
-    lines = [f"# {title}", ""] + [f"{line}  " for line in meta_lines]
+    e = md_text
+    lines = [f"# {e(title)}", ""] + [f"{e(line)}  " for line in meta_lines]
     if notes:
-        lines += [""] + [f"> **Note:** {n}  " for n in notes]
+        lines += [""] + [f"> **Note:** {e(n)}  " for n in notes]
     for s in sections:
-        lines += ["", "#" * s.level + " " + s.title, ""]
+        lines += ["", "#" * s.level + " " + e(s.title), ""]
         for p in s.paragraphs:
-            lines += [p, ""]
-        lines += [f"- {b}" for b in s.bullets] + ([""] if s.bullets else [])
+            lines += [e(p), ""]
+        lines += [f"- {e(b)}" for b in s.bullets] + ([""] if s.bullets else [])
         for t in s.tables:
             lines += [markdown_table(t), ""]
         for p, c in s.figures:
             rel = os.path.relpath(os.path.abspath(p), base).replace(os.sep, "/")
-            lines += [f"![{c}]({rel})", ""]
+            lines += [f"![{e(c).replace(']', '&#93;')}]({rel})", ""]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     return path

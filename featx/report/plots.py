@@ -4,7 +4,6 @@ Figures use constrained layout and keep legends outside the data.
 """
 from __future__ import annotations
 
-import os
 import textwrap
 
 import matplotlib
@@ -14,6 +13,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
+from featx.naming import short_name
 from featx.probing.results import METRIC_LABELS, best_layer
 from featx.report.results import full_data_weights, layer_curves, learning_curves, method_scores
 
@@ -31,16 +31,27 @@ def metric_label(res, metric, direction=True):
     return f"{label}, {'higher' if res.higher_is_better(metric) else 'lower'} is better"
 
 
+def distinct_colors(n):
+    """n colours, all different: tab10 up to 10, tab20 up to 20, then evenly spaced hues of a cyclic map."""
+    if n <= 10:
+        return list(matplotlib.colormaps["tab10"].colors[:n])
+    if n <= 20:
+        return list(matplotlib.colormaps["tab20"].colors[:n])
+    cmap = matplotlib.colormaps["hsv"]
+    # Alternate lightness so that neighbouring hues stay apart.
+    return [tuple(c * (0.75 if i % 2 else 1.0) for c in cmap(i / n)[:3]) for i in range(n)]
+
+
 def encoder_colors(res):
-    """A fixed colour per encoder (tab10, in the order the encoders appear), shared by all figures of `res`."""
+    """A fixed colour per encoder (in the order the encoders appear, each different), shared by all figures."""
     single = res.rows[~res.rows["method"].str.startswith("fusion") & (res.rows["method"] != "finetune")]
-    cycle = matplotlib.colormaps["tab10"].colors
-    return {enc: cycle[i % len(cycle)] for i, enc in enumerate(dict.fromkeys(single["encoder"]))}
+    encoders = list(dict.fromkeys(single["encoder"]))
+    return dict(zip(encoders, distinct_colors(len(encoders))))
 
 
-def short_name(name):
-    """A model name for display: the last path component of each '+'-joined part ('a/bert+/m/clip' -> 'bert+clip')."""
-    return "+".join(os.path.basename(part.rstrip("/")) or part for part in str(name).split("+"))
+def legend_columns(n, per_column=18):
+    """Legend columns so that no column holds more than `per_column` entries."""
+    return max(1, -(-n // per_column))
 
 
 def _suptitle(fig, text):
@@ -120,8 +131,10 @@ def plot_layer_curves(res, metrics, relative_depth=False):
     metrics = list(curves)
     ncols = 1 if detailed else min(2, len(metrics))
     nrows = -(-len(metrics) // ncols)
+    n_lines = len(next(iter(curves.values()))[["encoder", "modality", "probe", "pooling"]].drop_duplicates())
     with matplotlib.rc_context(_STYLE):
-        size = (9, 4.6) if detailed else (4.8 * ncols, 3.3 * nrows + 1.2)
+        size = (9 + 3.2 * (legend_columns(n_lines) - 1), max(4.6, 0.26 * min(n_lines, 18) + 1.5)) if detailed \
+            else (4.8 * ncols, 3.3 * nrows + 1.2 + 0.25 * -(-n_lines // 3))
         fig = Figure(figsize=size, layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False)
         counts = [_draw_layer_curves(ax, res, m, curves[m], relative_depth, detailed)
@@ -133,10 +146,13 @@ def plot_layer_curves(res, metrics, relative_depth=False):
         if detailed:
             axes[0, 0].set_title(f"{res.name}: {metric_label(res, metrics[0], False)} by layer "
                                  f"({res.eval_split} split)")
-            fig.legend(handles=handles, loc="outside right upper")
+            fig.legend(handles=handles, loc="outside right upper", ncols=legend_columns(len(handles)),
+                       fontsize=10 if len(handles) <= 18 else 8)
         else:
             fig.suptitle(f"{res.name}: every metric by layer ({res.eval_split} split)")
-            fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)))
+            fig.legend(handles=handles, loc="outside lower center", ncols=min(3 if len(handles) <= 12 else 5,
+                                                                          len(handles)),
+                       fontsize=10 if len(handles) <= 12 else 8)
     return fig
 
 
@@ -150,7 +166,7 @@ def plot_layer_weights(res):
     colors = encoder_colors(res)
     by_method = w["method"].nunique() > 1
     groups = list(w.groupby(["encoder", "modality"] + (["method"] if by_method else []), sort=False))
-    ncols = min(len(groups), 3)
+    ncols = min(len(groups), 3 if len(groups) <= 9 else 5)
     nrows = -(-len(groups) // ncols)
     with matplotlib.rc_context(_STYLE):
         fig = Figure(figsize=(4.6 * ncols, 3.6 * nrows + 0.5), layout="constrained")
@@ -174,14 +190,15 @@ def plot_layer_weights(res):
         several = res.layer_weights["train_size"].nunique() > 1
         _suptitle(fig, f"{res.name}: learned layer weights (softmax), mean ± s.d. over {fits} fit{'s' * (fits > 1)}"
                   f" ({seeds} seed{'s' * (seeds > 1)})"
-                  + (f" at training size {w['train_size'].iloc[0]:g}" if several else "")
+                  + (" at the full training part" if several else "")
                   + "; dashed = uniform 1/L")
     return fig
 
 
 def plot_learning_curves(res, metric):
-    """Score against the number (or fraction) of training labels: one panel per encoder (and one per fusion
-    model), lines for the best layer, the output layer and whole-model methods. None without learning curves."""
+    """Score against the number of training labels (log axis, in increasing order): one panel per encoder (and
+    one per fusion model), lines for the best layer, the output layer and whole-model methods. None without
+    learning curves."""
     if not res.has_learning_curves:
         return None
     lc = learning_curves(res, metric)
@@ -189,29 +206,29 @@ def plot_learning_curves(res, metric):
         return None
     colors = encoder_colors(res)
     groups = list(lc.groupby(["encoder", "modality"], sort=False))
-    ncols = 2 if len(groups) == 4 else min(len(groups), 3)
+    ncols = 2 if len(groups) == 4 else min(len(groups), 3 if len(groups) <= 9 else 5)
     nrows = -(-len(groups) // ncols)
-    sizes = lc["train_size"]
-    as_fraction = sizes.max() <= 1.0
+    labels = lc["labels"]
     with matplotlib.rc_context(_STYLE):
         fig = Figure(figsize=(3.9 * ncols, 3.9 * nrows + 0.5), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
         for ax, ((enc, mod), g) in zip(axes.flat, groups):
             for k, (line, h) in enumerate(g.groupby("line", sort=False)):
-                h = h.sort_values("train_size")
+                h = h.sort_values("labels")
                 style = _line_style(line, colors.get(enc), k)
-                ax.errorbar(h["train_size"], h["mean"], yerr=h["std"] if h["count"].max() > 1 else None,
+                ax.errorbar(h["labels"], h["mean"], yerr=h["std"] if h["count"].max() > 1 else None,
                             capsize=3, lw=1.6, ms=5, label=line, **style)
             chance = res.chance(metric)
             if chance is not None:
                 ax.axhline(chance, color="0.35", ls="--", lw=1.3, label="chance / majority")
-            if sizes.max() / sizes.min() >= 8:
+            if labels.min() > 0:
                 ax.set_xscale("log")
-                ax.xaxis.set_major_locator(FixedLocator(sorted(sizes.unique())))
-                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_major_locator(FixedLocator(sorted(labels.unique())))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}" if v >= 10 else f"{v:g}"))
                 ax.xaxis.set_minor_locator(NullLocator())
             ax.set_title(_panel_title(enc, mod))
-            ax.set_xlabel("fraction of training labels" if as_fraction else "training labels")
+            what = "training labels" if res.rows["train_labels"].notna().any() else "training size (as given)"
+            ax.set_xlabel(what + (" (log scale)" if labels.min() > 0 else ""))
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=9, frameon=False)
         for ax in axes.flat[len(groups):]:
             ax.set_visible(False)
@@ -254,6 +271,30 @@ def plot_cka(result):
                         color="black" if v > 0.6 else "white")
         what = f"within {name_x}" if result.within else f"{name_x} vs {name_y}"
         ax.set_title(f"CKA {what}\n{result.num_items} items, {result.pooling} pooling", fontsize=11)
+    return fig
+
+
+def plot_cka_summary(summary, names=None):
+    """Heatmap of a SummaryCKA: output layer against output layer of every pair of encoders. names: display
+    names in the order of summary.names (default: shortened model names)."""
+    m = summary.matrix
+    names = [short_name(n) for n in summary.names] if names is None else list(names)
+    k = len(names)
+    kind = "debiased linear CKA" if summary.debiased else "linear CKA"
+    with matplotlib.rc_context(_STYLE):
+        side = min(3.0 + 0.36 * k, 16)
+        fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+        ax = fig.add_subplot()
+        im = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="viridis")
+        fig.colorbar(im, ax=ax, label=kind, shrink=0.8)
+        ax.set_xticks(range(k), names, rotation=90, fontsize=9 if k <= 20 else 7)
+        ax.set_yticks(range(k), names, fontsize=9 if k <= 20 else 7)
+        ax.grid(False)
+        if k <= 10:
+            for (i, j), v in np.ndenumerate(m):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="black" if v > 0.6 else "white")
+        ax.set_title(f"CKA between output layers\n{summary.num_items} items done in every cache, "
+                     f"{summary.pooling} pooling", fontsize=11)
     return fig
 
 

@@ -39,7 +39,9 @@ def method_scores(res, metric, methods):
 def learning_curves(res, metric):
     """Score against training size for the best layer, the output layer and every whole-model method.
 
-    Returns a DataFrame with columns encoder, modality, line (a readable label), train_size, mean, std, count.
+    Returns a DataFrame with columns encoder, modality, line (a readable label), train_size (as written),
+    labels (the number of training labels: train_labels, or the size's number in older tables), mean, std, count;
+    rows in increasing number of labels.
     """
     r = res.rows
     r = r[(r["metric"] == metric) & (r["split"] == res.eval_split)]
@@ -59,24 +61,29 @@ def learning_curves(res, metric):
         others = g[g["method"] != "layer"]
         parts.append(others.assign(line=others["method"].replace({"weighted": "weighted sum"})))
     if not parts:
-        return pd.DataFrame(columns=GROUP + ["line", "train_size", "mean", "std", "count"])
+        return pd.DataFrame(columns=GROUP + ["line", "train_size", "labels", "mean", "std", "count"])
     keys = GROUP + ["line", "train_size"]
-    return pd.concat(parts).groupby(keys, sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+    out = pd.concat(parts).groupby(keys, sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+    out.insert(len(keys), "labels", out["train_size"].map(res.labels_of))
+    order = out.groupby(GROUP + ["line"], sort=False).ngroup()
+    return out.assign(_o=order).sort_values(["_o", "labels"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
 def full_data_weights(res):
-    """The learned layer weights of the largest training size (all rows when the file has no train_size).
+    """The learned layer weights of the full training part (all rows when the file has no train_size).
 
     Returns a DataFrame like res.layer_weights, or None when the results have no layer weights.
     """
     w = res.layer_weights
     if w is None or w.empty or not w["train_size"].notna().any():
         return w
-    return w[w["train_size"] == w["train_size"].max()]
+    return w[w["train_size"] == res.full_train_size]
 
 
 SUMMARY_COLUMNS = ["encoder", "modality", "metric", "best layer", "best-layer score", "output-layer score",
-                   "best minus output", "weighted sum", "fusion"]
+                   "best minus output", "weighted sum", "fusion method", "fusion"]
+# The columns of SUMMARY_COLUMNS that hold scores.
+SCORE_COLUMNS = ["best-layer score", "output-layer score", "best minus output", "weighted sum", "fusion"]
 FINETUNE_COLUMN = "fine-tuned"
 
 
@@ -117,12 +124,15 @@ def summary_table(res, metrics=None, finetune=None):
     finetune = res.has_finetune if finetune is None else bool(finetune)
     b = res.best_layers[res.best_layers["metric"].isin(metrics)].copy()
     sign = b["metric"].map(lambda m: 1.0 if res.higher_is_better(m) else -1.0)
-    layer = b["best_layer"].where(b["best_layer"].notna() & (b["best_layer"] >= 0))
+    layer = b["best_dev_layer"].where(b["best_dev_layer"].notna() & (b["best_dev_layer"] >= 0))
+    method = b["fusion_method"].where(b["fusion_score"].notna()).map(
+        lambda m: m[len("fusion-"):] if isinstance(m, str) and m.startswith("fusion-") else m)
     out = pd.DataFrame({"encoder": b["encoder"], "modality": b["modality"], "metric": b["metric"],
-                        "best layer": layer.astype("Int64"), "best-layer score": b["best_value"],
-                        "output-layer score": b["output_layer_value"],
-                        "best minus output": sign * (b["best_value"] - b["output_layer_value"]),
-                        "weighted sum": b["weighted_value"], "fusion": b["fusion_value"]})
+                        "best layer": layer.astype("Int64"), "best-layer score": b["best_layer_score"],
+                        "output-layer score": b["output_layer_score"],
+                        "best minus output": sign * (b["best_layer_score"] - b["output_layer_score"]),
+                        "weighted sum": b["weighted_score"], "fusion method": method.astype(object),
+                        "fusion": b["fusion_score"]})
     if finetune:
         out[FINETUNE_COLUMN] = np.nan
         ft = finetune_table(res, metrics)
@@ -156,7 +166,9 @@ def findings(res, metric=None):
     fused = {}  # value -> label; probe runs repeat the chosen fusion's value on every encoder's row
     for r in rows:
         if pd.notna(r["fusion"]):
-            fused.setdefault(r["fusion"], r["encoder"] if pd.isna(r["best-layer score"]) else "the fused model")
+            how = f"{r['fusion method']} fusion, chosen on dev" if isinstance(r["fusion method"], str) else None
+            label = r["encoder"] if pd.isna(r["best-layer score"]) else "the fused model"
+            fused.setdefault(r["fusion"], f"{label}: {how}" if how and label != "the fused model" else how or label)
     if single:
         top = max(single, key=lambda r: sign * r["best-layer score"])
         for value, label in fused.items():

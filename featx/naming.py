@@ -1,0 +1,65 @@
+"""Names shown to users and used in file names: an encoder's short display name and the one slug rule.
+
+A hub id is shown as given ("org/bert-base"); a local folder by its last component ("text"), with parent
+folders added when two encoders would otherwise share a name. The full path stays in meta.json and caches.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+
+def slug(text, sep="-", empty="x") -> str:
+    """`text` made safe for a file name: runs of characters other than letters, digits, '.', '_', '-' become
+    `sep`; leading and trailing separators go; `empty` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", sep, str(text)).strip("-") or empty
+
+
+def is_local(model) -> bool:
+    """Whether `model` names a local folder (absolute, relative with ./ ../ ~, or existing) rather than a hub id."""
+    text = str(model)
+    return (os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text
+            or os.path.exists(text))
+
+
+def _parts(model):
+    text = os.path.normpath(os.path.expanduser(str(model).rstrip("/\\")))
+    return [p for p in re.split(r"[/\\]+", text) if p not in ("", ".")]
+
+
+def display_name(model, depth=1) -> str:
+    """A short name for an encoder: the hub id as given, or the last `depth` components of a local folder."""
+    text = str(model)
+    if not is_local(text):
+        return text
+    parts = _parts(text)
+    return "/".join(parts[-depth:]) if parts else text
+
+
+def display_names(models) -> list:
+    """Short names for `models` (same order), unique among them: colliding local folders get parent folders
+    added until they differ; identical entries keep one name."""
+    models = [str(m) for m in models]
+    distinct = list(dict.fromkeys(models))
+    depth = {m: 1 for m in distinct}
+    for _ in range(64):
+        names = {m: display_name(m, depth[m]) for m in distinct}
+        clash = [m for m in distinct if list(names.values()).count(names[m]) > 1]
+        grow = [m for m in clash if is_local(m) and depth[m] < len(_parts(m))]
+        if not grow:
+            break
+        for m in grow:
+            depth[m] += 1
+    names = {m: display_name(m, depth[m]) for m in distinct}
+    seen = {}
+    for m in distinct:  # still equal (e.g. a hub id equal to a folder's name): number them
+        n = names[m]
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1:
+            names[m] = f"{n} ({seen[n]})"
+    return [names[m] for m in models]
+
+
+def short_name(name) -> str:
+    """A '+'-joined name of several encoders with each part shortened ('a/bert+/m/clip' -> 'a/bert+clip')."""
+    return "+".join(display_name(part) for part in str(name).split("+"))

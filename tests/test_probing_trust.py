@@ -1,0 +1,247 @@
+"""Every number of a probe run is the one asked for, and named so that a reader can tell what it is:
+training sizes, the headline at the full training part, labels with missing values, the saved classifier,
+display names, best_layers.csv's columns and a strict meta.json."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _synthetic import planted, standard_splits, write_cache
+from featx.errors import FeatxError
+from featx.probing import Classifier, run_probe
+from featx.probing.registry import make_probe
+from featx.probing.results import BEST_COLUMNS, load_results
+from featx.probing.splits import make_folds
+
+
+def _ids(n):
+    return [f"item{i:04d}" for i in range(n)]
+
+
+def _strict(path):
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(open(path, encoding="utf-8").read(), parse_constant=refuse)
+
+
+def test_mixed_counts_and_fractions_headline_is_the_full_training_part(tmp_path):
+    X, y = planted(n=300, num_layers=4, dim=8, k=2, seed=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(300), y, standard_splits(300))
+    out = tmp_path / "out"
+    df = run_probe([path], out, probe="ridge", train_sizes=[10, 0.5, 1.0], progress=False)
+    # Each size as given, and the number of labels it meant (180 training items).
+    assert df.groupby("train_size").train_labels.first().to_dict() == {"10": 10.0, "0.5": 90.0, "1.0": 180.0}
+    best = pd.read_csv(out / "best_layers.csv", dtype={"train_size": str})
+    assert list(best.columns) == BEST_COLUMNS
+    assert set(best.train_size) == {"1.0"} and set(best.split) == {"test"} and set(best.selected_on) == {"dev"}
+    mae = best.set_index("metric").loc["mae"]
+    full = df[(df.train_size == "1.0") & (df.method == "layer") & (df.split == "test") & (df.metric == "mae")]
+    assert mae.best_layer_score == pytest.approx(full.set_index("layer").value[mae.best_dev_layer])
+    # The report reads the same headline (not the 10-label run, which the old float max() picked).
+    res = load_results(out)
+    assert res.full_train_size == "1.0"
+    from featx.report.results import learning_curves, summary_table
+    assert summary_table(res).iloc[0]["best-layer score"] == pytest.approx(mae.best_layer_score)
+    lc = learning_curves(res, "mae")
+    for _, g in lc.groupby(["encoder", "line"]):
+        assert list(g["labels"]) == [10.0, 90.0, 180.0]
+
+
+def test_learning_curve_plot_is_in_number_of_labels_on_a_log_axis(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from featx.report import plots
+
+    X, y = planted(n=200, num_layers=3, dim=8, k=1, seed=3)
+    path = write_cache(tmp_path / "c.h5", X, _ids(200), y, standard_splits(200))
+    run_probe([path], tmp_path / "out", probe="ridge", train_sizes=["50", "0.25", "1.0"], progress=False)
+    fig = plots.plot_learning_curves(load_results(tmp_path / "out"), "mae")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_xlabel().startswith("training labels")
+    xs = [list(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata()) == 3]
+    assert xs and all(x == [30.0, 50.0, 120.0] for x in xs)
+
+
+def test_a_count_larger_than_the_training_part_is_one_line(tmp_path):
+    X, y = planted(n=100, num_layers=3, dim=8, k=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(100), y, standard_splits(100))
+    with pytest.raises(FeatxError, match="larger than the training part") as e:
+        run_probe([path], tmp_path / "out", train_sizes=[500, 1.0], progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_without_the_full_size_it_is_added_and_noted(tmp_path):
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(120), y, standard_splits(120))
+    df = run_probe([path], tmp_path / "out", probe="ridge", train_sizes=[20], progress=False)
+    assert set(df.train_size) == {"20", "1.0"}
+    meta = _strict(tmp_path / "out" / "meta.json")
+    assert any("full training part" in n for n in meta["notes"])
+
+
+def test_saved_classifier_is_the_reported_fold_and_seed(tmp_path):
+    """--folds 10 on a cache without splits: the saved probe is the one fitted on the first seed's first of
+    10 folds (the old code refitted with 5 folds and seed 0)."""
+    X, y = planted(n=200, num_layers=4, dim=8, k=2, seed=4)
+    path = write_cache(tmp_path / "c.h5", X, _ids(200), y)
+    run_probe([path], tmp_path / "out", probe="ridge", folds=10, seeds=[3], save_classifier=True, progress=False)
+    files = [f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]
+    assert files == ["classifier__toy-encoder.safetensors"]
+    clf = Classifier.load(str(tmp_path / "out" / files[0]))
+    s = clf.settings
+    assert (s["folds"], s["fold"], s["seed"], s["probe"], s["train_size"], s["test_split"]) == \
+        (10, 0, 3, "ridge", "1.0", "cv")
+    layer = clf.blocks[0]["layers"][0]
+    (train, dev, _), *_ = make_folds(np.asarray(y, float), None, "regression", 10, 3)[0]
+    assert s["train_labels"] == len(train)
+    ref = make_probe("ridge", 3).fit(X[train], y[train], X[dev], y[dev])
+    np.testing.assert_allclose(clf.predict([X[:, [layer]]]), ref.predict(X, layer), atol=1e-5)  # float32 probe
+
+
+def test_missing_labels_are_unlabeled_items_and_inf_is_one_line(tmp_path):
+    X, y = planted(n=200, num_layers=3, dim=8, k=1)
+    labels = np.asarray([f"{v:g}" for v in y], dtype=object)
+    labels[[3, 50, 77]] = ["n/a", "NA", ""]
+    path = write_cache(tmp_path / "c.h5", X, _ids(200), labels, standard_splits(200))
+    df = run_probe([path], tmp_path / "out", probe="ridge", progress=False)
+    # One stray 'n/a' no longer turns the regression into a 12-class classification.
+    meta = _strict(tmp_path / "out" / "meta.json")
+    assert meta["task"] == "regression" and "mae" in set(df.metric)
+    assert meta["unlabeled"] == {"toy/encoder": 3} and meta["encoders"][0]["labelled_items"] == 197
+    assert df.attrs["meta"]["unlabeled"] == {"toy/encoder": 3}
+    labels[10] = "inf"
+    bad = write_cache(tmp_path / "bad.h5", X, _ids(200), labels, standard_splits(200))
+    with pytest.raises(FeatxError, match="item0010") as e:
+        run_probe([bad], tmp_path / "out2", progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_task_forces_regression_or_classification(tmp_path):
+    X, _ = planted(n=160, num_layers=3, dim=8, k=1)
+    y01 = (np.arange(160) % 2).astype(float)   # 0/1 numbers: classification unless forced
+    path = write_cache(tmp_path / "c.h5", X, _ids(160), y01, standard_splits(160))
+    df = run_probe([path], tmp_path / "a", probe="ridge", task="regression", progress=False)
+    assert "mae" in set(df.metric) and _strict(tmp_path / "a" / "meta.json")["task"] == "regression"
+    yk = np.round(np.linspace(1, 3, 160))
+    path = write_cache(tmp_path / "d.h5", X, _ids(160), yk, standard_splits(160))
+    df = run_probe([path], tmp_path / "b", probe="logistic", task="classification", progress=False)
+    assert "f1_macro" in set(df.metric)
+    with pytest.raises(FeatxError, match="task"):
+        run_probe([path], tmp_path / "c", task="numbers", progress=False)
+
+
+def test_same_cache_twice_and_zero_seeds_are_one_line(tmp_path):
+    X, y = planted(n=100, num_layers=3, dim=8, k=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(100), y, standard_splits(100))
+    with pytest.raises(FeatxError, match="given twice"):
+        run_probe([path, str(tmp_path / "." / "c.h5")], tmp_path / "out", fusion=["early"], progress=False)
+    with pytest.raises(FeatxError, match="at least 1"):
+        run_probe([path], tmp_path / "out", seeds=0, progress=False)
+
+
+@pytest.mark.parametrize("names,error", [(["TRAIN", "Valid", "Test"], None), (["train", "holdout", "test"], "holdout")])
+def test_split_names_map_or_fail_in_one_line(tmp_path, names, error):
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    splits = np.asarray([names[i % 3] for i in range(120)], dtype=object)
+    path = write_cache(tmp_path / "c.h5", X, _ids(120), y, splits)
+    if error is None:
+        df = run_probe([path], tmp_path / "out", probe="ridge", progress=False)
+        assert set(df.split) == {"dev", "test"}
+        return
+    with pytest.raises(FeatxError, match=error) as e:
+        run_probe([path], tmp_path / "out", progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_a_split_with_one_item_is_one_line(tmp_path):
+    X, y = planted(n=60, num_layers=3, dim=8, k=1)
+    splits = np.asarray(["train"] * 40 + ["dev"] * 19 + ["test"], dtype=object)
+    path = write_cache(tmp_path / "c.h5", X, _ids(60), y, splits)
+    with pytest.raises(FeatxError, match="test split has 1 labelled item") as e:
+        run_probe([path], tmp_path / "out", progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_display_names_in_tables_and_files_full_path_in_meta(tmp_path):
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    splits = standard_splits(120)
+    a = write_cache(tmp_path / "a.h5", X, _ids(120), y, splits, model="/tmp/newcomer/v1/models/text")
+    b = write_cache(tmp_path / "b.h5", X, _ids(120), y, splits, model="/tmp/newcomer/v2/models/text",
+                    modality="audio")
+    out = tmp_path / "out"
+    df = run_probe([a, b], out, probe="ridge", save_classifier=True, progress=False)
+    assert set(df.encoder) == {"v1/models/text", "v2/models/text"}
+    assert set(pd.read_csv(out / "best_layers.csv").encoder) == {"v1/models/text", "v2/models/text"}
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == [
+        "classifier__v1-models-text.safetensors", "classifier__v2-models-text.safetensors"]
+    meta = _strict(out / "meta.json")
+    assert [e["path"] for e in meta["encoders"]] == ["/tmp/newcomer/v1/models/text", "/tmp/newcomer/v2/models/text"]
+    clf = Classifier.load(str(out / "classifier__v1-models-text.safetensors"))
+    assert clf.blocks[0]["encoder"] == "/tmp/newcomer/v1/models/text"   # what predict runs
+
+
+def test_display_names():
+    from featx.naming import display_names, slug
+
+    assert display_names(["org/bert-base", "/m/x/text", "/m/y/text", "/m/clip"]) == \
+        ["org/bert-base", "x/text", "y/text", "clip"]
+    assert display_names(["/a/m", "/a/m"]) == ["m", "m"]
+    assert slug("/tmp/newcomer/featx-demo/models/text") == "tmp-newcomer-featx-demo-models-text"
+    assert slug("<>") == "x"
+
+
+def test_meta_json_is_strict_and_records_the_run(tmp_path):
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(120), y, standard_splits(120))
+    run_probe([path], tmp_path / "out", probe="ridge", seeds=[2, 5], train_sizes="0.5,1.0", progress=False)
+    meta = _strict(tmp_path / "out" / "meta.json")   # the old file held NaN for Pearson r on constant folds
+    assert meta["command"] and meta["settings"]["seeds"] == [2, 5]
+    assert meta["settings"]["train_sizes"] == ["0.5", "1.0"] and meta["settings"]["task"] == "regression"
+    assert {"featx", "torch", "transformers", "scikit-learn"} <= set(meta["versions"])
+    from featx.probing.results import write_meta
+    write_meta({"x": float("nan"), "y": [np.float32(np.inf)], "z": np.int64(3)}, tmp_path / "m.json")
+    assert _strict(tmp_path / "m.json") == {"x": None, "y": [None], "z": 3}
+
+
+def test_fewer_folds_than_asked_are_noted(tmp_path):
+    X, _ = planted(n=40, num_layers=3, dim=8, k=1)
+    y = np.asarray(["a"] * 37 + ["b"] * 3, dtype=object)
+    path = write_cache(tmp_path / "c.h5", X, _ids(40), y)
+    run_probe([path], tmp_path / "out", probe="logistic", folds=10, progress=False)
+    meta = _strict(tmp_path / "out" / "meta.json")
+    assert meta["encoders"][0]["folds_run"] == 3
+    assert any("3 folds ran, not 10" in n for n in meta["notes"])
+
+
+def test_fusion_rows_name_the_probe_fusion_fits(tmp_path):
+    """With --probe batched, early fusion fits scikit-learn's ridge: the probe column says so."""
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    splits = standard_splits(120)
+    a = write_cache(tmp_path / "a.h5", X, _ids(120), y, splits, model="toy/a")
+    b = write_cache(tmp_path / "b.h5", X[:, ::-1].copy(), _ids(120), y, splits, model="toy/b", modality="audio")
+    df = run_probe([a, b], tmp_path / "out", probe="batched", fusion=["early"], progress=False)
+    assert set(df[df.method == "fusion-early"].probe) == {"concat-ridge"}
+    best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
+    assert set(best.fusion_method) == {"fusion-early"}
+
+
+def test_manifest_numeric_labels_with_missing_values_stay_numeric():
+    from featx.data.manifest import labels_and_splits
+
+    labels, _, _ = labels_and_splits(pd.DataFrame({"id": list("abcde"), "label": ["1.5", "n/a", "NA", "", "-2"]}))
+    assert labels.dtype == np.float64 and labels[0] == 1.5 and labels[4] == -2 and np.isnan(labels[1:4]).all()
+    labels, _, _ = labels_and_splits(pd.DataFrame({"id": list("abc"), "label": ["pos", "n/a", "neg"]}))
+    assert labels.dtype == object
+
+
+def test_one_encoder_on_two_modalities_saves_two_classifiers(tmp_path):
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    splits = standard_splits(120)
+    a = write_cache(tmp_path / "a.h5", X, _ids(120), y, splits, model="org/clip", modality="image")
+    b = write_cache(tmp_path / "b.h5", X, _ids(120), y, splits, model="org/clip", modality="video")
+    run_probe([a, b], tmp_path / "out", probe="ridge", save_classifier=True, progress=False)
+    assert sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")) == [
+        "classifier__org-clip-image.safetensors", "classifier__org-clip-video.safetensors"]
