@@ -181,7 +181,7 @@ def test_probe_prints_a_summary_table_or_json(tmp_path, caches, capsys):
     code, out, err = _run(capsys, "fuse", *caches[:2], "--out", tmp_path / "o", "--fusion", "early", "--probe",
                           "batched", "-q")
     assert code == 0, err
-    assert "best_layer" in out and "toy/text" in out and f"results in {tmp_path / 'o'}" in out
+    assert "best_dev_layer" in out and "toy/text" in out and f"results in {tmp_path / 'o'}" in out
     assert err == ""   # --quiet: no progress
     code, out, err = _run(capsys, "fuse", *caches[:2], "--out", tmp_path / "o", "--fusion", "early", "--probe",
                           "batched", "--json", "-q")
@@ -192,7 +192,7 @@ def test_probe_prints_a_summary_table_or_json(tmp_path, caches, capsys):
 
     rows = json.loads(out, parse_constant=no_nan)
     assert {r["encoder"] for r in rows} == {"toy/text", "toy/image"}
-    assert all("best_layer" in r for r in rows) and "results in" in err
+    assert all("best_dev_layer" in r for r in rows) and "results in" in err
 
 
 def test_progress_into_a_pipe_is_plain_lines(tmp_path, caches, capsys):

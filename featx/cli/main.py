@@ -130,7 +130,11 @@ def _run_probe(cls, args):
     check_out_dir(s.out)
     from featx.probing.sweep import run_probe
 
-    run_probe(s.caches, s.out, **s.kwargs())
+    df = run_probe(s.caches, s.out, **s.kwargs())
+    unlabeled = {k: v for k, v in (df.attrs.get("meta", {}).get("unlabeled") or {}).items() if v}
+    for name, count in unlabeled.items():
+        print(f"featx {args.command}: {name}: {count} item(s) without a label were left out of training and scoring",
+              file=sys.stderr)
     print_table(_summary_of_probe(s.out), s.json, f"featx {args.command}: results in {s.out}")
     return 0
 
