@@ -706,10 +706,12 @@ class PredictSettings(Settings):
 
 @dataclass
 class DemoSettings(Settings):
-    """`featx demo`: an offline end-to-end run on a synthetic data set."""
+    """`featx demo`: an offline end-to-end run on real review snippets with human sentiment ratings."""
     out: str = option("featx-demo", "folder for data, models, caches, results and report", path=True)
-    items: int = option(120, "size of the synthetic data set", integer(10))
-    seed: int = option(0, "seed of the synthetic data set", integer(0))
+    items: int = option(None, "items: a subset spread over the ratings (default: all 3,708 snippets; 120 with "
+                              "--synthetic)", optional(integer(10)), default_text="all")
+    seed: int = option(0, "seed of the subset and of the synthetic images and sounds", integer(0))
+    synthetic: bool = option(False, "a small synthetic data set instead of the real reviews", flag=True)
     quiet: bool = option(False, **_QUIET)
 
 

@@ -180,15 +180,16 @@ def _finetune(sub):
 
 # ---------------------------------------------------------------- demo
 def _demo(sub):
-    p = _command(sub, "demo", DemoSettings, "offline end-to-end run on a synthetic data set; prints where the "
-                 "report is", recipe=False)
+    p = _command(sub, "demo", DemoSettings, "offline end-to-end run on real review snippets with human ratings "
+                 "(real all-MiniLM-L6-v2; random tiny image and audio models); prints where the report is",
+                 recipe=False)
 
     def run(args):
         s = settings_from(args, DemoSettings)
         check_out_dir(s.out)
         from featx.demo.run import run_demo
 
-        html = run_demo(s.out, n=s.items, seed=s.seed, progress=not s.quiet)
+        html = run_demo(s.out, n=s.items, seed=s.seed, progress=not s.quiet, synthetic=s.synthetic)
         print(f"featx demo: report at {html}")
         return 0
 
