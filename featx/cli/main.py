@@ -116,7 +116,7 @@ def _info(sub):
     p.add_argument("files", nargs="+")
 
     def run(args):
-        from featx.cache.store import describe
+        from featx.cache import describe
 
         for f in args.files:
             print(describe(f))

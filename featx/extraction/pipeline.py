@@ -179,14 +179,14 @@ class _Distributed:
         """This rank's share of `todo`, less what an earlier run's final file already holds."""
         todo = todo[todo % self.world == self.rank]
         if os.path.exists(path):
-            from featx.cache.store import open_cache
+            from featx.cache import open_cache
 
             with open_cache(path) as c:
                 todo = todo[~c.done[todo]]
         return todo
 
     def merge(self, path):
-        from featx.cache.store import merge_caches, open_cache
+        from featx.cache import merge_caches, open_cache
 
         self.td.barrier()
         if self.rank == 0:
@@ -328,7 +328,7 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried).
     Raises FeatxError for usage/configuration errors, before any model is loaded where it can.
     """
-    from featx.cache.store import CacheWriter
+    from featx.cache import CacheWriter
 
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     poolings = [pool] if isinstance(pool, str) else list(pool)
@@ -595,7 +595,7 @@ def _print_summary(summary, path):
         line += f", {summary['pending']} pending"
     print(f"{line} -> {path}", file=sys.stderr)
     if summary["failed"]:
-        from featx.cache.store import open_cache
+        from featx.cache import open_cache
 
         with open_cache(path) as c:
             bad = [(i, e) for i, e in zip(c.ids, c.error) if e]

@@ -26,7 +26,7 @@ class CacheData:
 
 
 def load_cache(path, pool="mean", layers="all", need_labels=True) -> CacheData:
-    """Read the pooled layers of a cache (featx.cache.store.open_cache) into memory; the file is closed after."""
+    """Read the pooled layers of a cache (featx.cache.open_cache) into memory; the file is closed after."""
     if not os.path.exists(path):
         raise FeatxError(f"no such cache: {path}")
     with open_cache(path) as c:
