@@ -150,7 +150,7 @@ def check_parts(path, settings, ids=None):
     for p in part_files(path):
         try:
             good.append((p, read_part(p, settings, ids, verify=True)))
-        except (FeatxError, OSError, KeyError, ValueError) as e:
+        except Exception as e:  # anything that fails reading a part means it is damaged
             bad.append((p, first_line(e).replace(f"{p}: ", "")))
     return good, bad
 

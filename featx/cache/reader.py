@@ -40,7 +40,8 @@ def reading(path, name):
     try:
         yield
     except OSError as e:
-        raise FeatxError(f"{path}: dataset {name} is damaged ({first_line(e)})") from None
+        raise FeatxError(f"{path}: dataset {name} is damaged: a checksum or structure check failed "
+                         f"({first_line(e)})") from None
 
 
 def check_regular_file(path):

@@ -183,9 +183,9 @@ def _create_layout(out, header, state):
     return pooled, data, offsets
 
 
-def _copy_values(pooled, data, offsets, src, state, header):
+def _copy_values(pooled, data, offsets, src, state, header, check):
     """Fill the final file's arrays from the sources, in blocks of one chunk row of items in manifest order,
-    so memory stays about L chunks."""
+    so memory stays about L chunks; check() after each block stops at the first failed write."""
     n, L, D, dtype = len(header["ids"]), header["num_layers"], header["hidden_size"], header["dtype"]
     rows = schema.chunk_rows(D, dtype)
     for lo in range(0, n, rows):
@@ -202,6 +202,7 @@ def _copy_values(pooled, data, offsets, src, state, header):
                 data[offsets[i]:offsets[i + 1]] = f[schema.SEQ_DATA][off[j]:off[j + 1]]
         for p, ds in pooled.items():
             ds[lo:hi] = blocks[p]
+        check()
 
 
 def _check_room(out_path, header, state):
@@ -214,38 +215,107 @@ def _check_room(out_path, header, state):
     return folder, needed
 
 
+class _GuardedFile:
+    """A binary file for h5py whose writes never fail in HDF5's eyes: the first OSError is kept in `error` and
+    later writes are dropped, so HDF5 can always close its handles (after a failed write inside HDF5 they
+    cannot be closed and crash the process at exit); the caller then deletes the file."""
+
+    def __init__(self, path):
+        self.f, self.error = open(path, "w+b", buffering=0), None  # unbuffered: a seek never writes
+
+    def seek(self, pos, whence=0):
+        try:
+            return self.f.seek(pos, whence)
+        except OSError as e:
+            self.error = self.error or e
+            return pos
+
+    def tell(self):
+        return self.f.tell()
+
+    def readinto(self, buf):
+        return self.f.readinto(buf)
+
+    def read(self, n=-1):
+        return self.f.read(n)
+
+    def write(self, buf):
+        n = memoryview(buf).nbytes
+        if self.error is None:
+            try:
+                return self.f.write(buf)
+            except OSError as e:
+                self.error = e
+        return n
+
+    def truncate(self, size=None):
+        try:
+            return self.f.truncate(size)
+        except OSError as e:
+            self.error = self.error or e
+            return size
+
+    def flush(self):
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+
+    def check(self):
+        """Raise the first write error, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.f.close()
+
+
+def _write_hdf5(tmp, fill, **file_options):
+    """Make the HDF5 file `tmp` with fill(file, check) (check() raises a write error as soon as one happened)
+    and close it. On any error every handle is closed and tmp removed before the error is raised."""
+    guard, f = _GuardedFile(tmp), None
+    try:
+        f = h5py.File(guard, "w", **file_options)
+        fill(f, guard.check)
+        f.close()
+        guard.check()
+        guard.close()
+    except BaseException:
+        if f is not None and f.id.valid:
+            f.close()  # cannot fail on a write: the guard drops them
+        if not guard.f.closed:
+            try:
+                guard.close()
+            except OSError:
+                pass
+        _remove(tmp)
+        raise
+
+
 def consolidate(out_path, sources, state, header):
     """Write the final file from the files `sources` as `state` (featx.cache.parts.scan) says, to
-    <out_path>.tmp, then rename it over out_path. On any error every handle is closed and the .tmp removed."""
+    <out_path>.tmp, then rename it over out_path. On any error every handle is closed and the .tmp removed;
+    a full disk is a FeatxError naming the folder and the space needed."""
     folder, needed = _check_room(out_path, header, state)
     tmp = out_path + schema.TMP_SUFFIX
     L, D, dtype = header["num_layers"], header["hidden_size"], header["dtype"]
     # Room for a few chunks per layer: sequence writes straddle chunks and must not rewrite them partially.
     cache = max(16 << 20, 4 * L * schema.chunk_rows(D, dtype) * D * np.dtype(dtype).itemsize)
-    src, out = _Sources(sources), None
+    src = _Sources(sources)
+
+    def fill(out, check):
+        _copy_values(*_create_layout(out, header, state), src, state, header, check)
+
     try:
-        out = h5py.File(tmp, "w", rdcc_nbytes=cache, rdcc_nslots=100003, rdcc_w0=1.0)
-        _copy_values(*_create_layout(out, header, state), src, state, header)
-        out.close()
+        _write_hdf5(tmp, fill, rdcc_nbytes=cache, rdcc_nslots=100003, rdcc_w0=1.0)
         _publish(tmp, out_path)
-    except BaseException as e:
-        _close_quietly(out)
-        src.close()
+    except OSError as e:
         _remove(tmp)
-        if isinstance(e, OSError) and _disk_full(e):
+        if _disk_full(e):
             raise _full_error(folder, needed, f"while writing {os.path.basename(tmp)}") from None
         raise
-    src.close()
-
-
-def _close_quietly(f):
-    """Close an HDF5 file whose last write failed; its close flushes and may fail again, which changes nothing."""
-    if f is None:
-        return
-    try:
-        f.close()
-    except Exception:
-        pass
+    finally:
+        src.close()
 
 
 # ---------------------------------------------------------------- what is left to do
@@ -491,10 +561,10 @@ class CacheWriter:
     def _write_part(self, idx, done, error, pooled, seqs):
         """One part file: indices, ids, done, error (B,) and the arrays of the done items only."""
         final = os.path.join(schema.parts_dir(self.path), schema.part_name(self._next_part))
+        tmp = final + schema.TMP_SUFFIX
         self._next_part += 1
-        tmp, f = final + schema.TMP_SUFFIX, None
-        try:
-            f = h5py.File(tmp, "w")
+
+        def fill(f, check):
             schema.create(f, schema.INDICES, data=idx)
             schema.create_strings(f, schema.IDS, self.ids[idx])
             schema.create(f, schema.DONE, data=done)
@@ -505,12 +575,13 @@ class CacheWriter:
                 empty = np.zeros((0, self.num_layers, self.hidden_size), self.dtype)
                 schema.create(f, schema.SEQ_OFFSETS, data=np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64))
                 schema.create(f, schema.SEQ_DATA, data=np.concatenate([empty] + seqs))
-            f.close()
+
+        try:
+            _write_hdf5(tmp, fill)
             _publish(tmp, final, sync_dir=False)  # a part lost to a power cut is only recomputed
-        except BaseException as e:
-            _close_quietly(f)
+        except OSError as e:
             _remove(tmp)
-            if isinstance(e, OSError) and _disk_full(e):
+            if _disk_full(e):
                 needed = sum(a.nbytes for a in pooled.values()) + sum(s.nbytes for s in seqs or ()) + 4096 * len(idx)
                 raise _full_error(os.path.dirname(final), needed, f"for a part of {len(idx)} items") from None
             raise
@@ -543,7 +614,13 @@ class CacheWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()  # also on errors: what was written is kept
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return False
+        try:
+            self.close()  # also on errors: what was written is kept
+        except Exception:
+            pass  # the error on its way out says what went wrong; the parts stay for the next run
         return False
 
