@@ -4,6 +4,7 @@ A killed run (parts, no final file) is shown from its parts; nothing here writes
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -109,8 +110,8 @@ def inspect(path, verify=True) -> dict:
             "num_layers": int(s["num_layers"]), "hidden_size": int(s["hidden_size"]),
             "poolings": list(s["poolings"]), "dtype": s["dtype"], "sequences": bool(s["seq"]),
             "size_bytes": int(sum(os.path.getsize(p) for p in sources)),
-            "settings": {k: v for k, v in sorted(s["attrs"].items())
-                         if k not in ("model", "modality") + schema.OWN_ATTRS},
+            "settings": {k: None if isinstance(v, float) and not math.isfinite(v) else v  # strict JSON
+                         for k, v in sorted(s["attrs"].items()) if k not in ("model", "modality") + schema.OWN_ATTRS},
             "parts": len(good), "damaged": [{"file": f, "reason": r} for f, r in bad], "set_aside": aside,
             "errors": [{"id": str(state.ids[i]), "error": str(state.error[i])} for i in failed[:SHOWN_ERRORS]]}
 
