@@ -277,7 +277,7 @@ def _bad_offsets(f, other):
 
 @pytest.mark.parametrize("change, message", [
     (_fewer_rows, r"pooled/mean has shape \(4, 3, 16\), the format needs \(10, 3, 16\)"),
-    (_external_link, "/pooled/mean is a ExternalLink; a featx cache holds no links"),
+    (_external_link, "/pooled/mean is a soft or external link; a featx cache holds no links"),
     (_external_storage, "pooled/mean stores its data outside the file"),
     (_attr_type, "attribute num_layers is a str, the format needs int"),
     (_attr_array, "attribute max_length is a ndarray"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 
+import h5py
 import numpy as np
 
 from featx.cache import parts, schema
@@ -40,13 +41,20 @@ def caches_in(folder):
     return out
 
 
+def _has_checksums(f):
+    found = []
+    f.visititems(lambda name, obj: found.append(obj.fletcher32) if isinstance(obj, h5py.Dataset) else None)
+    return any(found)
+
+
 def _final(path, verify):
     """(settings-like summary, record) of the consolidated file at `path`."""
     with open_file(path) as f:
         h = read_header(f, path)
+        checksums = "verified" if _has_checksums(f) and verify else "not checked" if _has_checksums(f) else "none"
         if verify:
-            verify_checksums(f, path)
-    s = {"attrs": h["attrs"], "n_items": len(h["ids"]), "format_version": h["version"],
+            verify_checksums(f, path)  # also reads unprotected datasets: a damaged string heap shows too
+    s = {"attrs": h["attrs"], "n_items": len(h["ids"]), "format_version": h["version"], "checksums": checksums,
          **{k: h[k] for k in ("poolings", "dtype", "seq", "num_layers", "hidden_size")}}
     return s, parts.final_record(h)
 
@@ -76,7 +84,8 @@ def inspect(path, verify=True) -> dict:
 
     Works on a consolidated file and on a killed run's parts folder alone. verify: read every chunk so that
     damage (a failed Fletcher-32 checksum) raises FeatxError naming the dataset. Keys: path, status
-    ("complete" | "unmerged parts" | "in progress"), model, modality, format_version, items, done, failed,
+    ("complete" | "unmerged parts" | "in progress"), model, modality, format_version, checksums ("verified" |
+    "not checked" | "none": a file written before checksums), items, done, failed,
     pending, num_layers, hidden_size, poolings, dtype, sequences, size_bytes, settings, parts, damaged,
     set_aside, errors ([{id, error}], the first few).
     """
@@ -88,7 +97,7 @@ def inspect(path, verify=True) -> dict:
     if exists:
         s, final = _final(path, verify)
     elif settings is not None:
-        s, final = {**settings, "format_version": schema.FORMAT_VERSION}, None
+        s, final = {**settings, "format_version": schema.FORMAT_VERSION, "checksums": "not checked"}, None
     else:
         if settings_problem:
             raise FeatxError(f"{path}: no cache yet, and its parts folder's {settings_problem}; "
@@ -105,7 +114,7 @@ def inspect(path, verify=True) -> dict:
     return {"path": path, "status": "complete" if exists and not good else ("unmerged parts" if good
                                                                            else "in progress"),
             "model": s["attrs"].get("model"), "modality": s["attrs"].get("modality"),
-            "format_version": s["format_version"], "items": int(s["n_items"]),
+            "format_version": s["format_version"], "checksums": s["checksums"], "items": int(s["n_items"]),
             "done": c["done"], "failed": c["failed"], "pending": c["pending"],
             "num_layers": int(s["num_layers"]), "hidden_size": int(s["hidden_size"]),
             "poolings": list(s["poolings"]), "dtype": s["dtype"], "sequences": bool(s["seq"]),
@@ -128,7 +137,7 @@ def describe(path, verify=True) -> str:
              f"  dtype      {d['dtype']}",
              f"  sequences  {'yes' if d['sequences'] else 'no'}",
              f"  size       {_size(d['size_bytes'])}",
-             f"  format     {d['format_version']}{' (checksums verified)' if verify else ''}"]
+             f"  format     {d['format_version']} (checksums: {d['checksums']})"]
     if other:
         lines.append(f"  settings   {other}")
     folder = schema.parts_dir(d["path"])

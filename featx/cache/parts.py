@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from featx.cache import schema
-from featx.cache.reader import check_dataset, open_file, reading, seq_offsets, verify_checksums
+from featx.cache.reader import check_dataset, open_file, reading, seq_offsets
 from featx.errors import FeatxError, first_line
 
 KNOWN_SUFFIXES = (schema.TMP_SUFFIX, schema.BAD_SUFFIX)
@@ -117,16 +117,14 @@ def final_record(header):
 
 def read_part(path, settings, ids=None, verify=False):
     """(indices, ids, done, error, rows, seq lengths) of one part file, checked against the schema and
-    `settings` (its layout); rows: where each done item's arrays sit in the part. verify: read every chunk.
-    Raises FeatxError naming what is wrong."""
+    `settings` (its layout); rows: where each done item's arrays sit in the part. verify: also read its
+    arrays, so that a failed checksum shows. Raises FeatxError naming what is wrong."""
     n, L, D, dtype = settings["n_items"], settings["num_layers"], settings["hidden_size"], settings["dtype"]
     with open_file(path) as f:
         B = f[schema.INDICES].shape[0] if isinstance(f.get(schema.INDICES), h5py.Dataset) else -1
         with reading(path, schema.INDICES):
             idx = check_dataset(f, schema.INDICES, path, (max(B, 0),), "int")[:].astype(np.int64)
-        with reading(path, schema.DONE):
             done = check_dataset(f, schema.DONE, path, (B,), "bool")[:]
-        with reading(path, schema.IDS):
             part_ids = check_dataset(f, schema.IDS, path, (B,), "str").asstr()[:].astype(object)
             error = check_dataset(f, schema.ERROR, path, (B,), "str").asstr()[:].astype(object)
         if len(idx) and (idx.min() < 0 or idx.max() >= n or len(np.unique(idx)) != len(idx)):
@@ -134,13 +132,15 @@ def read_part(path, settings, ids=None, verify=False):
         if ids is not None and (ids[idx] != part_ids).any():
             raise FeatxError(f"{path}: its ids are not the manifest's")
         K = int(done.sum())
-        for p in settings["poolings"]:
-            check_dataset(f, schema.pooled_name(p), path, (K, L, D), "float", dtype)
+        arrays = [check_dataset(f, schema.pooled_name(p), path, (K, L, D), "float", dtype)
+                  for p in settings["poolings"]]
         lengths = np.zeros(B, np.int64)
         if settings["seq"]:
             lengths[done] = np.diff(seq_offsets(f, path, K, L, D, dtype))
-        if verify:
-            verify_checksums(f, path)
+            arrays.append(f[schema.SEQ_DATA])
+        for ds in arrays if verify else ():
+            with reading(path, ds.name.lstrip("/")):
+                ds[()]
     return idx, part_ids, done, error, np.cumsum(done) - 1, lengths
 
 

@@ -66,38 +66,36 @@ def open_file(path):
     return f
 
 
-def check_links(group, path):
-    """Refuse soft and external links, external storage and virtual datasets anywhere below `group`."""
-    for name in group:
-        link = group.get(name, getlink=True)
-        if not isinstance(link, h5py.HardLink):
-            raise FeatxError(f"{path}: {group.name.rstrip('/')}/{name} is a {type(link).__name__}; "
-                             "a featx cache holds no links")
-        obj = group[name]
-        if isinstance(obj, h5py.Group):
-            check_links(obj, path)
-        elif isinstance(obj, h5py.Dataset):
-            if obj.is_virtual or obj.id.get_create_plist().get_external_count():
-                raise FeatxError(f"{path}: dataset {obj.name} stores its data outside the file; "
-                                 "a featx cache holds its data itself")
+def check_links(f, path):
+    """Refuse soft and external links anywhere in the file (HDF5 would follow them out of it)."""
+    found = []
+    f.id.links.visit(lambda name, info: found.append(name) if info.type != h5py.h5l.TYPE_HARD else None,
+                     info=True)
+    if found:
+        raise FeatxError(f"{path}: /{found[0].decode('utf-8', 'replace')} is a soft or external link; "
+                         "a featx cache holds no links")
 
 
 def check_dataset(f, name, path, shape, kind, dtype=None):
-    """f[name], checked: a dataset of `shape`, of kind "str" | "bool" | "int" | "float" (or exactly `dtype`),
-    declaring no more bytes than its file could hold."""
+    """f[name], checked: a dataset stored in the file, of `shape`, of kind "str" | "bool" | "int" | "float"
+    (or exactly `dtype`), declaring no more bytes than its file could hold."""
     ds = f.get(name)
     if not isinstance(ds, h5py.Dataset):
         raise FeatxError(f"{path}: {name} is not a dataset")
-    if ds.shape != tuple(shape):
-        raise FeatxError(f"{path}: dataset {name} has shape {ds.shape}, the format needs {tuple(shape)}")
-    is_str = h5py.check_string_dtype(ds.dtype) is not None
-    ok = {"str": is_str, "bool": ds.dtype == np.bool_, "int": ds.dtype.kind in "iu",
-          "float": ds.dtype.kind == "f", "number": ds.dtype.kind in "iuf"}[kind]
-    if not ok or (dtype is not None and ds.dtype != np.dtype(dtype)):
-        raise FeatxError(f"{path}: dataset {name} has dtype {ds.dtype}, the format needs {dtype or kind}")
-    limit = schema.MAX_INFLATION * max(os.path.getsize(path), 1)
-    if ds.size * max(ds.dtype.itemsize, 16 if is_str else 1) > limit:
-        raise FeatxError(f"{path}: dataset {name} declares {ds.shape}, more than the file could hold")
+    if ds.is_virtual or ds.id.get_create_plist().get_external_count():
+        raise FeatxError(f"{path}: dataset {name} stores its data outside the file; "
+                         "a featx cache holds its data itself")
+    found, dt = ds.shape, ds.dtype
+    if found != tuple(shape):
+        raise FeatxError(f"{path}: dataset {name} has shape {found}, the format needs {tuple(shape)}")
+    is_str = h5py.check_string_dtype(dt) is not None
+    ok = {"str": is_str, "bool": dt == np.bool_, "int": dt.kind in "iu", "float": dt.kind == "f",
+          "number": dt.kind in "iuf"}[kind]
+    if not ok or (dtype is not None and dt != np.dtype(dtype)):
+        raise FeatxError(f"{path}: dataset {name} has dtype {dt}, the format needs {dtype or kind}")
+    if int(np.prod(found, dtype=np.float64)) * max(dt.itemsize, 16 if is_str else 1) > \
+            schema.MAX_INFLATION * max(f.id.get_filesize(), 1):
+        raise FeatxError(f"{path}: dataset {name} declares {found}, more than the file could hold")
     return ds
 
 
