@@ -71,13 +71,13 @@ def create_strings(group, name, values):
     return group.create_dataset(name, data=np.asarray(values, dtype=object), dtype=STR)
 
 
-def parse_version(text):
+def parse_version(text, path=""):
     """(major, minor) of a format version "M.m"; FeatxError when it is not one."""
     try:
         major, minor = str(text).split(".")
         return int(major), int(minor)
     except ValueError:
-        raise FeatxError(f"format_version {text!r} is not a version (MAJOR.MINOR)") from None
+        raise FeatxError(f"{path}: format_version {text!r} is not a version (MAJOR.MINOR)") from None
 
 
 def check_version(attrs, path):
@@ -85,7 +85,7 @@ def check_version(attrs, path):
     found = attrs.get("format_version", "1.0")
     if not isinstance(found, str):
         raise FeatxError(f"{path}: attribute format_version is a {type(found).__name__}, not a str")
-    if parse_version(found)[0] > parse_version(FORMAT_VERSION)[0]:
+    if parse_version(found, path)[0] > parse_version(FORMAT_VERSION)[0]:
         raise FeatxError(f"{path} was written by a newer featx (cache format {found}; this featx reads "
                          f"{FORMAT_VERSION.split('.')[0]}.x): upgrade featx to read it")
     return found

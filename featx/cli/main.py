@@ -126,6 +126,7 @@ def _info(sub):
 
         paths = []
         for f in args.files:
+            f = f.rstrip("/") or f
             f = f[:-len(".parts")] if f.endswith(".h5.parts") else f
             if os.path.isdir(f):
                 found = caches_in(f)
