@@ -12,18 +12,12 @@ import numpy as np
 
 from featx.cache import parts, schema
 from featx.cache.reader import check_regular_file, no_cache_error, open_file, read_header, verify_checksums
+from featx.cache.writer import size_text
 from featx.errors import FeatxError
 
 __all__ = ["inspect", "describe", "caches_in"]
 
 SHOWN_ERRORS = 5
-
-
-def _size(nbytes):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
 
 
 def caches_in(folder):
@@ -136,7 +130,7 @@ def describe(path, verify=True) -> str:
              f"  poolings   {', '.join(d['poolings'])}",
              f"  dtype      {d['dtype']}",
              f"  sequences  {'yes' if d['sequences'] else 'no'}",
-             f"  size       {_size(d['size_bytes'])}",
+             f"  size       {size_text(d['size_bytes'])}",
              f"  format     {d['format_version']} (checksums: {d['checksums']})"]
     if other:
         lines.append(f"  settings   {other}")

@@ -67,7 +67,8 @@ def _disk_full(e):
     return getattr(e, "errno", None) in _FULL or any(t in str(e) for t in _FULL_TEXT)
 
 
-def _size(nbytes):
+def size_text(nbytes):
+    """A byte count for people: "512 B", "1.5 MiB"."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024 or unit == "GiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
@@ -76,8 +77,8 @@ def _size(nbytes):
 
 def _full_error(folder, needed, what):
     free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
-    return FeatxError(f"no space left in {folder} {what}: it needs about {_size(needed)} "
-                      f"({_size(free)} free); free some space and run the same command again (nothing is lost)")
+    return FeatxError(f"no space left in {folder} {what}: it needs about {size_text(needed)} "
+                      f"({size_text(free)} free); free some space and run the same command again (nothing is lost)")
 
 
 def _is_missing(v):
