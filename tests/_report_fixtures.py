@@ -125,7 +125,7 @@ def make_results_dir(path, task="regression", encoders=ENCODERS, seeds=(0, 1, 2)
 
 
 def write_cache(path, ids, pooled, done=None, model="tiny", modality="text"):
-    """An HDF5 cache in the layout featx.cache.store writes: ids, done, error, pooled/mean (N, L, D)."""
+    """An HDF5 cache in the layout featx.cache writes: ids, done, error, pooled/mean (N, L, D)."""
     import h5py
 
     pooled = np.asarray(pooled, dtype=np.float32)

@@ -1,37 +1,28 @@
-"""Planted caches for the probing tests, written with h5py following the store's file contract.
+"""Planted caches for the probing tests, written through featx.cache.CacheWriter, so they follow the schema.
 
 `planted(...)` draws features where only layer `k` carries the label (other layers are noise), so a probe
-sweep has a right answer. Switch to featx.cache.store.CacheWriter once it exists.
+sweep has a right answer.
 """
 from __future__ import annotations
 
-import h5py
 import numpy as np
+
+from featx.cache import CacheWriter
 
 
 def write_cache(path, pooled, ids, labels=None, splits=None, model="toy/encoder", modality="text",
                 done=None, seq=None, pooling="mean"):
-    """Write an HDF5 cache. pooled: (N, L, D); seq: optional list of N arrays (T_i, L, D)."""
+    """Write a cache. pooled: (N, L, D); seq: optional list of N arrays (T_i, L, D); done: (N,) bool, the
+    items written (the others stay pending)."""
+    pooled = np.asarray(pooled)
     N, L, D = pooled.shape
-    s = h5py.string_dtype("utf-8")
-    with h5py.File(path, "w") as f:
-        f.attrs.update(model=model, modality=modality, num_layers=L, hidden_size=D, poolings=pooling,
-                       dtype=str(pooled.dtype))
-        f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=s)
-        f.create_dataset("done", data=np.ones(N, bool) if done is None else np.asarray(done, bool))
-        f.create_dataset("error", data=np.asarray([""] * N, dtype=object), dtype=s)
-        f.create_dataset(f"pooled/{pooling}", data=pooled)
-        if labels is not None:
-            labels = np.asarray(labels)
-            if labels.dtype.kind in "OUS":
-                f.create_dataset("label", data=labels.astype(object), dtype=s)
-            else:
-                f.create_dataset("label", data=labels.astype(np.float64))
-        if splits is not None:
-            f.create_dataset("split", data=np.asarray(splits, dtype=object), dtype=s)
-        if seq is not None:
-            f.create_dataset("seq/data", data=np.concatenate(seq, axis=0))
-            f.create_dataset("seq/offsets", data=np.concatenate([[0], np.cumsum([len(x) for x in seq])]).astype(np.int64))
+    dtype = "float16" if pooled.dtype == np.float16 else "float32"
+    with CacheWriter(path, ids=list(ids), attrs={"model": model, "modality": modality}, poolings=[pooling],
+                     num_layers=L, hidden_size=D, dtype=dtype, seq=seq is not None,
+                     labels=None if labels is None else list(labels),
+                     splits=None if splits is None else list(splits)) as w:
+        idx = np.arange(N) if done is None else np.flatnonzero(np.asarray(done, bool))
+        w.write(idx, {pooling: pooled[idx]}, None if seq is None else [seq[i] for i in idx])
     return str(path)
 
 

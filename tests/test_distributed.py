@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from featx import extract
-from featx.cache.store import open_cache
+from featx.cache import open_cache
 
 
 def _torchrun(*args, cwd):
@@ -31,7 +31,7 @@ def test_two_ranks_equal_one_process(family, media, tmp_path, request):
 
 
 def test_a_shard_with_pending_items_merges_as_pending_never_as_zeros(tmp_path):
-    from featx.cache.store import CacheWriter, merge_caches
+    from featx.cache import CacheWriter, merge_caches
     ids = [f"i{k}" for k in range(8)]
     rng = np.random.default_rng(0)
     vals = rng.standard_normal((8, 3, 4)).astype(np.float32)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from featx import extract
-from featx.cache.store import open_cache
+from featx.cache import open_cache
 from featx.encoders import Family, family_of, load_config, register_family
 from featx.encoders.registry import block_path
 from featx.errors import FeatxError

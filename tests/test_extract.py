@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from featx import extract
-from featx.cache.store import open_cache
+from featx.cache import open_cache
 
 from conftest import write_png, write_wav
 
@@ -419,24 +419,24 @@ def test_a_cache_closes_while_the_next_model_runs_and_its_failure_loses_nothing(
                                                                                 tiny_wavlm, monkeypatch):
     import os
 
-    import featx.cache.store as store
+    import featx.cache.writer as store
     from featx.extraction.pipeline import cache_path
     out = tmp_path / "o"
     text, audio = cache_path(media, tiny_bert, out), cache_path(media, tiny_wavlm, out)
-    consolidate = store._consolidate
+    consolidate = store.consolidate
 
     def disk_full_for_text(out_path, *args):  # the text cache's consolidation fails, after its run
         if out_path == text:
             raise OSError(28, "No space left on device")
         return consolidate(out_path, *args)
 
-    monkeypatch.setattr(store, "_consolidate", disk_full_for_text)
+    monkeypatch.setattr(store, "consolidate", disk_full_for_text)
     with pytest.raises(OSError, match="No space left"):
         extract(media, [tiny_bert, tiny_wavlm, tiny_bert], out, device="cpu", progress=False)
     with open_cache(audio) as c:  # the next model ran and closed all the same
         assert c.done.all()
     assert not os.path.exists(text) and len(os.listdir(text + ".parts")) > 1  # its parts wait for the next run
-    monkeypatch.setattr(store, "_consolidate", consolidate)
+    monkeypatch.setattr(store, "consolidate", consolidate)
     res = extract(media, [tiny_bert, tiny_wavlm, tiny_bert], out, device="cpu", progress=False)
     assert [c["path"] for c in res.caches] == [text, audio, text]
     assert all(c["done"] == 8 and c["failed"] == 0 for c in res.caches) and not os.path.exists(text + ".parts")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from featx import extract
-from featx.cache.store import open_cache
+from featx.cache import open_cache
 
 pytest.importorskip("av")
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from featx import extract
-from featx.cache.store import open_cache
+from featx.cache import open_cache
 from featx.data.media import load_audio, load_image
 from featx.errors import MediaError
 

@@ -1,4 +1,4 @@
-"""featx.cache.store on real HDF5 files and real killed processes: round trip, resume, kill -9, settings, reads."""
+"""featx.cache (schema, writer, reader, merge, describe) on real HDF5 files and real killed processes: round trip, resume, kill -9, settings, reads."""
 import os
 import random
 import shutil
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from featx.errors import FeatxError
-from featx.cache.store import Cache, CacheWriter, describe, merge_caches, open_cache, read_layer
+from featx.cache import Cache, CacheWriter, describe, merge_caches, open_cache, read_layer
 
 L, D = 3, 16  # layers and hidden size of the test caches
 
@@ -43,7 +43,7 @@ CHILD = """
 import sys, time
 sys.path.insert(0, sys.argv[4])
 from test_store import batch, writer_args
-from featx.cache.store import CacheWriter
+from featx.cache import CacheWriter
 import torch  # loaded, as in featx extract (the writer casts with it), before the kill clock starts
 
 path, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -148,7 +148,7 @@ def test_float16_stores_the_cast_and_string_labels(tmp_path):
 
 @pytest.mark.parametrize("read_rows", [4096, 128])  # one block, or blocks that straddle the missing items
 def test_layer_reads_and_chunk_shape(tmp_path, monkeypatch, read_rows):
-    monkeypatch.setattr("featx.cache.store._READ_ROWS", read_rows)
+    monkeypatch.setattr("featx.cache.reader.READ_ROWS", read_rows)
     path = str(tmp_path / "c.h5")
     n, big_d = 600, 1024
     rng = np.random.default_rng(1)

@@ -1,4 +1,12 @@
-"""The HDF5 cache: one file per manifest x encoder holding every layer's pooled hidden states."""
-from featx.cache.store import Cache, CacheWriter, describe, merge_caches, open_cache, read_layer
+"""The HDF5 cache: one file per manifest x encoder holding every layer's pooled hidden states.
 
-__all__ = ["Cache", "CacheWriter", "describe", "merge_caches", "open_cache", "read_layer"]
+schema (the format), writer (CacheWriter, parts, consolidation), reader (Cache), merge, describe (featx info).
+"""
+from featx.cache.describe import caches_in, describe, inspect
+from featx.cache.merge import merge_caches
+from featx.cache.reader import Cache, LayerData, open_cache, read_layer
+from featx.cache.schema import FORMAT_VERSION
+from featx.cache.writer import CacheWriter, pending_items
+
+__all__ = ["FORMAT_VERSION", "Cache", "CacheWriter", "LayerData", "caches_in", "describe", "inspect",
+           "merge_caches", "open_cache", "pending_items", "read_layer"]

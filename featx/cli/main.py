@@ -48,15 +48,42 @@ def _extract(sub):
 
 
 def _info(sub):
-    p = sub.add_parser("info", help="print what a cache holds")
-    p.add_argument("files", nargs="+")
+    p = sub.add_parser("info", help="print what a cache holds, or a killed run's progress")
+    p.add_argument("files", nargs="+", help="cache files (.h5), or folders: every cache in them")
+    p.add_argument("--json", action="store_true", default=False,
+                   help="print one JSON list with a dict per cache (strict JSON)")
+    p.add_argument("--no-verify", action="store_true", default=False,
+                   help="skip reading every chunk to check its checksum (faster on large caches)")
 
     def run(args):
-        from featx.cache.store import describe
+        import json
 
+        from featx.cache import caches_in, describe, inspect
+
+        paths = []
         for f in args.files:
-            print(describe(f))
-        return 0
+            f = f.rstrip("/") or f
+            f = f[:-len(".parts")] if f.endswith(".h5.parts") else f
+            if os.path.isdir(f):
+                found = caches_in(f)
+                if not found:
+                    raise FeatxError(f"no featx caches in {f}")
+                paths += found
+            else:
+                paths.append(f)
+        if len(paths) == 1 and not args.json:
+            print(describe(paths[0], verify=not args.no_verify))  # one cache: its error is the command's
+            return 0
+        out, failed = [], 0
+        for path in paths:
+            try:
+                out.append(inspect(path, verify=not args.no_verify) if args.json
+                           else describe(path, verify=not args.no_verify))
+            except FeatxError as e:
+                failed += 1
+                out.append({"path": path, "error": str(e)} if args.json else f"{path}\n  error      {e}")
+        print(json.dumps(out, indent=2, allow_nan=False) if args.json else "\n".join(out))
+        return 1 if failed else 0
 
     p.set_defaults(func=run)
 

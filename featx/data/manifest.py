@@ -54,6 +54,10 @@ def read_manifest(path) -> pd.DataFrame:
     if empty.any():
         rows = (empty[empty].index[:5] + 1).tolist()
         raise FeatxError(f"manifest {name}: {int(empty.sum())} row(s) have no id (rows {rows})")
+    nul = ids.str.contains("\0", regex=False)
+    if nul.any():  # HDF5 strings end at a NUL: such an id cannot be stored
+        rows = (nul[nul].index[:5] + 1).tolist()
+        raise FeatxError(f"manifest {name}: {int(nul.sum())} id(s) contain a NUL character (rows {rows})")
     dup = ids[ids.duplicated(keep=False)]
     if len(dup):
         raise FeatxError(f"manifest {name}: duplicate ids: {', '.join(sorted(set(dup.tolist()))[:5])}")

@@ -56,7 +56,7 @@ class Distributed:
         """This rank's share of `todo`, less what an earlier run's final file already holds."""
         todo = todo[todo % self.world == self.rank]
         if os.path.exists(path):
-            from featx.cache.store import open_cache
+            from featx.cache import open_cache
 
             with open_cache(path) as c:
                 todo = todo[~c.done[todo]]
@@ -64,7 +64,7 @@ class Distributed:
 
     def merge(self, path):
         """Rank 0 merges the shards (and an earlier final file) into `path`; returns its done/failed/pending."""
-        from featx.cache.store import merge_caches, open_cache
+        from featx.cache import merge_caches, open_cache
 
         self.td.barrier()
         if self.rank == 0:

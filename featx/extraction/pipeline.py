@@ -236,7 +236,7 @@ def _collect(jobs, entries, failing):
 def _finished(job, ids, settings):
     """The cache's summary when it already holds every item done with these settings (then the model need
     not load, nor anything be written); None when there is work left or anything to check with the model."""
-    from featx.cache.store import open_cache
+    from featx.cache import open_cache
 
     path = job.path
     if settings.overwrite or not os.path.isfile(path) or os.path.exists(path + ".parts") \
@@ -275,7 +275,7 @@ def _known_attrs(job, settings) -> dict:
 def _run_model(job, data, settings):
     """Load job's model and run it over the items its cache lacks. Returns (entry, show): a _Closing, or under
     torchrun the merged cache's summary (shown by rank 0)."""
-    from featx.cache.store import CacheWriter
+    from featx.cache import CacheWriter
 
     encoder = load_encoder(job.model, config=job.config, device=settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
@@ -442,7 +442,7 @@ def _print_summary(summary, path):
         line += f", {summary['pending']} pending"
     print(f"{line} -> {path}", file=sys.stderr)
     if summary["failed"]:
-        from featx.cache.store import open_cache
+        from featx.cache import open_cache
 
         with open_cache(path) as c:
             bad = [(i, e) for i, e in zip(c.ids, c.error) if e]

@@ -93,7 +93,7 @@ def _splits(raw, path):
 
 
 def load_cache(path, pool="mean", layers="all", need_labels=True, task="auto") -> CacheData:
-    """Read the pooled layers of a cache (featx.cache.store.open_cache) into memory; the file is closed after.
+    """Read the pooled layers of a cache (featx.cache.open_cache) into memory; the file is closed after.
 
     With need_labels, items without a label are left out (counted in CacheData.unlabeled)."""
     if not os.path.exists(path):

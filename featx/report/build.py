@@ -119,7 +119,7 @@ def _cka_section(cache_paths, fig_dir, pngs, debiased, pairs=None):
 
 def _cache_names(paths):
     """{cache path: its encoder's display name} (the file stem where the cache cannot be read)."""
-    from featx.cache.store import open_cache
+    from featx.cache import open_cache
 
     models = []
     for p in paths:

@@ -131,7 +131,7 @@ def cache_cka(path_x, path_y=None, pooling="mean", debiased=True, max_items=2048
     Items are aligned by id (the intersection of done ids); above max_items a seeded random subset is used.
     Returns a CacheCKA whose matrix has shape (L_x, L_y).
     """
-    from featx.cache.store import open_cache
+    from featx.cache import open_cache
 
     with ExitStack() as stack:
         cx = stack.enter_context(closing(open_cache(path_x)))
@@ -166,7 +166,7 @@ class SummaryCKA:
 def summary_cka(paths, pooling="mean", debiased=True, max_items=2048, seed=0):
     """(M, M) linear CKA between the output layers of the caches at `paths`, on the ids done in every one of
     them (a seeded subset above max_items). One n x n Gram matrix per cache, then one dot product per pair."""
-    from featx.cache.store import open_cache
+    from featx.cache import open_cache
 
     ids, names = [], []
     for p in paths:

@@ -17,7 +17,7 @@ checkpoint), writes a data set of varied lengths to disk, and measures on the sa
               The model load is not timed. On CUDA it runs under the same bf16 autocast as featx.
 
 It then times reading one layer of all items back from a cache (page cache warm), from the caches (b)
-wrote and from a synthetic cache of --readback-n items (written with featx.cache.store.CacheWriter).
+wrote and from a synthetic cache of --readback-n items (written with featx.cache.CacheWriter).
 
 Model FLOPs per item (used for GFLOP/s and, on CUDA, model-FLOP utilisation against --peak-flops):
     2 * P * T  +  4 * layers * T^2 * hidden   (+ the conv feature encoder for audio)
@@ -270,7 +270,7 @@ def _timed_loads(times):
 def _timed_closes(times):
     """Wrap CacheWriter.close (consolidating the parts into the final file, its fsync, removing the parts): the
     part of (b) that runs after the last forward, not hidden behind it."""
-    from featx.cache.store import CacheWriter
+    from featx.cache import CacheWriter
 
     original = CacheWriter.close
 
@@ -463,8 +463,8 @@ def measure_naive(manifest, model_dir, args, kind, out, count):
 
 
 def _read_layer(path, layer):
-    """One layer (N, D) of all items through featx.cache.store.open_cache."""
-    from featx.cache.store import open_cache
+    """One layer (N, D) of all items through featx.cache.open_cache."""
+    from featx.cache import open_cache
 
     with open_cache(path) as c:
         return c.layer(layer, "mean")
@@ -503,8 +503,8 @@ def measure_readback(path, layer, repeat=3):
 
 
 def write_synthetic_cache(path, n, layers, dim, dtype="float16", chunk=1000):
-    """A cache of n items x layers x dim written with featx.cache.store.CacheWriter (random values)."""
-    from featx.cache.store import CacheWriter
+    """A cache of n items x layers x dim written with featx.cache.CacheWriter (random values)."""
+    from featx.cache import CacheWriter
 
     rng = np.random.default_rng(0)
     ids = [f"s{k:07d}" for k in range(n)]

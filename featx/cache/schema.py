@@ -1,0 +1,112 @@
+"""The cache format, defined once: dataset names, shapes, dtypes, attributes, chunking and version.
+
+A consolidated cache (one HDF5 file per manifest x encoder) holds, for N items, L layers, hidden size D:
+  ids (N,) str, done (N,) bool, error (N,) str ("" where done or pending)
+  pooled/<pooling> (N, L, D) float16|float32, zeros where not done, chunked (rows, 1, D) so one layer reads fast
+  seq/data (T_total, L, D) and seq/offsets (N+1,) int64, optional: item i is data[offsets[i]:offsets[i+1]]
+  label (N,) float64|str, split (N,) str, optional
+  meta/<k> (N,) str for k = 0, 1, ...: metadata columns, named by meta's attribute `columns` (a JSON list),
+      so any column name round-trips ("a/b", "."); files of format 1.0 without the attribute name them by key
+  root attrs: model, modality, num_layers, hidden_size, dtype, poolings (comma-separated), featx_version,
+      format_version, and the caller's settings (str, bool, int or float)
+Numeric datasets carry HDF5 Fletcher-32 checksums (HDF5 allows no filter on variable-length strings).
+
+A part file (one per written batch, in `<path>.parts/part-NNNNNNNN.h5`) holds B items:
+  indices (B,) int64 manifest indices, ids, done, error (B,), and for its K done items only
+  pooled/<pooling> (K, L, D) and seq/offsets (K+1,), seq/data (T, L, D).
+The parts folder also holds settings.json (what must match to resume) and the writer's lock file.
+"""
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+
+from featx.errors import FeatxError
+
+FORMAT_VERSION = "1.0"
+MODALITIES = ("text", "image", "audio", "video")
+DTYPES = ("float16", "float32")
+STR = h5py.string_dtype()
+
+IDS, DONE, ERROR, LABEL, SPLIT, INDICES = "ids", "done", "error", "label", "split", "indices"
+POOLED, SEQ, META = "pooled", "seq", "meta"
+SEQ_DATA, SEQ_OFFSETS = "seq/data", "seq/offsets"
+META_COLUMNS = "columns"  # attribute of the meta group
+
+# Root attributes the writer sets itself, with their types; "model" and "modality" come from the caller.
+OWN_ATTRS = ("num_layers", "hidden_size", "dtype", "poolings", "featx_version", "format_version")
+ATTR_TYPES = {"model": str, "modality": str, "num_layers": int, "hidden_size": int, "dtype": str,
+              "poolings": str, "featx_version": str, "format_version": str}
+SETTING_TYPES = (str, bool, int, float)  # the caller's other attributes
+
+PARTS_SUFFIX, SETTINGS_FILE, LOCK_FILE = ".parts", "settings.json", "lock"
+TMP_SUFFIX, BAD_SUFFIX = ".tmp", ".bad"
+CHUNK_BYTES = 512 * 1024  # one chunk of one layer; 256 KiB-1 MiB keeps reading one layer for all items fast
+MAX_INFLATION = 1100  # no dataset declares more bytes than this many times its file's size (deflate peaks ~1032)
+
+
+def pooled_name(pooling):
+    return f"{POOLED}/{pooling}"
+
+
+def meta_name(k):
+    """The dataset of the k-th metadata column: an index, since column names may hold any character."""
+    return f"{META}/{int(k)}"
+
+
+def chunk_rows(hidden_size, dtype):
+    """Rows per chunk so that one chunk (rows, 1, D) is about CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (int(hidden_size) * np.dtype(dtype).itemsize))
+
+
+def create(group, name, data=None, **kw):
+    """A numeric dataset, with the format's filter: a Fletcher-32 checksum on every chunk."""
+    return group.create_dataset(name, data=data, fletcher32=True, **kw)
+
+
+def create_strings(group, name, values):
+    """A (N,) str dataset (variable-length UTF-8)."""
+    return group.create_dataset(name, data=np.asarray(values, dtype=object), dtype=STR)
+
+
+def parse_version(text, path=""):
+    """(major, minor) of a format version "M.m"; FeatxError when it is not one."""
+    try:
+        major, minor = str(text).split(".")
+        return int(major), int(minor)
+    except ValueError:
+        raise FeatxError(f"{path}: format_version {text!r} is not a version (MAJOR.MINOR)") from None
+
+
+def check_version(attrs, path):
+    """Refuse a file of a newer major format version; a file without the attribute is version 1.0."""
+    found = attrs.get("format_version", "1.0")
+    if not isinstance(found, str):
+        raise FeatxError(f"{path}: attribute format_version is a {type(found).__name__}, not a str")
+    if parse_version(found, path)[0] > parse_version(FORMAT_VERSION)[0]:
+        raise FeatxError(f"{path} was written by a newer featx (cache format {found}; this featx reads "
+                         f"{FORMAT_VERSION.split('.')[0]}.x): upgrade featx to read it")
+    return found
+
+
+def estimated_size(n, num_layers, hidden_size, dtype, poolings, seq_rows=0):
+    """Bytes a consolidated file of n items needs, about: the arrays plus ~256 bytes per item of strings."""
+    per_row = int(num_layers) * int(hidden_size) * np.dtype(dtype).itemsize
+    return per_row * (int(n) * len(poolings) + int(seq_rows)) + 256 * int(n) + (1 << 20)
+
+
+def parts_dir(path):
+    return os.fspath(path) + PARTS_SUFFIX
+
+
+def part_name(counter):
+    return f"part-{int(counter):08d}.h5"
+
+
+def part_counter(name):
+    """The counter of a part file name, or None when `name` is not one."""
+    if len(name) == 16 and name.startswith("part-") and name.endswith(".h5") and name[5:13].isdigit():
+        return int(name[5:13])
+    return None

@@ -1,0 +1,627 @@
+"""Writing a cache crash-safely and resumably: `CacheWriter`, `pending_items` and the consolidation.
+
+A writer never touches the final file. Each `write`/`fail` is one small HDF5 part in `<path>.parts/`,
+written under a temporary name, fsynced and renamed, so it exists whole or not at all. `close` builds
+`<path>.tmp` from the old final file plus every part, renames it over `<path>`, then deletes the parts.
+Killed at any moment, the old final file and every finished part survive and the next writer resumes from
+them. A damaged part, settings.json or a foreign file in the parts folder is set aside (renamed *.bad) and its
+items computed again. A full disk is one FeatxError naming the folder and the space needed; no .tmp stays.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+
+from featx.cache import parts, schema
+from featx.cache.reader import open_validated, plain
+from featx.errors import FeatxError
+from featx.version import __version__
+
+try:
+    import fcntl
+except ImportError:  # no advisory locks on Windows: one writer per cache is then up to the user
+    fcntl = None
+
+__all__ = ["CacheWriter", "pending_items", "consolidate"]
+
+OPEN_SOURCES = 32  # files kept open at once while consolidating (parts can number thousands)
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_TEXT = ("No space left", "errno = 28", "File too large", "errno = 27", "Disk quota", "errno = 122")
+
+
+# ---------------------------------------------------------------- small helpers
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp, final, sync_dir=True):
+    """Make a finished temporary file durable, then give it its final name in one atomic step.
+
+    sync_dir=False skips making the rename itself durable: after a power cut the file is then whole or absent.
+    """
+    _fsync(tmp)
+    os.replace(tmp, final)
+    if sync_dir:
+        _fsync(os.path.dirname(os.path.abspath(final)))
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _disk_full(e):
+    """Whether an OSError (or HDF5's, which carries the errno only in its text) means the disk is full."""
+    return getattr(e, "errno", None) in _FULL or any(t in str(e) for t in _FULL_TEXT)
+
+
+def size_text(nbytes):
+    """A byte count for people: "512 B", "1.5 MiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+
+
+def _full_error(folder, needed, what):
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    return FeatxError(f"no space left in {folder} {what}: it needs about {size_text(needed)} "
+                      f"({size_text(free)} free); free some space and run the same command again (nothing is lost)")
+
+
+def _is_missing(v):
+    if v is None:
+        return True
+    try:
+        return bool(v != v)  # NaN, NaT, pandas NA
+    except (TypeError, ValueError):
+        return True  # pandas NA has no truth value
+
+
+def _strings(values):
+    return np.array(["" if _is_missing(v) else str(v) for v in values], dtype=object)
+
+
+def _labels_array(labels):
+    """float64 when every label is a number (missing -> NaN), else str (missing -> "")."""
+    values = list(labels)
+    if all(_is_missing(v) or (isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
+           for v in values):
+        return np.array([np.nan if _is_missing(v) else float(v) for v in values], dtype=np.float64)
+    return _strings(values)
+
+
+def _one_line(reason):
+    text = " ".join(str(reason).split())
+    return (text[:497] + "...") if len(text) > 500 else (text or "failed (no reason given)")
+
+
+def _cast(a, dtype):
+    """a as `dtype` ('float16' | 'float32'); the cast runs in torch, ~4x faster than numpy's float32 -> float16."""
+    import torch
+
+    if a.dtype == np.dtype(dtype):
+        return a
+    return torch.from_numpy(np.ascontiguousarray(a)).to(getattr(torch, dtype)).numpy()
+
+
+_EXPONENT = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
+
+
+def _non_finite_rows(a):
+    """(B,) bool: rows of the float array a (B, ...) holding an inf or a NaN (all exponent bits set), found on
+    the bits: several times faster than np.isfinite on float16."""
+    bits, mask = _EXPONENT[a.dtype.itemsize]
+    u = np.ascontiguousarray(a).view(bits).reshape(len(a), -1)
+    return ((u & bits(mask)) == bits(mask)).any(axis=1)
+
+
+# ---------------------------------------------------------------- consolidation
+class _Sources:
+    """Source files opened on demand, at most OPEN_SOURCES at a time; get(k) -> (file, seq offsets or None)."""
+
+    def __init__(self, paths):
+        self.paths, self.open = paths, collections.OrderedDict()
+
+    def get(self, k):
+        k = int(k)
+        if k in self.open:
+            self.open.move_to_end(k)
+            return self.open[k]
+        if len(self.open) >= OPEN_SOURCES:
+            self.open.popitem(last=False)[1][0].close()
+        f = h5py.File(self.paths[k], "r")
+        self.open[k] = (f, f[schema.SEQ_OFFSETS][:] if schema.SEQ in f else None)
+        return self.open[k]
+
+    def close(self):
+        for f, _ in self.open.values():
+            f.close()
+        self.open.clear()
+
+
+def _create_layout(out, header, state):
+    """Every dataset of the final file; returns ({pooling: dataset}, seq/data or None, seq offsets or None)."""
+    n, L, D, dtype = len(header["ids"]), header["num_layers"], header["hidden_size"], header["dtype"]
+    rows = schema.chunk_rows(D, dtype)
+    out.attrs.update({**header["attrs"], "format_version": schema.FORMAT_VERSION})
+    schema.create_strings(out, schema.IDS, header["ids"])
+    schema.create(out, schema.DONE, data=state.done)
+    schema.create_strings(out, schema.ERROR, state.error)
+    labels = header["labels"]
+    if labels is not None:
+        if labels.dtype == object:
+            schema.create_strings(out, schema.LABEL, labels)
+        else:
+            schema.create(out, schema.LABEL, data=labels.astype(np.float64))
+    if header["splits"] is not None:
+        schema.create_strings(out, schema.SPLIT, header["splits"])
+    meta = out.create_group(schema.META) if header["meta"] else None
+    for k, (name, values) in enumerate(header["meta"].items()):
+        schema.create_strings(out, schema.meta_name(k), values)
+    if meta is not None:
+        meta.attrs[schema.META_COLUMNS] = json.dumps(list(header["meta"]))
+    pooled = {p: schema.create(out, schema.pooled_name(p), shape=(n, L, D), dtype=dtype,
+                               chunks=(min(n, rows), 1, D)) for p in header["poolings"]}
+    if not header["seq"]:
+        return pooled, None, None
+    offsets = np.concatenate([[0], np.cumsum(np.where(state.done, state.seq_len, 0))]).astype(np.int64)
+    schema.create(out, schema.SEQ_OFFSETS, data=offsets)
+    data = schema.create(out, schema.SEQ_DATA, shape=(offsets[-1], L, D), dtype=dtype,  # resizable, so a
+                         chunks=(int(min(max(offsets[-1], 1), rows)), 1, D), maxshape=(None, L, D))  # 0-length T chunks
+    return pooled, data, offsets
+
+
+def _copy_values(pooled, data, offsets, src, state, header, check):
+    """Fill the final file's arrays from the sources, in blocks of one chunk row of items in manifest order,
+    so memory stays about L chunks; check() after each block stops at the first failed write."""
+    n, L, D, dtype = len(header["ids"]), header["num_layers"], header["hidden_size"], header["dtype"]
+    rows = schema.chunk_rows(D, dtype)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        which = state.src[lo:hi]
+        blocks = {p: np.zeros((hi - lo, L, D), dtype) for p in pooled}
+        for k in np.unique(which[which >= 0]):
+            at = np.flatnonzero(which == k)
+            r = state.row[lo + at]  # increasing, and contiguous within one part
+            f, off = src.get(k)
+            for p, block in blocks.items():
+                block[at] = f[schema.pooled_name(p)][r[0]:r[-1] + 1][r - r[0]]
+            for i, j in zip(lo + at, r) if data is not None else ():  # one item at a time: sequences can be long
+                data[offsets[i]:offsets[i + 1]] = f[schema.SEQ_DATA][off[j]:off[j + 1]]
+        for p, ds in pooled.items():
+            ds[lo:hi] = blocks[p]
+        check()
+
+
+def _check_room(out_path, header, state):
+    """FeatxError when the folder of out_path has less free space than the final file needs, about."""
+    folder = os.path.dirname(os.path.abspath(out_path))
+    needed = schema.estimated_size(len(header["ids"]), header["num_layers"], header["hidden_size"],
+                                   header["dtype"], header["poolings"], state.seq_len[state.done].sum())
+    if shutil.disk_usage(folder).free < needed:
+        raise _full_error(folder, needed, f"to consolidate {os.path.basename(out_path)}")
+    return folder, needed
+
+
+class _GuardedFile:
+    """A binary file for h5py whose writes never fail in HDF5's eyes: the first OSError is kept in `error` and
+    later writes are dropped, so HDF5 can always close its handles (after a failed write inside HDF5 they
+    cannot be closed and crash the process at exit); the caller then deletes the file."""
+
+    def __init__(self, path):
+        self.f, self.error = open(path, "w+b", buffering=0), None  # unbuffered: a seek never writes
+
+    def seek(self, pos, whence=0):
+        try:
+            return self.f.seek(pos, whence)
+        except OSError as e:
+            self.error = self.error or e
+            return pos
+
+    def tell(self):
+        return self.f.tell()
+
+    def readinto(self, buf):
+        return self.f.readinto(buf)
+
+    def read(self, n=-1):
+        return self.f.read(n)
+
+    def write(self, buf):
+        n = memoryview(buf).nbytes
+        if self.error is None:
+            try:
+                return self.f.write(buf)
+            except OSError as e:
+                self.error = e
+        return n
+
+    def truncate(self, size=None):
+        try:
+            return self.f.truncate(size)
+        except OSError as e:
+            self.error = self.error or e
+            return size
+
+    def flush(self):
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+
+    def check(self):
+        """Raise the first write error, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.f.close()
+
+
+def _write_hdf5(tmp, fill, **file_options):
+    """Make the HDF5 file `tmp` with fill(file, check) (check() raises a write error as soon as one happened)
+    and close it. On any error every handle is closed and tmp removed before the error is raised."""
+    guard, f = _GuardedFile(tmp), None
+    try:
+        f = h5py.File(guard, "w", **file_options)
+        fill(f, guard.check)
+        f.close()
+        guard.check()
+        guard.close()
+    except BaseException:
+        if f is not None and f.id.valid:
+            f.close()  # cannot fail on a write: the guard drops them
+        if not guard.f.closed:
+            try:
+                guard.close()
+            except OSError:
+                pass
+        _remove(tmp)
+        raise
+
+
+def consolidate(out_path, sources, state, header):
+    """Write the final file from the files `sources` as `state` (featx.cache.parts.scan) says, to
+    <out_path>.tmp, then rename it over out_path. On any error every handle is closed and the .tmp removed;
+    a full disk is a FeatxError naming the folder and the space needed."""
+    folder, needed = _check_room(out_path, header, state)
+    tmp = out_path + schema.TMP_SUFFIX
+    L, D, dtype = header["num_layers"], header["hidden_size"], header["dtype"]
+    # Room for a few chunks per layer: sequence writes straddle chunks and must not rewrite them partially.
+    cache = max(16 << 20, 4 * L * schema.chunk_rows(D, dtype) * D * np.dtype(dtype).itemsize)
+    src = _Sources(sources)
+
+    def fill(out, check):
+        _copy_values(*_create_layout(out, header, state), src, state, header, check)
+
+    try:
+        _write_hdf5(tmp, fill, rdcc_nbytes=cache, rdcc_nslots=100003, rdcc_w0=1.0)
+        _publish(tmp, out_path)
+    except OSError as e:
+        _remove(tmp)
+        if _disk_full(e):
+            raise _full_error(folder, needed, f"while writing {os.path.basename(tmp)}") from None
+        raise
+    finally:
+        src.close()
+
+
+# ---------------------------------------------------------------- what is left to do
+def _valid_settings(path):
+    """The parts folder's settings.json, or None when it is absent or damaged (its parts then do not count)."""
+    try:
+        return parts.read_settings(path)
+    except ValueError:
+        return None
+
+
+def pending_items(path, ids, *, attrs, poolings, dtype="float16", seq=False, num_layers=None, hidden_size=None):
+    """(K,) int64 manifest indices a CacheWriter with these settings would still have to compute (pending and
+    failed items), read without writing anything, so that a caller can skip loading a model.
+
+    num_layers, hidden_size: None when not known yet (not compared). Raises FeatxError like CacheWriter when
+    the cache was made with other settings.
+    """
+    path, ids = os.fspath(path), _strings(ids)
+    want = parts.resume_settings({k: plain(v) for k, v in attrs.items() if v is not None}, poolings,
+                                 np.dtype(dtype).name, seq, num_layers, hidden_size, ids)
+    stored, records = _valid_settings(path), []
+    if stored is not None:
+        CacheWriter.refuse(stored, want, schema.parts_dir(path))
+    if os.path.exists(path):
+        f, h = open_validated(path)
+        f.close()
+        CacheWriter.refuse(parts.file_settings(h), want, path)
+        records.append(parts.final_record(h))
+    if stored is not None:
+        records += [record for _, record in parts.check_parts(path, stored, ids)[0]]
+    return np.flatnonzero(~parts.scan(records, len(ids)).done).astype(np.int64)
+
+
+# ---------------------------------------------------------------- writer
+class CacheWriter:
+    """Writes a cache crash-safely and resumably; `close()` consolidates it into one file (see the module doc).
+
+    path: the final .h5 file. ids: N str in manifest order. attrs: settings that change the numbers (must
+    include model and modality; str/bool/int/float, None = absent). poolings: names, e.g. ["mean", "cls"].
+    dtype: "float16" or "float32" storage. seq: also store per-position sequences. labels, splits: N values
+    or None. meta: {column: N values} stored as str (any column name). overwrite: delete an existing cache and
+    its parts first. `todo` holds the (K,) int64 manifest indices not done at open (pending and failed ones).
+    Raises FeatxError when an existing cache or parts folder was made with other settings or ids.
+    """
+
+    def __init__(self, path, *, ids, attrs, poolings, num_layers, hidden_size, dtype="float16", seq=False,
+                 labels=None, splits=None, meta=None, overwrite=False):
+        self.path = os.fspath(path)
+        self.ids = _strings(ids)
+        n = len(self.ids)
+        if n == 0:
+            raise FeatxError(f"cannot make cache {self.path}: no items")
+        self.poolings = [str(p) for p in poolings]
+        self.num_layers, self.hidden_size = int(num_layers), int(hidden_size)
+        self.dtype = np.dtype(dtype).name
+        self.seq = bool(seq)
+        if not self.poolings or len(set(self.poolings)) != len(self.poolings):
+            raise ValueError(f"poolings must be distinct names, got {self.poolings}")
+        if self.dtype not in schema.DTYPES:
+            raise ValueError(f"dtype must be float16 or float32, not {dtype!r}")
+        own = {"num_layers": self.num_layers, "hidden_size": self.hidden_size, "dtype": self.dtype,
+               "poolings": ",".join(self.poolings), "featx_version": __version__,
+               "format_version": schema.FORMAT_VERSION}
+        self.attrs = self._clean_attrs(attrs, own)
+        columns = {"labels": labels, "splits": splits, **{f"meta[{k!r}]": v for k, v in (meta or {}).items()}}
+        for name, values in columns.items():
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} values for {n} ids")
+        self._header = {"ids": self.ids, "attrs": {**self.attrs, **own}, "poolings": self.poolings,
+                        "num_layers": self.num_layers, "hidden_size": self.hidden_size, "dtype": self.dtype,
+                        "seq": self.seq, "labels": None if labels is None else _labels_array(labels),
+                        "splits": None if splits is None else _strings(splits),
+                        "meta": {str(k): _strings(v) for k, v in (meta or {}).items()}}
+        self._result, self._closed = None, False
+        self._settings = parts.resume_settings(self.attrs, self.poolings, self.dtype, self.seq, self.num_layers,
+                                               self.hidden_size, self.ids)
+        self._open(overwrite)
+
+    @staticmethod
+    def _clean_attrs(attrs, own):
+        out = {}
+        for k, v in dict(attrs).items():
+            v = plain(v)
+            if k in own:
+                if k not in ("featx_version", "format_version") and v != own[k]:
+                    raise ValueError(f"attrs[{k!r}] = {v!r} contradicts the writer's {k} = {own[k]!r}")
+                continue
+            if v is None:
+                continue  # HDF5 cannot store None; an absent attr reads back as None
+            if not isinstance(v, schema.SETTING_TYPES):
+                raise TypeError(f"attrs[{k!r}] must be a str, bool, int or float, not {type(v).__name__}")
+            out[str(k)] = v
+        for k in ("model", "modality"):
+            if k not in out:
+                raise ValueError(f"attrs must include {k!r}")
+        if out["modality"] not in schema.MODALITIES:
+            raise ValueError(f"modality must be one of {', '.join(schema.MODALITIES)}, not {out['modality']!r}")
+        return out
+
+    def _open(self, overwrite):
+        folder = schema.parts_dir(self.path)
+        made = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        self._lock = open(os.path.join(folder, schema.LOCK_FILE), "a")
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    made = False  # the folder is the other writer's
+                    raise FeatxError(f"another process is writing {self.path}; wait for it or stop it") from None
+            if overwrite:
+                for name in os.listdir(folder):
+                    if name != schema.LOCK_FILE:
+                        os.remove(os.path.join(folder, name))
+                _remove(self.path)
+            for stale in [self.path + schema.TMP_SUFFIX] + [os.path.join(folder, x) for x in os.listdir(folder)
+                                                            if x.endswith(schema.TMP_SUFFIX)]:
+                _remove(stale)  # left by a killed writer; the parts and the old final file still hold it all
+            self._resume()
+        except BaseException:
+            self._lock.close()
+            if made:
+                parts.remove_parts(self.path)
+            raise
+
+    def _resume(self):
+        """Check what is stored against this writer's settings, set damaged files aside, and find `todo`."""
+        folder = schema.parts_dir(self.path)
+        settings_file = os.path.join(folder, schema.SETTINGS_FILE)
+        for file in parts.foreign_files(self.path):
+            parts.set_aside(file, "not a file featx writes")
+        try:
+            stored = parts.read_settings(self.path)
+        except ValueError as e:
+            parts.set_aside(settings_file, f"damaged: {e}")
+            stored = None
+        if stored is None:
+            for p in parts.part_files(self.path):  # no settings say what they were made with
+                parts.set_aside(p, f"{schema.SETTINGS_FILE} is missing or damaged")
+        else:
+            self.refuse(stored, self._settings, folder)
+        records = []
+        if os.path.exists(self.path):
+            f, h = open_validated(self.path)
+            f.close()
+            self.refuse(parts.file_settings(h), self._settings, self.path)
+            records.append(parts.final_record(h))
+        good, bad = parts.check_parts(self.path, self._settings, self.ids)
+        records += [record for _, record in good]
+        for p, reason in bad:
+            parts.set_aside(p, f"damaged part ({reason})")
+        if stored is None:  # so that a killed first run is recognised
+            with open(settings_file + schema.TMP_SUFFIX, "w", encoding="utf-8") as f:
+                json.dump(self._settings, f)
+            _publish(settings_file + schema.TMP_SUFFIX, settings_file)
+        self.todo = np.flatnonzero(~parts.scan(records, len(self.ids)).done).astype(np.int64)
+        counters = [schema.part_counter(os.path.basename(p)) for p, _ in good + bad]
+        self._next_part = 1 + max(counters, default=0)
+
+    @staticmethod
+    def refuse(old, new, where):
+        """FeatxError when the stored settings `old` differ from `new` (see featx.cache.parts.settings_diff)."""
+        diffs = parts.settings_diff(old, new)
+        if diffs:
+            raise FeatxError(f"{where} was made with different settings: {', '.join(diffs)}; "
+                             "use --overwrite to start again")
+
+    def _indices(self, indices):
+        if self._closed:
+            raise ValueError(f"writer of {self.path} is closed")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self.ids)):
+            raise ValueError(f"indices must lie in 0..{len(self.ids) - 1}")
+        if len(np.unique(idx)) != len(idx):
+            raise ValueError("indices of one batch must be distinct")
+        return idx
+
+    def _bad_layer(self, a, what):
+        """Reason why an item's cast array a (T, L, D) is not storable, or ""."""
+        bad = ~np.isfinite(a).all(axis=(0, 2))
+        return f"non-finite value after cast to {self.dtype} (layer {int(np.argmax(bad))}, {what})" if bad.any() else ""
+
+    def _cast_batch(self, pooled, seq, order):
+        """(arrays {pooling: (B, L, D)}, seqs [(T, L, D)] or None, reasons [B]) in `order`, cast to the dtype."""
+        B, L, D = len(order), self.num_layers, self.hidden_size
+        reasons = [""] * B
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported per item below
+            arrays = {}
+            for p in self.poolings:
+                a = np.asarray(pooled[p])
+                if a.shape != (B, L, D):
+                    raise ValueError(f"pooled[{p!r}] has shape {a.shape}, expected {(B, L, D)}")
+                arrays[p] = a = _cast(a if (order[1:] > order[:-1]).all() else a[order], self.dtype)
+                for b in np.flatnonzero(_non_finite_rows(a)):
+                    reasons[b] = reasons[b] or self._bad_layer(a[b:b + 1], f"pooling {p}")
+            seqs = None
+            if self.seq:
+                seqs = [_cast(np.asarray(seq[j]), self.dtype) for j in order]
+                for b, s in enumerate(seqs):
+                    if s.ndim != 3 or s.shape[1:] != (L, D):
+                        raise ValueError(f"seq[{order[b]}] has shape {s.shape}, expected (T, {L}, {D})")
+                    if _non_finite_rows(s.reshape(1, -1))[0]:
+                        reasons[b] = reasons[b] or self._bad_layer(s, "sequence")
+        return arrays, seqs, reasons
+
+    def write(self, indices, pooled, seq=None):
+        """Store a batch of finished items as one atomic part.
+
+        indices: (B,) manifest indices. pooled: {pooling: (B, L, D) float array} for every pooling of the cache.
+        seq: list of B arrays (T_i, L, D) when the cache stores sequences, else None.
+        An item with a value that is not finite after the cast to the storage dtype is recorded as failed.
+        Returns the (k,) int64 indices recorded as failed.
+        """
+        idx = self._indices(indices)
+        if set(pooled) != set(self.poolings):
+            raise ValueError(f"pooled must hold exactly the poolings {self.poolings}, got {sorted(pooled)}")
+        if (seq is not None) != self.seq or (seq is not None and len(seq) != len(idx)):
+            raise ValueError("seq must be a list of one array per item exactly when the cache stores sequences")
+        if len(idx) == 0:
+            return idx
+        order = np.argsort(idx, kind="stable")
+        arrays, seqs, reasons = self._cast_batch(pooled, seq, order)
+        done = np.array([not r for r in reasons])
+        self._write_part(idx[order], done, reasons, {p: a[done] for p, a in arrays.items()},
+                         None if seqs is None else [s for s, d in zip(seqs, done) if d])
+        return idx[order][~done]
+
+    def fail(self, indices, reasons):
+        """Record items that could not be processed. indices: (B,) ints; reasons: B strings, or one for all."""
+        idx = self._indices(indices)
+        reasons = [reasons] * len(idx) if isinstance(reasons, str) else list(reasons)
+        if len(reasons) != len(idx):
+            raise ValueError(f"{len(reasons)} reasons for {len(idx)} indices")
+        if len(idx) == 0:
+            return
+        order = np.argsort(idx, kind="stable")
+        empty = np.zeros((0, self.num_layers, self.hidden_size), self.dtype)
+        self._write_part(idx[order], np.zeros(len(idx), bool), [_one_line(reasons[j]) for j in order],
+                         {p: empty for p in self.poolings}, [] if self.seq else None)
+
+    def _write_part(self, idx, done, error, pooled, seqs):
+        """One part file: indices, ids, done, error (B,) and the arrays of the done items only."""
+        final = os.path.join(schema.parts_dir(self.path), schema.part_name(self._next_part))
+        tmp = final + schema.TMP_SUFFIX
+        self._next_part += 1
+
+        def fill(f, check):
+            schema.create(f, schema.INDICES, data=idx)
+            schema.create_strings(f, schema.IDS, self.ids[idx])
+            schema.create(f, schema.DONE, data=done)
+            schema.create_strings(f, schema.ERROR, error)
+            for p, a in pooled.items():
+                schema.create(f, schema.pooled_name(p), data=a)
+            if seqs is not None:
+                empty = np.zeros((0, self.num_layers, self.hidden_size), self.dtype)
+                schema.create(f, schema.SEQ_OFFSETS, data=np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64))
+                schema.create(f, schema.SEQ_DATA, data=np.concatenate([empty] + seqs))
+
+        try:
+            _write_hdf5(tmp, fill)
+            _publish(tmp, final, sync_dir=False)  # a part lost to a power cut is only recomputed
+        except OSError as e:
+            _remove(tmp)
+            if _disk_full(e):
+                needed = sum(a.nbytes for a in pooled.values()) + sum(s.nbytes for s in seqs or ()) + 4096 * len(idx)
+                raise _full_error(os.path.dirname(final), needed, f"for a part of {len(idx)} items") from None
+            raise
+
+    def close(self):
+        """Consolidate the final file and every part into `path`; idempotent.
+
+        Returns {"done": n, "failed": n, "pending": n, "path": path}.
+        """
+        if self._result is not None:
+            return self._result
+        try:
+            found = parts.part_files(self.path)
+            records, sources = [], []
+            if os.path.exists(self.path):
+                f, h = open_validated(self.path)
+                f.close()
+                records, sources = [parts.final_record(h)], [self.path]
+            records += [parts.read_part(p, self._settings) for p in found]
+            state = parts.scan(records, len(self.ids))
+            if found or not os.path.exists(self.path):
+                consolidate(self.path, sources + found, state, self._header)
+            parts.remove_parts(self.path)  # everything is in the final file now
+            self._result = parts.counts(state, self.path)
+        finally:
+            self._closed = True
+            self._lock.close()
+        return self._result
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return False
+        try:
+            self.close()  # also on errors: what was written is kept
+        except Exception:
+            pass  # the error on its way out says what went wrong; the parts stay for the next run
+        return False
+
