@@ -14,7 +14,7 @@ import pytest
 from _synthetic import planted, standard_splits, write_cache
 from featx.cli.main import build_parser, main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _featx(*args, cwd=None):

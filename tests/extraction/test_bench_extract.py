@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks", "bench_extract.py")
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_extract.py")
 
 
 def test_bench_extract_runs_on_tiny_models_and_reports_its_figures(tmp_path):

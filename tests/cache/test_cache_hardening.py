@@ -18,7 +18,7 @@ from featx.errors import FeatxError
 from test_store import L, D, assert_values, batch, writer_args, write_all
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def _no_traceback(text):

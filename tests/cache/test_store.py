@@ -101,7 +101,7 @@ def assert_values(path, must_be_done=()):
 
 
 def run_child(path, n, size):
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(n), str(size), os.path.dirname(__file__)],
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(n), str(size), os.path.dirname(os.path.abspath(__file__))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -284,5 +284,5 @@ def test_cli_errors_are_one_line(tmp_path, tiny_bert, tiny_clip, capsys):
 def test_paper_recipe_keys_are_all_known():
     from featx.settings import FinetuneSettings, build_settings
 
-    s = build_settings(FinetuneSettings, recipe=os.path.join(os.path.dirname(__file__), "..", "probe", "finetune.yaml"))
+    s = build_settings(FinetuneSettings, recipe=os.path.join(os.path.dirname(__file__), "..", "..", "probe", "finetune.yaml"))
     assert s.head == "concat" and s.lr == 3e-5 and s.folds == 10 and len(s.model) == 2
