@@ -234,6 +234,7 @@ def _check_cache(path, rows, meta_names):
         return int(done.sum()), int((~done).sum())
 
 
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "mkfifo"), reason="needs fork and FIFOs (POSIX)")
 # No shrinking: each example is a subprocess of seconds; the failing example is printed as generated.
 @settings(max_examples=10, deadline=None, database=None, print_blob=True,
           phases=[Phase.explicit, Phase.reuse, Phase.generate],
