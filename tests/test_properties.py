@@ -100,6 +100,7 @@ def featx_cli():
     yield runner
     runner.close()
 
+
 IMAGE_KINDS = ["good", "none", "missing", "folder", "fifo", "empty", "random", "truncated", "wav"]
 AUDIO_KINDS = ["good", "none", "missing", "folder", "fifo", "empty", "random", "truncated", "zero_frames",
                "huge", "inf", "png"]
