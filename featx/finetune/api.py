@@ -23,10 +23,10 @@ from featx.device import resolve_device, resolve_precision
 from featx.errors import FeatxError
 from featx.finetune.data import decode_items
 from featx.finetune.loop import Run, TrainingData, train_run
-from featx.finetune.meta import provenance, read_json, strict, write_json
 from featx.finetune.model import HEADS, HeadSettings
 from featx.probing.results import FoldScores, best_layer, load_results, meta_head, write_results
 from featx.probing.splits import make_folds, subsample
+from featx.runinfo import provenance, read_json, strict_json, write_json, write_meta
 from featx.settings import POOLINGS, TASKS, choice, csv_list, parse_seeds, parse_train_sizes, resolve_layers
 
 LOSSES = ("l1", "mse")
@@ -232,7 +232,8 @@ def _open_output(out, config, settings):
                              "to start again")
         else:
             old = read_json(cfg_path)
-            changed = [k for k in RESUME_KEYS if json.dumps(strict(old.get(k))) != json.dumps(strict(config.get(k)))]
+            changed = [k for k in RESUME_KEYS
+                       if json.dumps(strict_json(old.get(k))) != json.dumps(strict_json(config.get(k)))]
             if changed:
                 raise FeatxError(f"cannot resume {out}: settings differ from the run there ({', '.join(changed)})")
     os.makedirs(runs_dir, exist_ok=True)
@@ -322,9 +323,9 @@ def _write_meta(out, inputs: _Inputs, settings, data: TrainingData, chance):
                     precision=data.precision)
     meta = {**meta_head(inputs.task, chance), "caches": [], "encoders": encoders,
             "finetune": {k: v for k, v in config.items() if k != "models"}, "precision": data.precision,
-            "device": data.device.type, "items": int(len(inputs.items.ids)), **provenance(), "settings": resolved,
+            "device": data.device.type, "items": int(len(inputs.items.ids)), **provenance(resolved),
             "notes": ["joint fine-tuning: early stopping and model selection on dev only"]}
-    write_json(os.path.join(out, "meta.json"), meta)
+    write_meta(meta, os.path.join(out, "meta.json"))
 
 
 def finetune(manifest, models, out, **settings) -> FinetuneResult:

@@ -9,7 +9,6 @@ is resolved per fold to a number of training labels (TrainSize.labels).
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 
@@ -24,9 +23,9 @@ from featx.probing.data import load_cache
 from featx.probing.estimators import infer_task
 from featx.probing.fusion import EarlyFusion, GatedFusion, LateFusion, WeightedLayerProbe, align_by_id
 from featx.probing.registry import get_probe, make_probe
-from featx.probing.results import (WEIGHT_COLUMNS, FoldScores, best_layer_table, meta_head, write_meta,
-                                   write_results)
+from featx.probing.results import WEIGHT_COLUMNS, FoldScores, best_layer_table, meta_head, write_results
 from featx.probing.splits import fold_count, make_folds, subsample
+from featx.runinfo import provenance, write_meta
 from featx.settings import (DEVICES, TASKS, TrainSize, choice, csv_list, parse_layers, parse_seeds,
                             parse_train_sizes)
 
@@ -393,27 +392,11 @@ def chance_scores(d, task, s):
     return metrics.compute(task, np.concatenate([y[test] for _, _, test in folds]), np.concatenate(preds))
 
 
-def versions() -> dict:
-    """Versions of featx and the libraries whose numbers it reports."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from featx.version import __version__
-
-    out = {"featx": __version__}
-    for pkg in ("torch", "transformers", "scikit-learn", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def run_meta(datas, aligned, task, s, df) -> dict:
     """meta.json: task and metric, chance, command line, every resolved setting, versions, encoders, items."""
     folds_run = {d.name: (1 if make_folds(d.y, d.splits, task, s.folds, s.seeds[0])[1] == "test"
                           else fold_count(d.y, task, s.folds)) for d in datas}
-    meta = {**meta_head(task, chance_scores(datas[0], task, s)), "command": list(sys.argv),
-            "settings": {**s.to_json(), "task": task}, "versions": versions(),
+    meta = {**meta_head(task, chance_scores(datas[0], task, s)), **provenance({**s.to_json(), "task": task}),
             "caches": [os.path.abspath(d.path) for d in datas],
             "encoders": [{"encoder": d.name, "path": d.encoder, "cache": os.path.abspath(d.path),
                           "modality": d.modality, "num_layers": d.num_layers, "hidden_size": d.hidden_size,
