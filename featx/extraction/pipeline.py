@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from featx.errors import FeatxError, first_line
 from featx.extraction.batching import Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
 from featx.extraction.distributed import Distributed
+from featx.naming import last_name, model_slug
 from featx.settings import parse_poolings
 from featx.version import __version__
 
@@ -118,14 +118,6 @@ class _Manifest:
     labels: object
     splits: object
     meta: dict
-
-
-def model_slug(name) -> str:
-    """A file-name-safe short name for a hub id or a local folder."""
-    name = str(name).rstrip("/\\")
-    if os.path.isdir(name):
-        name = os.path.basename(os.path.abspath(name))
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-") or "model"
 
 
 _MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson", ".parquet", ".pq")
@@ -380,7 +372,7 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     loader = torch.utils.data.DataLoader(DecodedItems(rows, todo, decoder), batch_size=chunk, shuffle=False,
                                          num_workers=workers, collate_fn=pack_chunk if workers else keep_chunk,
                                          prefetch_factor=prefetch)
-    bar = progress_bar(len(todo), os.path.basename(str(model).rstrip("/")), "item", enabled=progress)
+    bar = progress_bar(len(todo), last_name(model), "item", enabled=progress)
     out = _WriteThread(writer, bar)
     group = []
     try:

@@ -24,6 +24,7 @@ from featx.errors import FeatxError
 from featx.finetune.data import decode_items
 from featx.finetune.loop import Run, TrainingData, train_run
 from featx.finetune.model import HEADS, HeadSettings
+from featx.naming import last_name
 from featx.probing.results import FoldScores, best_layer, load_results, meta_head, write_results
 from featx.probing.splits import make_folds, subsample
 from featx.runinfo import provenance, read_json, strict_json, write_json, write_meta
@@ -161,8 +162,7 @@ def _best_layer(encoder, probe_results, task):
     primary = metrics.PRIMARY[task]
     names = set(res.best_layers["encoder"]) if len(res.best_layers) else set()
     name = str(encoder.name)
-    match = [n for n in names if n == name] or [n for n in names if os.path.basename(str(n).rstrip("/")) ==
-                                                 os.path.basename(name.rstrip("/"))]
+    match = [n for n in names if n == name] or [n for n in names if last_name(n) == last_name(name)]
     for n in match:
         for modality in (encoder.modality, "video"):
             k = best_layer(res, n, modality, primary)
