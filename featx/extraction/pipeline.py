@@ -7,7 +7,6 @@ items are sharded over the ranks (featx.extraction.distributed).
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ from featx.encoders import family_of, load_config, load_encoder
 from featx.errors import FeatxError, first_line
 from featx.extraction.batching import Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
-from featx.extraction.distributed import Distributed
+from featx.extraction.distributed import Distributed, has_shards
 from featx.naming import last_name, model_slug
 from featx.settings import parse_poolings
 from featx.version import __version__
@@ -228,20 +227,13 @@ def _collect(jobs, entries, failing):
 def _finished(job, ids, settings):
     """The cache's summary when it already holds every item done with these settings (then the model need
     not load, nor anything be written); None when there is work left or anything to check with the model."""
-    from featx.cache import open_cache
+    from featx.cache import is_complete
 
-    path = job.path
-    if settings.overwrite or not os.path.isfile(path) or os.path.exists(path + ".parts") \
-            or glob.glob(glob.escape(path[:-3]) + ".rank*-of-*.h5"):
+    if settings.overwrite or has_shards(job.path):
         return None
-    expected = _known_attrs(job, settings)
-    try:
-        with open_cache(path) as c:
-            same = (list(c.ids) == [str(i) for i in ids] and bool(c.done.all()) and c.has_seq == settings.seq
-                    and c.dtype == settings.dtype and all(c.attrs.get(k) == v for k, v in expected.items()))
-    except FeatxError:
-        return None  # the writer reports what is wrong with the file
-    return {"done": len(ids), "failed": 0, "pending": 0} if same else None
+    done = is_complete(job.path, ids, attrs=_known_attrs(job, settings), poolings=_poolings(job, settings),
+                       dtype=settings.dtype, seq=settings.seq, attrs_given_only=True)
+    return {"done": len(ids), "failed": 0, "pending": 0} if done else None
 
 
 def _poolings(job, settings) -> list:
