@@ -100,12 +100,7 @@ def parse_train_sizes(value) -> list:
 def parse_seeds(value) -> list:
     """An int n >= 1 means seeds 0..n-1; a list (or "3,7") names the seeds."""
     if isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value):
-        try:
-            seeds = [int(v) for v in csv_list(value)]
-        except ValueError:
-            raise FeatxError(f"seeds must be whole numbers, not {value!r}")
-        if not seeds:
-            raise FeatxError("give at least one seed")
+        seeds = _whole_numbers(value, f"seeds must be whole numbers, not {value!r}", "give at least one seed")
         return list(dict.fromkeys(seeds))
     try:
         n = int(str(value).strip())
@@ -301,12 +296,18 @@ def parse_cut_layers(value) -> list:
 
 def int_list(value) -> list:
     """Whole numbers, comma-separated or a list: "-1" or "2,4"."""
+    return _whole_numbers(value, f"must be whole numbers (one, or one per model), not {value!r}",
+                          "give at least one whole number")
+
+
+def _whole_numbers(value, bad, empty) -> list:
+    """csv_list(value) as ints; FeatxError `bad` for a non-integer, `empty` for none."""
     try:
         out = [int(v) for v in csv_list(value)]
     except ValueError:
-        raise FeatxError(f"must be whole numbers (one, or one per model), not {value!r}")
+        raise FeatxError(bad)
     if not out:
-        raise FeatxError("give at least one whole number")
+        raise FeatxError(empty)
     return out
 
 
