@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 
 from featx.errors import FeatxError
+from featx.settings import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(device) -> str:

@@ -15,6 +15,20 @@ def slug(text, sep="-", empty="x") -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", sep, str(text)).strip("-") or empty
 
 
+def model_slug(model) -> str:
+    """The model part of a cache file name: a local folder's own name ("/m/bert/" -> "bert"), a hub id with
+    "/" as "--" ("openai/clip" -> "openai--clip"); "model" when nothing is left."""
+    name = str(model).rstrip("/\\")
+    if os.path.isdir(name):
+        name = os.path.basename(os.path.abspath(name))
+    return slug(name, sep="--", empty="model")
+
+
+def last_name(model) -> str:
+    """The last component of a hub id or folder ("org/bert" -> "bert", "/m/bert/" -> "bert")."""
+    return os.path.basename(str(model).rstrip("/\\"))
+
+
 def is_local(model) -> bool:
     """Whether `model` names a local folder (absolute, relative with ./ ../ ~, or existing) rather than a hub id."""
     text = str(model)

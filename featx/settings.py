@@ -18,6 +18,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("auto", "regression", "classification")
 SPLITS = ("train", "dev", "test")
+HEADS = ("concat", "gated")   # fine-tuning's fusion heads
+LOSSES = ("l1", "mse")        # fine-tuning's regression losses
 SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "valid": "dev", "val": "dev",
                  "validation": "dev", "test": "test", "testing": "test"}
 
@@ -98,12 +100,7 @@ def parse_train_sizes(value) -> list:
 def parse_seeds(value) -> list:
     """An int n >= 1 means seeds 0..n-1; a list (or "3,7") names the seeds."""
     if isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value):
-        try:
-            seeds = [int(v) for v in csv_list(value)]
-        except ValueError:
-            raise FeatxError(f"seeds must be whole numbers, not {value!r}")
-        if not seeds:
-            raise FeatxError("give at least one seed")
+        seeds = _whole_numbers(value, f"seeds must be whole numbers, not {value!r}", "give at least one seed")
         return list(dict.fromkeys(seeds))
     try:
         n = int(str(value).strip())
@@ -175,7 +172,7 @@ def integer(minimum=None):
         except ValueError:
             raise FeatxError(f"must be a whole number, not {value!r}")
         if minimum is not None and n < minimum:
-            raise FeatxError(f"must be at least {minimum}, not {n}")
+            raise FeatxError(f"must be 0 or more, not {n}" if minimum == 0 else f"must be at least {minimum}, not {n}")
         return n
     return parse
 
@@ -299,12 +296,18 @@ def parse_cut_layers(value) -> list:
 
 def int_list(value) -> list:
     """Whole numbers, comma-separated or a list: "-1" or "2,4"."""
+    return _whole_numbers(value, f"must be whole numbers (one, or one per model), not {value!r}",
+                          "give at least one whole number")
+
+
+def _whole_numbers(value, bad, empty) -> list:
+    """csv_list(value) as ints; FeatxError `bad` for a non-integer, `empty` for none."""
     try:
         out = [int(v) for v in csv_list(value)]
     except ValueError:
-        raise FeatxError(f"must be whole numbers (one, or one per model), not {value!r}")
+        raise FeatxError(bad)
     if not out:
-        raise FeatxError("give at least one whole number")
+        raise FeatxError(empty)
     return out
 
 
@@ -314,6 +317,14 @@ def parse_device(value) -> str:
     if v in DEVICES or (v.startswith("cuda:") and v[5:].isdigit()):
         return v
     raise FeatxError(f"must be auto, cpu, cuda or cuda:N, not {value!r}")
+
+
+def parse_precision(value) -> str:
+    """auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16 or fp16."""
+    v = str(_plain(value, "a precision")).strip()
+    if v not in PRECISIONS:
+        raise FeatxError(f"must be one of {', '.join(PRECISIONS)}, not {value!r}")
+    return v
 
 
 def parse_probe(value) -> str:
@@ -349,10 +360,10 @@ class Settings:
 
     def __post_init__(self):
         for f in fields(self):
-            object.__setattr__(self, f.name, parse_field(f, getattr(self, f.name), dashed(f.name)))
+            object.__setattr__(self, f.name, parse_field(f, getattr(self, f.name), f"--{dashed(f.name)}", sep=" "))
 
 
-def parse_field(f, value, where):
+def parse_field(f, value, where, sep=": "):
     """`value` parsed by field f's parser; a FeatxError says `where` it came from, in one line."""
     if value is None and f.default is None:
         return None
@@ -361,7 +372,7 @@ def parse_field(f, value, where):
     except FeatxError as e:
         msg = first_line(e)
         flag = f"--{dashed(f.name)} "
-        raise FeatxError(f"{where}: {msg[len(flag):] if msg.startswith(flag) else msg}") from None
+        raise FeatxError(f"{where}{sep}{msg[len(flag):] if msg.startswith(flag) else msg}") from None
 
 
 # ---------------------------------------------------------------- recipes, and the merge with the command line
@@ -547,7 +558,7 @@ class ExtractSettings(Settings):
                                       default_text="8 on the CPU, no limit on CUDA")
     device: str = option("auto", "auto, cpu, cuda or cuda:N", parse_device)
     precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16 or fp16; stored "
-                            "with the cache", one_of("precision", *PRECISIONS))
+                            "with the cache", parse_precision)
     dtype: str = option("float16", "storage dtype: float16 or float32", one_of("dtype", "float16", "float32"))
     max_length: int = option(None, "text: max tokens", optional(integer(1)), default_text="the tokenizer's")
     max_audio_seconds: float = option(30.0, "longer audio is processed in windows of this length",
@@ -626,7 +637,7 @@ class FinetuneSettings(Settings):
     probe_results: str = option(None, "a `featx probe` output folder, for --layers best", optional(text), path=True,
                                 default_text="none")
     train_blocks: list = option("-1", "top blocks trained per model (-1 all, 0 frozen encoder)", int_list)
-    head: str = option("concat", "fusion head: concat or gated", one_of("head", "concat", "gated"))
+    head: str = option("concat", "fusion head: concat or gated", one_of("head", *HEADS))
     task: str = option("auto", "auto (from the labels), regression or classification", one_of("task", *TASKS))
     pool: str = option("mean", "concat head: pooling of each branch, mean or cls", one_of("pooling", *POOLINGS))
     proj_size: int = option(32, "concat head: per-modality projection size", integer(1))
@@ -643,13 +654,13 @@ class FinetuneSettings(Settings):
     batch_size: int = option(16, "items per micro-batch", integer(1))
     accumulate: int = option(1, "gradient accumulation: micro-batches per optimizer step", integer(1))
     clip_grad: float = option(1.0, "max gradient norm (0: no clipping)", number(minimum=0))
-    loss: str = option("l1", "regression loss: l1 or mse", one_of("loss", "l1", "mse"))
+    loss: str = option("l1", "regression loss: l1 or mse", one_of("loss", *LOSSES))
     folds: int = option(5, "CV folds when the manifest has no train/test split", integer(2))
     train_sizes: list = option("1.0", "fractions of the training part (<= 1) or numbers of labels (> 1): 0.1,1.0",
                                parse_train_sizes)
     seeds: list = option(1, "a count n (seeds 0..n-1) or a list of seeds: 3,7", parse_seeds)
     precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16 or fp16",
-                            one_of("precision", *PRECISIONS))
+                            parse_precision)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", parse_device)
     max_length: int = option(None, "text: max tokens", optional(integer(1)), default_text="the tokenizer's")
     max_audio_seconds: float = option(30.0, "longer audio is cut to its start", number(positive=True))

@@ -160,3 +160,24 @@ def test_out_checks(tmp_path):
     with pytest.raises(FeatxError, match="overwrite the input"):
         check_out_file(os.path.join(str(tmp_path), ".", "f.csv"), inputs=[str(f)])
     assert check_out_file(str(tmp_path / "g.csv"), inputs=[str(f)])
+
+
+def test_the_python_api_parses_with_the_command_line_options_defaults_and_checks(tmp_path):
+    from featx.extraction import extract
+    from featx.finetune import FinetuneSettings as FinetuneRun
+    from featx.finetune import HeadSettings, finetune
+    from featx.probing.sweep import SweepSettings, run_probe
+    from featx.settings import defaults_of
+
+    # one declaration: the library's settings are the command line's options plus what follows from them
+    assert issubclass(FinetuneRun, FinetuneSettings) and issubclass(SweepSettings, ProbeSettings)
+    head = vars(HeadSettings())
+    assert head == {k: defaults_of(FinetuneSettings)["pool" if k == "pooling" else k] for k in head}
+    # values the old library functions took without a check (a negative dropout, a stride of 0, "maybe")
+    with pytest.raises(FeatxError, match="--dropout must be at least 0"):
+        finetune(str(tmp_path / "m.csv"), ["x"], tmp_path / "o", dropout=-0.5)
+    with pytest.raises(FeatxError, match="--seq-stride must be at least 1"):
+        extract(tmp_path / "m.csv", ["x"], tmp_path / "o", seq_stride=0)
+    with pytest.raises(FeatxError, match="--weighted must be true or false"):
+        run_probe([str(tmp_path / "a.h5")], tmp_path / "o", weighted="maybe")
+    assert not os.path.exists(tmp_path / "o")

@@ -28,7 +28,7 @@ try:
 except ImportError:  # no advisory locks on Windows: one writer per cache is then up to the user
     fcntl = None
 
-__all__ = ["CacheWriter", "pending_items", "consolidate"]
+__all__ = ["CacheWriter", "is_complete", "pending_items", "consolidate"]
 
 OPEN_SOURCES = 32  # files kept open at once while consolidating (parts can number thousands)
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -328,27 +328,47 @@ def _valid_settings(path):
         return None
 
 
-def pending_items(path, ids, *, attrs, poolings, dtype="float16", seq=False, num_layers=None, hidden_size=None):
+def pending_items(path, ids, *, attrs, poolings, dtype="float16", seq=False, num_layers=None, hidden_size=None,
+                  attrs_given_only=False):
     """(K,) int64 manifest indices a CacheWriter with these settings would still have to compute (pending and
     failed items), read without writing anything, so that a caller can skip loading a model.
 
-    num_layers, hidden_size: None when not known yet (not compared). Raises FeatxError like CacheWriter when
-    the cache was made with other settings.
+    num_layers, hidden_size: None when not known yet (not compared). attrs_given_only: compare only the
+    attributes in `attrs` (a caller that knows some of them before loading a model). Raises FeatxError like
+    CacheWriter when the cache was made with other settings.
     """
     path, ids = os.fspath(path), _strings(ids)
-    want = parts.resume_settings({k: plain(v) for k, v in attrs.items() if v is not None}, poolings,
-                                 np.dtype(dtype).name, seq, num_layers, hidden_size, ids)
+    given = {k: plain(v) for k, v in attrs.items() if v is not None and k not in schema.OWN_ATTRS}
+    want = parts.resume_settings(given, poolings, np.dtype(dtype).name, seq, num_layers, hidden_size, ids)
+
+    def refuse(stored, where):
+        if attrs_given_only:
+            stored = {**stored, "attrs": {k: v for k, v in stored["attrs"].items() if k in want["attrs"]}}
+        CacheWriter.refuse(stored, want, where)
+
     stored, records = _valid_settings(path), []
     if stored is not None:
-        CacheWriter.refuse(stored, want, schema.parts_dir(path))
+        refuse(stored, schema.parts_dir(path))
     if os.path.exists(path):
         f, h = open_validated(path)
         f.close()
-        CacheWriter.refuse(parts.file_settings(h), want, path)
+        refuse(parts.file_settings(h), path)
         records.append(parts.final_record(h))
     if stored is not None:
         records += [record for _, record in parts.check_parts(path, stored, ids)[0]]
     return np.flatnonzero(~parts.scan(records, len(ids)).done).astype(np.int64)
+
+
+def is_complete(path, ids, **settings) -> bool:
+    """Whether `path` is a consolidated cache (no parts folder left) holding every item of `ids` done with
+    these settings (pending_items' keywords), read without writing anything; False for anything to check."""
+    path = os.fspath(path)
+    if not os.path.isfile(path) or os.path.exists(schema.parts_dir(path)):
+        return False
+    try:
+        return len(pending_items(path, ids, **settings)) == 0
+    except FeatxError:
+        return False   # the writer reports what is wrong with the file
 
 
 # ---------------------------------------------------------------- writer

@@ -1,4 +1,4 @@
 """Extraction: manifest -> decode -> encoder -> pool -> HDF5 cache (decode, batching, distributed, pipeline)."""
-from featx.extraction.pipeline import ExtractResult, ExtractSettings, cache_path, extract
+from featx.extraction.pipeline import ExtractResult, ResolvedSettings, cache_path, extract
 
-__all__ = ["ExtractResult", "ExtractSettings", "cache_path", "extract"]
+__all__ = ["ExtractResult", "ResolvedSettings", "cache_path", "extract"]

@@ -25,6 +25,18 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() and os.environ.get("FEATX_DIST_BACKEND") != "gloo" else "gloo"
 
 
+def shard_name(path, rank, world) -> str:
+    """`<cache>.rank<r>-of-<W>.h5`: rank r's shard of cache `path` (a .h5 file)."""
+    return f"{path[:-3]}.rank{rank:03d}-of-{world:03d}.h5"
+
+
+def has_shards(path) -> bool:
+    """Whether shards of cache `path` from a torchrun job are still waiting to be merged into it."""
+    import glob
+
+    return bool(glob.glob(glob.escape(path[:-3]) + ".rank*-of-*.h5"))
+
+
 class Distributed:
     """This rank's place in a torchrun job (rank, world), and the shard logic of one cache."""
 
@@ -41,10 +53,10 @@ class Distributed:
         return cls() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
     def shard_path(self, path):
-        return f"{path[:-3]}.rank{self.rank:03d}-of-{self.world:03d}.h5"
+        return shard_name(path, self.rank, self.world)
 
     def shard_paths(self, path):
-        return [f"{path[:-3]}.rank{r:03d}-of-{self.world:03d}.h5" for r in range(self.world)]
+        return [shard_name(path, r, self.world) for r in range(self.world)]
 
     def prepare_final(self, path, overwrite):
         """With overwrite, rank 0 removes the final cache; every rank waits for it."""

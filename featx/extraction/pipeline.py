@@ -7,10 +7,8 @@ items are sharded over the ranks (featx.extraction.distributed).
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -24,13 +22,14 @@ from featx.encoders import family_of, load_config, load_encoder
 from featx.errors import FeatxError, first_line
 from featx.extraction.batching import Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
-from featx.extraction.distributed import Distributed
-from featx.settings import parse_poolings
+from featx.extraction.distributed import Distributed, has_shards
+from featx.naming import last_name, model_slug
+from featx.settings import ExtractSettings
 from featx.version import __version__
 
 CPU_BATCH_SECONDS = 8.0  # audio on the CPU: bigger padded batches only cost (WavLM-base: 8 s 7.4, 40 s 5.8 audio-s/s)
 
-__all__ = ["extract", "ExtractResult", "ExtractSettings", "cache_path", "Decoder", "Runner", "longest_first",
+__all__ = ["extract", "ExtractResult", "ResolvedSettings", "cache_path", "Decoder", "Runner", "longest_first",
            "CPU_BATCH_SECONDS"]
 
 
@@ -49,52 +48,46 @@ class ExtractResult:
 
 
 @dataclass(frozen=True)
-class ExtractSettings:
-    """The settings of one `extract` call, validated once (see `extract` for each one's meaning)."""
-    poolings: tuple = ("mean",)
-    seq: bool = False
-    seq_stride: int = 1
-    batch_size: int = 16
-    device: str = "cpu"          # resolved: cpu | cuda | cuda:<rank>
-    dtype: str = "float16"
-    precision: str = "fp32"      # resolved: fp32 | bf16 | fp16
-    max_length: int | None = None
-    max_audio_seconds: float | None = 30.0
-    fps: float = 3.0
-    max_batch_tokens: int | None = None
-    max_batch_seconds: float | None = None  # resolved: CPU_BATCH_SECONDS on the CPU when not given
-    num_workers: int = 0
-    max_image_pixels: int | None = MAX_IMAGE_PIXELS
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    group_size: int = 128
+class ResolvedSettings:
+    """`featx extract`'s options (featx.settings.ExtractSettings: each default and parser declared once) as one
+    call runs them: device, precision, workers and the audio batch budget resolved for this machine."""
+    poolings: tuple
+    seq: bool
+    seq_stride: int
+    batch_size: int
+    device: str                 # cpu | cuda | cuda:<rank>
+    dtype: str
+    precision: str              # fp32 | bf16 | fp16
+    max_length: int | None
+    max_audio_seconds: float
+    fps: float
+    max_batch_tokens: int | None
+    max_batch_seconds: float | None  # CPU_BATCH_SECONDS on the CPU when not given
+    num_workers: int
+    max_image_pixels: int | None
+    trust_remote_code: bool
+    overwrite: bool
+    progress: bool
+    group_size: int
 
     @classmethod
-    def parse(cls, *, pool=("mean",), device="auto", precision="auto", num_workers=None, max_batch_seconds=None,
-              group_size=None, **values) -> "ExtractSettings":
-        """Validate and resolve `extract`'s keyword arguments; FeatxError (one line) for a bad value."""
-        poolings = parse_poolings(pool)
-        if values.get("dtype", "float16") not in ("float16", "float32"):
-            raise FeatxError(f"--dtype must be float16 or float32, not {values['dtype']!r}")
-        batch_size = int(values.pop("batch_size", 16))
-        if batch_size < 1:
-            raise FeatxError("--batch-size must be at least 1")
-        for flag, v in (("--max-batch-tokens", values.get("max_batch_tokens")),
-                        ("--max-batch-seconds", max_batch_seconds), ("--fps", values.get("fps", 3.0)),
-                        ("--max-image-pixels", values.get("max_image_pixels"))):
-            if v is not None and not float(v) > 0:
-                raise FeatxError(f"{flag} must be positive, not {v}")
-        device = resolve_device(device)
-        num_workers = default_workers(device) if num_workers is None else int(num_workers)
-        if num_workers < 0:
-            raise FeatxError(f"--num-workers must be 0 or more, not {num_workers}")
+    def of(cls, options: ExtractSettings, group_size=None, max_image_pixels=MAX_IMAGE_PIXELS) -> "ResolvedSettings":
+        """Resolve parsed options; FeatxError (one line) for a precision the device cannot run."""
+        if max_image_pixels is not None and not float(max_image_pixels) > 0:
+            raise FeatxError(f"max_image_pixels must be positive, not {max_image_pixels}")
+        device = resolve_device(options.device)
+        max_batch_seconds = options.max_batch_seconds
         if max_batch_seconds is None and not device.startswith("cuda"):
             max_batch_seconds = CPU_BATCH_SECONDS
-        return cls(poolings=tuple(poolings), batch_size=batch_size, device=device,
-                   precision=resolve_precision(precision, device), num_workers=num_workers,
-                   max_batch_seconds=max_batch_seconds, group_size=int(group_size or max(64, 8 * batch_size)),
-                   **values)
+        return cls(poolings=tuple(options.pool), seq=options.seq, seq_stride=options.seq_stride,
+                   batch_size=options.batch_size, device=device, dtype=options.dtype,
+                   precision=resolve_precision(options.precision, device), max_length=options.max_length,
+                   max_audio_seconds=options.max_audio_seconds, fps=options.fps,
+                   max_batch_tokens=options.max_batch_tokens, max_batch_seconds=max_batch_seconds,
+                   num_workers=default_workers(device) if options.num_workers is None else options.num_workers,
+                   max_image_pixels=max_image_pixels, trust_remote_code=options.trust_remote_code,
+                   overwrite=options.overwrite, progress=not options.quiet,
+                   group_size=int(group_size or max(64, 8 * options.batch_size)))
 
 
 @dataclass(frozen=True)
@@ -118,14 +111,6 @@ class _Manifest:
     labels: object
     splits: object
     meta: dict
-
-
-def model_slug(name) -> str:
-    """A file-name-safe short name for a hub id or a local folder."""
-    name = str(name).rstrip("/\\")
-    if os.path.isdir(name):
-        name = os.path.basename(os.path.abspath(name))
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip("-") or "model"
 
 
 _MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson", ".parquet", ".pq")
@@ -152,13 +137,12 @@ def default_workers(device) -> int:
     return max(1, min(16, cpus // local - 2))
 
 
-def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, batch_size=16, device="auto",
-            dtype="float16", precision="auto", max_length=None, max_audio_seconds=30.0, fps=3.0,
-            max_batch_tokens=None, max_batch_seconds=None, num_workers=None, trust_remote_code=False,
-            overwrite=False, progress=True, group_size=None, max_image_pixels=MAX_IMAGE_PIXELS) -> ExtractResult:
+def extract(manifest, models, out, *, progress=True, group_size=None, max_image_pixels=MAX_IMAGE_PIXELS,
+            **options) -> ExtractResult:
     """Cache the hidden states of every layer of every item for each model; one HDF5 file per model.
 
     manifest: path of a CSV/JSONL/Parquet manifest. models: hub ids or local folders. out: folder.
+    options: those of featx.settings.ExtractSettings (`featx extract`'s, with their defaults), e.g.
     pool: poolings out of ('mean', 'cls'); cls is skipped for audio encoders (they have no CLS token).
     precision: auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16 (the last two CUDA only);
     stored with the cache, since it changes the numbers.
@@ -167,18 +151,16 @@ def extract(manifest, models, out, *, pool=("mean",), seq=False, seq_stride=1, b
     (default: CPU_BATCH_SECONDS on the CPU, none on CUDA); values are written back in manifest order.
     num_workers: decoding processes (default: 0 on the CPU, whose cores run the forward; on CUDA the CPUs
     this process may use less 2, shared among torchrun's local ranks, at most 16).
-    max_image_pixels: images with more pixels fail as items, before they are decoded (None: no budget).
+    group_size: items written to the cache as one part. max_image_pixels: images with more pixels fail as
+    items, before they are decoded (None: no budget).
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried). A model
     whose cache is already complete with these settings is not loaded.
     Raises FeatxError for usage/configuration errors, before any data is read or model loaded where it can.
     """
-    settings = ExtractSettings.parse(
-        pool=pool, seq=bool(seq), seq_stride=int(seq_stride), batch_size=batch_size, device=device, dtype=dtype,
-        precision=precision, max_length=max_length, max_audio_seconds=max_audio_seconds, fps=float(fps),
-        max_batch_tokens=max_batch_tokens, max_batch_seconds=max_batch_seconds, num_workers=num_workers,
-        trust_remote_code=bool(trust_remote_code), overwrite=bool(overwrite), progress=bool(progress),
-        group_size=group_size, max_image_pixels=max_image_pixels)
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    parsed = ExtractSettings(manifest=os.fspath(manifest), model=[os.fspath(m) for m in models], out=os.fspath(out),
+                             quiet=not progress, **options)
+    settings = ResolvedSettings.of(parsed, group_size, max_image_pixels)
     if not models:
         raise FeatxError("give at least one --model")
     df = read_manifest(manifest)  # a bad manifest is named first, then a bad model: both before any item is read
@@ -236,20 +218,13 @@ def _collect(jobs, entries, failing):
 def _finished(job, ids, settings):
     """The cache's summary when it already holds every item done with these settings (then the model need
     not load, nor anything be written); None when there is work left or anything to check with the model."""
-    from featx.cache import open_cache
+    from featx.cache import is_complete
 
-    path = job.path
-    if settings.overwrite or not os.path.isfile(path) or os.path.exists(path + ".parts") \
-            or glob.glob(glob.escape(path[:-3]) + ".rank*-of-*.h5"):
+    if settings.overwrite or has_shards(job.path):
         return None
-    expected = _known_attrs(job, settings)
-    try:
-        with open_cache(path) as c:
-            same = (list(c.ids) == [str(i) for i in ids] and bool(c.done.all()) and c.has_seq == settings.seq
-                    and c.dtype == settings.dtype and all(c.attrs.get(k) == v for k, v in expected.items()))
-    except FeatxError:
-        return None  # the writer reports what is wrong with the file
-    return {"done": len(ids), "failed": 0, "pending": 0} if same else None
+    done = is_complete(job.path, ids, attrs=_known_attrs(job, settings), poolings=_poolings(job, settings),
+                       dtype=settings.dtype, seq=settings.seq, attrs_given_only=True)
+    return {"done": len(ids), "failed": 0, "pending": 0} if done else None
 
 
 def _poolings(job, settings) -> list:
@@ -380,7 +355,7 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     loader = torch.utils.data.DataLoader(DecodedItems(rows, todo, decoder), batch_size=chunk, shuffle=False,
                                          num_workers=workers, collate_fn=pack_chunk if workers else keep_chunk,
                                          prefetch_factor=prefetch)
-    bar = progress_bar(len(todo), os.path.basename(str(model).rstrip("/")), "item", enabled=progress)
+    bar = progress_bar(len(todo), last_name(model), "item", enabled=progress)
     out = _WriteThread(writer, bar)
     group = []
     try:

@@ -23,90 +23,60 @@ from featx.device import resolve_device, resolve_precision
 from featx.errors import FeatxError
 from featx.finetune.data import decode_items
 from featx.finetune.loop import Run, TrainingData, train_run
-from featx.finetune.meta import provenance, read_json, strict, write_json
-from featx.finetune.model import HEADS, HeadSettings
+from featx.finetune.model import HeadSettings
+from featx.naming import last_name
 from featx.probing.results import FoldScores, best_layer, load_results, meta_head, write_results
 from featx.probing.splits import make_folds, subsample
-from featx.settings import POOLINGS, TASKS, choice, csv_list, parse_seeds, parse_train_sizes, resolve_layers
+from featx.runinfo import provenance, read_json, strict_json, write_json, write_meta
+from featx.settings import FinetuneSettings as FinetuneOptions
+from featx.settings import resolve_layers
 
-LOSSES = ("l1", "mse")
 # Settings that change the numbers: a resumed run must have the same ones.
 RESUME_KEYS = ("models", "layers", "train_blocks", "head", "task", "pooling", "proj_size", "hidden_size", "heads",
                "dropout", "lr", "head_lr", "weight_decay", "lr_decay", "epochs", "patience", "batch_size",
                "accumulate", "clip_grad", "loss", "folds", "train_sizes", "seeds", "max_length", "max_audio_seconds")
+# Options of the command line that are not settings of a run (inputs, output and what is printed).
+NOT_RUN_SETTINGS = ("manifest", "model", "out", "pool", "no_save_model", "json", "quiet")
 
 
-@dataclass
-class FinetuneSettings:
-    """Every setting of `finetune` but the manifest, models and output folder, parsed and checked on creation.
+class FinetuneSettings(FinetuneOptions):
+    """`featx finetune`'s options (featx.settings.FinetuneSettings declares each default and parser once) with
+    what follows from them: head_lr resolved to lr when not given, the per-model lists (per_model), and the
+    Python API's names pooling, save_model and progress.
 
     layers: per model an index (negative counts from the last), "last" or "best" (from probe_results); one
     value for all models. train_blocks: top blocks trained per model (-1 all, 0 frozen), one or per model.
-    head: concat | gated. task: auto | regression | classification. lr: encoder learning rate; head_lr: the
-    head's (None: lr). lr_decay: per-epoch exponential factor. epochs / patience: early stopping on the dev
-    primary metric. accumulate: micro-batches per optimizer step. folds: K for CV when the manifest lacks
-    train/test splits. train_sizes: fractions of the training part or numbers of labels (featx.settings).
-    seeds: a count n (seeds 0..n-1) or a list. precision: auto | fp32 | bf16 | fp16.
     """
-    layers: object = None
-    train_blocks: object = -1
-    head: str = "concat"
-    task: str = "auto"
-    pooling: str = "mean"
-    proj_size: int = 32
-    hidden_size: int = 128
-    heads: int = 4
-    dropout: float = 0.1
-    lr: float = 3e-5
-    head_lr: float = None
-    weight_decay: float = 0.01
-    lr_decay: float = 0.95
-    epochs: int = 20
-    patience: int = 3
-    batch_size: int = 16
-    accumulate: int = 1
-    clip_grad: float = 1.0
-    loss: str = "l1"
-    folds: int = 5
-    train_sizes: object = (1.0,)
-    seeds: object = 1
-    precision: str = "auto"
-    device: str = "auto"
-    max_length: int = None
-    max_audio_seconds: float = 30.0
-    probe_results: str = None
-    save_model: bool = True
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        if self.head not in HEADS:
-            raise FeatxError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
-        self.pooling = choice(self.pooling, POOLINGS, "--pooling")
-        self.loss = choice(self.loss, LOSSES, "--loss")
-        self.task = choice(self.task, TASKS, "--task")
-        for name in ("epochs", "batch_size", "accumulate", "patience"):
-            if int(getattr(self, name)) < 1:
-                raise FeatxError(f"--{name.replace('_', '-')} must be at least 1")
-            setattr(self, name, int(getattr(self, name)))
-        self.layers = csv_list(self.layers) or ["last"]
-        try:
-            self.train_blocks = [int(b) for b in csv_list(self.train_blocks)]
-        except ValueError:
-            raise FeatxError(f"--train-blocks takes whole numbers, not {self.train_blocks!r}")
-        self.train_sizes = parse_train_sizes(self.train_sizes)
-        self.seeds = parse_seeds(self.seeds)
-        for name in ("proj_size", "hidden_size", "heads", "folds"):
-            setattr(self, name, int(getattr(self, name)))
-        self.head_lr = float(self.lr if self.head_lr is None else self.head_lr)
-        for name in ("dropout", "lr", "weight_decay", "lr_decay"):
-            setattr(self, name, float(getattr(self, name)))
-        self.clip_grad = float(self.clip_grad or 0)
+        super().__post_init__()
+        if self.head_lr is None:
+            self.head_lr = self.lr
+
+    @classmethod
+    def of(cls, manifest, models, out, pooling=None, save_model=True, progress=True, **options):
+        """The settings of finetune(manifest, models, out, **options): options under the command line's names,
+        but pooling (--pool), save_model (not --no-save-model) and progress (not --quiet)."""
+        if pooling is not None:
+            options["pool"] = pooling
+        return cls(manifest=os.fspath(manifest), model=models, out=os.fspath(out), no_save_model=not save_model,
+                   quiet=not progress, **options)
+
+    @property
+    def pooling(self) -> str:
+        return self.pool
+
+    @property
+    def save_model(self) -> bool:
+        return not self.no_save_model
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet
 
     @property
     def head_settings(self) -> HeadSettings:
-        return HeadSettings(self.head, self.pooling, self.proj_size, self.hidden_size, self.heads, self.dropout)
+        return HeadSettings(self.head, self.pool, self.proj_size, self.hidden_size, self.heads, self.dropout)
 
     def per_model(self, n_models):
         """Check the per-model lists against the number of models, one value given standing for all."""
@@ -120,10 +90,10 @@ class FinetuneSettings:
             raise FeatxError(f"give one layer per model ({n_models}), got {len(self.layers)}")
 
     def as_dict(self) -> dict:
-        """The settings as JSON values (training sizes as written: "0.5", "200", "1.0")."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["train_sizes"] = [str(s) for s in self.train_sizes]
-        return out
+        """The run's settings as JSON values (training sizes as written: "0.5", "200", "1.0")."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_RUN_SETTINGS}
+        return dict(out, pooling=self.pooling, train_sizes=[str(s) for s in self.train_sizes],
+                    save_model=self.save_model, progress=self.progress)
 
 
 @dataclass
@@ -161,8 +131,7 @@ def _best_layer(encoder, probe_results, task):
     primary = metrics.PRIMARY[task]
     names = set(res.best_layers["encoder"]) if len(res.best_layers) else set()
     name = str(encoder.name)
-    match = [n for n in names if n == name] or [n for n in names if os.path.basename(str(n).rstrip("/")) ==
-                                                 os.path.basename(name.rstrip("/"))]
+    match = [n for n in names if n == name] or [n for n in names if last_name(n) == last_name(name)]
     for n in match:
         for modality in (encoder.modality, "video"):
             k = best_layer(res, n, modality, primary)
@@ -232,7 +201,8 @@ def _open_output(out, config, settings):
                              "to start again")
         else:
             old = read_json(cfg_path)
-            changed = [k for k in RESUME_KEYS if json.dumps(strict(old.get(k))) != json.dumps(strict(config.get(k)))]
+            changed = [k for k in RESUME_KEYS
+                       if json.dumps(strict_json(old.get(k))) != json.dumps(strict_json(config.get(k)))]
             if changed:
                 raise FeatxError(f"cannot resume {out}: settings differ from the run there ({', '.join(changed)})")
     os.makedirs(runs_dir, exist_ok=True)
@@ -322,24 +292,25 @@ def _write_meta(out, inputs: _Inputs, settings, data: TrainingData, chance):
                     precision=data.precision)
     meta = {**meta_head(inputs.task, chance), "caches": [], "encoders": encoders,
             "finetune": {k: v for k, v in config.items() if k != "models"}, "precision": data.precision,
-            "device": data.device.type, "items": int(len(inputs.items.ids)), **provenance(), "settings": resolved,
+            "device": data.device.type, "items": int(len(inputs.items.ids)), **provenance(resolved),
             "notes": ["joint fine-tuning: early stopping and model selection on dev only"]}
-    write_json(os.path.join(out, "meta.json"), meta)
+    write_meta(meta, os.path.join(out, "meta.json"))
 
 
 def finetune(manifest, models, out, **settings) -> FinetuneResult:
     """Fine-tune one to three encoders (one per modality) jointly with a fusion head; write the results to `out`.
 
     manifest: CSV/JSONL/Parquet with id, text/image/audio/video, label (and split). models: hub ids or local
-    folders. settings: the fields of FinetuneSettings (layers, train_blocks, head, lr, epochs, train_sizes,
-    seeds, ...). Writes out/results.csv, results.parquet (one row per seed, training size, split, metric),
-    meta.json, history.csv (per run and epoch), finetune.json, out/model/ (save_model) and out/runs/.
+    folders. settings: the options of featx.settings.FinetuneSettings (layers, train_blocks, head, lr, epochs,
+    train_sizes, seeds, ...; pooling, save_model and progress for --pool, --no-save-model and --quiet).
+    Writes out/results.csv, results.parquet (one row per seed, training size, split, metric), meta.json,
+    history.csv (per run and epoch), finetune.json, out/model/ (save_model) and out/runs/.
     Returns a FinetuneResult. Raises FeatxError for usage and configuration errors.
     """
     models = [os.fspath(models)] if isinstance(models, (str, os.PathLike)) else [os.fspath(m) for m in models]
     if not 1 <= len(models) <= 3:
         raise FeatxError(f"featx finetune takes one to three models (one per modality), got {len(models)}")
-    s = FinetuneSettings(**settings)
+    s = FinetuneSettings.of(manifest, models, out, **settings)
     s.per_model(len(models))
     device = torch.device(resolve_device(s.device))
     precision = resolve_precision(s.precision, device)

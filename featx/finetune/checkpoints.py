@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from featx.errors import FeatxError
-from featx.finetune.meta import read_json, write_json
+from featx.runinfo import read_json, write_json
 
 LATEST = "latest.json"
 BEST = "best.safetensors"

@@ -16,7 +16,7 @@ from featx.device import autocast
 from featx.finetune.checkpoints import (BEST, clear_checkpoints, load_checkpoint, load_tensors, load_trainable,
                                         save_checkpoint, save_tensors)
 from featx.finetune.data import DecodedItems, TargetCoding, batch_inputs, batches
-from featx.finetune.meta import read_json, write_json
+from featx.runinfo import read_json, write_json
 from featx.finetune.model import build_model, predict
 from featx.finetune.saved import save_finetuned
 from featx.probing.fusion import loss_function

@@ -23,8 +23,10 @@ from featx.encoders.pooling import pool
 from featx.encoders.registry import block_path
 from featx.errors import FeatxError
 from featx.probing.fusion import gated_model
+from featx.settings import HEADS, defaults_of
+from featx.settings import FinetuneSettings as FinetuneOptions
 
-HEADS = ("concat", "gated")
+_OPTIONS = defaults_of(FinetuneOptions)   # the head's defaults are featx finetune's
 # Modules whose output never reaches the hidden states (always frozen: they would get no gradient).
 UNUSED_MODULES = ("pooler", "post_layernorm")
 
@@ -33,12 +35,12 @@ UNUSED_MODULES = ("pooler", "post_layernorm")
 class HeadSettings:
     """The fusion head: kind (concat | gated), pooling of each branch (concat), projection size per modality
     (concat), MLP / gated fusion size, attention heads, dropout."""
-    head: str = "concat"
-    pooling: str = "mean"
-    proj_size: int = 32
-    hidden_size: int = 128
-    heads: int = 4
-    dropout: float = 0.1
+    head: str = _OPTIONS["head"]
+    pooling: str = _OPTIONS["pool"]
+    proj_size: int = _OPTIONS["proj_size"]
+    hidden_size: int = _OPTIONS["hidden_size"]
+    heads: int = _OPTIONS["heads"]
+    dropout: float = _OPTIONS["dropout"]
 
 
 def block_list(model, config):

@@ -18,7 +18,7 @@ import torch
 from featx.errors import FeatxError
 from featx.finetune.checkpoints import load_tensors, save_tensors
 from featx.finetune.data import DecodedItems, TargetCoding, batches, decode_items
-from featx.finetune.meta import read_json, write_json
+from featx.runinfo import read_json, write_json
 from featx.finetune.model import HeadSettings, build_model, kept_blocks, predict
 
 FORMAT = "featx-finetune/2"

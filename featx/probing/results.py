@@ -85,28 +85,6 @@ def meta_head(task, chance):
             "chance": chance}
 
 
-def strict_json(value):
-    """`value` with NaN and infinities as None, numpy scalars and arrays as Python values (for allow_nan=False)."""
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [strict_json(v) for v in value]
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return float(value) if np.isfinite(value) else None
-    return value if value is None or isinstance(value, str) else str(value)
-
-
-def write_meta(meta, path):
-    """Write `meta` as strict JSON (null for missing numbers)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(strict_json(meta), f, indent=2, allow_nan=False)
-    return path
-
-
 def eval_split_of(rows) -> str:
     """The split whose scores are reported: test if there is one, else cross-validation, else dev."""
     splits = set(rows["split"])

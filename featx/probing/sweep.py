@@ -9,9 +9,8 @@ is resolved per fold to a number of training labels (TrainSize.labels).
 from __future__ import annotations
 
 import os
-import sys
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -24,81 +23,44 @@ from featx.probing.data import load_cache
 from featx.probing.estimators import infer_task
 from featx.probing.fusion import EarlyFusion, GatedFusion, LateFusion, WeightedLayerProbe, align_by_id
 from featx.probing.registry import get_probe, make_probe
-from featx.probing.results import (WEIGHT_COLUMNS, FoldScores, best_layer_table, meta_head, write_meta,
-                                   write_results)
+from featx.probing.results import WEIGHT_COLUMNS, FoldScores, best_layer_table, meta_head, write_results
 from featx.probing.splits import fold_count, make_folds, subsample
-from featx.settings import (DEVICES, TASKS, TrainSize, choice, csv_list, parse_layers, parse_seeds,
-                            parse_train_sizes)
+from featx.runinfo import provenance, write_meta
+from featx.settings import ProbeSettings, TrainSize
 
-FUSIONS = ("early", "late", "gated")
 FULL = TrainSize("fraction", 1.0)
+SWEEP_KEYS = ("probe", "layers", "pool", "seeds", "train_sizes", "folds", "weighted", "fusion", "fusion_layer",
+              "missing", "late_rule", "device", "task", "save_classifier")   # meta.json's settings
 
 
-@dataclass(frozen=True)
-class SweepSettings:
-    """Everything that changes a sweep's numbers, parsed and validated once (SweepSettings.parse).
+class SweepSettings(ProbeSettings):
+    """`featx probe`'s options (featx.settings.ProbeSettings declares each default and parser once), with the
+    probe checked against the registry and the training sizes run (sizes_run).
 
-    layers: "all" or indices; seeds: the seeds run; train_sizes: TrainSize in the order given (the full
-    training part always among them); fusion: methods out of FUSIONS; fusion_layer: "best" (each modality's
-    best dev layer), "weighted" or a layer index; task: "auto" (from the labels), regression or classification.
+    layers: "all" or indices; seeds: the seeds run; train_sizes: TrainSize in the order given; fusion: methods
+    out of featx.settings.FUSIONS; fusion_layer: "best" (each modality's best dev layer), "weighted" or a layer
+    index; task: "auto" (from the labels), regression or classification.
     """
-    probe: str = "linear"
-    layers: object = "all"
-    pool: str = "mean"
-    seeds: tuple = (0,)
-    train_sizes: tuple = (FULL,)
-    folds: int = 5
-    weighted: bool = False
-    fusion: tuple = ()
-    fusion_layer: object = "best"
-    missing: str = "intersect"
-    late_rule: str = "mean"
-    device: str = "auto"
-    task: str = "auto"
-    save_classifier: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        get_probe(self.probe)
 
     @classmethod
-    def parse(cls, **values) -> "SweepSettings":
-        """Settings from raw values (command line, recipe or Python); one-line FeatxError for a bad one."""
-        s = replace(cls(), **values)
-        get_probe(s.probe)
-        try:
-            folds = int(s.folds)
-        except (TypeError, ValueError):
-            raise FeatxError(f"folds must be a whole number >= 2, not {s.folds!r}")
-        if folds < 2:
-            raise FeatxError(f"folds must be at least 2, not {folds}")
-        fusion = tuple(dict.fromkeys(csv_list(s.fusion)))
-        bad = sorted(set(fusion) - set(FUSIONS))
-        if bad:
-            raise FeatxError(f"unknown fusion method(s) {bad}: use {', '.join(FUSIONS)}")
-        return replace(s, layers=parse_layers(s.layers), pool=str(s.pool), seeds=tuple(parse_seeds(s.seeds)),
-                       train_sizes=tuple(parse_train_sizes(s.train_sizes)), folds=folds, weighted=bool(s.weighted),
-                       fusion=fusion, fusion_layer=_fusion_layer(s.fusion_layer),
-                       missing=choice(s.missing, ("intersect", "error"), "missing"),
-                       late_rule=choice(s.late_rule, ("mean", "stack"), "late_rule"),
-                       device=choice(s.device, DEVICES, "device"), task=choice(s.task, TASKS, "task"),
-                       save_classifier=bool(s.save_classifier))
+    def of(cls, caches, out, progress=True, **options) -> "SweepSettings":
+        """The settings of run_probe(caches, out, **options); progress is the opposite of --quiet."""
+        return cls(caches=[os.fspath(c) for c in caches], out=os.fspath(out), quiet=not progress, **options)
 
     @property
-    def sizes_run(self) -> tuple:
+    def sizes_run(self) -> list:
         """The training sizes fitted: those given, plus the full training part (the headline) if absent."""
-        return self.train_sizes if any(t.is_full for t in self.train_sizes) else self.train_sizes + (FULL,)
+        return self.train_sizes if any(t.is_full for t in self.train_sizes) else self.train_sizes + [FULL]
 
     def to_json(self) -> dict:
-        out = asdict(self)
+        out = {k: getattr(self, k) for k in SWEEP_KEYS}
         out["train_sizes"] = [str(t) for t in self.train_sizes]
         out["train_sizes_run"] = [str(t) for t in self.sizes_run]
         return out
-
-
-def _fusion_layer(value):
-    if str(value) in ("best", "weighted"):
-        return str(value)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise FeatxError(f"fusion_layer must be best, weighted or a layer index, not {value!r}")
 
 
 @dataclass
@@ -111,31 +73,27 @@ class SweepOutput:
     weighted_models: dict = field(default_factory=dict)
 
 
-def run_probe(caches, out, probe="linear", layers="all", pool="mean", seeds=1, train_sizes=(1.0,), folds=5,
-              weighted=False, fusion=(), fusion_layer="best", missing="intersect", late_rule="mean",
-              device="auto", save_classifier=False, task="auto", progress=True):
+def run_probe(caches, out, progress=True, **options):
     """Probe every layer of every cache, optionally fuse modalities; write results to `out`.
 
-    caches: list of .h5 paths. probe: a registered probe (linear | ridge | logistic | mlp | batched). layers:
-    "all" or indices. seeds: a count n (seeds 0..n-1) or a list. train_sizes: fractions of the training part
-    (0 < x <= 1) or numbers of labels (whole numbers > 1). weighted: also fit the layer-weighted sum. fusion:
-    any of early, late, gated. fusion_layer: best | weighted | an index. missing: intersect | error.
+    caches: list of .h5 paths. options: those of featx.settings.ProbeSettings (`featx probe`'s, with their
+    defaults): probe: a registered probe (linear | ridge | logistic | mlp | batched). layers: "all" or indices.
+    seeds: a count n (seeds 0..n-1) or a list. train_sizes: fractions of the training part (0 < x <= 1) or
+    numbers of labels (whole numbers > 1). weighted: also fit the layer-weighted sum. fusion: any of early,
+    late, gated. fusion_layer: best | weighted | an index. missing: intersect | error.
     task: auto | regression | classification. See SweepSettings.
     Writes results.csv / .parquet, best_layers.csv, layer_weights.csv, meta.json (and classifier__NAME.safetensors
     with save_classifier). Returns the results DataFrame; its attrs["meta"] is what meta.json holds.
     """
-    s = SweepSettings.parse(probe=probe, layers=layers, pool=pool, seeds=seeds, train_sizes=train_sizes,
-                            folds=folds, weighted=weighted, fusion=fusion, fusion_layer=fusion_layer,
-                            missing=missing, late_rule=late_rule, device=device, task=task,
-                            save_classifier=save_classifier)
-    datas = load_caches(caches, s)
+    s = SweepSettings.of(caches, out, progress, **options)
+    datas = load_caches(s.caches, s)
     task = resolve_task(datas, s.task)
     if s.fusion and len(datas) < 2:
         raise FeatxError("fusion needs at least two caches (one per modality)")
     check_sizes(datas, task, s)
     os.makedirs(out, exist_ok=True)
     aligned = align(datas, s.missing) if s.fusion else None
-    rows, weight_rows = _sweep_all(datas, aligned, task, s, progress)
+    rows, weight_rows = _sweep_all(datas, aligned, task, s, not s.quiet)
     df = write_results(rows, out)
     pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
     best = best_layer_table(df, metrics.PRIMARY[task])
@@ -161,16 +119,10 @@ def save_classifiers(datas, best, task, s, out):
 
 
 def load_caches(caches, s):
-    """CacheData per path with its display name set; the same file twice is a one-line error."""
+    """CacheData per path with its display name set (the settings refuse a file given twice)."""
     paths = [os.fspath(p) for p in caches]
     if not paths:
         raise FeatxError("give at least one cache")
-    seen = {}
-    for p in paths:
-        key = os.path.realpath(p)
-        if key in seen:
-            raise FeatxError(f"the cache {p} is given twice (as {seen[key]} too); give each cache once")
-        seen[key] = p
     datas = [load_cache(p, s.pool, s.layers, task=s.task) for p in paths]
     for d, name in zip(datas, display_names([d.encoder for d in datas])):
         d.name = name
@@ -393,27 +345,11 @@ def chance_scores(d, task, s):
     return metrics.compute(task, np.concatenate([y[test] for _, _, test in folds]), np.concatenate(preds))
 
 
-def versions() -> dict:
-    """Versions of featx and the libraries whose numbers it reports."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from featx.version import __version__
-
-    out = {"featx": __version__}
-    for pkg in ("torch", "transformers", "scikit-learn", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def run_meta(datas, aligned, task, s, df) -> dict:
     """meta.json: task and metric, chance, command line, every resolved setting, versions, encoders, items."""
     folds_run = {d.name: (1 if make_folds(d.y, d.splits, task, s.folds, s.seeds[0])[1] == "test"
                           else fold_count(d.y, task, s.folds)) for d in datas}
-    meta = {**meta_head(task, chance_scores(datas[0], task, s)), "command": list(sys.argv),
-            "settings": {**s.to_json(), "task": task}, "versions": versions(),
+    meta = {**meta_head(task, chance_scores(datas[0], task, s)), **provenance({**s.to_json(), "task": task}),
             "caches": [os.path.abspath(d.path) for d in datas],
             "encoders": [{"encoder": d.name, "path": d.encoder, "cache": os.path.abspath(d.path),
                           "modality": d.modality, "num_layers": d.num_layers, "hidden_size": d.hidden_size,

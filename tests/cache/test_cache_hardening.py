@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featx.cache import CacheWriter, describe, open_cache, pending_items, read_layer
+from featx.cache import CacheWriter, describe, is_complete, open_cache, pending_items, read_layer
 from featx.cli.main import main
 from featx.data.manifest import read_manifest
 from featx.errors import FeatxError
@@ -326,3 +326,21 @@ def test_pending_items_reads_without_writing(tmp_path):
         pending_items(path, a["ids"], **{**settings, "poolings": ["mean"]})
     with pytest.raises(FeatxError, match="hidden_size 16 \\(now 8\\)"):
         pending_items(path, a["ids"], **settings, num_layers=L, hidden_size=8)
+
+
+def test_is_complete_compares_the_attributes_known_before_a_model_loads(tmp_path):
+    path = str(tmp_path / "c.h5")
+    a = writer_args(6)
+    known = {"model": "toy/enc", "modality": "audio", "poolings": "mean,cls"}   # no sample_rate: the model's
+    settings = dict(attrs=known, poolings=["cls", "mean"], dtype=a["dtype"], seq=a["seq"], attrs_given_only=True)
+    assert not is_complete(path, a["ids"], **settings)
+    w = CacheWriter(path, **a)
+    w.write(range(6), *batch(range(6)))
+    assert not is_complete(path, a["ids"], **settings)   # written, but its parts are not consolidated yet
+    w.close()
+    before = sorted(os.listdir(tmp_path)), os.path.getmtime(path)
+    assert is_complete(path, a["ids"], **settings)
+    assert not is_complete(path, a["ids"], **{**settings, "attrs_given_only": False})   # sample_rate unknown
+    assert not is_complete(path, a["ids"], **{**settings, "attrs": {**known, "model": "other"}})
+    assert not is_complete(path, a["ids"][:5], **settings)
+    assert (sorted(os.listdir(tmp_path)), os.path.getmtime(path)) == before

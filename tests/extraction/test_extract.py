@@ -440,3 +440,18 @@ def test_a_cache_closes_while_the_next_model_runs_and_its_failure_loses_nothing(
     res = extract(media, [tiny_bert, tiny_wavlm, tiny_bert], out, device="cpu", progress=False)
     assert [c["path"] for c in res.caches] == [text, audio, text]
     assert all(c["done"] == 8 and c["failed"] == 0 for c in res.caches) and not os.path.exists(text + ".parts")
+
+
+def test_cache_file_names_are_unchanged_for_hub_ids_and_local_folders(tmp_path):
+    from featx.extraction import cache_path
+
+    folder = tmp_path / "models" / "my model (v2)"
+    folder.mkdir(parents=True)
+    out = str(tmp_path / "out")
+    expected = {"bert-large-uncased": "m__bert-large-uncased.h5",
+                "openai/clip-vit-large-patch14": "m__openai--clip-vit-large-patch14.h5",
+                str(folder): "m__my--model--v2.h5", str(folder) + "/": "m__my--model--v2.h5",
+                "": "m__model.h5"}
+    for model, name in expected.items():
+        assert cache_path("data/m.csv", model, out) == os.path.join(out, name)
+    assert cache_path("data/m.jsonl", "bert-large-uncased", out) == os.path.join(out, "m.jsonl__bert-large-uncased.h5")

@@ -87,7 +87,7 @@ def test_meta_is_strict_json_with_command_settings_and_versions(tmp_path, tiny_b
     meta = strict_json(tmp_path / "out" / "meta.json")  # the chance predictor's corr is undefined: null
     assert meta["task"] == "regression" and meta["chance"]["corr"] is None
     assert meta["command"] == argv
-    assert set(meta["versions"]) == {"featx", "torch", "transformers", "scikit-learn"}
+    assert set(meta["versions"]) == {"featx", "torch", "transformers", "scikit-learn", "numpy"}
     assert meta["versions"]["featx"] == __version__ and all(meta["versions"].values())
     s = meta["settings"]
     assert s["train_sizes"] == ["0.5", "10", "1.0"] and s["seeds"] == [0] and s["head_lr"] == FAST["head_lr"]

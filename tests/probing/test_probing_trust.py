@@ -201,7 +201,7 @@ def test_meta_json_is_strict_and_records_the_run(tmp_path):
     assert meta["command"] and meta["settings"]["seeds"] == [2, 5]
     assert meta["settings"]["train_sizes"] == ["0.5", "1.0"] and meta["settings"]["task"] == "regression"
     assert {"featx", "torch", "transformers", "scikit-learn"} <= set(meta["versions"])
-    from featx.probing.results import write_meta
+    from featx.runinfo import write_meta
     write_meta({"x": float("nan"), "y": [np.float32(np.inf)], "z": np.int64(3)}, tmp_path / "m.json")
     assert _strict(tmp_path / "m.json") == {"x": None, "y": [None], "z": 3}
 
