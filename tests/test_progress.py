@@ -113,3 +113,47 @@ def test_building_the_demo_models_prints_nothing(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
     assert r.returncode == 0 and r.stderr == "", r.stderr  # no 'Writing model shards' bar
+
+
+def _planted_caches(tmp_path, task="classification", n=60, modalities=("text",), drop=0):
+    from _synthetic import planted, standard_splits, write_cache
+
+    ids = [f"i{k:03d}" for k in range(n)]
+    X, y = planted(n=n, num_layers=2, dim=6, k=1, task=task, seed=0)
+    splits = standard_splits(n)
+    return [write_cache(tmp_path / f"m__{m}.h5", X[drop * j:], ids[drop * j:], y[drop * j:], splits[drop * j:],
+                        model=f"toy/{m}", modality=m) for j, m in enumerate(modalities)]
+
+
+def test_probe_fits_that_did_not_converge_are_named_in_one_featx_line(tmp_path, capsys, one_torch_thread):
+    from featx.probing.estimators import LayerProbe
+    from featx.probing.registry import register_probe
+    from featx.probing.sweep import run_probe
+
+    # a real logistic probe, stopped after one lbfgs iteration: scikit-learn warns that it did not converge
+    register_probe("logistic-1-iteration", lambda seed, device: LayerProbe(probe="logistic", max_iter=1,
+                                                                            random_state=seed))
+    caches = _planted_caches(tmp_path)
+    run_probe(caches, tmp_path / "out", probe="logistic-1-iteration", progress=False)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("featx: ") and "before converging" in lines[0], err
+    assert "logistic" in lines[0] and "ConvergenceWarning" not in err, err
+
+
+def test_featx_warnings_on_the_command_line_are_featx_lines(tmp_path):
+    caches = _planted_caches(tmp_path, task="regression", modalities=("text", "image"), drop=3)
+    code, err = _featx(["fuse", *caches, "--out", tmp_path / "out", "--fusion", "early", "--quiet"], tmp_path)
+    assert code == 0, err
+    assert _foreign(err, []) == [] and "featx fuse: fusion uses the 57 items" in err, err
+
+
+def test_finetune_stderr_holds_only_featx_lines(tmp_path, tiny_bert):
+    texts = ["good fun", "awful boring", "great", "bad"]
+    rows = [{"id": f"x{i}", "text": texts[i % 4], "label": float(i % 2),
+             "split": ["train", "train", "dev", "test"][i % 4]} for i in range(24)]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    code, err = _featx(["finetune", tmp_path / "m.csv", "--model", tiny_bert, "--epochs", "1", "--out",
+                        tmp_path / "ft", "--quiet"], tmp_path, pre="import warnings; warnings.simplefilter('default')")
+    assert code == 0, err
+    assert _foreign(err, []) == [], err  # no 'Writing model shards' bar from saving model/
