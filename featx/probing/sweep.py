@@ -216,7 +216,7 @@ def _sweep_all(datas, aligned, task, s, progress):
 
 
 def _count_unconverged(counts, message):
-    """Count a ConvergenceWarning under the estimator it names (scikit-learn's messages start with its kind)."""
+    """Count a ConvergenceWarning under the estimator its scikit-learn message names (MLP, logistic, other)."""
     text = str(message)
     name = "MLP" if "Stochastic Optimizer" in text or "Multilayer" in text else \
         "logistic" if "lbfgs" in text or "Logistic" in text else "other"
@@ -224,6 +224,7 @@ def _count_unconverged(counts, message):
 
 
 def _sweep_runs(datas, aligned, task, s, progress):
+    """_sweep_all's loop over seeds, sizes and caches (then fusion), with one progress display of fits."""
     from featx.progress import progress_bar
 
     reuse = (s.fusion_layer == "best" and s.probe != "mlp") or (s.fusion_layer == "weighted" and s.weighted)
