@@ -11,7 +11,8 @@ LINE_INTERVAL_S = 10.0
 class LineProgress:
     """tqdm's update / set_postfix / close, written as one plain line at most every `interval` seconds."""
 
-    def __init__(self, total, desc, unit, file, interval=LINE_INTERVAL_S):
+    def __init__(self, total, desc, unit, file, interval=None):
+        interval = LINE_INTERVAL_S if interval is None else interval
         self.total, self.desc, self.unit, self.file, self.interval = total, desc, unit, file, interval
         self.n, self.postfix, self.start = 0, "", time.monotonic()
         self.last = self.start
@@ -19,7 +20,8 @@ class LineProgress:
     def update(self, n=1):
         self.n += n
         now = time.monotonic()
-        if now - self.last >= self.interval:
+        # the last step's line is close()'s, with the time taken
+        if n and now - self.last >= self.interval and not (self.total and self.n >= self.total):
             self.last = now
             self._line()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from featx.cli.options import EXIT_STATUS, HelpFormatter, Parser, add_settings, print_table, registered_probe, \
     settings_from
@@ -282,6 +283,18 @@ def build_parser():
     return parser
 
 
+def _featx_warning(command, show):
+    """A warnings.showwarning that prints featx's own warnings as one `featx COMMAND: message` line."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package + os.sep):
+            print(f"featx {command}: {message}", file=sys.stderr if file is None else file)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv=None):
     """Run one featx command; returns its exit status (0 done, 1 usage error, 2 some items failed, 130 interrupted)."""
     parser = build_parser()
@@ -290,7 +303,9 @@ def main(argv=None):
     except SystemExit as e:   # --help, --version (0) or a usage error (1, one line already printed)
         return e.code if isinstance(e.code, int) else 0
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _featx_warning(args.command, warnings.showwarning)
+            return args.func(args)
     except FeatxError as e:
         print(f"featx {args.command}: error: {e}", file=sys.stderr)
         return 1

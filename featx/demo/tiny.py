@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import string
 
+from featx.encoders.base import quiet_libraries
+
 
 def _vocab() -> dict:
     # A small WordPiece vocabulary: special tokens, ASCII characters and their ## continuations, some words.
@@ -28,7 +30,8 @@ def build_tiny_bert(path: str, hidden_size: int = 32, num_layers: int = 2, seed:
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers,
                      num_attention_heads=4, intermediate_size=hidden_size * 2, max_position_embeddings=128)
-    BertModel(cfg).eval().save_pretrained(path)
+    with quiet_libraries():  # no 'Writing model shards' bar
+        BertModel(cfg).eval().save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -52,7 +55,8 @@ def build_tiny_clip(path: str, hidden_size: int = 32, num_layers: int = 2, image
                               bos_token_id=0, eos_token_id=2, pad_token_id=1,
                               projection_dim=16)
         model = CLIPModel(CLIPConfig(text_config=tcfg.to_dict(), vision_config=vcfg.to_dict(), projection_dim=16))
-    model.eval().save_pretrained(path)
+    with quiet_libraries():
+        model.eval().save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
                        ).save_pretrained(path)
     return path
@@ -75,7 +79,8 @@ def build_tiny_wavlm(path: str, hidden_size: int = 32, num_layers: int = 2, norm
                       intermediate_size=hidden_size * 2, conv_dim=(32, 32, 32), conv_stride=(5, 4, 4),
                       conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
                       feat_extract_norm=norm, do_stable_layer_norm=large, num_buckets=32, max_bucket_distance=80)
-    WavLMModel(cfg).eval().save_pretrained(path)
+    with quiet_libraries():
+        WavLMModel(cfg).eval().save_pretrained(path)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=large,
                              return_attention_mask=large).save_pretrained(path)
     return path

@@ -1,15 +1,19 @@
 """The interface every encoder adapter implements, and model loading shared by them."""
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from featx.device import autocast
 from featx.errors import FeatxError, first_line
 
 
-def from_pretrained(loader, name, what, **kwargs):
-    """`loader.from_pretrained(name)` with transformers' progress bars and warnings off while it runs (their
-    previous state restored after), and a one-line FeatxError on failure."""
+@contextlib.contextmanager
+def quiet_libraries():
+    """transformers' and huggingface_hub's progress bars and log messages below errors, and Python warnings, off
+    while the block runs (loading, saving: messages a featx user cannot act on); their state is restored after."""
     from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
@@ -18,15 +22,24 @@ def from_pretrained(loader, name, what, **kwargs):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # a CLIP vision tower loaded from a full CLIP checkpoint lists every text weight
     try:
-        return loader.from_pretrained(name, **kwargs)
-    except Exception as e:
-        raise FeatxError(f"cannot load the {what} of model {name!r}: {first_line(e)[:200]}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
         if not hub_bars_off:
             hub_utils.enable_progress_bars()
+
+
+def from_pretrained(loader, name, what, **kwargs):
+    """`loader.from_pretrained(name)` under quiet_libraries(), and a one-line FeatxError on failure."""
+    with quiet_libraries():
+        try:
+            return loader.from_pretrained(name, **kwargs)
+        except Exception as e:
+            raise FeatxError(f"cannot load the {what} of model {name!r}: {first_line(e)[:200]}")
 
 
 def model_loader(model_class):
@@ -57,6 +70,7 @@ class Encoder:
         self.trust_remote_code = trust_remote_code
         self.model = None
         self.attrs = {}
+        self.advice = []  # lines a user can act on (e.g. a package that makes this encoder faster)
 
     def _finish_load(self, model):
         self.model = model.eval().to(self.device)

@@ -83,10 +83,13 @@ class Runner:
             seqs = (a[1] + b[1]) if self.seq else None
             return pooled, seqs, torch.cat([a[2], b[2]])
 
-    def run(self, items):
-        """items: list of (index, inputs). Returns (indices, pooled {name: (n, L, D)}, seqs | None, failures)."""
+    def run(self, items, done=None):
+        """items: list of (index, inputs). Returns (indices, pooled {name: (n, L, D)}, seqs | None, failures).
+        done(n), when given, is called as n more items are finished: failed, or their last input forwarded."""
+        done = done or (lambda n: None)
         inputs, failures = self._flatten(items)
-        pooled, counts, seqs = self._forward(inputs)
+        done(len(failures))
+        pooled, counts, seqs = self._forward(inputs, done)
         by_item = {}
         for k, (i, _) in enumerate(inputs):
             by_item.setdefault(i, []).append(k)
@@ -121,9 +124,13 @@ class Runner:
             inputs = [(i, x) for i, x in inputs if i not in short]
         return inputs, failures
 
-    def _forward(self, inputs):
-        """Per input: pooled {name: (n, L, D)} float32, valid positions (n,), sequences (list, None without seq)."""
+    def _forward(self, inputs, done):
+        """Per input: pooled {name: (n, L, D)} float32, valid positions (n,), sequences (list, None without seq).
+        done(n) after each batch: the items whose last input it held."""
         enc = self.encoder
+        left = {}  # item index -> its inputs not yet forwarded
+        for i, _ in inputs:
+            left[i] = left.get(i, 0) + 1
         n, shape = len(inputs), (enc.num_layers, enc.hidden_size)
         pooled = {k: np.empty((n, *shape), np.float32) for k in self.poolings}
         counts = np.empty(n, np.int64)
@@ -134,6 +141,11 @@ class Runner:
             on_device.append((np.asarray(batch), batch_pooled, batch_counts))
             for j, k in enumerate(batch if batch_seqs else ()):
                 seqs[k] = batch_seqs[j]
+            finished = 0
+            for k in batch:
+                left[inputs[k][0]] -= 1
+                finished += left[inputs[k][0]] == 0
+            done(finished)
         for batch, batch_pooled, batch_counts in on_device:  # one wait for the device per group, not per batch
             for name, v in batch_pooled.items():
                 pooled[name][batch] = v.cpu().numpy()

@@ -255,6 +255,8 @@ def _run_model(job, data, settings):
     encoder = load_encoder(job.model, config=job.config, device=settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
                            max_length=settings.max_length)
+    for line in encoder.advice:
+        print(f"featx extract: {job.model}: {line}", file=sys.stderr)
     pools = _poolings(job, settings)
     if len(pools) < len(settings.poolings):
         print(f"featx extract: {job.model}: audio encoders have no CLS token; storing {','.join(pools)} only",
@@ -305,11 +307,11 @@ class _WriteThread:
     """Writes finished groups to the cache in a thread of its own, behind a queue of at most two groups;
     put() re-raises the thread's first error in the caller."""
 
-    def __init__(self, writer, bar):
+    def __init__(self, writer):
         import queue
         import threading
 
-        self.writer, self.bar, self.errors = writer, bar, []
+        self.writer, self.errors = writer, []
         self.pending = queue.Queue(maxsize=2)
         self.thread = threading.Thread(target=self._loop, name="featx-writer", daemon=True)
         self.thread.start()
@@ -324,7 +326,6 @@ class _WriteThread:
                     self.writer.write(indices, pooled, seqs)
                 if failed:
                     self.writer.fail([i for i, _ in failed], [why for _, why in failed])
-                self.bar.update(len(indices) + len(failed))
             except BaseException as e:  # re-raised in the main thread
                 self.errors.append(e)
 
@@ -356,30 +357,32 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
                                          num_workers=workers, collate_fn=pack_chunk if workers else keep_chunk,
                                          prefetch_factor=prefetch)
     bar = progress_bar(len(todo), last_name(model), "item", enabled=progress)
-    out = _WriteThread(writer, bar)
+    out = _WriteThread(writer)
     group = []
     try:
         for items in loader:
             for item in unpack_chunk(items) if workers else items:
                 group.append(item)
                 if len(group) >= group_size:
-                    out.put(_forward_group(runner, group))
+                    out.put(_forward_group(runner, group, bar.update))
                     group = []
         if group:
-            out.put(_forward_group(runner, group))
+            out.put(_forward_group(runner, group, bar.update))
     finally:
         out.finish()
         bar.close()
     out.raise_error()
 
 
-def _forward_group(runner, group):
-    """(indices, pooled, seqs, failures) of a group of decoded items [(index, inputs | None, reason | None)]."""
+def _forward_group(runner, group, done):
+    """(indices, pooled, seqs, failures) of a group of decoded items [(index, inputs | None, reason | None)];
+    done(n) as items finish (progress per item, not per group)."""
     failed = [(i, why) for i, inputs, why in group if inputs is None]
     ok = [(i, inputs) for i, inputs, why in group if inputs is not None]
+    done(len(failed))
     indices, pooled, seqs = np.zeros(0, np.int64), None, None
     if ok:
-        indices, pooled, seqs, more = runner.run(ok)
+        indices, pooled, seqs, more = runner.run(ok, done)
         failed += more
     return indices, pooled, seqs, failed
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from featx.encoders.base import quiet_libraries
 from featx.errors import FeatxError
 from featx.finetune.checkpoints import load_tensors, save_tensors
 from featx.finetune.data import DecodedItems, TargetCoding, batches, decode_items
@@ -29,7 +30,8 @@ HEAD_FILE = "head.safetensors"
 def _save_encoder(folder, branch):
     """The branch's encoder, truncated at its cut, with its tokenizer / processor, as a transformers folder."""
     adapter = branch.adapter
-    adapter.model.save_pretrained(folder, safe_serialization=True)
+    with quiet_libraries():  # no 'Writing model shards' bar
+        adapter.model.save_pretrained(folder, safe_serialization=True)
     config = copy.deepcopy(adapter.model.config)
     config.num_hidden_layers = kept_blocks(branch.layer)  # the block list was truncated to this many
     config.save_pretrained(folder)

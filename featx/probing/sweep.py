@@ -9,11 +9,13 @@ is resolved per fold to a number of training labels (TrainSize.labels).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
 
 from featx import metrics
 from featx.errors import FeatxError
@@ -150,7 +152,32 @@ def check_sizes(datas, task, s):
 
 
 def _sweep_all(datas, aligned, task, s, progress):
-    """(results rows, layer-weight rows) of every cache, seed and size, and of fusion."""
+    """(results rows, layer-weight rows) of every cache, seed and size, and of fusion; fits that stopped before
+    converging are counted and named in one line."""
+    unconverged = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # RuntimeWarnings of constant features on tiny subsamples and the like
+        warnings.simplefilter("always", ConvergenceWarning)
+        warnings.showwarning = lambda message, category, *a, **k: _count_unconverged(unconverged, message)
+        rows, weights = _sweep_runs(datas, aligned, task, s, progress)
+    if unconverged:
+        what = ", ".join(f"{n} {name}" for name, n in sorted(unconverged.items()))
+        print(f"featx: {sum(unconverged.values())} probe fit(s) stopped at their iteration limit before converging "
+              f"({what}); their scores may be below what the probe can reach: give more training labels or use "
+              "--probe batched", file=sys.stderr)
+    return rows, weights
+
+
+def _count_unconverged(counts, message):
+    """Count a ConvergenceWarning under the estimator its scikit-learn message names (MLP, logistic, other)."""
+    text = str(message)
+    name = "MLP" if "Stochastic Optimizer" in text or "Multilayer" in text else \
+        "logistic" if "lbfgs" in text or "Logistic" in text else "other"
+    counts[name] = counts.get(name, 0) + 1
+
+
+def _sweep_runs(datas, aligned, task, s, progress):
+    """_sweep_all's loop over seeds, sizes and caches (then fusion), with one progress display of fits."""
     from featx.progress import progress_bar
 
     reuse = (s.fusion_layer == "best" and s.probe != "mlp") or (s.fusion_layer == "weighted" and s.weighted)
@@ -187,9 +214,7 @@ def _fit(est, X, y, fit, dev, task):
     """Fit `est` on the fit part with the dev part for selection; the task is the sweep's, not re-inferred."""
     if "task" in est.get_params():
         est.set_params(task=task)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # convergence warnings on tiny subsamples
-        return est.fit(X[fit], y[fit], X[dev], y[dev])
+    return est.fit(X[fit], y[fit], X[dev], y[dev])  # under _sweep_all's warning filters
 
 
 def sweep_cache(d, task, s, seed, size, keep=False, tick=lambda n: None) -> SweepOutput:
@@ -322,9 +347,7 @@ def _fusion_estimator(method, s, task, seed):
 
 
 def _fit_fusion(est, Xs, y, fit, dev):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return est.fit([x[fit] for x in Xs], y[fit], [x[dev] for x in Xs], y[dev])
+    return est.fit([x[fit] for x in Xs], y[fit], [x[dev] for x in Xs], y[dev])  # under _sweep_all's filters
 
 
 def _fusion_label(method, s, task):
