@@ -78,3 +78,16 @@ def test_the_tours_predict_reads_the_classifier_its_probe_saves(tmp_path, capsys
     capsys.readouterr()
     assert (tmp_path / classifier).is_file(), sorted(p.name for p in (tmp_path / "results").iterdir())
     assert re.fullmatch(r"results/classifier__[^/]+\.safetensors", classifier)
+
+
+def test_best_layer_equal_to_the_output_layer_is_no_negative_zero(tmp_path):
+    from featx.probing.results import load_results
+    from featx.probing.sweep import run_probe
+    from featx.report.results import summary_table
+
+    X, y = planted(n=150, num_layers=3, dim=6, k=2)   # only the output layer carries the label: MAE, sign -1
+    path = write_cache(tmp_path / "c.h5", X, [f"i{i}" for i in range(150)], y, standard_splits(150))
+    run_probe([path], tmp_path / "out", probe="ridge", progress=False)
+    row = summary_table(load_results(tmp_path / "out")).iloc[0]
+    assert row["best layer"] == 2 and row["best minus output"] == 0
+    assert not np.signbit(row["best minus output"])
