@@ -75,7 +75,9 @@ def test_the_tours_predict_reads_the_classifier_its_probe_saves(tmp_path, capsys
         assert main([args[0], "cache/mosi__bert-large-uncased.h5", *args[1:], "--seeds", "1", "--quiet"]) == 0
     finally:
         os.chdir(cwd)
-    capsys.readouterr()
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    # the console table shows the training size as given ("1.0"), not as a 3-decimal float ("1.000")
+    assert dict(zip(header.split(), row.split()))["train_size"] == "1.0"
     assert (tmp_path / classifier).is_file(), sorted(p.name for p in (tmp_path / "results").iterdir())
     assert re.fullmatch(r"results/classifier__[^/]+\.safetensors", classifier)
 
