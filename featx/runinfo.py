@@ -60,9 +60,18 @@ def package_versions() -> dict:
 
 
 def provenance(settings) -> dict:
-    """What reproduces a run, as meta.json records it: the command line as typed (sys.argv), the resolved
-    settings (JSON values) and the package versions."""
-    return {"command": list(sys.argv), "settings": settings, "versions": package_versions()}
+    """What reproduces a run, as meta.json records it: the command line (sys.argv, with the program named
+    `featx` when it ran as `featx` or `python -m featx`), the resolved settings (JSON values) and the package
+    versions."""
+    return {"command": command_line(), "settings": settings, "versions": package_versions()}
+
+
+def command_line() -> list:
+    """sys.argv as a user would type it again: `python -m featx` and the console script both read `featx`."""
+    argv = list(sys.argv)
+    if argv and (argv[0].endswith(os.path.join("featx", "__main__.py")) or os.path.basename(argv[0]) == "featx"):
+        argv[0] = "featx"
+    return argv
 
 
 def write_meta(meta, path):

@@ -17,3 +17,16 @@ def test_write_meta_is_strict_synced_and_atomic(tmp_path, monkeypatch):
     assert synced and not (tmp_path / "meta.json.tmp").exists()   # the probe's writer neither synced nor renamed
     assert meta["x"] is None and meta["n"] == 2 and meta["settings"] == {"seeds": [0, 1]}
     assert isinstance(meta["command"], list) and set(meta["versions"]) == set(runinfo.VERSIONED)
+
+
+def test_the_command_line_names_the_program_featx(monkeypatch):
+    import os
+
+    from featx.runinfo import command_line
+
+    monkeypatch.setattr("sys.argv", [os.path.join("/x", "site-packages", "featx", "__main__.py"), "probe", "c.h5"])
+    assert command_line() == ["featx", "probe", "c.h5"]
+    monkeypatch.setattr("sys.argv", ["/venv/bin/featx", "fuse"])
+    assert command_line() == ["featx", "fuse"]
+    monkeypatch.setattr("sys.argv", ["myscript.py", "a"])
+    assert command_line() == ["myscript.py", "a"]

@@ -142,7 +142,7 @@ def _summary_of_probe(out):
 
     import pandas as pd
 
-    table = pd.read_csv(os.path.join(out, "best_layers.csv"))
+    table = pd.read_csv(os.path.join(out, "best_layers.csv"), dtype={"train_size": str})  # as given: 1.0, 200
     try:
         with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
             primary = json.load(f).get("primary_metric")

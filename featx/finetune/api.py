@@ -24,7 +24,7 @@ from featx.errors import FeatxError
 from featx.finetune.data import decode_items
 from featx.finetune.loop import Run, TrainingData, train_run
 from featx.finetune.model import HeadSettings
-from featx.naming import last_name
+from featx.naming import display_names, last_name
 from featx.probing.results import FoldScores, best_layer, load_results, meta_head, write_results
 from featx.probing.splits import make_folds, subsample
 from featx.runinfo import provenance, read_json, strict_json, write_json, write_meta
@@ -275,7 +275,7 @@ def _row_base(inputs: _Inputs, settings) -> dict:
     single = len(inputs.models) == 1
     modality = "+".join("video" if c == "video" and m == "image" else m
                         for c, m in zip(inputs.columns, inputs.modalities))
-    return dict(encoder="+".join(inputs.models), modality=modality,
+    return dict(encoder="+".join(display_names(inputs.models)), modality=modality,
                 num_layers=_num_layers(inputs.configs[0]) if single else -1,
                 layer=inputs.layers[0] if single else -1,
                 pooling="attentive" if settings.head == "gated" else settings.pooling,
@@ -285,9 +285,10 @@ def _row_base(inputs: _Inputs, settings) -> dict:
 def _write_meta(out, inputs: _Inputs, settings, data: TrainingData, chance):
     """out/meta.json: task and chance, encoders and cut layers, every resolved setting, command line, versions."""
     config = _run_config(inputs, settings)
-    encoders = [{"encoder": m, "modality": mo, "num_layers": _num_layers(c), "layer": k, "train_blocks": tb}
-                for m, mo, c, k, tb in zip(inputs.models, inputs.modalities, inputs.configs, inputs.layers,
-                                           settings.train_blocks)]
+    encoders = [{"encoder": n, "path": m, "modality": mo, "num_layers": _num_layers(c), "layer": k,
+                 "train_blocks": tb}
+                for n, m, mo, c, k, tb in zip(display_names(inputs.models), inputs.models, inputs.modalities,
+                                              inputs.configs, inputs.layers, settings.train_blocks)]
     resolved = dict(settings.as_dict(), task=inputs.task, cut_layers=inputs.layers, device=str(data.device),
                     precision=data.precision)
     meta = {**meta_head(inputs.task, chance), "caches": [], "encoders": encoders,

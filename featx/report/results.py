@@ -130,7 +130,8 @@ def summary_table(res, metrics=None, finetune=None):
     out = pd.DataFrame({"encoder": b["encoder"], "modality": b["modality"], "metric": b["metric"],
                         "best layer": layer.astype("Int64"), "best-layer score": b["best_layer_score"],
                         "output-layer score": b["output_layer_score"],
-                        "best minus output": sign * (b["best_layer_score"] - b["output_layer_score"]),
+                        # + 0.0: the best layer *is* the output layer gives 0.0, never -0.0 ("-0.000")
+                        "best minus output": sign * (b["best_layer_score"] - b["output_layer_score"]) + 0.0,
                         "weighted sum": b["weighted_score"], "fusion method": method.astype(object),
                         "fusion": b["fusion_score"]})
     if finetune:

@@ -101,8 +101,9 @@ def test_command_line_values_win_over_the_recipe_even_when_they_equal_the_defaul
 def test_probe_accepts_the_repos_mosi_recipe(tmp_path, caches, capsys):
     (tmp_path / "probe").mkdir()
     shutil.copy(os.path.join(REPO, "probe", "mosi.yaml"), tmp_path / "probe" / "mosi.yaml")
-    for src, name in zip(caches, ("clip-vit-large-patch14", "wavlm-large", "bert-large-uncased")):
-        shutil.copy(src, tmp_path / "caches" / f"mosi__{name}.h5")
+    (tmp_path / "cache").mkdir()
+    for src, name in zip(caches, ("openai--clip-vit-large-patch14", "microsoft--wavlm-large", "bert-large-uncased")):
+        shutil.copy(src, tmp_path / "cache" / f"mosi__{name}.h5")
     code, out, err = _run(capsys, "probe", "--recipe", tmp_path / "probe" / "mosi.yaml", "--seeds", "1",
                           "--fusion", "early", "--quiet")
     assert code == 0, err

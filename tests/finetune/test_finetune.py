@@ -156,7 +156,9 @@ def test_planted_two_modality_task_is_learned(trained, tiny_bert, tiny_clip):
     rows = result.rows
     assert set(rows["method"]) == {"finetune"} and set(rows["probe"]) == {"finetune-concat"}
     assert set(rows["split"]) == {"dev", "test"}
-    assert rows["encoder"].iloc[0] == f"{tiny_bert}+{tiny_clip}" and rows["modality"].iloc[0] == "text+image"
+    assert rows["encoder"].iloc[0] == "tiny-bert+tiny-clip" and rows["modality"].iloc[0] == "text+image"
+    meta = json.load(open(os.path.join(result.out, "meta.json"), encoding="utf-8"))
+    assert [(e["encoder"], e["path"]) for e in meta["encoders"]] == [("tiny-bert", tiny_bert), ("tiny-clip", tiny_clip)]
     acc = rows[(rows["split"] == "test") & (rows["metric"] == "acc")]["value"].item()
     # One modality alone gets at most 0.75 (the middle class is ambiguous half the time).
     assert acc >= 0.9, acc

@@ -321,7 +321,7 @@ def test_report_lists_finetune_rows_beside_probe_rows(finetuned, tiny_bert, tmp_
     assert header.endswith("| weighted sum | fusion method | fusion | fine-tuned |")
     # The finetune row: its test score at the full training size (not the mean with size 0.5), method finetune.
     acc, f1 = _finetune_score(finetuned, "acc"), _finetune_score(finetuned, "f1_macro")
-    label = f"{tiny_bert} finetune-concat (layer 2)"
+    label = "tiny-bert finetune-concat (layer 2)"   # the display name; the path is in meta.json
     for metric, value in (("accuracy", acc), ("macro F1", f1)):
         assert f"| ft | {label} | text | {metric} | – | – | – | – | – | – | – | {value:.3f} |" in md
         assert f"<td>{value:.3f}</td>" in html
@@ -365,7 +365,7 @@ def test_finetune_rows_in_a_probe_table_leave_the_layer_plots_alone(finetuned, t
     labels = [t.get_text() for t in lc.axes[0].get_legend().get_texts()]
     assert "output layer (1)" in labels or "best = output layer (1)" in labels
     table = summary_table(res, ["acc"])
-    assert table["encoder"].tolist() == [tiny_bert, f"{tiny_bert} finetune-concat (layer 2)"]
+    assert table["encoder"].tolist() == [tiny_bert, "tiny-bert finetune-concat (layer 2)"]
     assert pd.isna(table["fine-tuned"][0]) and table["fine-tuned"][1] == pytest.approx(acc)
     paths = build_report(d, str(tmp_path / "out"), cka=False)
     assert any(p.endswith("both_layers_acc.png") for p in paths["pngs"])
