@@ -11,7 +11,7 @@ from featx.cli.main import main
 from featx.extraction.pipeline import cache_path
 from featx.settings import ExtractSettings, FuseSettings, build_settings
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _readme_section(title):

@@ -8,7 +8,7 @@ import pandas as pd
 
 from conftest import write_png, write_wav
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _steps(err, desc):
