@@ -161,7 +161,15 @@ def findings(res, metric=None):
         gain = r["best minus output"]
         if pd.isna(gain):
             continue
-        verdict = "beats" if gain > 0 else ("ties with" if gain == 0 else "trails")
+        if int(r["best layer"]) == res.last_layer(r["encoder"], r["modality"]):
+            out.append(f"{r['encoder']}: the layer chosen on dev is the output layer ({r['best layer']}), "
+                       f"{name} {r['best-layer score']:.3f}.")
+            continue
+        if round(gain, 3) == 0:
+            out.append(f"{r['encoder']}: layer {r['best layer']} ties with the output layer on {name} "
+                       f"({r['best-layer score']:.3f} vs {r['output-layer score']:.3f}).")
+            continue
+        verdict = "beats" if gain > 0 else "trails"
         out.append(f"{r['encoder']}: layer {r['best layer']} {verdict} the output layer on {name} "
                    f"({r['best-layer score']:.3f} vs {r['output-layer score']:.3f}, {_by(gain)}).")
     fused = {}  # value -> label; probe runs repeat the chosen fusion's value on every encoder's row

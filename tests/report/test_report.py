@@ -416,3 +416,16 @@ def test_report_plots_the_full_data_weights_of_a_real_probe_run(tmp_path, one_to
     old = load_results(tmp_path / "res")
     heights = [p.get_height() for p in plots.plot_layer_weights(old).axes[0].patches]
     np.testing.assert_allclose(heights, w[w["encoder"] == "toy/a"].groupby("layer")["weight"].mean())
+
+
+def test_a_best_layer_that_is_the_output_layer_is_said_so(mosi):
+    res, _ = mosi
+    b = res.best_layers.copy()
+    bert = (b["encoder"] == "bert-base-uncased")
+    last = res.last_layer("bert-base-uncased", b.loc[bert, "modality"].iloc[0])
+    b.loc[bert, "best_dev_layer"] = last
+    b.loc[bert, "best_layer_score"] = b.loc[bert, "output_layer_score"]
+    said = findings(dataclasses.replace(res, best_layers=b))
+    mine = [s for s in said if s.startswith("bert-base-uncased:")]
+    assert mine == [f"bert-base-uncased: the layer chosen on dev is the output layer ({last}), MAE "
+                    f"{b.loc[bert & (b['metric'] == 'mae'), 'output_layer_score'].iloc[0]:.3f}."]
