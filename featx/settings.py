@@ -14,6 +14,7 @@ from typing import ClassVar
 from featx.errors import FeatxError, first_line
 
 POOLINGS = ("mean", "cls")
+MAX_IMAGE_PIXELS = 100_000_000   # 10,000 x 10,000: about 300 MB once decoded to RGB
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("auto", "regression", "classification")
@@ -568,6 +569,8 @@ class ExtractSettings(Settings):
                               default_text="0 on the CPU; on CUDA the CPUs less 2, at most 16")
     trust_remote_code: bool = option(False, "run Python code shipped with a hub checkpoint (command line only; "
                                      "never from a recipe)", flag=True, cli_only=True)
+    max_image_pixels: int = option(MAX_IMAGE_PIXELS, "images (and video frames) with more pixels fail as items "
+                                   "before they are decoded; 0: no limit", optional(integer(0)))
     overwrite: bool = option(False, "start again over an existing cache", flag=True)
     quiet: bool = option(False, **_QUIET)
 
@@ -575,7 +578,8 @@ class ExtractSettings(Settings):
         """Keyword arguments of featx.extraction.extract(manifest, model, out, **kwargs)."""
         names = ("seq", "seq_stride", "batch_size", "device", "dtype", "precision", "max_length", "max_batch_tokens",
                  "max_batch_seconds", "max_audio_seconds", "fps", "num_workers", "trust_remote_code", "overwrite")
-        return dict({n: getattr(self, n) for n in names}, pool=self.pool, progress=not self.quiet)
+        return dict({n: getattr(self, n) for n in names}, pool=self.pool, progress=not self.quiet,
+                    max_image_pixels=self.max_image_pixels)
 
 
 @dataclass
@@ -680,6 +684,21 @@ class FinetuneSettings(Settings):
                     progress=not self.quiet)
 
 
+def parse_cka_pairs(value):
+    """"all", or "a:b,c:d" (or a list of "a:b") as [(a, b), ...]."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return None if value is None else "all"
+    if isinstance(value, (list, tuple)) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return [tuple(map(str, v)) for v in value]
+    pairs = []
+    for item in csv_list(value):
+        a, sep, b = item.rpartition(":") if item.count(":") > 1 else item.partition(":")
+        if not sep or not a.strip() or not b.strip():
+            raise FeatxError(f"--cka-pairs takes all or pairs A:B separated by commas, not {item!r}")
+        pairs.append((a.strip(), b.strip()))
+    return pairs
+
+
 @dataclass
 class ReportSettings(Settings):
     """`featx report`: layer-wise plots, CKA heatmaps and a summary table as HTML + Markdown."""
@@ -692,11 +711,15 @@ class ReportSettings(Settings):
     cache: list = option([], "HDF5 cache for CKA; repeat", texts, many=True, path=True,
                          default_text="the caches listed in meta.json")
     note: list = option([], "text shown at the top of the report; repeat", texts, many=True, default_text="none")
+    cka_pairs: object = option(None, "cross-encoder layer-by-layer CKA figures: all, or pairs A:B,C:D named by "
+                               "cache path, file stem or encoder name", parse_cka_pairs,
+                               default_text="every pair up to 4 caches, else none (the summary matrix is always "
+                                            "drawn for 3 or more)")
 
     def kwargs(self) -> dict:
         """Keyword arguments of featx.report.build_report(results, out, **kwargs)."""
         return dict(caches=self.cache or None, relative_depth=self.relative_depth, notes=self.note,
-                    cka=not self.no_cka, debiased=not self.biased_cka)
+                    cka=not self.no_cka, debiased=not self.biased_cka, cka_pairs=self.cka_pairs)
 
 
 @dataclass

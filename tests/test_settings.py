@@ -181,3 +181,19 @@ def test_the_python_api_parses_with_the_command_line_options_defaults_and_checks
     with pytest.raises(FeatxError, match="--weighted must be true or false"):
         run_probe([str(tmp_path / "a.h5")], tmp_path / "o", weighted="maybe")
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_max_image_pixels_and_cka_pairs_are_options_with_one_default():
+    from featx.settings import MAX_IMAGE_PIXELS, ReportSettings, build_settings, parse_cka_pairs
+
+    base = {"manifest": "m.csv", "model": ["x"], "out": "o"}
+    assert build_settings(ExtractSettings, base).kwargs()["max_image_pixels"] == MAX_IMAGE_PIXELS
+    assert build_settings(ExtractSettings, dict(base, max_image_pixels="1500")).kwargs()["max_image_pixels"] == 1500
+    with pytest.raises(FeatxError, match="max-image-pixels"):
+        build_settings(ExtractSettings, dict(base, max_image_pixels="many"))
+    assert parse_cka_pairs("a.h5:b.h5, text:audio") == [("a.h5", "b.h5"), ("text", "audio")]
+    assert parse_cka_pairs("ALL") == "all" and parse_cka_pairs(None) is None
+    with pytest.raises(FeatxError, match="A:B"):
+        parse_cka_pairs("lonely")
+    r = build_settings(ReportSettings, {"results": ["r"], "out": "o", "cka_pairs": "text:audio"})
+    assert r.kwargs()["cka_pairs"] == [("text", "audio")]

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 
 from featx.errors import MediaError, first_line
+from featx.settings import MAX_IMAGE_PIXELS
 
 __all__ = ["MediaError", "load_text", "load_image", "load_audio", "audio_windows", "resample", "segment",
            "check_media_file", "check_amplitude", "MAX_IMAGE_PIXELS", "MAX_AMPLITUDE"]
@@ -20,7 +21,6 @@ __all__ = ["MediaError", "load_text", "load_image", "load_audio", "audio_windows
 # (audio files here, video files and their audio tracks in featx.data.video).
 END_SLACK = 0.25
 # Images with more pixels are refused before they are decoded: a 13300 x 13300 PNG of 21 KB decodes to 3.3 GB.
-MAX_IMAGE_PIXELS = 100_000_000
 # Decoded samples are nominally within [-1, 1]; far beyond is a corrupt or mis-scaled file, not a waveform.
 MAX_AMPLITUDE = 1e3
 # A segment whose samples (float32, all channels) take more is read window by window, not whole.

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from featx.data.manifest import labels_and_splits, read_manifest, source_column
-from featx.data.media import MAX_IMAGE_PIXELS
 from featx.device import resolve_device, resolve_precision
 from featx.encoders import family_of, load_config, load_encoder
 from featx.errors import FeatxError, first_line
@@ -71,10 +70,8 @@ class ResolvedSettings:
     group_size: int
 
     @classmethod
-    def of(cls, options: ExtractSettings, group_size=None, max_image_pixels=MAX_IMAGE_PIXELS) -> "ResolvedSettings":
+    def of(cls, options: ExtractSettings, group_size=None) -> "ResolvedSettings":
         """Resolve parsed options; FeatxError (one line) for a precision the device cannot run."""
-        if max_image_pixels is not None and not float(max_image_pixels) > 0:
-            raise FeatxError(f"max_image_pixels must be positive, not {max_image_pixels}")
         device = resolve_device(options.device)
         max_batch_seconds = options.max_batch_seconds
         if max_batch_seconds is None and not device.startswith("cuda"):
@@ -85,7 +82,7 @@ class ResolvedSettings:
                    max_audio_seconds=options.max_audio_seconds, fps=options.fps,
                    max_batch_tokens=options.max_batch_tokens, max_batch_seconds=max_batch_seconds,
                    num_workers=default_workers(device) if options.num_workers is None else options.num_workers,
-                   max_image_pixels=max_image_pixels, trust_remote_code=options.trust_remote_code,
+                   max_image_pixels=options.max_image_pixels or None, trust_remote_code=options.trust_remote_code,
                    overwrite=options.overwrite, progress=not options.quiet,
                    group_size=int(group_size or max(64, 8 * options.batch_size)))
 
@@ -137,8 +134,7 @@ def default_workers(device) -> int:
     return max(1, min(16, cpus // local - 2))
 
 
-def extract(manifest, models, out, *, progress=True, group_size=None, max_image_pixels=MAX_IMAGE_PIXELS,
-            **options) -> ExtractResult:
+def extract(manifest, models, out, *, progress=True, group_size=None, **options) -> ExtractResult:
     """Cache the hidden states of every layer of every item for each model; one HDF5 file per model.
 
     manifest: path of a CSV/JSONL/Parquet manifest. models: hub ids or local folders. out: folder.
@@ -152,7 +148,7 @@ def extract(manifest, models, out, *, progress=True, group_size=None, max_image_
     num_workers: decoding processes (default: 0 on the CPU, whose cores run the forward; on CUDA the CPUs
     this process may use less 2, shared among torchrun's local ranks, at most 16).
     group_size: items written to the cache as one part. max_image_pixels: images with more pixels fail as
-    items, before they are decoded (None: no budget).
+    items, before they are decoded (0 or None: no budget).
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried). A model
     whose cache is already complete with these settings is not loaded.
     Raises FeatxError for usage/configuration errors, before any data is read or model loaded where it can.
@@ -160,7 +156,7 @@ def extract(manifest, models, out, *, progress=True, group_size=None, max_image_
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     parsed = ExtractSettings(manifest=os.fspath(manifest), model=[os.fspath(m) for m in models], out=os.fspath(out),
                              quiet=not progress, **options)
-    settings = ResolvedSettings.of(parsed, group_size, max_image_pixels)
+    settings = ResolvedSettings.of(parsed, group_size)
     if not models:
         raise FeatxError("give at least one --model")
     df = read_manifest(manifest)  # a bad manifest is named first, then a bad model: both before any item is read
