@@ -115,7 +115,7 @@ def findings(results_dir) -> list:
     out = [f"Text ({enc}): on {n_test} items, layer {layer} of 0..{last}, chosen on dev, reaches Pearson r "
            f"{corr['best_layer_score']:.3f} (MAE {mae['best_layer_score']:.3f}) against r "
            f"{corr['output_layer_score']:.3f} (MAE {mae['output_layer_score']:.3f}) for the output layer {last}: "
-           f"{verdict} (probe {corr.get('train_size', '1.0')} of the training part, mean over seeds)."]
+           f"{verdict} (ridge probes on the whole training part, mean over seeds)."]
     curve = rows[(rows["encoder"] == enc) & (rows["method"] == "layer") & (rows["layer"] == layer)
                  & (rows["split"] == split) & (rows["metric"] == "corr")]
     by_size = curve.groupby(curve["train_size"].map(size_label)).agg(labels=("train_labels", "mean"),
