@@ -138,14 +138,13 @@ def _report(sub):
 # ---------------------------------------------------------------- probe / fuse
 def _summary_of_probe(out):
     """best_layers.csv's rows for the primary metric (every metric is in the file)."""
-    import json
-
     import pandas as pd
+
+    from featx.runinfo import read_json
 
     table = pd.read_csv(os.path.join(out, "best_layers.csv"), dtype={"train_size": str})  # as given: 1.0, 200
     try:
-        with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
-            primary = json.load(f).get("primary_metric")
+        primary = read_json(os.path.join(out, "meta.json")).get("primary_metric")
     except (OSError, ValueError):
         primary = None
     if primary and "metric" in table and (table["metric"] == primary).any():
