@@ -45,7 +45,8 @@ def _final(path, verify):
     """(settings-like summary, record) of the consolidated file at `path`."""
     with open_file(path) as f:
         h = read_header(f, path)
-        checksums = "verified" if _has_checksums(f) and verify else "not checked" if _has_checksums(f) else "none"
+        has = _has_checksums(f)
+        checksums = "verified" if has and verify else "not checked" if has else "none"
         if verify:
             verify_checksums(f, path)  # also reads unprotected datasets: a damaged string heap shows too
     s = {"attrs": h["attrs"], "n_items": len(h["ids"]), "format_version": h["version"], "checksums": checksums,

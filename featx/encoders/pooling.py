@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-POOLINGS = ("mean", "cls")
+from featx.settings import POOLINGS
 
 
 def masked_mean(hidden_states, mask) -> torch.Tensor:

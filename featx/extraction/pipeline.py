@@ -139,7 +139,8 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
 
     manifest: path of a CSV/JSONL/Parquet manifest. models: hub ids or local folders. out: folder.
     options: those of featx.settings.ExtractSettings (`featx extract`'s, with their defaults), e.g.
-    pool: poolings out of ('mean', 'cls'); cls is skipped for audio encoders (they have no CLS token).
+    pool: poolings out of ('mean', 'cls'); each family stores only those it supports (no cls for audio or SigLIP:
+    they have no class token).
     precision: auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16 (the last two CUDA only);
     stored with the cache, since it changes the numbers.
     Items run longest first (a cheap estimate, see Decoder.estimate) in batches of at most batch_size
@@ -224,8 +225,9 @@ def _finished(job, ids, settings):
 
 
 def _poolings(job, settings) -> list:
-    """The poolings stored for `job`: cls is dropped for audio encoders (no CLS token)."""
-    return [p for p in settings.poolings if not (job.modality == "audio" and p == "cls")] or ["mean"]
+    """The poolings stored for `job`: those its encoder family supports (featx.encoders.Family.poolings)."""
+    allowed = family_of(job.config).poolings
+    return [p for p in settings.poolings if p in allowed] or ["mean"]
 
 
 def _known_attrs(job, settings) -> dict:
@@ -255,7 +257,8 @@ def _run_model(job, data, settings):
         print(f"featx extract: {job.model}: {line}", file=sys.stderr)
     pools = _poolings(job, settings)
     if len(pools) < len(settings.poolings):
-        print(f"featx extract: {job.model}: audio encoders have no CLS token; storing {','.join(pools)} only",
+        print(f"featx extract: {job.model}: {family_of(job.config).name} encoders have no CLS token; storing "
+              f"{','.join(pools)} only",
               file=sys.stderr)
     attrs = {**_known_attrs(job, settings), "featx_version": __version__, **encoder.attrs}
     dist = Distributed.current()

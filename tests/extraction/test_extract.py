@@ -455,3 +455,17 @@ def test_cache_file_names_are_unchanged_for_hub_ids_and_local_folders(tmp_path):
     for model, name in expected.items():
         assert cache_path("data/m.csv", model, out) == os.path.join(out, name)
     assert cache_path("data/m.jsonl", "bert-large-uncased", out) == os.path.join(out, "m.jsonl__bert-large-uncased.h5")
+
+
+def test_stored_poolings_follow_the_family_no_cls_without_a_class_token():
+    from transformers import BertConfig, SiglipVisionConfig, WavLMConfig
+
+    from featx.extraction.pipeline import ResolvedSettings, _Job, _poolings
+    from featx.settings import ExtractSettings
+
+    s = ResolvedSettings.of(ExtractSettings(manifest="m.csv", model=["x"], out="o", pool="mean,cls", device="cpu"))
+    def stored(config, modality):
+        return _poolings(_Job("x", config, modality, "c", "p.h5"), s)
+    assert stored(BertConfig(), "text") == ["mean", "cls"]
+    assert stored(WavLMConfig(), "audio") == ["mean"]
+    assert stored(SiglipVisionConfig(), "image") == ["mean"]   # position 0 is a patch token, not a class token
