@@ -18,7 +18,6 @@ MAX_IMAGE_PIXELS = 100_000_000   # 10,000 x 10,000: about 300 MB once decoded to
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("auto", "regression", "classification")
-SPLITS = ("train", "dev", "test")
 HEADS = ("concat", "gated")   # fine-tuning's fusion heads
 LOSSES = ("l1", "mse")        # fine-tuning's regression losses
 SPLIT_ALIASES = {"train": "train", "training": "train", "dev": "dev", "valid": "dev", "val": "dev",
@@ -31,14 +30,6 @@ def csv_list(value) -> list:
         return []
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     return [t for t in (str(x).strip() for x in items) if t]
-
-
-def choice(value, allowed, what) -> str:
-    """`value` as a string that must be one of `allowed`."""
-    v = str(value).strip()
-    if v not in allowed:
-        raise FeatxError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
-    return v
 
 
 @dataclass(frozen=True, order=True)

@@ -103,6 +103,14 @@ def load_audio(path, sample_rate: int, start=None, end=None) -> np.ndarray:
     return audio_windows(path, sample_rate, start, end)[0]
 
 
+def split_windows(wav, sample_rate, max_seconds) -> list:
+    """(T,) samples as near-equal windows no longer than max_seconds (one window when 0 or None)."""
+    limit = int(max_seconds * sample_rate) if max_seconds else 0
+    if limit and wav.shape[0] > limit:
+        return list(np.array_split(wav, math.ceil(wav.shape[0] / limit)))
+    return [wav]
+
+
 def audio_windows(path, sample_rate: int, start=None, end=None, max_seconds=None,
                   whole_bytes=AUDIO_WHOLE_BYTES) -> list:
     """The mono float32 waveform at `sample_rate` of [start, end) seconds, as near-equal windows of at most
@@ -132,10 +140,7 @@ def audio_windows(path, sample_rate: int, start=None, end=None, max_seconds=None
                 wav = plan.read(f, first, plan.num_in, name)
                 if wav.shape[0] == 0:
                     raise MediaError("zero-length audio")
-                wav = resample(wav, rate, sample_rate)
-                if limit and wav.shape[0] > limit:
-                    return list(np.array_split(wav, math.ceil(wav.shape[0] / limit)))
-                return [wav]
+                return split_windows(resample(wav, rate, sample_rate), sample_rate, max_seconds)
             return [plan.window(f, first, a, b, name) for a, b in plan.windows(limit)]
     except MediaError:
         raise

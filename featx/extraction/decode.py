@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from featx.data.media import MAX_IMAGE_PIXELS, audio_windows, check_media_file, load_image, load_text, segment
+from featx.data.media import (MAX_IMAGE_PIXELS, audio_windows, check_media_file, load_image, load_text, segment,
+                              split_windows)
 from featx.errors import MediaError, first_line
 
 __all__ = ["Decoder", "DecodedItems", "pack_chunk", "unpack_chunk", "keep_chunk"]
@@ -83,12 +84,8 @@ class Decoder:
             return audio_windows(src, self.sample_rate, start, end, self.max_audio_seconds)
         from featx.data.video import video_audio
 
-        wav = video_audio(src, self.sample_rate, start=start, end=end)
-        # Long audio in near-equal windows no longer than max_audio_seconds, as audio_windows cuts them.
-        limit = int(self.max_audio_seconds * self.sample_rate) if self.max_audio_seconds else 0
-        if limit and wav.shape[0] > limit:
-            return list(np.array_split(wav, math.ceil(wav.shape[0] / limit)))
-        return [wav]
+        return split_windows(video_audio(src, self.sample_rate, start=start, end=end), self.sample_rate,
+                             self.max_audio_seconds)
 
 
 class DecodedItems(torch.utils.data.Dataset):

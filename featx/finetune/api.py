@@ -209,13 +209,6 @@ def _open_output(out, config, settings):
     write_json(cfg_path, config)
 
 
-def _training_subset(train, labels, task, size, seed) -> np.ndarray:
-    """Indices of the size.labels(len(train)) training labels a fit uses (`size` a TrainSize), drawn from the
-    training part `train`, stratified on classes (classification)."""
-    n = size.labels(len(train))
-    return np.asarray(subsample(train, labels, task, n / len(train), seed))
-
-
 def _plan(inputs: _Inputs, settings) -> list:
     """[(seed, size, test split name, [Run per fold])] in sweep order; sizes are checked against every
     training part before anything trains."""
@@ -225,7 +218,7 @@ def _plan(inputs: _Inputs, settings) -> list:
         for size in settings.train_sizes:
             runs = []
             for k, (train, dev, test) in enumerate(folds):
-                fit = _training_subset(train, labels, inputs.task, size, seed)
+                fit = np.asarray(subsample(train, labels, inputs.task, size, seed))
                 runs.append(Run(f"n{size}-s{seed}-f{k}", k, size, seed, fit, np.asarray(dev), np.asarray(test)))
             plan.append((seed, size, test_name, runs))
     return plan

@@ -62,11 +62,6 @@ def size_label(value) -> str:
     return str(parse_train_size(value))
 
 
-def is_full_size(values) -> np.ndarray:
-    """(N,) bool: which training sizes are the whole training part."""
-    return np.asarray([parse_train_size(size_label(v)).is_full for v in values], bool)
-
-
 def write_results(rows, out):
     """The tidy results table (COLUMNS) of `rows` as out/results.csv and .parquet; returns the DataFrame.
     train_size is written as given (str); train_labels is the number of training labels (mean over folds)."""
