@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from featx.errors import FeatxError, first_line
 
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "last")  # last: the last real token (decoder LMs)
 MAX_IMAGE_PIXELS = 100_000_000   # 10,000 x 10,000: about 300 MB once decoded to RGB
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -539,7 +539,7 @@ class ExtractSettings(Settings):
     model: list = option(None, "hub id or local folder; repeat for several", texts, many=True, model=True,
                          required=True)
     out: str = option(None, "output folder (one .h5 per manifest x model)", path=True, required=True)
-    pool: list = option("mean", "poolings, comma-separated: mean,cls", parse_poolings)
+    pool: list = option("mean", "poolings, comma-separated: mean,cls,last (each model stores those its family supports)", parse_poolings)
     seq: bool = option(False, "also store the full per-position sequences", flag=True)
     seq_stride: int = option(1, "keep every k-th position of stored sequences (audio)", integer(1))
     batch_size: int = option(16, "most inputs per forward", integer(1))
@@ -584,7 +584,7 @@ class ProbeSettings(Settings):
     probe: str = option("linear", "linear (ridge or logistic by task), ridge, logistic, mlp, batched (all layers "
                         "at once in torch), or a registered probe", parse_probe)
     layers: object = option("all", "all, or layer indices: 3,7,-1", parse_layers)
-    pool: str = option("mean", "pooling stored in the cache: mean or cls", one_of("pooling", *POOLINGS))
+    pool: str = option("mean", "pooling stored in the cache: mean, cls or last", one_of("pooling", *POOLINGS))
     seeds: list = option(1, "a count n (seeds 0..n-1) or a list of seeds: 3,7", parse_seeds)
     train_sizes: list = option("1.0", "fractions of the training part (<= 1) or numbers of labels (> 1): "
                                "50,200,1.0", parse_train_sizes)
@@ -634,7 +634,7 @@ class FinetuneSettings(Settings):
     train_blocks: list = option("-1", "top blocks trained per model (-1 all, 0 frozen encoder)", int_list)
     head: str = option("concat", "fusion head: concat or gated", one_of("head", *HEADS))
     task: str = option("auto", "auto (from the labels), regression or classification", one_of("task", *TASKS))
-    pool: str = option("mean", "concat head: pooling of each branch, mean or cls", one_of("pooling", *POOLINGS))
+    pool: str = option("mean", "concat head: pooling of each branch, mean, cls or last", one_of("pooling", *POOLINGS))
     proj_size: int = option(32, "concat head: per-modality projection size", integer(1))
     hidden_size: int = option(128, "head MLP / gated fusion size", integer(1))
     heads: int = option(4, "attention heads of the head", integer(1))

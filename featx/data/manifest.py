@@ -71,8 +71,8 @@ def read_manifest(path) -> pd.DataFrame:
 
 def source_column(df: pd.DataFrame, modality: str, name: str = "manifest") -> str:
     """The column an encoder of `modality` reads: text->text, image->image (else video frames),
-    audio->audio (else the video's audio track). FeatxError when the manifest has none."""
-    options = {"text": ["text"], "image": ["image", "video"], "audio": ["audio", "video"]}[modality]
+    audio->audio (else the video's audio track), video->video (native video encoders). FeatxError when the manifest has none."""
+    options = {"text": ["text"], "image": ["image", "video"], "audio": ["audio", "video"], "video": ["video"]}[modality]
     for col in options:
         if col in df.columns:
             return col

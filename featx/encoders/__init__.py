@@ -4,8 +4,8 @@ Each adapter has the same small interface (featx.encoders.base.Encoder): `prepar
 inputs with the checkpoint's own processor, `forward` it, and get all L = num_hidden_layers + 1 hidden
 states with a (B, T) validity mask.
 """
-from featx.encoders.registry import (Family, block_path, families, family_of, load_config, load_encoder,
+from featx.encoders.registry import (Family, block_path, families, families_of, family_of, load_config, load_encoder,
                                      modality_of, register_family)
 
-__all__ = ["Family", "block_path", "families", "family_of", "load_config", "load_encoder", "modality_of",
+__all__ = ["Family", "block_path", "families", "families_of", "family_of", "load_config", "load_encoder", "modality_of",
            "register_family"]

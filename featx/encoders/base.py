@@ -55,11 +55,14 @@ def model_loader(model_class):
 class Encoder:
     """One model family behind one interface.
 
-    Attributes: name, modality ('text' | 'image' | 'audio'), model, num_layers (L, with index 0 the
-    embedding output), hidden_size (D), attrs (the settings that change the numbers, stored in the cache).
+    Attributes: name, modality ('text' | 'image' | 'audio' | 'video'), model, num_layers (L, with index 0 the
+    embedding output), hidden_size (D: the widest layer's width), layer_widths (None when every layer is D
+    wide, else each layer's width: pooled values are zero-padded to D and the cache records the widths),
+    attrs (the settings that change the numbers, stored in the cache).
     """
 
     modality = ""
+    layer_widths = None
     model_class = "AutoModel"  # what loads the weights: a transformers class name or a class with from_pretrained
 
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32"):

@@ -15,7 +15,8 @@ from featx.errors import FeatxError, first_line
 @dataclass(frozen=True)
 class Family:
     """name: short family name. model_types: the config.model_type values it serves. modality: text | image |
-    audio. adapter: "module:Class" of its Encoder subclass (imported only when a model of the family loads).
+    audio | video (the manifest column it reads; a model type may have one family per modality, e.g. CLIP's
+    image and text towers: the first registered is its primary one). adapter: "module:Class" of its Encoder subclass (imported only when a model of the family loads).
     block_path: dotted path of the model's list of transformer blocks (fine-tuning cuts and freezes there).
     poolings: the poolings it supports. example: a hub id, for `featx models` and the README."""
     name: str
@@ -33,14 +34,19 @@ class Family:
 
 
 _FAMILIES: dict = {}       # name -> Family
-_BY_TYPE: dict = {}        # model_type -> Family
+_BY_TYPE: dict = {}        # model_type -> {modality: Family}, the primary (first registered) modality first
 
 
 def register_family(family: Family) -> Family:
-    """Register `family`; a model type already served by another family is taken over by this one."""
+    """Register `family`; a (model type, modality) already served by another family is taken over by this one."""
+    old = _FAMILIES.get(family.name)
+    if old is not None:  # re-registering a name replaces it everywhere it served
+        for t in old.model_types:
+            if _BY_TYPE.get(t, {}).get(old.modality) is old:
+                del _BY_TYPE[t][old.modality]
     _FAMILIES[family.name] = family
     for t in family.model_types:
-        _BY_TYPE[t] = family
+        _BY_TYPE.setdefault(t, {})[family.modality] = family
     return family
 
 
@@ -48,27 +54,45 @@ def families() -> list:
     return list(_FAMILIES.values())
 
 
-def family_of(config) -> Family:
-    """The family serving config.model_type; FeatxError (one line) for a type no family serves."""
+def families_of(config) -> list:
+    """Every family serving config.model_type (one per modality: a CLIP checkpoint has an image and a text
+    tower), the primary one first; FeatxError (one line) for a type no family serves."""
     kind = getattr(config, "model_type", "")
-    if kind not in _BY_TYPE:
+    if not _BY_TYPE.get(kind):
         raise FeatxError(f"model type {kind!r} is not supported by featx (supported: "
-                         f"{', '.join(sorted(_BY_TYPE))}); see `featx models`")
-    return _BY_TYPE[kind]
+                         f"{', '.join(sorted(t for t, f in _BY_TYPE.items() if f))}); see `featx models`"
+                         + ("" if getattr(config, "auto_map", None) is None else
+                            " (its checkpoint has custom code: featx runs it only with --trust-remote-code and "
+                            "an adapter registered for its model type)"))
+    return list(_BY_TYPE[kind].values())
+
+
+def family_of(config, modality=None) -> Family:
+    """The family serving config.model_type (its primary one, or the one for `modality`); FeatxError (one line)
+    for a type no family serves, or no family of that modality."""
+    found = families_of(config)
+    if modality is None:
+        return found[0]
+    for family in found:
+        if family.modality == modality:
+            return family
+    raise FeatxError(f"model type {config.model_type!r} has no {modality} encoder in featx (it serves "
+                     f"{', '.join(f.modality for f in found)})")
 
 
 def modality_of(config) -> str:
-    """'text', 'image' or 'audio': the modality of the model's family."""
+    """'text', 'image', 'audio' or 'video': the modality of the model's primary family."""
     return family_of(config).modality
 
 
-def block_path(config, model=None) -> str:
-    """The dotted path of the loaded model's block list (e.g. "encoder.layer") for config's family: with
+def block_path(config, model=None, modality=None) -> str:
+    """The dotted path of the loaded model's block list (e.g. "encoder.layer") for config's family (the one of
+    `modality` for a checkpoint with several towers): with
     `model`, the first of the family's alternatives that is a torch ModuleList on it, else the first one.
 
     FeatxError (one line) for an unsupported model type, a family whose blocks cannot be cut, or a model
     that has none of the family's block paths."""
-    family = family_of(config)
+    family = family_of(config, modality)
     if not family.block_path:
         raise FeatxError(f"model type {config.model_type!r} ({family.name}) cannot be fine-tuned by featx: "
                          f"{family.note or 'its blocks are not a list that can be cut'}")
@@ -125,18 +149,21 @@ def load_config(name, trust_remote_code=False):
                          "the hub is unreachable or offline (download it while online, or pass a local folder)")
 
 
-def load_encoder(name, *, config=None, device="cpu", trust_remote_code=False, precision="fp32", **settings):
+def load_encoder(name, *, config=None, device="cpu", trust_remote_code=False, precision="fp32", modality=None,
+                 **settings):
     """The adapter for checkpoint `name` (hub id or local folder), its model loaded in eval mode on `device`.
 
+    modality: which tower of a checkpoint that has several (CLIP: image or text); None: its primary one.
     precision: a resolved precision (fp32 | bf16 | fp16) for the forward's autocast.
     settings: max_length (text), max_audio_seconds (audio).
     """
     config = config or load_config(name, trust_remote_code)
-    cls = family_of(config).adapter_class()
+    cls = family_of(config, modality).adapter_class()
     return cls(name, config=config, device=device, trust_remote_code=trust_remote_code, precision=precision,
                **settings)
 
 
+# --- the families featx ships. Each modality's section is kept apart so that families are added side by side.
 _TEXT = "featx.encoders.text:TextEncoder"
 _IMAGE = "featx.encoders.image:ImageEncoder"
 register_family(Family("bert", ("bert", "roberta", "xlm-roberta", "electra", "mpnet", "deberta", "deberta-v2",
@@ -145,6 +172,10 @@ register_family(Family("distilbert", ("distilbert",), "text", _TEXT, "transforme
                        example="distilbert-base-uncased"))
 register_family(Family("albert", ("albert",), "text", _TEXT, "", example="albert-base-v2",
                        note="its layers share weights: extract only, no fine-tuning"))
+# --- end of text families
+
+
+# --- image families
 register_family(Family("clip-vision", ("clip", "clip_vision_model"), "image",
                        "featx.encoders.image:CLIPVisionEncoder", "encoder.layers|vision_model.encoder.layers",
                        example="openai/clip-vit-large-patch14",
@@ -155,7 +186,16 @@ register_family(Family("siglip-vision", ("siglip", "siglip_vision_model"), "imag
                        note="no class token: mean pooling only"))
 register_family(Family("vit", ("vit", "dinov2"), "image", _IMAGE, "encoder.layer|layers",
                        example="facebook/dinov2-base"))
+# --- end of image families
+
+
+# --- audio families
 register_family(Family("wav2vec2", ("wavlm", "wav2vec2", "wav2vec2-conformer", "hubert", "data2vec-audio",
                                     "unispeech", "unispeech-sat"), "audio", "featx.encoders.audio:AudioEncoder",
                        "encoder.layers", poolings=("mean",), example="microsoft/wavlm-large",
                        note="no class token: mean pooling over the real frames"))
+# --- end of audio families
+
+
+# --- video families
+# --- end of video families

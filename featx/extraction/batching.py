@@ -66,7 +66,7 @@ class Runner:
             batch = enc.collate(raws)  # pinned on CUDA (Encoder.host_tensor)
             with enc.autocast():
                 hidden, mask = enc.forward(batch)
-                pooled = pool(hidden, mask, self.poolings)
+                pooled = pool(hidden, mask, self.poolings, enc.hidden_size if enc.layer_widths else None)
             seqs = None
             if self.seq and not self.video:  # a video's sequence is its frames' pooled values (see run)
                 valid = mask.cpu()

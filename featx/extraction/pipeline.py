@@ -17,7 +17,7 @@ import torch
 
 from featx.data.manifest import labels_and_splits, read_manifest, source_column
 from featx.device import resolve_device, resolve_precision
-from featx.encoders import family_of, load_config, load_encoder
+from featx.encoders import families_of, family_of, load_config, load_encoder
 from featx.errors import FeatxError, first_line
 from featx.extraction.batching import Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
@@ -92,13 +92,22 @@ class _Job:
     """One model's share of an extract call: its config, the manifest column it reads, its cache."""
     model: str
     config: object
-    modality: str   # the family's: text | image | audio
+    modality: str   # the family's (the tower's): text | image | audio | video
     column: str
     path: str
 
     @property
+    def family(self):
+        return family_of(self.config, self.modality)
+
+    @property
+    def per_frame(self) -> bool:
+        """An image encoder over a video's frames (the item's value combines its frames')."""
+        return self.column == "video" and self.modality == "image"
+
+    @property
     def cache_modality(self) -> str:
-        return "video" if self.column == "video" and self.modality == "image" else self.modality
+        return "video" if self.per_frame else self.modality
 
 
 @dataclass
@@ -113,15 +122,17 @@ class _Manifest:
 _MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson", ".parquet", ".pq")
 
 
-def cache_path(manifest, model, out) -> str:
+def cache_path(manifest, model, out, tower=None) -> str:
     """`<out>/<manifest name>__<model slug>.h5`; the manifest name is its stem for a .csv file and its whole
     file name otherwise (m.csv -> m__model.h5, m.jsonl -> m.jsonl__model.h5), so manifests that share a stem
-    never share a cache."""
+    never share a cache. tower: the modality of a checkpoint's other tower (CLIP's text tower:
+    m__model__text.h5); None for its primary one."""
     name = os.path.basename(os.fspath(manifest))
     stem, ext = os.path.splitext(name)
     if ext.lower() == ".csv" and not stem.lower().endswith(_MANIFEST_EXTENSIONS):
         name = stem
-    return os.path.join(os.fspath(out), f"{name}__{model_slug(model)}.h5")
+    suffix = f"__{tower}" if tower else ""
+    return os.path.join(os.fspath(out), f"{name}__{model_slug(model)}{suffix}.h5")
 
 
 def default_workers(device) -> int:
@@ -139,8 +150,8 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
 
     manifest: path of a CSV/JSONL/Parquet manifest. models: hub ids or local folders. out: folder.
     options: those of featx.settings.ExtractSettings (`featx extract`'s, with their defaults), e.g.
-    pool: poolings out of ('mean', 'cls'); each family stores only those it supports (no cls for audio or SigLIP:
-    they have no class token).
+    pool: poolings out of ('mean', 'cls', 'last'); each family stores only those it supports (Family.poolings:
+    no cls for audio or SigLIP, which have no class token; last for decoder LMs).
     precision: auto (bf16 autocast on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16 (the last two CUDA only);
     stored with the cache, since it changes the numbers.
     Items run longest first (a cheap estimate, see Decoder.estimate) in batches of at most batch_size
@@ -162,13 +173,33 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
         raise FeatxError("give at least one --model")
     df = read_manifest(manifest)  # a bad manifest is named first, then a bad model: both before any item is read
     configs = [load_config(m, settings.trust_remote_code) for m in models]
-    modalities = [family_of(c).modality for c in configs]
-    name = os.path.basename(os.fspath(manifest))
-    jobs = [_Job(str(m), c, mod, source_column(df, mod, name), cache_path(manifest, m, out))
-            for m, c, mod in zip(models, configs, modalities)]
+    jobs = [job for m, c in zip(models, configs) for job in _jobs_of(m, c, df, manifest, out)]
     labels, splits, meta = labels_and_splits(df)
     data = _Manifest(df.to_dict("records"), df["id"].tolist(), labels, splits, meta)
     return _run_jobs(jobs, data, out, settings)
+
+
+def _jobs_of(model, config, df, manifest, out) -> list:
+    """One job per tower of `model` whose column the manifest has (CLIP: its image tower for an image or video
+    column, its text tower for a text column), the primary tower's cache named as before; FeatxError (one
+    line) when the manifest has no column for any of them."""
+    towers = families_of(config)
+    name = os.path.basename(os.fspath(manifest))
+    jobs = []
+    for family in towers:
+        try:
+            column = source_column(df, family.modality, name)
+        except FeatxError:
+            if len(towers) == 1:
+                raise
+            continue
+        tower = None if family is towers[0] else family.modality
+        jobs.append(_Job(str(model), config, family.modality, column, cache_path(manifest, model, out, tower)))
+    if not jobs:
+        raise FeatxError(f"{name} has no column for any tower of {model} "
+                         f"({', '.join(f.modality for f in towers)}): add a "
+                         f"{' or '.join(repr(f.modality) for f in towers)} column")
+    return jobs
 
 
 def _run_jobs(jobs, data, out, settings) -> ExtractResult:
@@ -226,7 +257,7 @@ def _finished(job, ids, settings):
 
 def _poolings(job, settings) -> list:
     """The poolings stored for `job`: those its encoder family supports (featx.encoders.Family.poolings)."""
-    allowed = family_of(job.config).poolings
+    allowed = job.family.poolings
     return [p for p in settings.poolings if p in allowed] or ["mean"]
 
 
@@ -236,7 +267,7 @@ def _known_attrs(job, settings) -> dict:
              "poolings": ",".join(_poolings(job, settings)), "precision": settings.precision}
     if job.modality == "audio":
         attrs["max_audio_seconds"] = float(settings.max_audio_seconds or 0)
-    if job.cache_modality == "video":
+    if job.per_frame:
         attrs["fps"] = float(settings.fps)
     if settings.seq:
         attrs["seq_stride"] = int(settings.seq_stride)
@@ -252,14 +283,13 @@ def _run_model(job, data, settings):
 
     encoder = load_encoder(job.model, config=job.config, device=settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
-                           max_length=settings.max_length)
+                           max_length=settings.max_length, modality=job.modality)
     for line in encoder.advice:
         print(f"featx extract: {job.model}: {line}", file=sys.stderr)
     pools = _poolings(job, settings)
     if len(pools) < len(settings.poolings):
-        print(f"featx extract: {job.model}: {family_of(job.config).name} encoders have no CLS token; storing "
-              f"{','.join(pools)} only",
-              file=sys.stderr)
+        print(f"featx extract: {job.model}: {job.family.name} encoders support the poolings "
+              f"{','.join(job.family.poolings)}; storing {','.join(pools)} only", file=sys.stderr)
     attrs = {**_known_attrs(job, settings), "featx_version": __version__, **encoder.attrs}
     dist = Distributed.current()
     if dist:
@@ -299,7 +329,7 @@ def _runner(encoder, job, pools, settings) -> Runner:
     else:
         budget = None
     return Runner(encoder, pools, seq=settings.seq, seq_stride=settings.seq_stride, batch_size=settings.batch_size,
-                  budget=budget, video=job.cache_modality == "video")
+                  budget=budget, video=job.per_frame)
 
 
 class _WriteThread:

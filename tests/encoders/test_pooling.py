@@ -33,3 +33,27 @@ def test_masked_mean_stays_float32_inside_a_half_precision_autocast():
         got = masked_mean(hidden, mask)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_last_is_the_last_valid_position_under_left_and_right_padding():
+    rng = np.random.default_rng(1)
+    L, B, T, D = 2, 4, 6, 3
+    hidden = rng.standard_normal((L, B, T, D)).astype(np.float32)
+    lengths = np.array([6, 1, 4, 2])
+    right = np.arange(T)[None, :] < lengths[:, None]
+    left = right[:, ::-1].copy()
+    for mask in (right, left):
+        got = pool([torch.from_numpy(h) for h in hidden], torch.from_numpy(mask), ["last"])["last"].numpy()
+        at = np.array([np.nonzero(row)[0].max() for row in mask])
+        want = np.stack([hidden[:, b, at[b]] for b in range(B)])
+        np.testing.assert_array_equal(got, want)
+
+
+def test_layers_of_differing_widths_are_zero_padded_to_the_width():
+    hidden = [torch.ones(2, 3, 4), 2 * torch.ones(2, 3, 6)]
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    out = pool(hidden, mask, ["mean", "cls", "last"], width=6)
+    for v in out.values():
+        assert v.shape == (2, 2, 6)
+        assert torch.equal(v[:, 0, 4:], torch.zeros(2, 2)) and torch.equal(v[:, 0, :4], torch.ones(2, 4))
+        assert torch.equal(v[:, 1], 2 * torch.ones(2, 6))
