@@ -1,8 +1,7 @@
 """Tiny randomly initialised checkpoints of every encoder family featx supports, saved with their processors.
 
 BUILDERS maps a family name (featx.encoders.registry.Family.name) to `build(path) -> path`, which saves a
-tiny model (hidden size ~32, 2 layers) and its processor to `path`; SAMPLES maps a modality to
-`sample(tmp_path, n) -> manifest path` where there is one. Each modality's builders live in a module of
+tiny model (hidden size ~32, 2 layers) and its processor to `path`. Each modality's builders live in a module of
 their own (text, image, audio, video); tests that run every family (finetune, `featx models`) iterate here.
 """
 import importlib
