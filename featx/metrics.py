@@ -83,7 +83,8 @@ def chance_prediction(task: str, y_train, n: int) -> np.ndarray:
     if task == "regression":
         return np.full(n, float(np.mean(y_train.astype(np.float64))))
     values, counts = np.unique(y_train, return_counts=True)
-    return np.full(n, values[np.argmax(counts)], dtype=object)
+    # the labels' own dtype: an object array of floats is an "unknown" target to sklearn beside numeric labels
+    return np.full(n, values[np.argmax(counts)], dtype=y_train.dtype)
 
 
 def chance(task: str, y_train, y_test) -> dict:

@@ -55,3 +55,28 @@ def test_chance_is_the_train_mean_or_majority():
 def test_primary_metric_directions():
     assert metrics.PRIMARY["regression"] == "mae" and not metrics.higher_is_better("mae")
     assert metrics.higher_is_better(metrics.PRIMARY["classification"])
+
+
+def test_chance_of_numeric_class_labels_scores_against_numeric_test_labels():
+    # 0/1 labels stored as floats: the majority prediction must not become an object array that sklearn
+    # calls "unknown" next to a binary y_true ("mix of binary and unknown targets")
+    y_train, y_test = np.array([0.0, 1.0, 1.0, 1.0]), np.array([1.0, 0.0, 1.0])
+    pred = metrics.chance_prediction("classification", y_train, len(y_test))
+    assert pred.tolist() == [1.0, 1.0, 1.0]
+    got = metrics.compute("classification", y_test, pred)
+    assert got["acc"] == pytest.approx(2 / 3)
+
+
+def test_run_probe_classifies_float_zero_one_labels_with_a_split(tmp_path):
+    from _synthetic import planted, standard_splits, write_cache
+
+    from featx.probing.sweep import run_probe
+
+    X, y = planted(n=120, num_layers=3, dim=8, k=1, task="classification", seed=3)
+    y01 = (y == "pos").astype(np.float64)
+    path = write_cache(tmp_path / "c.h5", X, [f"i{k}" for k in range(120)], labels=y01,
+                       splits=standard_splits(120, seed=3))
+    run_probe([path], str(tmp_path / "out"), task="classification", progress=False)
+    import pandas as pd
+    res = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert set(res["metric"]) >= {"acc", "f1_macro"} and res["value"].notna().all()
