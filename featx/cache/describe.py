@@ -81,8 +81,9 @@ def inspect(path, verify=True) -> dict:
     damage (a failed Fletcher-32 checksum) raises FeatxError naming the dataset. Keys: path, status
     ("complete" | "unmerged parts" | "in progress"), model, modality, format_version, checksums ("verified" |
     "not checked" | "none": a file written before checksums), items, done, failed,
-    pending, num_layers, hidden_size, layer_widths (per-layer widths, or null when all are hidden_size), poolings, dtype, sequences, size_bytes, settings, parts, damaged,
-    set_aside, errors ([{id, error}], the first few).
+    pending, num_layers, hidden_size, layer_widths (per-layer widths, or null when all are hidden_size),
+    poolings, dtype, sequences, size_bytes, settings, parts, damaged, set_aside, errors ([{id, error}], the
+    first few).
     """
     path = os.fspath(path)
     exists = os.path.exists(path)

@@ -9,10 +9,11 @@ import torch
 
 from featx import extract, open_cache
 from featx.encoders import family_of, load_config
+from featx.encoders.base import quiet_libraries
 from featx.errors import FeatxError
 from tiny_models.image import BUILDERS, build_convnext, build_dinov2
 
-SIZES = [(40, 30), (64, 48), (25, 70), (33, 33), (90, 20), (50, 50), (31, 47)]
+SIZES = [(40, 30), (64, 48), (25, 70), (33, 33), (90, 20), (50, 50)]
 EQUAL, BATCH = 1e-4, 1e-5
 FIGURES = {}  # family -> (equivalence, batch invariance) max abs diffs, printed at the end with -s
 
@@ -28,7 +29,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """A manifest of 7 images, PNG and JPEG alternately, of varied sizes and aspect ratios."""
+    """A manifest of 6 images, PNG and JPEG alternately, of varied sizes and aspect ratios."""
     from PIL import Image
 
     d = tmp_path_factory.mktemp("images")
@@ -51,8 +52,9 @@ def _direct_forward(model_path):
     family = family_of(config, "image")
     loader = {"clip-vision": "CLIPVisionModel", "siglip-vision": "SiglipVisionModel",
               "siglip2-vision": "Siglip2VisionModel"}.get(family.name, "AutoModel")
-    model = getattr(transformers, loader).from_pretrained(model_path).eval()
-    processor = transformers.AutoImageProcessor.from_pretrained(model_path)
+    with quiet_libraries():  # a full SigLIP 2 checkpoint lists its text weights as unexpected
+        model = getattr(transformers, loader).from_pretrained(model_path).eval()
+        processor = transformers.AutoImageProcessor.from_pretrained(model_path)
     return lambda image_path: _direct(model, processor, family, config, image_path)
 
 
