@@ -50,7 +50,7 @@ def _final(path, verify):
         if verify:
             verify_checksums(f, path)  # also reads unprotected datasets: a damaged string heap shows too
     s = {"attrs": h["attrs"], "n_items": len(h["ids"]), "format_version": h["version"], "checksums": checksums,
-         **{k: h[k] for k in ("poolings", "dtype", "seq", "num_layers", "hidden_size")}}
+         **{k: h[k] for k in ("poolings", "dtype", "seq", "num_layers", "hidden_size", "layer_widths")}}
     return s, parts.final_record(h)
 
 
@@ -81,8 +81,9 @@ def inspect(path, verify=True) -> dict:
     damage (a failed Fletcher-32 checksum) raises FeatxError naming the dataset. Keys: path, status
     ("complete" | "unmerged parts" | "in progress"), model, modality, format_version, checksums ("verified" |
     "not checked" | "none": a file written before checksums), items, done, failed,
-    pending, num_layers, hidden_size, poolings, dtype, sequences, size_bytes, settings, parts, damaged,
-    set_aside, errors ([{id, error}], the first few).
+    pending, num_layers, hidden_size, layer_widths (per-layer widths, or null when all are hidden_size),
+    poolings, dtype, sequences, size_bytes, settings, parts, damaged, set_aside, errors ([{id, error}], the
+    first few).
     """
     path = os.fspath(path)
     exists = os.path.exists(path)
@@ -112,6 +113,7 @@ def inspect(path, verify=True) -> dict:
             "format_version": s["format_version"], "checksums": s["checksums"], "items": int(s["n_items"]),
             "done": c["done"], "failed": c["failed"], "pending": c["pending"],
             "num_layers": int(s["num_layers"]), "hidden_size": int(s["hidden_size"]),
+            "layer_widths": s.get("layer_widths"),
             "poolings": list(s["poolings"]), "dtype": s["dtype"], "sequences": bool(s["seq"]),
             "size_bytes": int(sum(os.path.getsize(p) for p in sources)),
             "settings": {k: None if isinstance(v, float) and not math.isfinite(v) else v  # strict JSON
@@ -127,7 +129,8 @@ def describe(path, verify=True) -> str:
     lines = [d["path"],
              f"  model      {d['model']} ({d['modality']})",
              f"  items      {d['items']}: {d['done']} done, {d['failed']} failed, {d['pending']} pending",
-             f"  layers     {d['num_layers']} (hidden size {d['hidden_size']})",
+             f"  layers     {d['num_layers']} (hidden size {d['hidden_size']}"
+             + (f"; layer widths {', '.join(map(str, d['layer_widths']))})" if d["layer_widths"] else ")"),
              f"  poolings   {', '.join(d['poolings'])}",
              f"  dtype      {d['dtype']}",
              f"  sequences  {'yes' if d['sequences'] else 'no'}",

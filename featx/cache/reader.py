@@ -191,7 +191,8 @@ def read_header(f, path):
     """Everything of a consolidated file but the arrays of features, as plain Python / numpy, validated.
 
     Returns {ids (N,), done (N,) bool, error (N,), attrs, version, poolings, num_layers, hidden_size, dtype,
-    seq (bool), offsets (N+1,) or None, labels (N,) or None, splits (N,) or None, meta {column: (N,)}}.
+    layer_widths (L ints, or None when every layer is hidden_size wide), seq (bool), offsets (N+1,) or None,
+    labels (N,) or None, splits (N,) or None, meta {column: (N,)}}.
     """
     attrs = _attrs(f, path)
     version = schema.check_version(attrs, path)
@@ -205,8 +206,11 @@ def read_header(f, path):
     error = _strings(f, schema.ERROR, path, n) if schema.ERROR in f else np.full(n, "", object)
     poolings, L, D, dtype = _layout(f, attrs, path, n)
     seq = schema.SEQ in f
+    widths = attrs.get(schema.LAYER_WIDTHS)
+    widths = None if widths is None else schema.parse_widths(widths, L, D, path)
     return {"ids": ids, "done": done, "error": error, "attrs": attrs, "version": version,
             "poolings": poolings, "num_layers": L, "hidden_size": D, "dtype": dtype, "seq": seq,
+            "layer_widths": widths,
             "offsets": seq_offsets(f, path, n, L, D, dtype) if seq else None, "labels": _labels(f, path, n),
             "splits": _strings(f, schema.SPLIT, path, n) if schema.SPLIT in f else None,
             "meta": _meta(f, path, n)}
@@ -253,8 +257,8 @@ def _has_parts(path):
 class Cache:
     """Read-only view of a consolidated cache file.
 
-    Attributes: path, attrs (dict), model, modality, num_layers (L), hidden_size (D), poolings (list), dtype,
-    has_seq, ids (N,) str, done (N,) bool, error (N,) str, labels (N,) float64|str or None,
+    Attributes: path, attrs (dict), model, modality, num_layers (L), hidden_size (D: the widest layer's width),
+    layer_widths (L ints, or None when every layer is D wide), poolings (list), dtype, has_seq, ids (N,) str, done (N,) bool, error (N,) str, labels (N,) float64|str or None,
     splits (N,) str or None, meta {column: (N,) str}, format_version.
     Raises FeatxError if the file is missing, not a featx cache or not of the schema; warns if unmerged parts exist.
     """
@@ -270,6 +274,11 @@ class Cache:
         self.model, self.modality = self.attrs["model"], self.attrs.get("modality")
         self.ids, self.labels, self.splits, self.meta = h["ids"], h["labels"], h["splits"], h["meta"]
         self.done, self.error, self._offsets = h["done"].astype(bool), h["error"], h["offsets"]
+        self.layer_widths = h["layer_widths"]
+
+    def width(self, layer) -> int:
+        """The number of features of `layer` (its stored values beyond it are zero padding)."""
+        return self.hidden_size if self.layer_widths is None else self.layer_widths[self._layer(layer)]
 
     def _layer(self, layer):
         L = self.num_layers
@@ -284,26 +293,28 @@ class Cache:
         return self._f[schema.pooled_name(pooling)]
 
     def layer(self, layer, pooling="mean", only_done=True, dtype=np.float32):
-        """One layer for every item: (N_done, D) in manifest order ((N, D) with only_done=False), as float32,
-        or in the stored dtype with dtype=None (no conversion: the fastest read)."""
-        ds = self._pooled(pooling)
+        """One layer for every item: (N_done, D_l) in manifest order ((N, D_l) with only_done=False), D_l = its
+        width (the padding of a narrower layer cut off), as float32, or in the stored dtype with dtype=None (no
+        conversion: the fastest read)."""
+        ds, w = self._pooled(pooling), self.width(layer)
         keep = self.done if only_done and not self.done.all() else None  # mask only when something is missing
         if dtype is None or np.dtype(dtype) == ds.dtype:
             with reading(self.path, ds.name.lstrip("/")):
-                x = ds[:, self._layer(layer), :]
+                x = ds[:, self._layer(layer), :w]
             return x if keep is None else x[keep]
         n = len(self.ids) if keep is None else int(keep.sum())
-        out = np.empty((n, self.hidden_size), dtype)
+        out = np.empty((n, w), dtype)
         self._read_into(out, ds, self._layer(layer), keep)
         return out
 
     def pooled(self, pooling="mean", layers=None, only_done=True):
-        """Layers `layers` (default all; negative count from the end): (N_done, L', D) float32, manifest order."""
+        """Layers `layers` (default all; negative count from the end): (N_done, L', W) float32, manifest order;
+        W = the widest of those layers' widths (layer j's features beyond self.width(layers[j]) are zeros)."""
         ds = self._pooled(pooling)
         chosen = range(self.num_layers) if layers is None else [self._layer(layer) for layer in layers]
         keep = self.done if only_done and not self.done.all() else None
         n = len(self.ids) if keep is None else int(keep.sum())
-        out = np.empty((n, len(chosen), self.hidden_size), np.float32)
+        out = np.empty((n, len(chosen), max([self.width(layer) for layer in chosen], default=0)), np.float32)
         for j, layer in enumerate(chosen):  # one layer at a time: reads follow the chunks
             self._read_into(out[:, j], ds, layer, keep)
         return out
@@ -316,14 +327,15 @@ class Cache:
         o, at = torch.from_numpy(out), 0  # a view, strided too (out[:, j] of pooled())
         with reading(self.path, ds.name.lstrip("/")):
             for s in range(0, ds.shape[0], READ_ROWS):
-                block = ds[s:s + READ_ROWS, layer, :]
+                block = ds[s:s + READ_ROWS, layer, :out.shape[-1]]
                 if keep is not None:
                     block = block[keep[s:s + READ_ROWS]]
                 o[at:at + len(block)].copy_(torch.from_numpy(block))
                 at += len(block)
 
     def sequence(self, i):
-        """Item i's (manifest index) per-position states: (T_i, L, D) float32; T_i = 0 if it is not done."""
+        """Item i's (manifest index) per-position states: (T_i, L, D) float32; T_i = 0 if it is not done.
+        (Caches of layers of differing widths hold no sequences.)"""
         if not self.has_seq:
             raise FeatxError(f"{self.path} holds no sequences (extract with --seq)")
         if not 0 <= int(i) < len(self.ids):
@@ -351,7 +363,7 @@ def open_cache(path) -> Cache:
 def read_layer(path, layer, pooling="mean") -> LayerData:
     """One layer of the done items, in manifest order.
 
-    Returns LayerData(features (N_done, D) float32, ids (N_done,), labels (N_done,) or None,
+    Returns LayerData(features (N_done, D_l) float32 (D_l: the layer's width), ids (N_done,), labels (N_done,) or None,
     splits (N_done,) or None).
     """
     with Cache(path) as c:

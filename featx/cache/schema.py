@@ -8,7 +8,9 @@ A consolidated cache (one HDF5 file per manifest x encoder) holds, for N items, 
   meta/<k> (N,) str for k = 0, 1, ...: metadata columns, named by meta's attribute `columns` (a JSON list),
       so any column name round-trips ("a/b", "."); files of format 1.0 without the attribute name them by key
   root attrs: model, modality, num_layers, hidden_size, dtype, poolings (comma-separated), featx_version,
-      format_version, and the caller's settings (str, bool, int or float)
+      format_version, and the caller's settings (str, bool, int or float);
+      layer_widths (comma-separated, L ints, the widest = D) only when layers differ in width (a CNN's stages):
+      layer l's values are its first layer_widths[l] features, zero-padded to D; readers cut the padding off
 Numeric datasets carry HDF5 Fletcher-32 checksums (HDF5 allows no filter on variable-length strings).
 
 A part file (one per written batch, in `<path>.parts/part-NNNNNNNN.h5`) holds B items:
@@ -36,9 +38,10 @@ SEQ_DATA, SEQ_OFFSETS = "seq/data", "seq/offsets"
 META_COLUMNS = "columns"  # attribute of the meta group
 
 # Root attributes the writer sets itself, with their types; "model" and "modality" come from the caller.
-OWN_ATTRS = ("num_layers", "hidden_size", "dtype", "poolings", "featx_version", "format_version")
+OWN_ATTRS = ("num_layers", "hidden_size", "dtype", "poolings", "featx_version", "format_version", "layer_widths")
 ATTR_TYPES = {"model": str, "modality": str, "num_layers": int, "hidden_size": int, "dtype": str,
-              "poolings": str, "featx_version": str, "format_version": str}
+              "poolings": str, "featx_version": str, "format_version": str, "layer_widths": str}
+LAYER_WIDTHS = "layer_widths"
 SETTING_TYPES = (str, bool, int, float)  # the caller's other attributes
 
 PARTS_SUFFIX, SETTINGS_FILE, LOCK_FILE = ".parts", "settings.json", "lock"
@@ -54,6 +57,24 @@ def pooled_name(pooling):
 def meta_name(k):
     """The dataset of the k-th metadata column: an index, since column names may hold any character."""
     return f"{META}/{int(k)}"
+
+
+def widths_text(widths):
+    """The layer_widths attribute of a list of per-layer widths: "96,96,192,384,768"."""
+    return ",".join(str(int(w)) for w in widths)
+
+
+def parse_widths(text, num_layers, hidden_size, path=""):
+    """The per-layer widths of a layer_widths attribute, checked: num_layers ints in 1..hidden_size, the widest
+    equal to hidden_size; FeatxError (one line) otherwise."""
+    try:
+        widths = [int(w) for w in str(text).split(",")]
+    except ValueError:
+        widths = []
+    if len(widths) != int(num_layers) or min(widths) < 1 or max(widths) != int(hidden_size):
+        raise FeatxError(f"{path}: layer_widths {text!r} does not fit {num_layers} layers of at most "
+                         f"{hidden_size} features, the widest {hidden_size}")
+    return widths
 
 
 def chunk_rows(hidden_size, dtype):

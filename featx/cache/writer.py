@@ -379,12 +379,13 @@ class CacheWriter:
     include model and modality; str/bool/int/float, None = absent). poolings: names, e.g. ["mean", "cls"].
     dtype: "float16" or "float32" storage. seq: also store per-position sequences. labels, splits: N values
     or None. meta: {column: N values} stored as str (any column name). overwrite: delete an existing cache and
-    its parts first. `todo` holds the (K,) int64 manifest indices not done at open (pending and failed ones).
+    its parts first. layer_widths: None, or each layer's width when layers differ (the encoder's layer_widths;
+    values are then zero-padded to hidden_size and the widths stored as the layer_widths attribute). `todo` holds the (K,) int64 manifest indices not done at open (pending and failed ones).
     Raises FeatxError when an existing cache or parts folder was made with other settings or ids.
     """
 
     def __init__(self, path, *, ids, attrs, poolings, num_layers, hidden_size, dtype="float16", seq=False,
-                 labels=None, splits=None, meta=None, overwrite=False):
+                 labels=None, splits=None, meta=None, overwrite=False, layer_widths=None):
         self.path = os.fspath(path)
         self.ids = _strings(ids)
         n = len(self.ids)
@@ -401,6 +402,9 @@ class CacheWriter:
         own = {"num_layers": self.num_layers, "hidden_size": self.hidden_size, "dtype": self.dtype,
                "poolings": ",".join(self.poolings), "featx_version": __version__,
                "format_version": schema.FORMAT_VERSION}
+        if layer_widths is not None:
+            own[schema.LAYER_WIDTHS] = schema.widths_text(layer_widths)
+            schema.parse_widths(own[schema.LAYER_WIDTHS], self.num_layers, self.hidden_size, self.path)
         self.attrs = self._clean_attrs(attrs, own)
         columns = {"labels": labels, "splits": splits, **{f"meta[{k!r}]": v for k, v in (meta or {}).items()}}
         for name, values in columns.items():

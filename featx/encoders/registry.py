@@ -185,7 +185,26 @@ register_family(Family("siglip-vision", ("siglip", "siglip_vision_model"), "imag
                        poolings=("mean",), example="google/siglip-base-patch16-224",
                        note="no class token: mean pooling only"))
 register_family(Family("vit", ("vit", "dinov2"), "image", _IMAGE, "encoder.layer|layers",
-                       example="facebook/dinov2-base"))
+                       example="facebook/dinov2-base",
+                       note="mean over all tokens, class token included"))
+_VISION = "featx.encoders.vision"
+register_family(Family("dinov2-registers", ("dinov2_with_registers",), "image", f"{_VISION}:PatchTokenEncoder",
+                       "encoder.layer", example="facebook/dinov2-with-registers-base",
+                       note="cls = the class token; mean over the patch tokens (class and register tokens left out)"))
+register_family(Family("dinov3-vit", ("dinov3_vit",), "image", f"{_VISION}:PatchTokenEncoder", "model.layer|layer",
+                       example="facebook/dinov3-vits16-pretrain-lvd1689m",
+                       note="cls = the class token; mean over the patch tokens (class and register tokens left out)"))
+register_family(Family("beit", ("beit",), "image", f"{_VISION}:PatchTokenEncoder",
+                       "layers|encoder.layer", example="microsoft/beit-base-patch16-224-pt22k",
+                       note="cls = the class token; mean over the patch tokens (class token left out)"))
+register_family(Family("siglip2-vision", ("siglip2", "siglip2_vision_model"), "image",
+                       f"{_VISION}:Siglip2VisionEncoder", "encoder.layers|vision_model.encoder.layers",
+                       poolings=("mean",), example="google/siglip2-base-patch16-naflex",
+                       note="NaFlex: no class token; mean over each image's valid patches (padding masked)"))
+register_family(Family("convnext", ("convnext", "convnextv2"), "image", f"{_VISION}:ConvNextEncoder", "",
+                       poolings=("mean",), example="facebook/convnextv2-tiny-22k-224",
+                       note="stage feature maps averaged over space; stages differ in width (the cache records "
+                            "layer_widths); no --seq; its stages are not a block list: extract only"))
 # --- end of image families
 
 

@@ -174,6 +174,10 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
     df = read_manifest(manifest)  # a bad manifest is named first, then a bad model: both before any item is read
     configs = [load_config(m, settings.trust_remote_code) for m in models]
     jobs = [job for m, c in zip(models, configs) for job in _jobs_of(m, c, df, manifest, out)]
+    for job in jobs if settings.seq else ():
+        if not getattr(job.family.adapter_class(), "sequences", True):
+            raise FeatxError(f"{job.model}: --seq is not supported for {job.family.name} models (its layers differ "
+                             "in width and in positions, so there is no per-position sequence); leave --seq out")
     labels, splits, meta = labels_and_splits(df)
     data = _Manifest(df.to_dict("records"), df["id"].tolist(), labels, splits, meta)
     return _run_jobs(jobs, data, out, settings)
@@ -297,7 +301,7 @@ def _run_model(job, data, settings):
     writer = CacheWriter(dist.shard_path(job.path) if dist else job.path, ids=data.ids, attrs=attrs,
                          poolings=pools, num_layers=encoder.num_layers, hidden_size=encoder.hidden_size,
                          dtype=settings.dtype, seq=settings.seq, labels=data.labels, splits=data.splits,
-                         meta=data.meta, overwrite=settings.overwrite)
+                         meta=data.meta, overwrite=settings.overwrite, layer_widths=encoder.layer_widths)
     todo = dist.my_todo(writer.todo, job.path) if dist else writer.todo
     decoder = _decoder(encoder, job, settings)
     try:

@@ -58,14 +58,16 @@ class Classifier:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # the sweep's fit ignores the same convergence warnings
             est.fit(data.X[train], y[train], data.X[dev], y[dev])
+        width = data.width(col)  # the layer's own width: predict reads that one layer, its padding cut off
         block = {"encoder": data.encoder, "name": data.name or data.encoder, "modality": data.modality,
-                 "pooling": settings.pool, "layers": [layer], "hidden_size": data.hidden_size,
+                 "pooling": settings.pool, "layers": [layer], "hidden_size": width,
                  "num_layers": data.num_layers}
         record = {"probe": probe, "sweep_probe": settings.probe, "folds": settings.folds, "fold": 0,
                   "folds_run": len(folds), "seed": seed, "device": settings.device, "train_size": "1.0",
                   "train_labels": int(len(train)), "test_split": test_split, "selected_on": "dev",
                   "layers_probed": list(data.layers)}
-        return cls.from_linear(task, block, est.linear_params(col), getattr(est, "classes_", None), record)
+        params = {k: (v[..., :width] if k != "intercept" else v) for k, v in est.linear_params(col).items()}
+        return cls.from_linear(task, block, params, getattr(est, "classes_", None), record)
 
     def save(self, path):
         """Write `path` (.safetensors) with the JSON header in its metadata."""

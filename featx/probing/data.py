@@ -17,8 +17,11 @@ MISSING_LABELS = frozenset({"", "n/a", "na", "nan", "none", "null", "-"})
 
 @dataclass
 class CacheData:
-    """One cache's done, labelled items: X (N, L', D) for `layers`, ids (N,), y (N,) float64 or str,
-    splits (N,) canonical names or None; unlabeled: how many done items had no label (left out)."""
+    """One cache's done, labelled items: X (N, L', W) for `layers`, ids (N,), y (N,) float64 or str,
+    splits (N,) canonical names or None; unlabeled: how many done items had no label (left out).
+    layer_widths: each chosen layer's width when the cache's layers differ in width (a CNN's stages), else
+    None; W is then the widest chosen one, layer j's features beyond layer_widths[j] are zeros and
+    `features(j)` cuts them off. hidden_size: the cache's (the widest layer's)."""
     path: str
     encoder: str
     modality: str
@@ -31,6 +34,16 @@ class CacheData:
     splits: object
     unlabeled: int = 0
     name: str = ""  # the display name (featx.naming.display_names), set by the sweep
+    layer_widths: list = None
+
+    def width(self, j) -> int:
+        """The number of features of the j-th chosen layer (X[:, j])."""
+        return self.X.shape[2] if self.layer_widths is None else self.layer_widths[j]
+
+    def features(self, j, X=None) -> np.ndarray:
+        """(N, width(j)): the j-th chosen layer of X (default self.X), its zero padding cut off."""
+        X = self.X if X is None else X
+        return X[:, j, :self.width(j)]
 
 
 def read_labels(raw, ids, task="auto"):
@@ -95,7 +108,8 @@ def _splits(raw, path):
 def load_cache(path, pool="mean", layers="all", need_labels=True, task="auto") -> CacheData:
     """Read the pooled layers of a cache (featx.cache.open_cache) into memory; the file is closed after.
 
-    With need_labels, items without a label are left out (counted in CacheData.unlabeled)."""
+    With need_labels, items without a label are left out (counted in CacheData.unlabeled). Layers of
+    differing widths: X is as wide as the widest chosen layer (one layer: exactly its width)."""
     if not os.path.exists(path):
         raise FeatxError(f"no such cache: {path}")
     with open_cache(path) as c:
@@ -118,8 +132,9 @@ def load_cache(path, pool="mean", layers="all", need_labels=True, task="auto") -
         X = np.asarray(c.pooled(pool, chosen), dtype=np.float32)
         splits = None if c.splits is None else _splits(np.asarray(c.splits)[done], path)
         model, modality, hidden = str(c.model), str(c.modality), int(c.hidden_size)
+        widths = None if c.layer_widths is None else [c.width(layer) for layer in chosen]
     if not keep.all():
         X, ids, y = X[keep], ids[keep], y[keep]
         splits = None if splits is None else splits[keep]
     return CacheData(str(path), model, modality, L, hidden, chosen, X, ids, y, splits, int((~keep).sum()),
-                     display_name(model))
+                     display_name(model), widths)

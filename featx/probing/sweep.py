@@ -320,7 +320,7 @@ def _fusion_features(datas, idx, y, fit, dev, task, s, seed, reuse=None):
         if s.fusion_layer == "best":
             # The best dev layer, chosen by the per-modality probe on the same fit / dev parts.
             sel = reuse[m][0] if reuse else _best_dev_layer(X, y, fit, dev, task, s, seed)
-            feats.append(X[:, sel])
+            feats.append(d.features(sel, X))  # at the layer's own width
         elif s.fusion_layer == "weighted":
             w = reuse[m][1] if reuse else \
                 _fit(WeightedLayerProbe(random_state=seed), X, y, fit, dev, task)
@@ -328,7 +328,7 @@ def _fusion_features(datas, idx, y, fit, dev, task, s, seed, reuse=None):
         else:
             if s.fusion_layer not in d.layers:
                 raise FeatxError(f"fusion layer {s.fusion_layer} is not among the layers probed for {d.name}")
-            feats.append(X[:, d.layers.index(s.fusion_layer)])
+            feats.append(d.features(d.layers.index(s.fusion_layer), X))
     return feats, full
 
 

@@ -62,26 +62,34 @@ def linear_cka(X, Y, debiased=False):
 
 
 def _layers(A, name):
+    """A list of L (n, D_l) arrays from an (n, L, D) array or from a list of L (n, D_l) arrays (layers of
+    differing widths, e.g. a CNN's stages)."""
+    if isinstance(A, (list, tuple)):
+        out = [np.asarray(a) for a in A]
+        if not out or any(a.ndim != 2 or len(a) != len(out[0]) for a in out):
+            raise FeatxError(f"{name} must be a list of (items, features) arrays of the same items")
+        return out
     A = np.asarray(A)
     if A.ndim != 3:
         raise FeatxError(f"{name} must have shape (items, layers, features), got {A.shape}")
-    return A
+    return [A[:, i] for i in range(A.shape[1])]
 
 
 def cka_matrix(layers_x, layers_y=None, debiased=False):
     """Layer x layer linear CKA.
 
-    layers_x: (n, L_x, D_x); layers_y: (n, L_y, D_y) over the same items in the same order, or None for
-    layers_x against itself. Returns (L_x, L_y) float64; entry [i, j] = linear_cka(layers_x[:, i], layers_y[:, j]).
+    layers_x: (n, L_x, D_x), or a list of L_x (n, D_l) arrays; layers_y: the same over the same items in the
+    same order, or None for layers_x against itself. Returns (L_x, L_y) float64; entry [i, j] =
+    linear_cka(layers_x[:, i], layers_y[:, j]).
     """
     X = _layers(layers_x, "layers_x")
     Y = X if layers_y is None else _layers(layers_y, "layers_y")
-    if X.shape[0] != Y.shape[0]:
-        raise FeatxError(f"CKA needs the same items on both sides, got {X.shape[0]} and {Y.shape[0]}")
-    n = X.shape[0]
+    if len(X[0]) != len(Y[0]):
+        raise FeatxError(f"CKA needs the same items on both sides, got {len(X[0])} and {len(Y[0])}")
+    n = len(X[0])
     _check_n(n, debiased)
-    xs = [_centre(X[:, i]) for i in range(X.shape[1])]
-    ys = xs if layers_y is None else [_centre(Y[:, j]) for j in range(Y.shape[1])]
+    xs = [_centre(x) for x in X]
+    ys = xs if layers_y is None else [_centre(y) for y in Y]
     if (len(xs) + (0 if layers_y is None else len(ys))) * n * n * 8 <= _GRAM_BYTES:
         # <K, L>_F with K = X X^T: one n x n Gram matrix per layer, then one dot product per pair.
         fx = [x @ x.T for x in xs]
@@ -121,8 +129,9 @@ class CacheCKA:
 
 
 def _subset(cache, pooling, rows):
-    """(len(rows), L, D) float32: the given done-item rows of every layer, read one layer at a time."""
-    return np.stack([np.asarray(cache.layer(layer, pooling))[rows] for layer in range(cache.num_layers)], axis=1)
+    """L arrays (len(rows), D_l) float32: the given done-item rows of every layer at its own width (the padding
+    of a narrower layer cut off), read one layer at a time."""
+    return [np.asarray(cache.layer(layer, pooling))[rows] for layer in range(cache.num_layers)]
 
 
 def cache_cka(path_x, path_y=None, pooling="mean", debiased=True, max_items=2048, seed=0):
