@@ -38,7 +38,6 @@ class SpeechEncoder(Encoder):
 
     modality = "audio"
     weights_prefix = None
-    max_window_seconds = None  # the longest window the model takes (None: any)
 
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32", **_):
         super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
@@ -50,8 +49,13 @@ class SpeechEncoder(Encoder):
         self.sample_rate = int(self.processor.sampling_rate)
         self._finish_load(self._load_weights(name, trust_remote_code))
         self.attrs = {"sample_rate": self.sample_rate, "feature_extractor": type(self.processor).__name__}
+        self.max_window_seconds = self.longest_window()  # extract's windows are never longer
         if self.max_window_seconds:
-            self.attrs["max_window_seconds"] = float(self.max_window_seconds)
+            self.attrs["max_window_seconds"] = self.max_window_seconds
+
+    def longest_window(self):
+        """Seconds of audio the feature extractor takes without cutting any off (None: any length)."""
+        return None
 
     def _load_weights(self, name, trust_remote_code):
         kwargs = {"trust_remote_code": trust_remote_code}
@@ -93,14 +97,10 @@ class WhisperEncoderAdapter(SpeechEncoder):
     window to 30 s (3000 log-mel frames, which the encoder requires); the conv stem halves them to 1500 positions,
     of which the first ceil(samples / 320) cover real audio: pooling and the sequence keep those only."""
 
-    model_class = "WhisperEncoder"
     weights_prefix = r"^(model\.)?encoder\."
-    positions_per_second = 50  # 16 kHz / hop 160 / conv stride 2
 
-    def __init__(self, name, **kwargs):
-        super().__init__(name, **kwargs)
-        self.max_window_seconds = float(self.processor.n_samples) / self.sample_rate
-        self.attrs["max_window_seconds"] = self.max_window_seconds
+    def longest_window(self):
+        return float(self.processor.n_samples) / self.sample_rate
 
     def loader(self):
         from transformers.models.whisper.modeling_whisper import WhisperEncoder  # not exported at the top level
@@ -137,11 +137,11 @@ class ASTEncoder(SpeechEncoder):
     def __init__(self, name, **kwargs):
         super().__init__(name, **kwargs)
         c = self.config
-        self.max_frames = int(self.processor.max_length)
-        self.max_window_seconds = self.max_frames / 100  # 10 ms fbank frames
-        self.attrs["max_window_seconds"] = self.max_window_seconds
         self.time_patches = (c.max_length - c.patch_size) // c.time_stride + 1
         self.freq_patches = (c.num_mel_bins - c.patch_size) // c.frequency_stride + 1
+
+    def longest_window(self):
+        return int(self.processor.max_length) / 100  # fbank frames every 10 ms
 
     def size(self, wav) -> int:
         return int(round(self.max_window_seconds * self.sample_rate))  # every window is max_length frames
@@ -149,12 +149,15 @@ class ASTEncoder(SpeechEncoder):
     def fbank_frames(self, num_samples) -> int:
         """Real fbank frames (25 ms windows every 10 ms) of `num_samples` samples, at most max_length."""
         hop, win = self.sample_rate // 100, self.sample_rate * 25 // 1000
-        return 0 if num_samples < win else min(self.max_frames, 1 + (int(num_samples) - win) // hop)
+        return 0 if num_samples < win else min(int(self.processor.max_length), 1 + (int(num_samples) - win) // hop)
+
+    def real_columns(self, frames) -> int:
+        """Time columns of patches over real audio: column t covers fbank frames [t * stride, t * stride + patch)."""
+        return min(self.time_patches, math.ceil(int(frames) / self.config.time_stride))
 
     def num_frames(self, num_samples) -> int:
-        """Patch tokens over real audio: time columns starting within the real frames, times frequency rows."""
-        frames = self.fbank_frames(num_samples)
-        return min(self.time_patches, math.ceil(frames / self.config.time_stride)) * self.freq_patches
+        """Patch tokens over real audio: its time columns times the frequency rows."""
+        return self.real_columns(self.fbank_frames(num_samples)) * self.freq_patches
 
     def collate(self, wavs):
         return {"input_values": self.stack([self.features(w)["input_values"] for w in wavs]),
@@ -163,12 +166,10 @@ class ASTEncoder(SpeechEncoder):
     def forward(self, inputs):
         values = inputs["input_values"].to(self.device, non_blocking=True)
         hs = self.model(values, output_hidden_states=True).hidden_states
-        columns = math.ceil  # time column t covers frames [t * stride, t * stride + patch)
-        real_columns = torch.tensor([min(self.time_patches, columns(int(f) / self.config.time_stride))
-                                     for f in inputs["frames"]], device=hs[0].device)
-        t = torch.arange(self.time_patches, device=hs[0].device).repeat(self.freq_patches)
-        patches = t.unsqueeze(0) < real_columns.unsqueeze(1)
-        tokens = torch.zeros(len(real_columns), 2, dtype=torch.bool, device=hs[0].device)
+        columns = torch.tensor([self.real_columns(f) for f in inputs["frames"]], device=hs[0].device)
+        t = torch.arange(self.time_patches, device=hs[0].device).repeat(self.freq_patches)  # each patch's column
+        patches = t.unsqueeze(0) < columns.unsqueeze(1)
+        tokens = torch.zeros(len(columns), 2, dtype=torch.bool, device=hs[0].device)  # cls, distillation
         return hs, torch.cat([tokens, patches], dim=1)
 
 
@@ -189,15 +190,17 @@ class ClapAudioEncoder(SpeechEncoder):
     def __init__(self, name, **kwargs):
         super().__init__(name, **kwargs)
         c = self.model.config
-        self.max_window_seconds = float(self.processor.nb_max_samples) / self.sample_rate
-        self.attrs.update(max_window_seconds=self.max_window_seconds, truncation=str(self.processor.truncation),
-                          padding=str(self.processor.padding), enable_fusion=bool(c.enable_fusion))
+        self.attrs.update(truncation=str(self.processor.truncation), padding=str(self.processor.padding),
+                          enable_fusion=bool(c.enable_fusion))
         stages = len(c.depths)
         self.layer_widths = [int(c.patch_embeds_hidden_size * 2 ** min(i, stages - 1)) for i in range(stages + 1)]
         self.num_layers, self.hidden_size = stages + 1, max(self.layer_widths)
 
+    def longest_window(self):
+        return float(self.processor.nb_max_samples) / self.sample_rate
+
     def size(self, wav) -> int:
-        return int(self.processor.nb_max_samples)
+        return int(self.processor.nb_max_samples)  # every window is filled to max_length_s
 
     def num_frames(self, num_samples) -> int:
         return 1 if num_samples > 0 else 0  # one position per layer: its mean over the spectrogram
