@@ -199,7 +199,7 @@ register_family(Family("whisper", ("whisper",), "audio", _SPEECH + "WhisperEncod
                        poolings=("mean",), example="openai/whisper-large-v3",
                        note="the encoder; windows of at most 30 s, each padded to 30 s: mean over the positions "
                             "that cover real audio"))
-register_family(Family("ast", ("audio-spectrogram-transformer",), "audio", _SPEECH + "ASTEncoder", "encoder.layer",
+register_family(Family("ast", ("audio-spectrogram-transformer",), "audio", _SPEECH + "ASTEncoder", "layers|encoder.layer",
                        example="MIT/ast-finetuned-audioset-10-10-0.4593",
                        note="windows of at most max_length fbank frames (10.24 s); cls = position 0; mean over the "
                             "patches over real audio (not the distillation token)"))

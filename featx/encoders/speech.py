@@ -121,7 +121,17 @@ class WhisperEncoderAdapter(SpeechEncoder):
 
     def forward(self, inputs):
         features = inputs["input_features"].to(self.device, non_blocking=True)
-        hs = self.model(features, output_hidden_states=True).hidden_states
+        cut, last = len(self.model.layers) < int(self.config.encoder_layers), []
+        # transformers gives the encoder's final layer norm as the last hidden state; when fine-tuning has cut the
+        # blocks, the last kept block's own output is that layer's value, as in an uncut forward
+        hook = self.model.layers[-1].register_forward_hook(lambda m, i, o: last.append(o)) if cut else None
+        try:
+            hs = self.model(features, output_hidden_states=True).hidden_states
+        finally:
+            if hook is not None:
+                hook.remove()
+        if cut:
+            hs = (*hs[:-1], last[-1][0] if isinstance(last[-1], tuple) else last[-1])
         positions = torch.arange(hs[0].shape[1], device=hs[0].device)
         return hs, positions.unsqueeze(0) < inputs["frames"].to(hs[0].device).unsqueeze(1)
 

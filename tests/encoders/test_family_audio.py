@@ -14,6 +14,7 @@ from featx import extract
 from featx.cache import open_cache
 from featx.data.media import audio_windows
 from featx.encoders import family_of, load_config
+from featx.encoders.base import quiet_libraries
 from featx.errors import FeatxError
 from tiny_models.audio import BUILDERS, build_tiny_clap
 
@@ -60,12 +61,13 @@ def _loaded(family, model):
     """The checkpoint's feature extractor and the transformers model whose hidden states are the reference."""
     import transformers as T
 
-    fe = T.AutoFeatureExtractor.from_pretrained(model)
-    if family == "whisper":
-        return fe, T.WhisperForConditionalGeneration.from_pretrained(model).model.encoder.eval()
-    if family.startswith("clap"):
-        return fe, T.ClapModel.from_pretrained(model).audio_model.eval()
-    return fe, T.AutoModel.from_pretrained(model).eval()
+    with quiet_libraries():
+        fe = T.AutoFeatureExtractor.from_pretrained(model)
+        if family == "whisper":
+            return fe, T.WhisperForConditionalGeneration.from_pretrained(model).model.encoder.eval()
+        if family.startswith("clap"):
+            return fe, T.ClapModel.from_pretrained(model).audio_model.eval()
+        return fe, T.AutoModel.from_pretrained(model).eval()
 
 
 def _direct(family, model, wav):
@@ -194,3 +196,20 @@ def test_a_clap_checkpoint_without_the_audio_tower_weights_fails_in_one_line(mod
 
     with pytest.raises(FeatxError, match="lacks .* weights of its ClapAudioModel"):
         load_encoder(str(broken))
+
+
+@pytest.mark.parametrize("family", ["whisper", "ast", "w2v-bert"])
+def test_cutting_the_blocks_for_fine_tuning_keeps_each_kept_layer(family, models):
+    from featx.encoders import block_path, load_encoder
+
+    enc = load_encoder(models[family])
+    inputs = enc.prepare([np.sin(np.arange(20000) / 9.0).astype(np.float32)])
+    with torch.no_grad():
+        full, _ = enc.forward(inputs)
+        *parents, name = block_path(enc.config, enc.model).split(".")
+        holder = enc.model
+        for part in parents:
+            holder = getattr(holder, part)
+        setattr(holder, name, getattr(holder, name)[:1])
+        cut, _ = enc.forward(inputs)
+    assert len(cut) == 2 and torch.equal(cut[1], full[1])
