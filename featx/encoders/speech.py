@@ -97,7 +97,7 @@ class WhisperEncoderAdapter(SpeechEncoder):
     window to 30 s (3000 log-mel frames, which the encoder requires); the conv stem halves them to 1500 positions,
     of which the first ceil(samples / 320) cover real audio: pooling and the sequence keep those only."""
 
-    weights_prefix = r"^(model\.)?encoder\."
+    weights_prefix = r"^(?:model\.)?encoder\."
 
     def longest_window(self):
         return float(self.processor.n_samples) / self.sample_rate

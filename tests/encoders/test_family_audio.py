@@ -213,3 +213,16 @@ def test_cutting_the_blocks_for_fine_tuning_keeps_each_kept_layer(family, models
         setattr(holder, name, getattr(holder, name)[:1])
         cut, _ = enc.forward(inputs)
     assert len(cut) == 2 and torch.equal(cut[1], full[1])
+
+
+def test_an_encoder_only_whisper_checkpoint_loads_the_same_encoder(models, tmp_path):
+    from featx.encoders import load_encoder
+
+    fe, encoder = _loaded("whisper", models["whisper"])  # WhisperForConditionalGeneration(...).model.encoder
+    alone = tmp_path / "whisper-encoder"
+    with quiet_libraries():
+        encoder.save_pretrained(str(alone))  # a WhisperEncoder: its weights carry no "model.encoder." prefix
+    fe.save_pretrained(str(alone))
+    full, enc = load_encoder(models["whisper"]), load_encoder(str(alone))
+    for name, p in encoder.state_dict().items():
+        assert torch.equal(p, enc.model.state_dict()[name]) and torch.equal(p, full.model.state_dict()[name]), name
