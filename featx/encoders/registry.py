@@ -213,6 +213,22 @@ register_family(Family("wav2vec2", ("wavlm", "wav2vec2", "wav2vec2-conformer", "
                                     "unispeech", "unispeech-sat"), "audio", "featx.encoders.audio:AudioEncoder",
                        "encoder.layers", poolings=("mean",), example="microsoft/wavlm-large",
                        note="no class token: mean pooling over the real frames"))
+_SPEECH = "featx.encoders.speech:"
+register_family(Family("whisper", ("whisper",), "audio", _SPEECH + "WhisperEncoderAdapter", "layers",
+                       poolings=("mean",), example="openai/whisper-large-v3",
+                       note="the encoder; windows of at most 30 s, each padded to 30 s: mean over the positions "
+                            "that cover real audio"))
+register_family(Family("ast", ("audio-spectrogram-transformer",), "audio", _SPEECH + "ASTEncoder", "layers|encoder.layer",
+                       example="MIT/ast-finetuned-audioset-10-10-0.4593",
+                       note="windows of at most max_length fbank frames (10.24 s); cls = position 0; mean over the "
+                            "patches over real audio (not the distillation token)"))
+register_family(Family("clap-audio", ("clap", "clap_audio_model"), "audio", _SPEECH + "ClapAudioEncoder", "",
+                       poolings=("mean",), example="laion/clap-htsat-unfused",
+                       note="the HTSAT audio tower; windows of at most max_length_s (10 s); each stage's mean over "
+                            "its map (stages differ in width): extract only, no fine-tuning"))
+register_family(Family("w2v-bert", ("wav2vec2-bert",), "audio", _SPEECH + "W2vBertEncoder", "encoder.layers",
+                       poolings=("mean",), example="facebook/w2v-bert-2.0",
+                       note="fbank input features; mean over the real frames"))
 # --- end of audio families
 
 

@@ -318,11 +318,18 @@ def _run_model(job, data, settings):
     return _Closing(writer, job.model, job.path), True
 
 
+def _window_seconds(encoder, max_audio_seconds):
+    """Audio window length: --max-audio-seconds (0: none), capped at the longest window a fixed-length model takes
+    (encoder.max_window_seconds: Whisper 30 s, recorded in the cache attrs), so that nothing is cut off."""
+    cap = getattr(encoder, "max_window_seconds", None)
+    return cap if cap and (not max_audio_seconds or max_audio_seconds > cap) else max_audio_seconds
+
+
 def _decoder(encoder, job, settings) -> Decoder:
     side = encoder.shortest_side() if hasattr(encoder, "shortest_side") else 0
-    return Decoder(encoder.modality, job.column, getattr(encoder, "sample_rate", None), settings.max_audio_seconds,
-                   settings.fps, preprocess=encoder.preprocessor(), max_image_pixels=settings.max_image_pixels,
-                   shortest_side=side)
+    return Decoder(encoder.modality, job.column, getattr(encoder, "sample_rate", None),
+                   _window_seconds(encoder, settings.max_audio_seconds), settings.fps,
+                   preprocess=encoder.preprocessor(), max_image_pixels=settings.max_image_pixels, shortest_side=side)
 
 
 def _runner(encoder, job, pools, settings) -> Runner:
