@@ -36,8 +36,8 @@ __all__ = ["MediaError", "video_frames", "video_clip", "clip_times", "CLIP_SAMPL
 _AUDIO_PREROLL = 0.5
 # The name of video_clip's sampling rule (the module docstring), stored in native video caches.
 CLIP_SAMPLING = "segment-centres"
-# video_clip seeks rather than decodes on to a target when it lies further than this, or than the longest
-# key-frame interval seen so far, past the last key frame decoded (seeking lands on the key frame before it).
+# video_clip seeks to a target, rather than decoding on to it, when the target lies more than this (or the
+# longest key-frame interval seen, if longer) past the last key frame decoded: a key frame then lies between.
 _SEEK_GAP = 1.0
 
 
@@ -88,6 +88,23 @@ def _stream_end(container, stream) -> float | None:
     return None
 
 
+def _video_stream(container, name):
+    """The file's first video stream, decoded with threads; MediaError when it has none."""
+    if not container.streams.video:
+        raise MediaError(f"{name}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _frame_length(stream, frame) -> float:
+    """How long `frame` is shown, in seconds: its duration, else one period of the stream's average rate."""
+    if frame.duration:
+        return float(frame.duration * stream.time_base)
+    rate = stream.average_rate
+    return 1 / float(rate) if rate else 0.0
+
+
 def _targets(start, end, fps, max_frames):
     """Yield the sampling times of [start, end) (the centre rule of the module docstring)."""
     if not fps > 0:
@@ -122,10 +139,7 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
     """
     name = os.path.basename(str(path))
     with _open(path) as container:
-        if not container.streams.video:
-            raise MediaError(f"{name}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream = _video_stream(container, name)
         origin = _origin(container)
         start, end = segment(start, end, _stream_end(container, stream), name, "video")
         targets = _targets(start, end, fps, max_frames)
@@ -156,9 +170,7 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
         if target is not None:
             if prev is None:
                 raise MediaError(f"{name}: no video frame could be decoded in [{start:g}, {end:g}) s")
-            rate = stream.average_rate
-            last_end = prev_time + (float(prev.duration * stream.time_base) if prev.duration
-                                    else (1 / float(rate) if rate else 0.0))
+            last_end = prev_time + _frame_length(stream, prev)
             # A known end may overshoot the last frame by END_SLACK; an unknown one stops at the last frame.
             while target is not None and target < last_end + (END_SLACK if math.isfinite(end) else 0.0):
                 take(prev, prev_time)
@@ -210,7 +222,7 @@ def _decode_from(container, stream, t):
     return iter(())
 
 
-def _frames_at(container, stream, targets, end, name):
+def _frames_at(container, stream, targets, name):
     """The frame shown at each of the ascending `targets` (seconds): a list of uint8 (H, W, 3) RGB arrays (one
     array per distinct frame) and their presentation times. Decodes on from one target to the next, and seeks
     instead when the next target lies past the next key frame (see _SEEK_GAP)."""
@@ -237,22 +249,15 @@ def _frames_at(container, stream, targets, end, name):
         shown = prev or ahead  # a target before the first frame takes the first frame
         if shown is None:
             raise MediaError(f"{name}: no video frame could be decoded at {t:.3f} s")
-        if ahead is None and t > shown[1] + _frame_length(stream, shown[0]) + END_SLACK and math.isfinite(end):
-            raise MediaError(f"{name}: video frames end at {shown[1]:.3f} s, before {t:.3f} s "
+        last_end = shown[1] + _frame_length(stream, shown[0])
+        if ahead is None and t > last_end + END_SLACK:
+            raise MediaError(f"{name}: video frames end at {last_end:.3f} s, before {t:.3f} s "
                              "(truncated or corrupt file)")
         if rgb[0] is not shown[0]:  # targets ascend, so only the latest frame taken can repeat
             rgb = (shown[0], shown[0].to_ndarray(format="rgb24"))
         frames.append(rgb[1])
         times.append(shown[1])
     return frames, times
-
-
-def _frame_length(stream, frame) -> float:
-    """How long `frame` is shown, in seconds: its duration, else one period of the stream's average rate."""
-    if frame.duration:
-        return float(frame.duration * stream.time_base)
-    rate = stream.average_rate
-    return 1 / float(rate) if rate else 0.0
 
 
 def video_clip(path, num_frames: int, start: float | None = None, end: float | None = None):
@@ -268,15 +273,12 @@ def video_clip(path, num_frames: int, start: float | None = None, end: float | N
         raise ValueError(f"a clip needs at least one frame, got num_frames={num_frames}")
     name = os.path.basename(str(path))
     with _open(path) as container:
-        if not container.streams.video:
-            raise MediaError(f"{name}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream = _video_stream(container, name)
         duration = _stream_end(container, stream)
         if duration is None and end is None:
             duration = _scan_end(container, stream, name)
         start, end = segment(start, end, duration, name, "video")
-        frames, times = _frames_at(container, stream, clip_times(start, end, int(num_frames)), end, name)
+        frames, times = _frames_at(container, stream, clip_times(start, end, int(num_frames)), name)
     return np.stack(frames), np.asarray(times, dtype=np.float64)
 
 
