@@ -7,11 +7,19 @@ takes the decoded frame whose presentation interval [pts, next pts) contains it.
 shorter than half a slice still gives one frame, at its midpoint. So a 3 s clip at 3 fps gives 9 targets,
 1/6, 1/2, 5/6, ... 17/6 s, and from a 10 fps video the frames shown at 0.1, 0.5, 0.8, ... 2.8 s.
 
+Clip sampling (native video encoders, `video_clip`): a clip of exactly n frames (the model's frame count)
+over [start, end) (the whole video without start/end) takes the frames shown at the centres of n equal
+segments, t_k = start + (k + 0.5) (end - start) / n for k = 0..n-1, each the decoded frame whose presentation
+interval [pts, next pts) contains t_k (a target before the first frame takes the first frame). A segment
+holding fewer than n frames therefore repeats frames: each target still takes the frame shown at its time.
+This rule is CLIP_SAMPLING, stored with the cache with n (both change the numbers).
+
 One bad file (missing, corrupt, truncated, no such stream, a segment outside its duration) raises
 MediaError with a one-line reason; the caller records it and goes on with the other items.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from contextlib import contextmanager
@@ -21,10 +29,16 @@ import numpy as np
 from featx.errors import FeatxError, MediaError
 from featx.data.media import END_SLACK, check_amplitude, check_media_file, resample, segment
 
-__all__ = ["MediaError", "video_frames", "video_audio", "probe_video", "build_tiny_video"]
+__all__ = ["MediaError", "video_frames", "video_clip", "clip_times", "CLIP_SAMPLING", "video_audio", "probe_video",
+           "build_tiny_video"]
 
 # Audio decoders (AAC, Opus) need the frames before a seek point to rebuild the first samples after it.
 _AUDIO_PREROLL = 0.5
+# The name of video_clip's sampling rule (the module docstring), stored in native video caches.
+CLIP_SAMPLING = "segment-centres"
+# video_clip seeks to a target, rather than decoding on to it, when the target lies more than this (or the
+# longest key-frame interval seen, if longer) past the last key frame decoded: a key frame then lies between.
+_SEEK_GAP = 1.0
 
 
 def _av():
@@ -74,6 +88,23 @@ def _stream_end(container, stream) -> float | None:
     return None
 
 
+def _video_stream(container, name):
+    """The file's first video stream, decoded with threads; MediaError when it has none."""
+    if not container.streams.video:
+        raise MediaError(f"{name}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _frame_length(stream, frame) -> float:
+    """How long `frame` is shown, in seconds: its duration, else one period of the stream's average rate."""
+    if frame.duration:
+        return float(frame.duration * stream.time_base)
+    rate = stream.average_rate
+    return 1 / float(rate) if rate else 0.0
+
+
 def _targets(start, end, fps, max_frames):
     """Yield the sampling times of [start, end) (the centre rule of the module docstring)."""
     if not fps > 0:
@@ -108,10 +139,7 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
     """
     name = os.path.basename(str(path))
     with _open(path) as container:
-        if not container.streams.video:
-            raise MediaError(f"{name}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream = _video_stream(container, name)
         origin = _origin(container)
         start, end = segment(start, end, _stream_end(container, stream), name, "video")
         targets = _targets(start, end, fps, max_frames)
@@ -142,9 +170,7 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
         if target is not None:
             if prev is None:
                 raise MediaError(f"{name}: no video frame could be decoded in [{start:g}, {end:g}) s")
-            rate = stream.average_rate
-            last_end = prev_time + (float(prev.duration * stream.time_base) if prev.duration
-                                    else (1 / float(rate) if rate else 0.0))
+            last_end = prev_time + _frame_length(stream, prev)
             # A known end may overshoot the last frame by END_SLACK; an unknown one stops at the last frame.
             while target is not None and target < last_end + (END_SLACK if math.isfinite(end) else 0.0):
                 take(prev, prev_time)
@@ -156,6 +182,104 @@ def video_frames(path, fps: float = 3.0, start: float | None = None, end: float 
         raise MediaError(f"{name}: no video frame at {fps:g} fps in [{start:g}, {end:g}) s "
                          "(a still image or an empty stream?)")
     return images, np.asarray(times, dtype=np.float64)
+
+
+def clip_times(start: float, end: float, num_frames: int) -> np.ndarray:
+    """The n = num_frames sampling times of a clip over [start, end) seconds: the centres of n equal segments,
+    t_k = start + (k + 0.5) (end - start) / n, float64 (n,)."""
+    return start + (np.arange(num_frames, dtype=np.float64) + 0.5) * ((end - start) / num_frames)
+
+
+def _scan_end(container, stream, name) -> float:
+    """When the video stream ends, from its packets' timestamps (no decoding): for files whose header has no
+    duration. The caller seeks before decoding."""
+    origin, last = _origin(container), None
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            end = float((packet.pts + (packet.duration or 0)) * stream.time_base) - origin
+            last = end if last is None else max(last, end)
+    if last is None:
+        raise MediaError(f"{name}: the video stream has no timed frames")
+    return last
+
+
+def _decode_from(container, stream, t):
+    """(frame, time) pairs of the video stream from the key frame at or before `t`; from the file start when
+    the demuxer's seek lands after `t` (some seek imprecisely) or fails."""
+    av, origin, base = _av(), _origin(container), stream.time_base
+    for at in dict.fromkeys((max(0.0, t), 0.0)):
+        try:
+            if at > 0:
+                container.seek(int((at + origin) / base), stream=stream, backward=True)
+            else:
+                container.seek(0)
+        except av.error.FFmpegError:
+            continue
+        frames = ((f, float(f.pts * base) - origin) for f in container.decode(stream) if f.pts is not None)
+        first = next(frames, None)
+        if first is not None and (first[1] <= t or at == 0):
+            return itertools.chain([first], frames)
+    return iter(())
+
+
+def _frames_at(container, stream, targets, name):
+    """The frame shown at each of the ascending `targets` (seconds): a list of uint8 (H, W, 3) RGB arrays (one
+    array per distinct frame) and their presentation times. Decodes on from one target to the next, and seeks
+    instead when the next target lies past the next key frame (see _SEEK_GAP)."""
+    frames, times = [], []
+    decoded = None
+    prev = ahead = None  # (frame, time): the last frame at or before the target, the first one after it
+    last_key, key_gap = -math.inf, _SEEK_GAP
+    rgb = (None, None)  # the latest frame taken and its array: a repeated frame is converted once
+    for t in targets:
+        if decoded is None or (ahead is not None and t > ahead[1] and t - key_gap > last_key):
+            decoded, prev, ahead = _decode_from(container, stream, t), None, None
+            last_key = -math.inf
+        if ahead is not None and ahead[1] <= t:
+            prev, ahead = ahead, None
+        while ahead is None:
+            got = next(decoded, None)
+            if got is None:
+                break  # the stream ended
+            if got[0].key_frame:
+                if math.isfinite(last_key):
+                    key_gap = max(key_gap, got[1] - last_key)
+                last_key = got[1]
+            prev, ahead = (got, None) if got[1] <= t else (prev, got)
+        shown = prev or ahead  # a target before the first frame takes the first frame
+        if shown is None:
+            raise MediaError(f"{name}: no video frame could be decoded at {t:.3f} s")
+        last_end = shown[1] + _frame_length(stream, shown[0])
+        if ahead is None and t > last_end + END_SLACK:
+            raise MediaError(f"{name}: video frames end at {last_end:.3f} s, before {t:.3f} s "
+                             "(truncated or corrupt file)")
+        if rgb[0] is not shown[0]:  # targets ascend, so only the latest frame taken can repeat
+            rgb = (shown[0], shown[0].to_ndarray(format="rgb24"))
+        frames.append(rgb[1])
+        times.append(shown[1])
+    return frames, times
+
+
+def video_clip(path, num_frames: int, start: float | None = None, end: float | None = None):
+    """A clip of exactly `num_frames` RGB frames of the video at `path`, sampled over [start, end) seconds (the
+    whole video when None) by the segment-centre rule of the module docstring (CLIP_SAMPLING).
+
+    Returns (frames, times): uint8 (num_frames, H, W, 3) and the float64 (num_frames,) presentation times (s from
+    the file start) of the frames taken; a segment holding fewer than num_frames frames repeats frames.
+    Decodes only what the targets need: it seeks to a far target instead of decoding up to it.
+    Raises MediaError for a missing, corrupt or truncated file, no video stream, or a segment outside the video.
+    """
+    if int(num_frames) < 1:
+        raise ValueError(f"a clip needs at least one frame, got num_frames={num_frames}")
+    name = os.path.basename(str(path))
+    with _open(path) as container:
+        stream = _video_stream(container, name)
+        duration = _stream_end(container, stream)
+        if duration is None and end is None:
+            duration = _scan_end(container, stream, name)
+        start, end = segment(start, end, duration, name, "video")
+        frames, times = _frames_at(container, stream, clip_times(start, end, int(num_frames)), name)
+    return np.stack(frames), np.asarray(times, dtype=np.float64)
 
 
 def video_audio(path, sample_rate: int, start: float | None = None, end: float | None = None) -> np.ndarray:

@@ -233,4 +233,16 @@ register_family(Family("w2v-bert", ("wav2vec2-bert",), "audio", _SPEECH + "W2vBe
 
 
 # --- video families
+_VIDEO = "featx.encoders.video"
+register_family(Family("videomae", ("videomae",), "video", f"{_VIDEO}:VideoMAEEncoder", "encoder.layer",
+                       poolings=("mean",), example="MCG-NJU/videomae-base",
+                       note="a clip of num_frames frames; tubelet tokens, no class token: mean pooling only"))
+register_family(Family("vjepa2", ("vjepa2",), "video", f"{_VIDEO}:VJEPA2Encoder", "encoder.layer",
+                       poolings=("mean",), example="facebook/vjepa2-vitl-fpc64-256",
+                       note="a clip of frames_per_clip frames; the encoder only (no predictor); tubelet tokens, "
+                            "no class token: mean pooling only"))
+register_family(Family("xclip-vision", ("xclip",), "video", f"{_VIDEO}:XCLIPVisionEncoder", "encoder.layers",
+                       example="microsoft/xclip-base-patch32",
+                       note="the vision tower over a clip of num_frames frames: mean over every token of every "
+                            "frame; cls = the mean over frames of each frame's class token"))
 # --- end of video families

@@ -30,11 +30,12 @@ class Decoder:
     With `preprocess` (the encoder's preprocessor) each input is also made into model inputs. Holds no
     model, so it runs in DataLoader workers. max_image_pixels: images over it fail (None: no budget);
     shortest_side: the processor's image side, for decoding large JPEGs at a reduced scale (0: never).
+    clip_frames: a native video encoder's frame count (modality "video": one clip per item).
     """
 
     def __init__(self, modality, column, sample_rate=None, max_audio_seconds=30.0, fps=3.0, preprocess=None, *,
-                 max_image_pixels=MAX_IMAGE_PIXELS, shortest_side=0):
-        self.modality, self.column = modality, column
+                 max_image_pixels=MAX_IMAGE_PIXELS, shortest_side=0, clip_frames=0):
+        self.modality, self.column, self.clip_frames = modality, column, clip_frames
         self.sample_rate, self.max_audio_seconds, self.fps = sample_rate, max_audio_seconds, fps
         self.preprocess = preprocess
         self.max_image_pixels, self.shortest_side = max_image_pixels, shortest_side
@@ -69,7 +70,7 @@ class Decoder:
             return 0.0
 
     def decode(self, row) -> list:
-        """The row's decoded inputs: [text], [image], a video's frames, or an audio file's windows."""
+        """The row's decoded inputs: [text], [image], a video's frames, [a video clip], or an audio file's windows."""
         src = _value(row.get(self.column))
         start, end = _value(row.get("start")), _value(row.get("end"))
         if self.modality == "text":
@@ -80,6 +81,10 @@ class Decoder:
             return list(video_frames(src, fps=self.fps, start=start, end=end)[0])
         if self.modality == "image":
             return [load_image(src, self.max_image_pixels, self.shortest_side)]
+        if self.modality == "video":  # a native video encoder: one clip of its frame count, (F, H, W, 3) uint8
+            from featx.data.video import video_clip
+
+            return [video_clip(src, self.clip_frames, start=start, end=end)[0]]
         if self.column != "video":  # read window by window, so memory follows the windows, not the file
             return audio_windows(src, self.sample_rate, start, end, self.max_audio_seconds)
         from featx.data.video import video_audio

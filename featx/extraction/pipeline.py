@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from featx.data.manifest import labels_and_splits, read_manifest, source_column
+from featx.data.video import CLIP_SAMPLING
 from featx.device import resolve_device, resolve_precision
 from featx.encoders import families_of, family_of, load_config, load_encoder
+from featx.encoders.video import clip_frames
 from featx.errors import FeatxError, first_line
 from featx.extraction.batching import Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
@@ -273,6 +275,8 @@ def _known_attrs(job, settings) -> dict:
         attrs["max_audio_seconds"] = float(settings.max_audio_seconds or 0)
     if job.per_frame:
         attrs["fps"] = float(settings.fps)
+    if job.modality == "video":  # a native video encoder's clip: its frame count and how frames are sampled
+        attrs.update(num_frames=clip_frames(job.config), clip_sampling=CLIP_SAMPLING)
     if settings.seq:
         attrs["seq_stride"] = int(settings.seq_stride)
     if job.modality == "text" and settings.max_length:
@@ -329,7 +333,8 @@ def _decoder(encoder, job, settings) -> Decoder:
     side = encoder.shortest_side() if hasattr(encoder, "shortest_side") else 0
     return Decoder(encoder.modality, job.column, getattr(encoder, "sample_rate", None),
                    _window_seconds(encoder, settings.max_audio_seconds), settings.fps,
-                   preprocess=encoder.preprocessor(), max_image_pixels=settings.max_image_pixels, shortest_side=side)
+                   preprocess=encoder.preprocessor(), max_image_pixels=settings.max_image_pixels, shortest_side=side,
+                   clip_frames=getattr(encoder, "clip_frames", 0))
 
 
 def _runner(encoder, job, pools, settings) -> Runner:

@@ -75,7 +75,8 @@ def _report(what, failed, unlabelled, used):
 def decode_items(df, encoders, columns, max_audio_seconds, fps=3.0, labelled=True, what="finetune"):
     """DecodedItems of the manifest `df` for `encoders` (reading `columns`, one per encoder). Items that fail
     to decode, or have no label when `labelled`, are skipped and named on stderr."""
-    decoders = [Decoder(e.modality, c, getattr(e, "sample_rate", None), None, fps) for e, c in zip(encoders, columns)]
+    decoders = [Decoder(e.modality, c, getattr(e, "sample_rate", None), None, fps,
+                        clip_frames=getattr(e, "clip_frames", 0)) for e, c in zip(encoders, columns)]
     labels, splits, _ = labels_and_splits(df)
     if labelled and labels is None:
         raise FeatxError("the manifest has no 'label' column to fine-tune on")
