@@ -63,6 +63,7 @@ class Encoder:
 
     modality = ""
     layer_widths = None
+    sequences = True  # False: no per-position sequence (--seq is refused before any work), e.g. CNN stages
     model_class = "AutoModel"  # what loads the weights: a transformers class name or a class with from_pretrained
 
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32"):

@@ -193,6 +193,7 @@ class ClapAudioEncoder(SpeechEncoder):
     Hidden states: the patch embedding and each Swin stage's output, (B, C_l, H_l, W_l) maps of differing
     widths and sizes, each averaged over its positions here (`mean`: over the whole filled spectrogram, the
     repeats included), so every layer is one position (B, 1, C_l); layer_widths records the widths."""
+    sequences = False  # stages differ in width and positions: no per-position sequence (--seq)
 
     model_class = "ClapAudioModel"
     weights_prefix = r"^audio_model\."

@@ -226,3 +226,10 @@ def test_an_encoder_only_whisper_checkpoint_loads_the_same_encoder(models, tmp_p
     full, enc = load_encoder(models["whisper"]), load_encoder(str(alone))
     for name, p in encoder.state_dict().items():
         assert torch.equal(p, enc.model.state_dict()[name]) and torch.equal(p, full.model.state_dict()[name]), name
+
+
+def test_clap_refuses_seq_in_one_line_before_any_work(models, manifest, tmp_path):
+    # its Swin stages differ in width and positions: no per-position sequence to store
+    with pytest.raises(FeatxError, match="--seq"):
+        extract(manifest, [models["clap-audio"]], tmp_path / "o", seq=True, device="cpu", progress=False)
+    assert not (tmp_path / "o").exists()
