@@ -683,10 +683,10 @@ class FinetuneSettings(Settings):
 
     def kwargs(self) -> dict:
         """Keyword arguments of featx.finetune.finetune(manifest, model, out, **kwargs)."""
-        names = ("layers", "probe_results", "train_blocks", "modality", "head", "task", "proj_size", "hidden_size", "heads",
+        names = ("layers", "probe_results", "train_blocks", "head", "task", "proj_size", "hidden_size", "heads",
                  "dropout", "lr", "head_lr", "weight_decay", "lr_decay", "epochs", "patience", "batch_size",
                  "accumulate", "clip_grad", "loss", "folds", "train_sizes", "seeds", "precision", "device",
-                 "max_length", "max_audio_seconds", "resume", "overwrite")
+                 "max_length", "max_audio_seconds", "resume", "overwrite", "modality")
         return dict({n: getattr(self, n) for n in names}, pooling=self.pool, save_model=not self.no_save_model,
                     progress=not self.quiet)
 

@@ -20,9 +20,10 @@ class Family:
     block_path: dotted path of the model's list of transformer blocks (fine-tuning cuts and freezes there).
     poolings: the poolings it supports. example: a hub id, for `featx models` and the README.
     config_path: the attribute of the checkpoint's config that holds this tower's config when it has several
-    (None: the modality's usual one, TOWER_CONFIGS; ""; the config itself); a config without it is the tower's. layers_field / width_field: the (sub)config's number of
-    blocks and hidden width (Whisper: "encoder_layers", "d_model"); a list (ConvNeXt's "hidden_sizes") counts
-    its entries / takes its widest. describe_config reads them; fine-tuning writes the kept blocks back."""
+    (None: the modality's usual one, TOWER_CONFIGS; "": the config itself); a config without it is the tower's.
+    layers_field / width_field: the (sub)config's number of blocks and hidden width (Whisper: "encoder_layers",
+    "d_model"); a list (ConvNeXt's "hidden_sizes") counts its entries / takes its widest. describe_config reads
+    them; fine-tuning writes the kept number of blocks back (set_num_blocks)."""
     name: str
     model_types: tuple
     modality: str

@@ -32,9 +32,10 @@ from featx.settings import FinetuneSettings as FinetuneOptions
 from featx.settings import resolve_layers
 
 # Settings that change the numbers: a resumed run must have the same ones.
-RESUME_KEYS = ("models", "modalities", "layers", "train_blocks", "head", "task", "pooling", "proj_size", "hidden_size", "heads",
-               "dropout", "lr", "head_lr", "weight_decay", "lr_decay", "epochs", "patience", "batch_size",
-               "accumulate", "clip_grad", "loss", "folds", "train_sizes", "seeds", "max_length", "max_audio_seconds")
+RESUME_KEYS = ("models", "modalities", "layers", "train_blocks", "head", "task", "pooling", "proj_size",
+               "hidden_size", "heads", "dropout", "lr", "head_lr", "weight_decay", "lr_decay", "epochs", "patience",
+               "batch_size", "accumulate", "clip_grad", "loss", "folds", "train_sizes", "seeds", "max_length",
+               "max_audio_seconds")
 # Resume keys a run written by an earlier featx may lack (its runs used each model's primary tower).
 ADDED_RESUME_KEYS = ("modalities",)
 # Options of the command line that are not settings of a run (inputs, output and what is printed).

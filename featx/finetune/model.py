@@ -44,10 +44,10 @@ class HeadSettings:
     dropout: float = _OPTIONS["dropout"]
 
 
-def block_list(model, config, modality=None):
-    """(parent module, attribute name) of the model's list of transformer blocks, at the path its encoder
-    family names (featx.encoders.registry.block_path; `modality`: the tower's, for a checkpoint with several)."""
-    *parents, name = block_path(config, model, modality).split(".")
+def block_list(model, path):
+    """(parent module, attribute name) of the model's list of transformer blocks at dotted `path` (the one its
+    encoder family names: featx.encoders.registry.block_path)."""
+    *parents, name = path.split(".")
     obj = model
     for p in parents:
         obj = getattr(obj, p)
@@ -57,10 +57,10 @@ def block_list(model, config, modality=None):
 def kept_blocks(layer, num_layers) -> int:
     """Blocks a branch cut at hidden state `layer` of `num_layers` keeps: one above the cut, up to all of them.
 
-    Decoder LMs (GPT-2's ln_f, Llama's norm), Whisper, T5 and pre-norm wav2vec2 models normalise the output of
-    their last block before it becomes the last hidden state: cut just at `layer`, hidden state `layer` would be
-    normalised and differ from the one extract caches. With one block above it, it is the block input it is in
-    the whole model (the kept block above runs but is frozen; a model with no blocks returns no hidden states)."""
+    Some models normalise their last block's output into their last hidden state (GPT-2's ln_f, Llama's norm):
+    cut just at `layer`, hidden state `layer` would come out normalised, unlike the one extract caches. With one
+    block above the cut it is that block's input, as in the whole model (the block above runs, frozen; a model
+    with no blocks would return no hidden states)."""
     return min(int(layer) + 1, int(num_layers) - 1)
 
 
@@ -84,8 +84,8 @@ class EncoderBranch(nn.Module):
         self.hidden_size = int(adapter.layer_widths[layer]) if adapter.layer_widths else adapter.hidden_size
         self.family = family_of(adapter.config, adapter.modality)
         self.encoder = adapter.model
-        self.block_path = block_path(adapter.config, self.encoder, adapter.modality)
-        parent, attr = block_list(self.encoder, adapter.config, adapter.modality)
+        self.block_path = block_path(adapter.config, self.encoder, adapter.modality)  # of the branch's tower
+        parent, attr = block_list(self.encoder, self.block_path)
         setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[:kept_blocks(layer, L)]))
         self._freeze(list(getattr(parent, attr)), int(train_blocks))
 

@@ -326,3 +326,26 @@ def test_a_cut_below_a_final_norm_gives_the_hidden_state_extract_caches(tiny_gpt
             assert float((h - reference[layer]).abs().max()) <= 1e-5, layer
             trainable = {n.split(".")[0] for n, p in branch.encoder.h.named_parameters() if p.requires_grad}
             assert trainable == {str(k) for k in range(layer)}, (layer, trainable)  # blocks below the cut only
+
+
+def test_predict_applies_a_probe_of_clips_text_tower_to_its_text_cache(clip_with_text_tower, tmp_path):
+    """extract writes one cache per tower (image and text) of a CLIP checkpoint: predict must use the one of
+    the modality the probe was trained on."""
+    from featx import extract
+    from featx.predict import predict
+    from featx.probing import run_probe
+    from featx.probing.classifier import Classifier
+
+    manifest = _manifest(tmp_path / "data", "text")
+    df = pd.read_csv(manifest)
+    df["image"] = [_write_item(tmp_path / "data", "image", i) for i in range(len(df))]
+    df.to_csv(manifest, index=False)
+    caches, _ = _quiet(extract, manifest, [clip_with_text_tower], str(tmp_path / "cache"), dtype="float32",
+                       progress=False)
+    text_cache = next(p for p in caches.paths if p.endswith("__text.h5"))
+    assert len(caches.paths) == 2
+    _quiet(run_probe, [text_cache], str(tmp_path / "res"), probe="linear", save_classifier=True, progress=False)
+    saved = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "res") for f in fs if f.endswith(".safetensors")]
+    _, expected = Classifier.load(saved[0]).predict_cache([text_cache])
+    got, err = _quiet(predict, manifest, saved[0], cache_dir=str(tmp_path / "again"), progress=False)
+    assert got["prediction"].tolist() == list(expected) and len(expected) == 6, err
