@@ -242,8 +242,10 @@ def _folder_config_error(folder, trust_remote_code):
         kind = raw.get("model_type") if isinstance(raw, dict) else None
     except (OSError, ValueError):
         return None
-    if not isinstance(kind, str) or not kind:
-        return None
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(kind, str) or not kind or (kind in CONFIG_MAPPING and not raw.get("auto_map")):
+        return None  # a type transformers knows: something else in the file is wrong
     if raw.get("auto_map") and not trust_remote_code:
         return (f"model {folder!r} (model type {kind!r}) ships its own Python code: featx loads it only with "
                 "--trust-remote-code, and runs it only when a featx family serves its model type (`featx models`)")

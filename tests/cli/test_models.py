@@ -136,6 +136,9 @@ def test_unsupported_and_unreachable_models_fail_with_one_line(tmp_path, capsys)
     custom.mkdir()
     (custom / "config.json").write_text(json.dumps({"model_type": "featx-custom",
                                                     "auto_map": {"AutoConfig": "configuration.MyConfig"}}))
+    broken = tmp_path / "broken"  # a type transformers knows, with a bad value: not called unsupported
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": "abc"}))
     known_elsewhere = config_only(tmp_path / "t5", T5Config(d_model=32, num_layers=2, num_heads=4, d_ff=64))
     from featx.encoders.registry import families_of, load_config
     from featx.errors import FeatxError
@@ -145,7 +148,7 @@ def test_unsupported_and_unreachable_models_fail_with_one_line(tmp_path, capsys)
         cases = []   # a T5 family is registered: nothing to refuse
     except FeatxError:
         cases = [(known_elsewhere, "model type 't5' is not supported by featx")]
-    cases += [(str(unknown), "model type 'featx-nonesuch'"), (str(custom), "--trust-remote-code"),
+    cases += [(str(unknown), "model type 'featx-nonesuch'"), (str(broken), "has no usable config.json"), (str(custom), "--trust-remote-code"),
               (str(tmp_path / "misspelled") + "/", "does not exist"),
               ("featx-test-org/no-such-model", "hub is unreachable or offline")]
     for model, expected in cases:
