@@ -47,7 +47,20 @@ def _predict_probe(manifest, path, cache_dir, device, batch_size, progress):
         for block in clf.blocks:
             res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], dtype="float32",
                           device=device, batch_size=batch_size, progress=progress)
-            caches += res.paths
+            caches.append(_cache_of(res.paths, block))
         got_ids, pred = clf.predict_cache(caches)
     got = pd.Series(list(pred), index=list(got_ids), dtype=object)
     return pd.DataFrame({"id": ids, "prediction": ids.map(got)})
+
+
+def _cache_of(paths, block) -> str:
+    """The cache, of those extract wrote for a block's model (one per tower whose column the manifest has: CLIP's
+    image and text), of the block's modality."""
+    from featx.cache import open_cache
+
+    for path in paths:
+        with open_cache(path) as cache:
+            if cache.modality == block["modality"]:
+                return path
+    raise FeatxError(f"the manifest gives {block['encoder']} no {block['modality']} input, which the classifier "
+                     "was trained on")

@@ -286,6 +286,19 @@ def parse_cut_layers(value) -> list:
     return out
 
 
+TOWERS = ("auto", "text", "image", "audio", "video")  # fine-tuning: which tower of a checkpoint a model runs
+
+
+def parse_towers(value) -> list:
+    """Per model (one value for all): auto, or the modality of the tower it runs (CLIP: image or text)."""
+    items = csv_list(value)
+    bad = [v for v in items if v not in TOWERS]
+    if bad or not items:
+        raise FeatxError(f"unknown modality {bad[0] if bad else '(none)'!r}; choose from {', '.join(TOWERS)} (one, "
+                         "or one per model)")
+    return items
+
+
 def int_list(value) -> list:
     """Whole numbers, comma-separated or a list: "-1" or "2,4"."""
     return _whole_numbers(value, f"must be whole numbers (one, or one per model), not {value!r}",
@@ -632,6 +645,9 @@ class FinetuneSettings(Settings):
     probe_results: str = option(None, "a `featx probe` output folder, for --layers best", optional(text), path=True,
                                 default_text="none")
     train_blocks: list = option("-1", "top blocks trained per model (-1 all, 0 frozen encoder)", int_list)
+    modality: list = option("auto", "per model, the tower it fine-tunes (one for all, or a comma list): auto (its "
+                            "first tower whose column the manifest has and no earlier model reads), text, image, "
+                            "audio or video", parse_towers)
     head: str = option("concat", "fusion head: concat or gated", one_of("head", *HEADS))
     task: str = option("auto", "auto (from the labels), regression or classification", one_of("task", *TASKS))
     pool: str = option("mean", "concat head: pooling of each branch, mean, cls or last", one_of("pooling", *POOLINGS))
@@ -670,7 +686,7 @@ class FinetuneSettings(Settings):
         names = ("layers", "probe_results", "train_blocks", "head", "task", "proj_size", "hidden_size", "heads",
                  "dropout", "lr", "head_lr", "weight_decay", "lr_decay", "epochs", "patience", "batch_size",
                  "accumulate", "clip_grad", "loss", "folds", "train_sizes", "seeds", "precision", "device",
-                 "max_length", "max_audio_seconds", "resume", "overwrite")
+                 "max_length", "max_audio_seconds", "resume", "overwrite", "modality")
         return dict({n: getattr(self, n) for n in names}, pooling=self.pool, save_model=not self.no_save_model,
                     progress=not self.quiet)
 
@@ -752,3 +768,15 @@ class MmsaSettings(Settings):
     label_column: str = option("label", "column giving `label`: label, or label_T / label_A / label_V")
     allow_missing: bool = option(False, "exit 0 when some videos are missing (they are still left out and listed)",
                                  flag=True)
+
+
+@dataclass
+class ModelsSettings(Settings):
+    """`featx models`: the supported encoder families, or what featx would run for one model (its config only)."""
+    model: str = option(None, "hub id or local folder: read its config only (no weights) and say what featx runs",
+                        optional(text), positional=True, model=True, default_text="list the supported families")
+    json: bool = option(False, "print JSON on stdout", flag=True)
+    markdown: bool = option(False, "print the families as a Markdown table (README's \"Supported models\")",
+                            flag=True)
+    trust_remote_code: bool = option(False, "let transformers run Python code shipped with a hub checkpoint to read "
+                                     "its config (command line only)", flag=True, cli_only=True)

@@ -14,11 +14,12 @@ import os
 import sys
 import warnings
 
-from featx.cli.options import EXIT_STATUS, HelpFormatter, Parser, add_settings, print_table, registered_probe, \
-    settings_from
+from featx.cli.options import EXIT_STATUS, HelpFormatter, Parser, add_settings, aligned, print_table, \
+    registered_probe, settings_from
 from featx.errors import FeatxError
 from featx.settings import (DemoSettings, ExtractSettings, FinetuneSettings, FuseSettings, MmsaSettings,
-                            PredictSettings, ProbeSettings, ReportSettings, check_out_dir, check_out_file)
+                            ModelsSettings, PredictSettings, ProbeSettings, ReportSettings, check_out_dir,
+                            check_out_file)
 from featx.version import __version__
 
 
@@ -85,6 +86,57 @@ def _info(sub):
                 out.append({"path": path, "error": str(e)} if args.json else f"{path}\n  error      {e}")
         print(json.dumps(out, indent=2, allow_nan=False) if args.json else "\n".join(out))
         return 1 if failed else 0
+
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------- models
+def _describe_model(d) -> str:
+    """featx models MODEL's lines: the model and, per tower, what featx would run (featx.encoders.registry.
+    describe_model's dict)."""
+    lines = [f"{d['model']}", f"  model type  {d['model_type']}"]
+    several = len(d["towers"]) > 1
+    for i, t in enumerate(d["towers"]):
+        head = f"  tower {i + 1}     " if several else "  family      "
+        lines.append(f"{head}{t['family']} ({t['modality']}{', primary' if several and i == 0 else ''}): "
+                     f"{t['adapter']}")
+        pad = "    " if several else "  "
+        tune = (f"yes (blocks at {t['block_path']})" if t["finetune"] else f"no ({t['note'] or 'no block list'})")
+        lines += [f"{pad}layers      {t['num_layers']} ({t['num_layers'] - 1} blocks + the embedding output)",
+                  f"{pad}hidden size {t['hidden_size']}",
+                  f"{pad}poolings    {', '.join(t['poolings'])}",
+                  f"{pad}fine-tune   {tune}"]
+        if t["note"] and t["finetune"]:
+            lines.append(f"{pad}note        {t['note']}")
+    return "\n".join(lines)
+
+
+def _models(sub):
+    p = _command(sub, "models", ModelsSettings, "list the supported encoder families, or say what featx runs for "
+                 "MODEL (its config only: no weights are downloaded)", recipe=False)
+
+    def run(args):
+        import json
+
+        from featx.encoders.registry import (TABLE_COLUMNS, describe_model, families, family_info, family_rows,
+                                             load_config, markdown_table)
+
+        s = settings_from(args, ModelsSettings)
+        if s.model is None:
+            if s.json:
+                print(json.dumps([family_info(f) for f in families()], indent=1))
+            else:
+                rows = [[r[c] for c in TABLE_COLUMNS] for r in family_rows()]
+                print(markdown_table() if s.markdown else aligned([list(TABLE_COLUMNS)] + rows), end="")
+            return 0
+        if s.markdown:
+            raise FeatxError("--markdown lists the families; it takes no MODEL")
+        if s.trust_remote_code:
+            print(f"featx models: --trust-remote-code: Python code shipped with {s.model} may run on this machine",
+                  file=sys.stderr)
+        d = describe_model(s.model, load_config(s.model, s.trust_remote_code))
+        print(json.dumps(d, indent=1) if s.json else _describe_model(d))
+        return 0
 
     p.set_defaults(func=run)
 
@@ -266,7 +318,7 @@ def _predict(sub):
     p.set_defaults(func=run)
 
 
-COMMANDS = [_extract, _info, _manifest, _report, _probe, _fuse, _finetune, _predict, _demo]
+COMMANDS = [_extract, _info, _models, _manifest, _report, _probe, _fuse, _finetune, _predict, _demo]
 
 
 def build_parser():

@@ -112,3 +112,9 @@ def print_table(table, as_json, status):
     if len(table):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–"))
     print(status)
+
+
+def aligned(rows) -> str:
+    """Rows of text cells (the first one the header) as columns padded to their widest cell, one line each."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in rows)

@@ -18,7 +18,12 @@ class Family:
     audio | video (the manifest column it reads; a model type may have one family per modality, e.g. CLIP's
     image and text towers: the first registered is its primary one). adapter: "module:Class" of its Encoder subclass (imported only when a model of the family loads).
     block_path: dotted path of the model's list of transformer blocks (fine-tuning cuts and freezes there).
-    poolings: the poolings it supports. example: a hub id, for `featx models` and the README."""
+    poolings: the poolings it supports. example: a hub id, for `featx models` and the README.
+    config_path: the attribute of the checkpoint's config that holds this tower's config when it has several
+    (None: the modality's usual one, TOWER_CONFIGS; "": the config itself); a config without it is the tower's.
+    layers_field / width_field: the (sub)config's number of blocks and hidden width (Whisper: "encoder_layers",
+    "d_model"); a list (ConvNeXt's "hidden_sizes") counts its entries / takes its widest. describe_config reads
+    them; fine-tuning writes the kept number of blocks back (set_num_blocks)."""
     name: str
     model_types: tuple
     modality: str
@@ -27,6 +32,9 @@ class Family:
     poolings: tuple = ("mean", "cls")
     example: str = ""
     note: str = ""
+    config_path: str = None
+    layers_field: str = "num_hidden_layers"
+    width_field: str = "hidden_size"
 
     def adapter_class(self):
         module, cls = self.adapter.split(":")
@@ -48,6 +56,14 @@ def register_family(family: Family) -> Family:
     for t in family.model_types:
         _BY_TYPE.setdefault(t, {})[family.modality] = family
     return family
+
+
+def unregister_family(name) -> None:
+    """Remove the family `name` (a plug-in's, or a test's) from every (model type, modality) it serves."""
+    family = _FAMILIES.pop(name, None)
+    for t in family.model_types if family else ():
+        if _BY_TYPE.get(t, {}).get(family.modality) is family:
+            del _BY_TYPE[t][family.modality]
 
 
 def families() -> list:
@@ -110,6 +126,87 @@ def block_path(config, model=None, modality=None) -> str:
     raise FeatxError(f"cannot fine-tune {type(model).__name__}: it has no block list at {' or '.join(paths)}")
 
 
+# Where a multi-tower checkpoint's config keeps each modality's tower (CLIP, SigLIP, CLAP, X-CLIP).
+TOWER_CONFIGS = {"text": "text_config", "image": "vision_config", "audio": "audio_config", "video": "vision_config"}
+
+
+def tower_config(config, family: Family):
+    """The (sub)config of `family`'s tower: config.<config_path> when the checkpoint has it (a full CLIP
+    checkpoint's vision_config), else the config itself (a vision-only checkpoint)."""
+    path = TOWER_CONFIGS.get(family.modality, "") if family.config_path is None else family.config_path
+    return (getattr(config, path, None) if path else None) or config
+
+
+def describe_config(config, family: Family) -> dict:
+    """{"num_layers": L (blocks + 1: index 0 is the embedding output), "hidden_size": D (the widest layer)} of
+    `family`'s tower, read from the config only (no weights), through the family's config_path, layers_field
+    and width_field. FeatxError (one line) when the config lacks them."""
+    sub = tower_config(config, family)
+    blocks, width = getattr(sub, family.layers_field, None), getattr(sub, family.width_field, None)
+    if blocks is None or width is None:
+        raise FeatxError(f"model type {config.model_type!r} ({family.name}): its config has no "
+                         f"{family.layers_field if blocks is None else family.width_field!r}")
+    blocks = len(blocks) if isinstance(blocks, (list, tuple)) else int(blocks)
+    width = max(width) if isinstance(width, (list, tuple)) else int(width)
+    return {"num_layers": blocks + 1, "hidden_size": int(width)}
+
+
+def set_num_blocks(config, family: Family, blocks: int) -> None:
+    """Record in `config` (a model's own config) that its tower keeps `blocks` blocks (a truncated model)."""
+    sub = tower_config(config, family)
+    if isinstance(getattr(sub, family.layers_field, None), (list, tuple)):
+        setattr(sub, family.layers_field, list(getattr(sub, family.layers_field))[:blocks])
+    else:
+        setattr(sub, family.layers_field, int(blocks))
+
+
+def describe_model(name, config) -> dict:
+    """What `featx models MODEL` reports: the model, its model type and one dict per tower (primary first):
+    family, adapter, modality, num_layers, hidden_size, poolings, finetune (bool), block_path, note.
+    Reads only the config; FeatxError (one line) for an unsupported model type."""
+    towers = []
+    for family in families_of(config):
+        towers.append({"family": family.name, "adapter": family.adapter, "modality": family.modality,
+                       **describe_config(config, family), "poolings": list(family.poolings),
+                       "finetune": bool(family.block_path), "block_path": family.block_path, "note": family.note})
+    return {"model": str(name), "model_type": config.model_type, "towers": towers}
+
+
+TABLE_COLUMNS = ("family", "modality", "model types", "poolings", "fine-tune", "example", "note")
+
+
+def family_info(family: Family) -> dict:
+    """A family as JSON values (`featx models --json`): family, modality, model_types, poolings, finetune (bool),
+    block_path, adapter, example, note."""
+    f = family
+    return {"family": f.name, "modality": f.modality, "model_types": list(f.model_types), "poolings": list(f.poolings),
+            "finetune": bool(f.block_path), "block_path": f.block_path, "adapter": f.adapter, "example": f.example,
+            "note": f.note}
+
+
+def family_rows() -> list:
+    """One row per registered family, in registration order: {column of TABLE_COLUMNS: text}."""
+    rows = []
+    for d in map(family_info, families()):
+        rows.append({"family": d["family"], "modality": d["modality"], "model types": ", ".join(d["model_types"]),
+                     "poolings": ", ".join(d["poolings"]), "fine-tune": "yes" if d["finetune"] else "no",
+                     "example": d["example"], "note": d["note"]})
+    return rows
+
+
+def markdown_table() -> str:
+    """The supported families as a Markdown table (README's "Supported models"; `featx models --markdown`)."""
+    def cell(text, code=False):
+        text = str(text).replace("|", "\\|")
+        return f"`{text}`" if code and text else text
+
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in family_rows():
+        lines.append("| " + " | ".join(cell(row[c], code=c in ("family", "example")) for c in TABLE_COLUMNS)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _looks_like_path(name) -> bool:
     """True for a name only a folder can have: absolute, ./ ../ ~, a backslash, several '/', a trailing '/'."""
     return name.startswith(("/", os.sep, ".", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
@@ -134,6 +231,28 @@ def check_model_name(name) -> None:
                          "(namespace/name of letters, digits, '-', '_', '.')") from None
 
 
+def _folder_config_error(folder, trust_remote_code):
+    """Why transformers could not load the config.json of `folder` when it names a model type (custom code, or
+    a type transformers does not know), read as plain JSON; None when it names none."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+        kind = raw.get("model_type") if isinstance(raw, dict) else None
+    except (OSError, ValueError):
+        return None
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(kind, str) or not kind or (kind in CONFIG_MAPPING and not raw.get("auto_map")):
+        return None  # a type transformers knows: something else in the file is wrong
+    if raw.get("auto_map") and not trust_remote_code:
+        return (f"model {folder!r} (model type {kind!r}) ships its own Python code: featx loads it only with "
+                "--trust-remote-code, and runs it only when a featx family serves its model type (`featx models`)")
+    return (f"model type {kind!r} of {folder!r} is not supported: transformers does not know it and no featx family "
+            "serves it (`featx models` lists them; a checkpoint with custom code needs --trust-remote-code)")
+
+
 def load_config(name, trust_remote_code=False):
     """The checkpoint's transformers config; FeatxError (one line, naming the model) when it cannot load."""
     from transformers import AutoConfig
@@ -143,7 +262,8 @@ def load_config(name, trust_remote_code=False):
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError, ValueError, HTTP errors: the user needs the model name and what to do
         if os.path.isdir(str(name)):
-            raise FeatxError(f"cannot load model {name!r}: the folder has no usable config.json "
+            raise FeatxError(_folder_config_error(str(name), trust_remote_code) or
+                             f"cannot load model {name!r}: the folder has no usable config.json "
                              f"({first_line(e)[:160]})")
         raise FeatxError(f"cannot load model {name!r}: check the hub id or folder; featx found no local copy and "
                          "the hub is unreachable or offline (download it while online, or pass a local folder)")

@@ -32,9 +32,12 @@ from featx.settings import FinetuneSettings as FinetuneOptions
 from featx.settings import resolve_layers
 
 # Settings that change the numbers: a resumed run must have the same ones.
-RESUME_KEYS = ("models", "layers", "train_blocks", "head", "task", "pooling", "proj_size", "hidden_size", "heads",
-               "dropout", "lr", "head_lr", "weight_decay", "lr_decay", "epochs", "patience", "batch_size",
-               "accumulate", "clip_grad", "loss", "folds", "train_sizes", "seeds", "max_length", "max_audio_seconds")
+RESUME_KEYS = ("models", "modalities", "layers", "train_blocks", "head", "task", "pooling", "proj_size",
+               "hidden_size", "heads", "dropout", "lr", "head_lr", "weight_decay", "lr_decay", "epochs", "patience",
+               "batch_size", "accumulate", "clip_grad", "loss", "folds", "train_sizes", "seeds", "max_length",
+               "max_audio_seconds")
+# Resume keys a run written by an earlier featx may lack (its runs used each model's primary tower).
+ADDED_RESUME_KEYS = ("modalities",)
 # Options of the command line that are not settings of a run (inputs, output and what is printed).
 NOT_RUN_SETTINGS = ("manifest", "model", "out", "pool", "no_save_model", "json", "quiet")
 
@@ -88,6 +91,10 @@ class FinetuneSettings(FinetuneOptions):
             self.layers = self.layers * n_models
         if len(self.layers) != n_models:
             raise FeatxError(f"give one layer per model ({n_models}), got {len(self.layers)}")
+        if len(self.modality) == 1:
+            self.modality = self.modality * n_models
+        if len(self.modality) != n_models:
+            raise FeatxError(f"give one --modality, or one per model ({n_models}), got {len(self.modality)}")
 
     def as_dict(self) -> dict:
         """The run's settings as JSON values (training sizes as written: "0.5", "200", "1.0")."""
@@ -111,16 +118,13 @@ class _Inputs:
     """The models and the decoded data of a finetune call, with what was resolved from them."""
     models: list
     configs: list
-    modalities: list   # per model: text | image | audio
+    modalities: list   # per model: the tower it runs, text | image | audio | video
     columns: list      # per model: the manifest column it reads
+    num_layers: list   # per model: hidden states of the tower (blocks + 1)
     items: object      # featx.finetune.data.DecodedItems, labels as float64 (regression) or str
     task: str
     classes: object    # sorted classes (classification) or None
     layers: list       # cut layer per model
-
-
-def _num_layers(config):
-    return int(getattr(config, "vision_config", config).num_hidden_layers) + 1
 
 
 def _best_layer(encoder, probe_results, task):
@@ -158,18 +162,65 @@ def _cut_layers(specs, encoders, probe_results, task):
     return out
 
 
+def _towers(df, configs, specs, name) -> list:
+    """The family (tower) each model fine-tunes: the one of its --modality, or (auto) its first tower, primary
+    first, whose column the manifest has and that no earlier model runs (CLIP beside BERT: its image tower; CLIP
+    alone on a text column: its text tower). FeatxError (one line) when the manifest has no column for it."""
+    from featx.data.manifest import source_column
+    from featx.encoders import families_of, family_of
+
+    taken, out = set(), []
+    for config, spec in zip(configs, specs):
+        if spec != "auto":
+            family = family_of(config, spec)
+            source_column(df, spec, name)
+        else:
+            towers = families_of(config)
+            usable = [f for f in towers if _has_column(df, f.modality)]
+            if not usable:
+                source_column(df, towers[0].modality, name)  # raises: names the column it needs
+            family = next((f for f in usable if f.modality not in taken), usable[0])
+        taken.add(family.modality)
+        out.append(family)
+    return out
+
+
+def _has_column(df, modality) -> bool:
+    from featx.data.manifest import source_column
+
+    try:
+        source_column(df, modality)
+        return True
+    except FeatxError:
+        return False
+
+
+def _check_trainable(families, configs, settings):
+    """One line, before any weights load, for a tower featx cannot cut (no block list) or a pooling it lacks."""
+    from featx.encoders import block_path
+
+    for family, config in zip(families, configs):
+        block_path(config, None, family.modality)  # FeatxError: "... cannot be fine-tuned by featx: why"
+        if settings.head == "concat" and settings.pooling not in family.poolings:
+            raise FeatxError(f"{family.name} models support the poolings {', '.join(family.poolings)}, not "
+                             f"--pool {settings.pooling}{': ' + family.note if family.note else ''}")
+
+
 def _prepare(manifest, models, settings, device) -> _Inputs:
     """Load the models' configs and encoders, decode the labelled items, settle the task and cut layers."""
     from featx.data.manifest import read_manifest, source_column
-    from featx.encoders import load_config, load_encoder, modality_of
+    from featx.encoders import load_config, load_encoder
     from featx.probing.estimators import infer_task
 
     df = read_manifest(manifest)
+    name = os.path.basename(os.fspath(manifest))
     configs = [load_config(m) for m in models]
-    modalities = [modality_of(c) for c in configs]
-    columns = [source_column(df, m, os.path.basename(os.fspath(manifest))) for m in modalities]
-    encoders = [load_encoder(m, config=c, device=device, max_length=settings.max_length)
-                for m, c in zip(models, configs)]
+    families = _towers(df, configs, settings.modality, name)
+    _check_trainable(families, configs, settings)
+    modalities = [f.modality for f in families]
+    columns = [source_column(df, m, name) for m in modalities]
+    encoders = [load_encoder(m, config=c, device=device, max_length=settings.max_length, modality=mo)
+                for m, c, mo in zip(models, configs, modalities)]
     items = decode_items(df, encoders, columns, settings.max_audio_seconds)
     if len(items.ids) < 4:
         raise FeatxError(f"only {len(items.ids)} usable labelled items; fine-tuning needs more")
@@ -178,14 +229,15 @@ def _prepare(manifest, models, settings, device) -> _Inputs:
     items.labels = labels.astype(np.float64) if task == "regression" else labels.astype(str).astype(object)
     classes = sorted(set(items.labels.tolist())) if task == "classification" else None
     layers = _cut_layers(settings.layers, encoders, settings.probe_results, task)
-    return _Inputs(models, configs, modalities, columns, items, task, classes, layers)
+    return _Inputs(models, configs, modalities, columns, [e.num_layers for e in encoders], items, task, classes,
+                   layers)
 
 
 def _run_config(inputs: _Inputs, settings) -> dict:
     """finetune.json: the resolved settings a resumed run must share."""
     s = settings.as_dict()
     resolved = {"models": [os.path.abspath(m) if os.path.isdir(m) else m for m in inputs.models],
-                "layers": inputs.layers, "task": inputs.task}
+                "modalities": inputs.modalities, "layers": inputs.layers, "task": inputs.task}
     return {k: resolved[k] if k in resolved else s[k] for k in RESUME_KEYS}
 
 
@@ -201,8 +253,8 @@ def _open_output(out, config, settings):
                              "to start again")
         else:
             old = read_json(cfg_path)
-            changed = [k for k in RESUME_KEYS
-                       if json.dumps(strict_json(old.get(k))) != json.dumps(strict_json(config.get(k)))]
+            changed = [k for k in RESUME_KEYS if (k in old or k not in ADDED_RESUME_KEYS)
+                       and json.dumps(strict_json(old.get(k))) != json.dumps(strict_json(config.get(k)))]
             if changed:
                 raise FeatxError(f"cannot resume {out}: settings differ from the run there ({', '.join(changed)})")
     os.makedirs(runs_dir, exist_ok=True)
@@ -269,7 +321,7 @@ def _row_base(inputs: _Inputs, settings) -> dict:
     modality = "+".join("video" if c == "video" and m == "image" else m
                         for c, m in zip(inputs.columns, inputs.modalities))
     return dict(encoder="+".join(display_names(inputs.models)), modality=modality,
-                num_layers=_num_layers(inputs.configs[0]) if single else -1,
+                num_layers=inputs.num_layers[0] if single else -1,
                 layer=inputs.layers[0] if single else -1,
                 pooling="attentive" if settings.head == "gated" else settings.pooling,
                 probe=f"finetune-{settings.head}", method="finetune")
@@ -278,10 +330,9 @@ def _row_base(inputs: _Inputs, settings) -> dict:
 def _write_meta(out, inputs: _Inputs, settings, data: TrainingData, chance):
     """out/meta.json: task and chance, encoders and cut layers, every resolved setting, command line, versions."""
     config = _run_config(inputs, settings)
-    encoders = [{"encoder": n, "path": m, "modality": mo, "num_layers": _num_layers(c), "layer": k,
-                 "train_blocks": tb}
-                for n, m, mo, c, k, tb in zip(display_names(inputs.models), inputs.models, inputs.modalities,
-                                              inputs.configs, inputs.layers, settings.train_blocks)]
+    encoders = [{"encoder": n, "path": m, "modality": mo, "num_layers": nl, "layer": k, "train_blocks": tb}
+                for n, m, mo, nl, k, tb in zip(display_names(inputs.models), inputs.models, inputs.modalities,
+                                               inputs.num_layers, inputs.layers, settings.train_blocks)]
     resolved = dict(settings.as_dict(), task=inputs.task, cut_layers=inputs.layers, device=str(data.device),
                     precision=data.precision)
     meta = {**meta_head(inputs.task, chance), "caches": [], "encoders": encoders,
@@ -316,8 +367,8 @@ def finetune(manifest, models, out, **settings) -> FinetuneResult:
     def load_encoders():  # each run starts from fresh pretrained weights
         from featx.encoders import load_encoder
 
-        return [load_encoder(m, config=c, device=device, max_length=s.max_length)
-                for m, c in zip(models, inputs.configs)]
+        return [load_encoder(m, config=c, device=device, max_length=s.max_length, modality=mo)
+                for m, c, mo in zip(models, inputs.configs, inputs.modalities)]
 
     data = TrainingData(inputs.items, inputs.task, inputs.classes, inputs.layers, load_encoders, device, precision,
                         s.progress, s.resume)

@@ -41,7 +41,7 @@ def item_input(encoder, decoded, max_audio_seconds):
         wav = decoded[0] if len(decoded) == 1 else np.concatenate(decoded)
         limit = int(max_audio_seconds * encoder.sample_rate) if max_audio_seconds else 0
         wav = wav[:limit] if limit else wav
-        if encoder.num_frames(wav.shape[0]) < 1:
+        if hasattr(encoder, "num_frames") and encoder.num_frames(wav.shape[0]) < 1:  # wav2vec2's conv front end
             raise MediaError("audio too short for the model (no frames)")
         return wav
     return decoded[len(decoded) // 2]

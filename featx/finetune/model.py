@@ -1,8 +1,9 @@
 """The joint model: encoders cut at a layer (EncoderBranch) and a fusion head over their hidden states.
 
-Each branch is a featx encoder cut at a chosen layer: its block list is truncated so the model stops at hidden
-state `layer` (0 = embeddings output, L-1 = last), and that hidden state is what the head sees, the same tensor
-`featx extract` caches. The block list is found at the encoder family's `block_path` (featx.encoders.registry).
+Each branch is a featx encoder cut at a chosen layer: its block list is truncated to the blocks that hidden state
+`layer` (0 = embeddings output, L-1 = last) needs, and that hidden state is what the head sees, the same tensor
+`featx extract` caches. The block list is found at the encoder family's `block_path` (featx.encoders.registry),
+of the tower the branch runs (CLIP: image or text); a family without one cannot be fine-tuned.
 `train_blocks=k` trains the top k kept blocks only (embeddings and lower blocks frozen and run in eval mode);
 -1 trains everything, 0 freezes the encoder. The conv feature encoder of speech models is always frozen.
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from featx.device import autocast
 from featx.encoders.pooling import pool
-from featx.encoders.registry import block_path
+from featx.encoders.registry import block_path, family_of
 from featx.errors import FeatxError
 from featx.probing.fusion import gated_model
 from featx.settings import HEADS, defaults_of
@@ -43,26 +44,32 @@ class HeadSettings:
     dropout: float = _OPTIONS["dropout"]
 
 
-def block_list(model, config):
-    """(parent module, attribute name) of the model's list of transformer blocks, at the path its encoder
-    family names (featx.encoders.registry.block_path)."""
-    *parents, name = block_path(config, model).split(".")
+def block_list(model, path):
+    """(parent module, attribute name) of the model's list of transformer blocks at dotted `path` (the one its
+    encoder family names: featx.encoders.registry.block_path)."""
+    *parents, name = path.split(".")
     obj = model
     for p in parents:
         obj = getattr(obj, p)
     return obj, name
 
 
-def kept_blocks(layer) -> int:
-    """Blocks a branch cut at `layer` keeps: max(layer, 1) (a model with no blocks returns no hidden states)."""
-    return max(int(layer), 1)
+def kept_blocks(layer, num_layers) -> int:
+    """Blocks a branch cut at hidden state `layer` of `num_layers` keeps: one above the cut, up to all of them.
+
+    Some models normalise their last block's output into their last hidden state (GPT-2's ln_f, Llama's norm):
+    cut just at `layer`, hidden state `layer` would come out normalised, unlike the one extract caches. With one
+    block above the cut it is that block's input, as in the whole model (the block above runs, frozen; a model
+    with no blocks would return no hidden states)."""
+    return min(int(layer) + 1, int(num_layers) - 1)
 
 
 class EncoderBranch(nn.Module):
     """One encoder cut at hidden state `layer`, with all but its top `train_blocks` kept blocks frozen.
 
-    forward(inputs) -> (hidden_states[layer] (B, T, D), mask (B, T) bool). The block list is truncated to
-    kept_blocks(layer) blocks, so nothing above the cut runs.
+    forward(inputs) -> (hidden_states[layer] (B, T, D_layer), mask (B, T) bool), D_layer = hidden_size: the cut
+    layer's width (layer_widths[layer] for a CNN's stages). The block list is truncated to kept_blocks(layer, L)
+    blocks, so at most one block above the cut runs (frozen).
     """
 
     def __init__(self, adapter, layer, train_blocks=-1):
@@ -73,10 +80,13 @@ class EncoderBranch(nn.Module):
         if not 0 <= layer < L:
             raise FeatxError(f"{adapter.name}: layer {layer} out of range 0..{L - 1}")
         self.adapter, self.layer, self.num_layers = adapter, layer, L
-        self.modality, self.hidden_size = adapter.modality, adapter.hidden_size
+        self.modality = adapter.modality
+        self.hidden_size = int(adapter.layer_widths[layer]) if adapter.layer_widths else adapter.hidden_size
+        self.family = family_of(adapter.config, adapter.modality)
         self.encoder = adapter.model
-        parent, attr = block_list(self.encoder, adapter.config)
-        setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[:kept_blocks(layer)]))
+        self.block_path = block_path(adapter.config, self.encoder, adapter.modality)  # of the branch's tower
+        parent, attr = block_list(self.encoder, self.block_path)
+        setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[:kept_blocks(layer, L)]))
         self._freeze(list(getattr(parent, attr)), int(train_blocks))
 
     def _freeze(self, blocks, train_blocks):
@@ -88,8 +98,8 @@ class EncoderBranch(nn.Module):
         self.trainable_blocks = used[len(used) - k:] if k else []
         for block in self.trainable_blocks:
             block.requires_grad_(True)
-        if self.layer == 0:  # the one block kept for the forward is above the cut
-            blocks[0].requires_grad_(False)
+        for block in blocks[self.layer:]:  # the block kept above the cut gets no gradient: frozen
+            block.requires_grad_(False)
         for name in UNUSED_MODULES:
             for holder in (self.encoder, getattr(self.encoder, "vision_model", None)):
                 if holder is not None and isinstance(getattr(holder, name, None), nn.Module):

@@ -4,7 +4,8 @@ model/
   config.json       format, task, classes, target scaling, head settings, one entry per encoder
   head.safetensors  the fusion head's weights
   encoder-<i>/      the encoder truncated at its cut layer (save_pretrained: config.json with the kept number of
-                    blocks, model.safetensors) with its tokenizer or processor
+                    blocks, model.safetensors) with its tokenizer or processor; loaded back as the tower
+                    (modality) it was trained as
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 
 from featx.encoders.base import quiet_libraries
+from featx.encoders.registry import set_num_blocks
 from featx.errors import FeatxError
 from featx.finetune.checkpoints import load_tensors, save_tensors
 from featx.finetune.data import DecodedItems, TargetCoding, batches, decode_items
@@ -33,7 +35,8 @@ def _save_encoder(folder, branch):
     with quiet_libraries():  # no 'Writing model shards' bar
         adapter.model.save_pretrained(folder, safe_serialization=True)
     config = copy.deepcopy(adapter.model.config)
-    config.num_hidden_layers = kept_blocks(branch.layer)  # the block list was truncated to this many
+    # the block list was truncated to this many (written where the family's config keeps its number of blocks)
+    set_num_blocks(config, branch.family, kept_blocks(branch.layer, branch.num_layers))
     config.save_pretrained(folder)
     for attr in ("tokenizer", "processor"):
         if getattr(adapter, attr, None) is not None:
@@ -110,11 +113,17 @@ def _load_v1(path, config, device):
     from featx.encoders import load_encoder
 
     entries = config["encoders"]
-    encoders = [load_encoder(e["model"], device=device, max_length=config["max_length"]) for e in entries]
+    encoders = [load_encoder(e["model"], device=device, max_length=config["max_length"], modality=e.get("modality"))
+                for e in entries]
     out_dim = len(config["classes"]) if config["task"] == "classification" else 1
     model = build_model(encoders, [e["layer"] for e in entries], [0] * len(entries), HeadSettings(**config["head"]),
                         out_dim).to(device)
-    load_model(model, os.path.join(path, "model.safetensors"), strict=True, device=str(device))
+    missing, unexpected = load_model(model, os.path.join(path, "model.safetensors"), strict=False, device=str(device))
+    # The first format cut at `layer` blocks; a branch now keeps one frozen block above the cut (kept_blocks), whose
+    # output never reaches hidden state `layer`: only its weights may be missing, and they stay the base model's.
+    above = tuple(f"branches.{i}.encoder.{b.block_path}.{b.layer}." for i, b in enumerate(model.branches))
+    if unexpected or any(not k.startswith(above) for k in missing):
+        raise FeatxError(f"{path}: model.safetensors does not match its config.json (a damaged or edited model?)")
     return FinetunedModel(model.eval(), encoders, config, device)
 
 
@@ -128,8 +137,8 @@ def load_finetuned(path, device="cpu") -> FinetunedModel:
     if config["format"] == FORMAT_V1:
         return _load_v1(path, config, device)
     entries = config["encoders"]
-    encoders = [load_encoder(os.path.join(path, e["folder"]), device=device, max_length=config["max_length"])
-                for e in entries]
+    encoders = [load_encoder(os.path.join(path, e["folder"]), device=device, max_length=config["max_length"],
+                             modality=e["modality"]) for e in entries]
     out_dim = len(config["classes"]) if config["task"] == "classification" else 1
     model = build_model(encoders, [e["layer"] for e in entries], [0] * len(entries), HeadSettings(**config["head"]),
                         out_dim).to(device)

@@ -68,9 +68,10 @@ def test_model_folder_predicts_after_the_base_models_are_deleted(tmp_path, tiny_
     assert after["id"].tolist() == before["id"].tolist()
     assert after["prediction"].tolist() == before["prediction"].fillna("").tolist()
     assert before["prediction"].notna().sum() == 30
-    # The encoders are kept only up to their cut: bert cut at 1 keeps one block, clip (last = 2) keeps two.
+    # The encoders are kept only up to their cut: bert cut at 1 keeps its block 0 and the frozen block above the
+    # cut (featx.finetune.model.kept_blocks), clip (last = 2) its two.
     kept = [json.loads((model / f"encoder-{i}" / "config.json").read_text())["num_hidden_layers"] for i in (0, 1)]
-    assert kept == [1, 2]
+    assert kept == [2, 2]
     assert (model / "encoder-0" / "tokenizer_config.json").exists()
     assert (model / "encoder-1" / "preprocessor_config.json").exists()
 
