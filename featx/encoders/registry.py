@@ -322,7 +322,7 @@ register_family(Family("siglip2-vision", ("siglip2", "siglip2_vision_model"), "i
                        poolings=("mean",), example="google/siglip2-base-patch16-naflex",
                        note="NaFlex: no class token; mean over each image's valid patches (padding masked)"))
 register_family(Family("convnext", ("convnext", "convnextv2"), "image", f"{_VISION}:ConvNextEncoder", "",
-                       poolings=("mean",), example="facebook/convnextv2-tiny-22k-224",
+                       poolings=("mean",), layers_field="num_stages", width_field="hidden_sizes", example="facebook/convnextv2-tiny-22k-224",
                        note="stage feature maps averaged over space; stages differ in width (the cache records "
                             "layer_widths); no --seq; its stages are not a block list: extract only"))
 # --- end of image families
@@ -343,7 +343,7 @@ register_family(Family("ast", ("audio-spectrogram-transformer",), "audio", _SPEE
                        note="windows of at most max_length fbank frames (10.24 s); cls = position 0; mean over the "
                             "patches over real audio (not the distillation token)"))
 register_family(Family("clap-audio", ("clap", "clap_audio_model"), "audio", _SPEECH + "ClapAudioEncoder", "",
-                       poolings=("mean",), example="laion/clap-htsat-unfused",
+                       poolings=("mean",), layers_field="depths", example="laion/clap-htsat-unfused",
                        note="the HTSAT audio tower; windows of at most max_length_s (10 s); each stage's mean over "
                             "its map (stages differ in width): extract only, no fine-tuning"))
 register_family(Family("w2v-bert", ("wav2vec2-bert",), "audio", _SPEECH + "W2vBertEncoder", "encoder.layers",
@@ -361,7 +361,7 @@ register_family(Family("vjepa2", ("vjepa2",), "video", f"{_VIDEO}:VJEPA2Encoder"
                        poolings=("mean",), example="facebook/vjepa2-vitl-fpc64-256",
                        note="a clip of frames_per_clip frames; the encoder only (no predictor); tubelet tokens, "
                             "no class token: mean pooling only"))
-register_family(Family("xclip-vision", ("xclip",), "video", f"{_VIDEO}:XCLIPVisionEncoder", "encoder.layers",
+register_family(Family("xclip-vision", ("xclip", "xclip_vision_model"), "video", f"{_VIDEO}:XCLIPVisionEncoder", "encoder.layers",
                        example="microsoft/xclip-base-patch32",
                        note="the vision tower over a clip of num_frames frames: mean over every token of every "
                             "frame; cls = the mean over frames of each frame's class token"))

@@ -68,6 +68,9 @@ class SpeechEncoder(Encoder):
         if info.get("missing_keys"):
             raise FeatxError(f"model {name!r} lacks {len(info['missing_keys'])} weights of its "
                              f"{type(model).__name__} (e.g. {sorted(info['missing_keys'])[0]})")
+        # transformers would save the tower with the loading regex "reversed" into its keys ("?encoder.conv1.bias");
+        # saved, it is a model of its own (a fine-tuned encoder), under its own keys
+        model.__dict__.pop("_weight_conversions", None)
         return model
 
     def loader(self):

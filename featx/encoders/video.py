@@ -121,9 +121,13 @@ class _XCLIPVisionTower:
 
     @staticmethod
     def from_pretrained(name, **kwargs):
-        from transformers import XCLIPModel
+        from transformers import AutoConfig, XCLIPModel, XCLIPVisionModel
 
-        return XCLIPModel.from_pretrained(name, **kwargs).vision_model
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(
+            name, trust_remote_code=kwargs.get("trust_remote_code", False))
+        if config.model_type == "xclip_vision_model":  # a vision tower saved alone (a fine-tuned encoder)
+            return XCLIPVisionModel.from_pretrained(name, config=config, **kwargs)
+        return XCLIPModel.from_pretrained(name, config=config, **kwargs).vision_model
 
 
 class XCLIPVisionEncoder(VideoEncoder):
