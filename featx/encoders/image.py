@@ -65,18 +65,20 @@ class ImageEncoder(Encoder):
         if type(self.processor).__name__.endswith("Pil") and not is_torchvision_available():
             self.advice.append("torchvision is not installed, so images are resized with PIL; install featx[vision] "
                                "(torchvision) for about 2x faster image preprocessing")
+        elif image_preprocess != self.image_preprocess and not self._own_inputs():
+            self.advice.append(f"{type(self.processor).__name__} has no torchvision backend, so images are "
+                               "preprocessed one by one with it (image_preprocess processor)")
+
+    def _own_inputs(self) -> bool:
+        """Whether a subclass makes its own per-image inputs (its own preprocessor or collate)."""
+        return type(self).preprocessor is not ImageEncoder.preprocessor or type(self).collate is not ImageEncoder.collate
 
     def _preprocess_path(self, wanted) -> str:
         """The image_preprocess path this encoder runs: batched-torch needs a torchvision processor, and a
-        subclass that makes its own per-image inputs (its own preprocessor or collate) keeps them."""
+        subclass that makes its own per-image inputs keeps them (processor)."""
         if wanted not in IMAGE_PREPROCESS:
             raise FeatxError(f"unknown image preprocessing {wanted!r}; choose from {', '.join(IMAGE_PREPROCESS)}")
-        own = type(self).preprocessor is not ImageEncoder.preprocessor or type(self).collate is not ImageEncoder.collate
-        if wanted == "processor" or own:
-            return "processor"
-        if not torchvision_processor(self.processor):
-            self.advice.append(f"{type(self.processor).__name__} has no torchvision backend: images are preprocessed "
-                               "one by one with it (image_preprocess processor)")
+        if wanted == "processor" or self._own_inputs() or not torchvision_processor(self.processor):
             return "processor"
         return "batched-torch"
 

@@ -48,7 +48,7 @@ class Decoder:
     def decoded(self, row) -> list:
         """decode(row); MediaError when it gives no input."""
         inputs = self.decode(row)
-        if not len(inputs):
+        if not inputs:
             raise MediaError("the item decoded to no input")
         return inputs
 

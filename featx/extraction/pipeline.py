@@ -273,7 +273,7 @@ def _known_attrs(job, settings) -> dict:
         attrs["max_audio_seconds"] = float(settings.max_audio_seconds or 0)
     if job.per_frame:
         attrs["fps"] = float(settings.fps)
-    if job.modality == "image":  # the two paths round differently: a resume with the other one is refused
+    if job.modality == "image":  # which path made the pixels (they may round differently on CUDA): a setting
         attrs["image_preprocess"] = settings.image_preprocess
     if settings.seq:
         attrs["seq_stride"] = int(settings.seq_stride)

@@ -10,7 +10,7 @@ from featx import extract
 from featx.cache import open_cache
 from featx.data.media import load_image
 from featx.encoders import load_encoder
-from featx.encoders.image import ImageEncoder
+from featx.encoders.image import ImageEncoder, torchvision_processor
 from featx.encoders.text import TextEncoder
 from featx.errors import FeatxError
 from featx.extraction.decode import DecodedItems, Decoder
@@ -48,6 +48,9 @@ def both_paths(tiny_clip_vision):
 
 
 def test_batched_pixels_equal_the_checkpoint_processor_per_image(images, both_paths):
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
+    # only a torchvision processor takes batches of uint8 tensors on a device; a PIL one runs per image
+    assert torchvision_processor(CLIPImageProcessor()) and not torchvision_processor(CLIPImageProcessorPil())
     batched, per_image = both_paths
     assert (batched.image_preprocess, per_image.image_preprocess) == ("batched-torch", "processor")
     assert batched.attrs["image_preprocess"] == "batched-torch" and per_image.attrs["image_preprocess"] == "processor"
