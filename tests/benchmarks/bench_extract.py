@@ -19,6 +19,13 @@ checkpoint), writes a data set of varied lengths to disk, and measures on the sa
 It then times reading one layer of all items back from a cache (page cache warm), from the caches (b)
 wrote and from a synthetic cache of --readback-n items (written with featx.cache.CacheWriter).
 
+Host cost (issue 15's CPU acceptance, with --size tiny): per kind, the plain tool alone on the same files or
+texts, alternated with (a) and (b): PIL.Image.open(f).convert("RGB") per image file (JPEG by default), the
+fast tokenizer's batch call over all texts, soundfile.read per audio file. featx's host cost is (b) - (a);
+the ratios printed are image: host seconds per image / PIL's (target <= 1), text: host texts/s / the
+tokenizer's (target >= 0.5), audio: featx items/s / the bare forward's (target >= 0.9). Then one more featx
+run per kind under cProfile gives where the main process spends its time per item (--no-profile skips it).
+
 Model FLOPs per item (used for GFLOP/s and, on CUDA, model-FLOP utilisation against --peak-flops):
     2 * P * T  +  4 * layers * T^2 * hidden   (+ the conv feature encoder for audio)
 where T is the item's real (unpadded) positions: tokens for text, patches + 1 for images, encoder frames
@@ -26,7 +33,9 @@ for audio; P is the parameters applied per position (everything but embedding ta
 for audio, the conv feature encoder, whose FLOPs are counted per layer as 2 * out_len * C_in * C_out * k).
 For ViT-L/14 at 224 this gives about 162 GFLOPs per image.
 
-Run: python tests/bench_extract.py --size base --kinds text,image,audio --n 64 --json bench.json
+Run: python tests/benchmarks/bench_extract.py --size base --kinds text,image,audio --n 64 --json bench.json
+CPU ratios: python tests/benchmarks/bench_extract.py --size tiny --n text=4000,image=100,audio=48 --repeat 3
+            --threads 1 --skip-naive --readback-n 0
 See --help. Standalone script (named bench_*.py so pytest does not collect it).
 """
 from __future__ import annotations
