@@ -15,6 +15,9 @@ from featx.errors import FeatxError, first_line
 
 POOLINGS = ("mean", "cls", "last")  # last: the last real token (decoder LMs)
 MAX_IMAGE_PIXELS = 100_000_000   # 10,000 x 10,000: about 300 MB once decoded to RGB
+# How images become pixel values: batched-torch (workers decode to uint8; the checkpoint's torchvision processor
+# runs on whole batches on the model's device) or processor (the checkpoint's processor per image, in the workers)
+IMAGE_PREPROCESS = ("batched-torch", "processor")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("auto", "regression", "classification")
@@ -575,6 +578,10 @@ class ExtractSettings(Settings):
                                      "never from a recipe)", flag=True, cli_only=True)
     max_image_pixels: int = option(MAX_IMAGE_PIXELS, "images (and video frames) with more pixels fail as items "
                                    "before they are decoded; 0: no limit", optional(integer(0)))
+    image_preprocess: str = option("batched-torch", "images: batched-torch (workers only decode; the checkpoint's "
+                                   "torchvision processor resizes and normalises whole batches on the device) or "
+                                   "processor (the checkpoint's processor per image, in the workers); stored with the "
+                                   "cache", one_of("image preprocessing", *IMAGE_PREPROCESS))
     overwrite: bool = option(False, "start again over an existing cache", flag=True)
     quiet: bool = option(False, **_QUIET)
 
@@ -583,7 +590,7 @@ class ExtractSettings(Settings):
         names = ("seq", "seq_stride", "batch_size", "device", "dtype", "precision", "max_length", "max_batch_tokens",
                  "max_batch_seconds", "max_audio_seconds", "fps", "num_workers", "trust_remote_code", "overwrite")
         return dict({n: getattr(self, n) for n in names}, pool=self.pool, progress=not self.quiet,
-                    max_image_pixels=self.max_image_pixels)
+                    max_image_pixels=self.max_image_pixels, image_preprocess=self.image_preprocess)
 
 
 @dataclass

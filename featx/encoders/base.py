@@ -52,6 +52,12 @@ def model_loader(model_class):
     return getattr(transformers, model_class)
 
 
+def preprocess_many(preprocess, inputs) -> list:
+    """[preprocess(x) for x in inputs] (an Encoder.preprocessor()), in one call of its `many` when it has one."""
+    many = getattr(preprocess, "many", None)
+    return many(inputs) if many is not None else [preprocess(x) for x in inputs]
+
+
 class Encoder:
     """One model family behind one interface.
 
@@ -85,7 +91,9 @@ class Encoder:
     # --- what the pipeline calls -------------------------------------------------------------
     def preprocessor(self):
         """A picklable callable (no model inside, so it runs in DataLoader workers) that turns one decoded
-        input (text, PIL image, waveform) into model inputs with the checkpoint's own processor."""
+        input (text, PIL image, waveform) into model inputs with the checkpoint's own processor. It may also
+        have a method `many(inputs) -> [model inputs]` that does a list of them at once (a fast tokenizer's
+        batch call): the pipeline then calls that once per chunk of items."""
         raise NotImplementedError
 
     def size(self, feats) -> int:
@@ -97,7 +105,8 @@ class Encoder:
         return None
 
     def collate(self, feats) -> dict:
-        """CPU tensors for a batch of preprocessed inputs (padding as the processor pads), made with host_tensor."""
+        """Tensors for a batch of preprocessed inputs (padding as the processor pads): CPU tensors made with
+        host_tensor, or device tensors where the encoder preprocesses whole batches on its device."""
         raise NotImplementedError
 
     def host_tensor(self, shape, dtype, fill=None):
@@ -111,9 +120,9 @@ class Encoder:
         return torch.full(shape, fill, dtype=dtype, pin_memory=pin)
 
     def prepare(self, raws) -> dict:
-        """CPU tensors for a batch of decoded inputs: preprocess each, then collate."""
-        pre = self.preprocessor()
-        return self.collate([pre(r) for r in raws])
+        """collate's tensors for a batch of decoded inputs: preprocess them (together when the preprocessor
+        has `many`), then collate."""
+        return self.collate(preprocess_many(self.preprocessor(), raws))
 
     def forward(self, inputs):
         """(hidden_states, mask): L tensors (B, T, D) and a (B, T) bool mask of valid positions."""

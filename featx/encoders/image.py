@@ -1,12 +1,22 @@
-"""Image encoders: ViTs AutoModel loads, and the vision tower of a CLIP or SigLIP checkpoint (full or vision-only)."""
+"""Image encoders: ViTs AutoModel loads, and the vision tower of a CLIP or SigLIP checkpoint (full or vision-only).
+
+Two ways to pixel values (a cache setting, `image_preprocess`): "batched-torch", where DataLoader workers only
+decode images to uint8 and the checkpoint's own torchvision processor resizes, crops and normalises each whole
+batch on the model's device; and "processor", the same processor called per image in the workers.
+"""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from featx.encoders.base import Encoder, from_pretrained, model_loader
+from featx.errors import FeatxError
+from featx.settings import IMAGE_PREPROCESS
 
 
 class _Pixels:
+    """One image -> (3, S, S) float pixel values with the checkpoint's processor (the "processor" path)."""
+
     def __init__(self, processor):
         self.processor = processor
 
@@ -14,10 +24,29 @@ class _Pixels:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+def rgb_array(image) -> np.ndarray:
+    """(H, W, 3) uint8 of an RGB PIL image or array: what workers hand over on the "batched-torch" path."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got an array of shape {a.shape} and dtype {a.dtype}")
+    return a
+
+
+def torchvision_processor(processor) -> bool:
+    """Whether `processor` is a transformers image processor with the torchvision backend (batched uint8
+    tensors in, on any device)."""
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # transformers < 5
+        return False
+    return isinstance(processor, TorchvisionBackend)
+
+
 class ImageEncoder(Encoder):
     modality = "image"
 
-    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32", **_):
+    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32",
+                 image_preprocess="batched-torch", **_):
         super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
                          precision=precision)
         from transformers import AutoImageProcessor
@@ -27,16 +56,36 @@ class ImageEncoder(Encoder):
                                          trust_remote_code=trust_remote_code)
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights",
                                           trust_remote_code=trust_remote_code))
+        self.image_preprocess = self._preprocess_path(image_preprocess)
         size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None)
         # transformers 5 resizes with torchvision when it is installed (featx[vision]; about half the CPU time
         # per image) and with PIL otherwise; the two round differently, so the class is a setting of the cache.
-        self.attrs = {"image_size": str(dict(size)) if size else "", "image_processor": type(self.processor).__name__}
+        self.attrs = {"image_size": str(dict(size)) if size else "", "image_processor": type(self.processor).__name__,
+                      "image_preprocess": self.image_preprocess}
         if type(self.processor).__name__.endswith("Pil") and not is_torchvision_available():
             self.advice.append("torchvision is not installed, so images are resized with PIL; install featx[vision] "
                                "(torchvision) for about 2x faster image preprocessing")
+        elif image_preprocess != self.image_preprocess and not self._own_inputs():
+            self.advice.append(f"{type(self.processor).__name__} has no torchvision backend, so images are "
+                               "preprocessed one by one with it (image_preprocess processor)")
+
+    def _own_inputs(self) -> bool:
+        """Whether a subclass makes its own per-image inputs (its own preprocessor or collate)."""
+        return type(self).preprocessor is not ImageEncoder.preprocessor or type(self).collate is not ImageEncoder.collate
+
+    def _preprocess_path(self, wanted) -> str:
+        """The image_preprocess path this encoder runs: batched-torch needs a torchvision processor, and a
+        subclass that makes its own per-image inputs keeps them (processor)."""
+        if wanted not in IMAGE_PREPROCESS:
+            raise FeatxError(f"unknown image preprocessing {wanted!r}; choose from {', '.join(IMAGE_PREPROCESS)}")
+        if wanted == "processor" or self._own_inputs() or not torchvision_processor(self.processor):
+            return "processor"
+        return "batched-torch"
 
     def preprocessor(self):
-        return _Pixels(self.processor)
+        """Per image, in the workers: uint8 (H, W, 3) on the batched-torch path, pixel values (3, S, S) on the
+        processor path."""
+        return rgb_array if self.image_preprocess == "batched-torch" else _Pixels(self.processor)
 
     def shortest_side(self) -> int:
         """The largest side, in pixels, the processor resizes or crops to (0 when it does not say): an image
@@ -48,8 +97,29 @@ class ImageEncoder(Encoder):
         return max(sides, default=0)
 
     def collate(self, feats):
+        """{"pixel_values": (B, 3, S, S)}: stacked on the host (processor path), or, on the batched-torch path,
+        the checkpoint's processor run over the whole batch of uint8 images on the model's device."""
+        if self.image_preprocess == "batched-torch":
+            return {"pixel_values": self.pixels_of(feats)}
         out = self.host_tensor((len(feats), *feats[0].shape), feats[0].dtype)
         return {"pixel_values": torch.stack(list(feats), out=out)}
+
+    def pixels_of(self, images) -> torch.Tensor:
+        """(B, 3, S, S) float32 pixel values on the model's device for B uint8 (H_b, W_b, 3) images: images of
+        one size are stacked on the host (pinned on CUDA), copied in one transfer and made channels-first there;
+        then the checkpoint's own torchvision processor resizes, crops and normalises them in batches."""
+        groups = {}
+        for b, a in enumerate(images):
+            groups.setdefault(tuple(a.shape), []).append(b)
+        chw = [None] * len(images)
+        for shape, members in groups.items():
+            host = self.host_tensor((len(members), *shape), torch.uint8)
+            np.stack([np.asarray(images[b]) for b in members], out=host.numpy())
+            batch = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            for j, b in enumerate(members):
+                chw[b] = batch[j]
+        out = self.processor(images=chw, return_tensors="pt", device=self.device, input_data_format="channels_first")
+        return out["pixel_values"]
 
     def forward(self, inputs):
         pixels = inputs["pixel_values"].to(self.device, non_blocking=True)

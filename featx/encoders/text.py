@@ -1,6 +1,8 @@
 """Text encoders that AutoModel loads (BERT, RoBERTa, MiniLM, ...), with the checkpoint's tokenizer."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -8,6 +10,9 @@ from featx.encoders.base import Encoder, from_pretrained, model_loader
 
 
 class _Tokenize:
+    """Text -> {input_ids, attention_mask, ...: (T,) int64 arrays} with the checkpoint's tokenizer, truncated to
+    max_length: one text (__call__) or a chunk of texts in one batch call of the fast tokenizer (many)."""
+
     def __init__(self, tokenizer, max_length):
         self.tokenizer, self.max_length = tokenizer, max_length
 
@@ -15,6 +20,21 @@ class _Tokenize:
         # int64 arrays: they cross from DataLoader workers as bytes, and collate fills a batch from them fast
         return {k: np.asarray(v, dtype=np.int64)
                 for k, v in self.tokenizer(text, truncation=True, max_length=self.max_length).items()}
+
+    def many(self, texts) -> list:
+        """[__call__(t) for t in texts], from one batch call: each key's ids are read into one flat array and
+        every text gets views of it (no per-token Python work past the tokenizer's own)."""
+        if not len(texts):
+            return []
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        lengths = np.fromiter(map(len, enc["input_ids"]), np.int64, len(texts))
+        ends = np.cumsum(lengths)
+        total, cuts = int(ends[-1]), ends[:-1]
+        if any(sum(map(len, v)) != total for v in enc.values()):  # a key not one value per token: item by item
+            return [self(t) for t in texts]
+        views = {k: np.split(np.fromiter(itertools.chain.from_iterable(v), np.int64, total), cuts)
+                 for k, v in enc.items()}
+        return [dict(zip(views, row)) for row in zip(*views.values())]
 
 
 class TextEncoder(Encoder):
@@ -47,17 +67,15 @@ class TextEncoder(Encoder):
         if tok.pad_token_id is None or any(k not in pads for k in feats[0]):
             return dict(tok.pad([{k: v.tolist() for k, v in f.items()} for f in feats], padding=True,
                                 return_tensors="pt"))
-        n, left = max(len(f["input_ids"]) for f in feats), tok.padding_side == "left"
+        lengths = np.fromiter((len(f["input_ids"]) for f in feats), np.int64, len(feats))
+        n = int(lengths.max())
+        positions = np.arange(n)
+        # the valid positions of each row: a (B, n) mask whose True cells, row by row, take the row's values
+        valid = positions >= (n - lengths)[:, None] if tok.padding_side == "left" else positions < lengths[:, None]
         out = {}
         for k in feats[0]:
             out[k] = self.host_tensor((len(feats), n), torch.int64, pads[k])
-            a = out[k].numpy()
-            for b, f in enumerate(feats):
-                v = f[k]
-                if left:
-                    a[b, n - len(v):] = v
-                else:
-                    a[b, :len(v)] = v
+            out[k].numpy()[valid] = np.concatenate([f[k] for f in feats])
         return out
 
     def forward(self, inputs):

@@ -15,6 +15,7 @@ import torch
 
 from featx.data.media import (MAX_IMAGE_PIXELS, audio_windows, check_media_file, load_image, load_text, segment,
                               split_windows)
+from featx.encoders.base import preprocess_many
 from featx.errors import MediaError, first_line
 
 __all__ = ["Decoder", "DecodedItems", "pack_chunk", "unpack_chunk", "keep_chunk"]
@@ -41,10 +42,21 @@ class Decoder:
         self.max_image_pixels, self.shortest_side = max_image_pixels, shortest_side
 
     def __call__(self, row) -> list:
+        """The row's inputs, decoded and (with `preprocess`) made into model inputs; MediaError when none."""
+        inputs = self.decoded(row)
+        return [self.preprocess(x) for x in inputs] if self.preprocess else inputs
+
+    def decoded(self, row) -> list:
+        """decode(row); MediaError when it gives no input."""
         inputs = self.decode(row)
         if not inputs:
             raise MediaError("the item decoded to no input")
-        return [self.preprocess(x) for x in inputs] if self.preprocess else inputs
+        return inputs
+
+    def preprocess_chunk(self, inputs) -> list:
+        """[preprocess(x) for x in inputs], in one call of the preprocessor's `many` when it has one (a fast
+        tokenizer's batch call over a chunk of texts); the inputs themselves without `preprocess`."""
+        return preprocess_many(self.preprocess, inputs) if self.preprocess else list(inputs)
 
     def estimate(self, row) -> float:
         """A cheap cost of a row before decoding, for the length sort: characters of a text, seconds of an
@@ -105,12 +117,36 @@ class DecodedItems(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         i = int(self.indices[k])
+        return _guarded(i, self.decoder, self.rows[i])
+
+    def __getitems__(self, ks) -> list:
+        """The items ks (as __getitem__ gives them): each decoded on its own, then all their inputs preprocessed
+        together (Decoder.preprocess_chunk); if that fails, item by item, so only a bad item fails. DataLoader
+        calls this for each chunk, in a worker or (num_workers 0) in the main process."""
+        rows = [int(self.indices[k]) for k in ks]
+        decoded = [_guarded(i, self.decoder.decoded, self.rows[i]) for i in rows]
+        flat = [x for _, inputs, _ in decoded if inputs is not None for x in inputs]
         try:
-            return i, self.decoder(self.rows[i]), None
-        except MediaError as e:
-            return i, None, str(e)
-        except Exception as e:  # a decoder bug or an odd file must fail the item, not the batch
-            return i, None, f"{type(e).__name__}: {first_line(e)}"
+            done = self.decoder.preprocess_chunk(flat)
+        except Exception:
+            return [item if item[1] is None else _guarded(item[0], self.decoder.preprocess_chunk, item[1])
+                    for item in decoded]
+        out, at = [], 0
+        for i, inputs, why in decoded:
+            if inputs is not None:
+                inputs, at = done[at:at + len(inputs)], at + len(inputs)
+            out.append((i, inputs, why))
+        return out
+
+
+def _guarded(i, fn, arg):
+    """(i, fn(arg), None), or (i, None, a one-line reason) when it raises."""
+    try:
+        return i, fn(arg), None
+    except MediaError as e:
+        return i, None, str(e)
+    except Exception as e:  # a decoder bug or an odd file must fail the item, not the batch
+        return i, None, f"{type(e).__name__}: {first_line(e)}"
 
 
 def keep_chunk(chunk):

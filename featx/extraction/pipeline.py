@@ -66,6 +66,7 @@ class ResolvedSettings:
     max_batch_seconds: float | None  # CPU_BATCH_SECONDS on the CPU when not given
     num_workers: int
     max_image_pixels: int | None
+    image_preprocess: str       # batched-torch | processor (featx.settings.IMAGE_PREPROCESS)
     trust_remote_code: bool
     overwrite: bool
     progress: bool
@@ -84,7 +85,8 @@ class ResolvedSettings:
                    max_audio_seconds=options.max_audio_seconds, fps=options.fps,
                    max_batch_tokens=options.max_batch_tokens, max_batch_seconds=max_batch_seconds,
                    num_workers=default_workers(device) if options.num_workers is None else options.num_workers,
-                   max_image_pixels=options.max_image_pixels or None, trust_remote_code=options.trust_remote_code,
+                   max_image_pixels=options.max_image_pixels or None, image_preprocess=options.image_preprocess,
+                   trust_remote_code=options.trust_remote_code,
                    overwrite=options.overwrite, progress=not options.quiet,
                    group_size=int(group_size or max(64, 8 * options.batch_size)))
 
@@ -162,7 +164,9 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
     num_workers: decoding processes (default: 0 on the CPU, whose cores run the forward; on CUDA the CPUs
     this process may use less 2, shared among torchrun's local ranks, at most 16).
     group_size: items written to the cache as one part. max_image_pixels: images with more pixels fail as
-    items, before they are decoded (0 or None: no budget).
+    items, before they are decoded (0 or None: no budget). image_preprocess: batched-torch (workers only decode
+    images to uint8; the checkpoint's torchvision processor resizes and normalises each batch on the device) or
+    processor (the checkpoint's processor per image in the workers); stored with the cache.
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried). A model
     whose cache is already complete with these settings is not loaded.
     Raises FeatxError for usage/configuration errors, before any data is read or model loaded where it can.
@@ -277,6 +281,8 @@ def _known_attrs(job, settings) -> dict:
         attrs["fps"] = float(settings.fps)
     if job.modality == "video":  # a native video encoder's clip: its frame count and how frames are sampled
         attrs.update(num_frames=clip_frames(job.config), clip_sampling=CLIP_SAMPLING)
+    if job.modality == "image":  # which path made the pixels (they may round differently on CUDA): a setting
+        attrs["image_preprocess"] = settings.image_preprocess
     if settings.seq:
         attrs["seq_stride"] = int(settings.seq_stride)
     if job.modality == "text" and settings.max_length:
@@ -289,9 +295,10 @@ def _run_model(job, data, settings):
     torchrun the merged cache's summary (shown by rank 0)."""
     from featx.cache import CacheWriter
 
+    image = {"image_preprocess": settings.image_preprocess} if job.modality == "image" else {}
     encoder = load_encoder(job.model, config=job.config, device=settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
-                           max_length=settings.max_length, modality=job.modality)
+                           max_length=settings.max_length, modality=job.modality, **image)
     for line in encoder.advice:
         print(f"featx extract: {job.model}: {line}", file=sys.stderr)
     pools = _poolings(job, settings)
@@ -394,13 +401,15 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     if len(todo) == 0:
         return
     group_size, workers = settings.group_size, settings.num_workers
-    # Workers hand over lists of up to 16 decoded items; about two groups in flight keep the forward fed
-    # without holding thousands of decoded images (600 KB each as CLIP pixels) in memory.
-    chunk = max(1, min(16, int(group_size)))
+    # Workers hand over lists of up to 16 decoded items, texts a whole group (one batch call of the tokenizer
+    # each; a text is small); about two groups in flight keep the forward fed without holding thousands of
+    # decoded images in memory.
+    chunk = max(1, int(group_size) if decoder.modality == "text" else min(16, int(group_size)))
     prefetch = max(2, math.ceil(2 * group_size / (chunk * workers))) if workers else None
     loader = torch.utils.data.DataLoader(DecodedItems(rows, todo, decoder), batch_size=chunk, shuffle=False,
                                          num_workers=workers, collate_fn=pack_chunk if workers else keep_chunk,
-                                         prefetch_factor=prefetch)
+                                         prefetch_factor=prefetch, worker_init_fn=_one_thread_tokenizers if workers
+                                         else None)
     bar = progress_bar(len(todo), last_name(model), "item", enabled=progress)
     out = _WriteThread(writer)
     group = []
@@ -417,6 +426,12 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
         out.finish()
         bar.close()
     out.raise_error()
+
+
+def _one_thread_tokenizers(worker_id):
+    """In each decoding worker, fast tokenizers' batch calls run on one thread: the workers are the parallelism
+    (a thread pool per worker would put workers x CPUs threads on the CPUs)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _forward_group(runner, group, done):

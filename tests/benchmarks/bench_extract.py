@@ -19,6 +19,13 @@ checkpoint), writes a data set of varied lengths to disk, and measures on the sa
 It then times reading one layer of all items back from a cache (page cache warm), from the caches (b)
 wrote and from a synthetic cache of --readback-n items (written with featx.cache.CacheWriter).
 
+Host cost (issue 15's CPU acceptance, with --size tiny): per kind, the plain tool alone on the same files or
+texts, alternated with (a) and (b): PIL.Image.open(f).convert("RGB") per image file (JPEG by default), the
+fast tokenizer's batch call over all texts, soundfile.read per audio file. featx's host cost is (b) - (a);
+the ratios printed are image: host seconds per image / PIL's (target <= 1), text: host texts/s / the
+tokenizer's (target >= 0.5), audio: featx items/s / the bare forward's (target >= 0.9). Then one more featx
+run per kind under cProfile gives where the main process spends its time per item (--no-profile skips it).
+
 Model FLOPs per item (used for GFLOP/s and, on CUDA, model-FLOP utilisation against --peak-flops):
     2 * P * T  +  4 * layers * T^2 * hidden   (+ the conv feature encoder for audio)
 where T is the item's real (unpadded) positions: tokens for text, patches + 1 for images, encoder frames
@@ -26,7 +33,9 @@ for audio; P is the parameters applied per position (everything but embedding ta
 for audio, the conv feature encoder, whose FLOPs are counted per layer as 2 * out_len * C_in * C_out * k).
 For ViT-L/14 at 224 this gives about 162 GFLOPs per image.
 
-Run: python tests/bench_extract.py --size base --kinds text,image,audio --n 64 --json bench.json
+Run: python tests/benchmarks/bench_extract.py --size base --kinds text,image,audio --n 64 --json bench.json
+CPU ratios: python tests/benchmarks/bench_extract.py --size tiny --n text=4000,image=100,audio=48 --repeat 3
+            --threads 1 --skip-naive --readback-n 0
 See --help. Standalone script (named bench_*.py so pytest does not collect it).
 """
 from __future__ import annotations
@@ -65,7 +74,7 @@ _WAVLM_CONV_TINY = dict(conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kerne
                         max_bucket_distance=80)
 _IMAGE = {"tiny": dict(image_size=32, patch_size=8), "base": dict(image_size=224, patch_size=16),
           "large": dict(image_size=224, patch_size=14)}
-_DEFAULT_IMAGE_SIZES = {"tiny": "40x30,64x48,32x32", "base": "320x240,480x360,640x360,1280x720",
+_DEFAULT_IMAGE_SIZES = {"tiny": "1280x720,640x480", "base": "320x240,480x360,640x360,1280x720",
                         "large": "320x240,480x360,640x360,1280x720"}
 _DEFAULT_AUDIO_SECONDS = {"tiny": "0.3,1.5", "base": "1,15", "large": "1,15"}
 
@@ -142,18 +151,18 @@ def make_data(kind, n, folder, args, seed=0):
         from PIL import Image
 
         sizes = [tuple(int(v) for v in s.split("x")) for s in args.image_sizes.split(",")]
-        pool = []
+        pool, ext = [], "jpg" if args.image_format == "jpeg" else "png"
         for s, (w, h) in enumerate(sizes):  # a few distinct files per size, copied: decoding counts, not writing
             for v in range(4):
                 small = rng.integers(0, 255, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
                 im = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
                 im = np.clip(im + rng.integers(-6, 7, im.shape), 0, 255).astype(np.uint8)  # smooth + a little noise
-                p = os.path.join(folder, f"_src{s}_{v}.png")
-                Image.fromarray(im).save(p)
+                p = os.path.join(folder, f"_src{s}_{v}.{ext}")
+                Image.fromarray(im).save(p, **({"quality": 90} if ext == "jpg" else {}))
                 pool.append(p)
         col = []
         for k, i in enumerate(ids):
-            p = os.path.join(folder, f"{i}.png")
+            p = os.path.join(folder, f"{i}.{ext}")
             shutil.copyfile(pool[int(rng.integers(len(pool)))], p)
             col.append(os.path.basename(p))
     else:
@@ -462,6 +471,156 @@ def measure_naive(manifest, model_dir, args, kind, out, count):
     return {"seconds": time.perf_counter() - t, "n": len(rows), "cpu_seconds": _cpu_seconds() - cpu}
 
 
+# ------------------------------------------------------------------------ host cost against the plain tools
+class HostBaseline:
+    """What a kind's items cost with the plain tool alone, on the same files or texts (the CPU acceptance of
+    issue 15): image: `PIL.Image.open(f).convert("RGB")` per file; text: the fast tokenizer's own batch call
+    over all texts (truncated as featx does); audio: `soundfile.read` per file (added to the bare forward (a)).
+    `time_once()` times one pass; `seconds` is the best pass."""
+
+    def __init__(self, manifest, model_dir, kind):
+        import pandas as pd
+
+        df = pd.read_csv(manifest)
+        base = os.path.dirname(os.path.abspath(manifest))
+        self.kind, self.times = kind, []
+        if kind == "text":
+            from transformers import AutoConfig, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            cfg = AutoConfig.from_pretrained(model_dir)
+            self.max_length = min(int(self.tokenizer.model_max_length or 512), int(cfg.max_position_embeddings))
+            self.items = [str(t).strip() for t in df["text"]]
+        else:
+            self.items = [os.path.join(base, f) for f in df[kind]]
+        self.time_once()  # warm: page cache, the tokenizer's threads
+
+    def _pass(self):
+        if self.kind == "text":
+            return self.tokenizer(self.items, truncation=True, max_length=self.max_length)
+        if self.kind == "image":
+            from PIL import Image
+
+            for f in self.items:
+                Image.open(f).convert("RGB")
+            return None
+        import soundfile as sf
+
+        for f in self.items:
+            sf.read(f, dtype="float32")
+
+    def time_once(self):
+        t = time.perf_counter()
+        self._pass()
+        self.times.append(time.perf_counter() - t)
+        return self.times[-1]
+
+    @property
+    def seconds(self):
+        return min(self.times)
+
+
+HOST_TARGETS = {  # kind: (the plain tool, which ratio is the acceptance one, how it reads, target)
+    "image": ("PIL.Image.open(f).convert('RGB') per file", "host",
+              "featx's host seconds per image / PIL's", ("<=", 1.0)),
+    "text": ("the fast tokenizer's batch call over all texts", "host",
+             "featx's host texts/s / the tokenizer's", (">=", 0.5)),
+    "audio": ("soundfile.read per file", "whole",
+              "featx items/s / the bare forward's (a)", (">=", 0.9)),
+}
+
+
+def host_ratio(kind, featx_seconds, baseline_seconds, bare_seconds):
+    """Issue 15's CPU acceptance ratio for `kind` (HOST_TARGETS), from best-of-repeat seconds over all items of
+    featx (b) without the model load, the plain tool (HostBaseline) and the bare forward (a).
+
+    featx's host cost is (b) - (a): everything featx does but the model's forward (decode, preprocess,
+    collate, pooling, writing). Image and text are judged on it (a tiny model's forward is not featx's cost:
+    on this CPU the tiny BERT's alone runs below half the tokenizer's rate), audio on the whole run against
+    the bare forward. Both ratios are given for every kind: whole = with the forward, host = without it."""
+    _, judged, reads, (op, target) = HOST_TARGETS[kind]
+    host = max(featx_seconds - bare_seconds, 1e-9)
+    if kind == "image":  # seconds per image against PIL's: lower is better
+        whole, host_only = featx_seconds / baseline_seconds, host / baseline_seconds
+    elif kind == "text":  # rates against the tokenizer's: higher is better
+        whole, host_only = baseline_seconds / featx_seconds, baseline_seconds / host
+    else:  # the rate against the bare forward's; host: soundfile's decode time over featx's host time
+        whole, host_only = bare_seconds / featx_seconds, baseline_seconds / host
+    ratio = host_only if judged == "host" else whole
+    met = ratio <= target if op == "<=" else ratio >= target
+    return {"baseline": HOST_TARGETS[kind][0], "reads": reads, "judged_on": judged, "baseline_seconds": baseline_seconds,
+            "featx_seconds": featx_seconds, "bare_seconds": bare_seconds, "host_seconds": host,
+            "ratio": ratio, "ratio_whole": whole, "ratio_host": host_only, "target": f"{op} {target}", "met": bool(met)}
+
+
+# Stages of featx's main process: (label, file the function is in, function name); cumulative seconds each.
+_STAGES = (("decode", "featx/extraction/decode.py", "decode"),
+           ("decode + per-item preprocess", "featx/extraction/decode.py", "__call__"),
+           ("chunk preprocess", "featx/extraction/decode.py", "preprocess_chunk"),
+           ("collate (+ device preprocess)", "featx/encoders/", "collate"),
+           ("forward", "featx/encoders/", "forward"),
+           ("pool", "featx/encoders/pooling.py", "pool"),
+           ("writer hand-off", "featx/extraction/pipeline.py", "put"))
+
+
+class _ProfiledBar:
+    """featx's progress bar, with the profiler on from its start to its close: the loop over the items (the
+    model load before and the cache's consolidation after are left out)."""
+
+    def __init__(self, bar, prof):
+        self.bar, self.prof = bar, prof
+        prof.enable()
+
+    def update(self, n=1):
+        return self.bar.update(n)
+
+    def close(self):
+        self.prof.disable()
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def _profiled_items(prof):
+    import featx.progress as fp
+
+    original = fp.progress_bar
+    fp.progress_bar = lambda *a, **k: _ProfiledBar(original(*a, **k), prof)
+    try:
+        yield
+    finally:
+        fp.progress_bar = original
+
+
+def profile_featx(manifest, model_dir, out, args, kind, top=10):
+    """featx extract once more, its loop over the items under cProfile (this process's main thread: the writer
+    thread and any DataLoader workers are not in it): seconds per item by stage and, by own time, the top
+    functions."""
+    import cProfile
+    import pstats
+
+    n = len(__import__("pandas").read_csv(manifest))
+    prof = cProfile.Profile()
+    with _profiled_items(prof):
+        measure_featx(manifest, model_dir, out, args, kind)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+    def where(key):
+        f = key[0].replace(os.sep, "/")
+        if "/site-packages/" in f:
+            return f.split("/site-packages/", 1)[1]
+        return "featx/" + f.rsplit("/featx/", 1)[1] if "/featx/" in f else f
+
+    stages = {}
+    for label, file, name in _STAGES:
+        secs = sum(v[3] for k, v in stats.items() if k[2] == name and file in where(k))
+        if secs:
+            stages[label] = secs / n
+    total = sum(v[2] for v in stats.values())  # own times add up to the profiled span
+    own = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    functions = [{"function": f"{where(k)}:{k[1]}({k[2]})", "calls_per_item": v[0] / n, "seconds_per_item": v[2] / n}
+                 for k, v in own]
+    return {"n": n, "seconds_per_item": total / n, "stages": stages, "functions": functions}
+
+
 def _read_layer(path, layer):
     """One layer (N, D) of all items through featx.cache.open_cache."""
     from featx.cache import open_cache
@@ -540,14 +699,18 @@ def run_kind(kind, args, root):
     measure_featx(few, model_dir, os.path.join(root, "caches", f"{kind}-warmup"), args, kind)
 
     bare = Bare(manifest, model_dir, args, kind)
+    plain = HostBaseline(manifest, model_dir, kind)
     featx_times = []
-    for r in range(args.repeat):  # (a) and (b) alternate, so a change in the machine's load hits both
+    for r in range(args.repeat):  # (a), (b) and the plain tool alternate, so a change in the machine's load hits all
         print(f"[{kind}] (a) bare forward {bare.time_once():.2f}s", file=sys.stderr)
         ft, cache = measure_featx(manifest, model_dir, caches, args, kind)
         featx_times.append(ft)
         print(f"[{kind}] (b) featx extract {ft['seconds']:.2f}s (+{ft['load_seconds']:.2f}s model load; "
               f"of it {ft['close_seconds']:.2f}s closing the cache)", file=sys.stderr)
+        print(f"[{kind}] plain {HOST_TARGETS[kind][0]}: {plain.time_once():.2f}s", file=sys.stderr)
     best = min(featx_times, key=lambda r: r["seconds"])
+    host = host_ratio(kind, best["seconds"], plain.seconds, bare.info["seconds"])
+    profile = None if args.no_profile else profile_featx(manifest, model_dir, caches, args, kind)
     positions, samples, enc = bare.positions, bare.samples, bare.enc
     flops = item_flops(kind, enc.model, positions, samples)
     num_layers, hidden = enc.num_layers, enc.hidden_size
@@ -565,7 +728,7 @@ def run_kind(kind, args, root):
     res = {"kind": kind, "size": args.size, "n": n, "num_layers": num_layers, "hidden_size": hidden,
            "batch_size": args.batch_size[kind], "unit": UNITS[kind], "units_total": float(units.sum()),
            "mean_positions": float(positions.mean()), "gflops_per_item": float(flops.mean() / 1e9),
-           "bare": bare, "featx": best, "featx_runs": featx_times, "naive": naive}
+           "bare": bare, "featx": best, "featx_runs": featx_times, "naive": naive, "host": host, "profile": profile}
     if kind == "audio":
         res["audio_seconds_min_mean_max"] = [float(units.min()), float(units.mean()), float(units.max())]
     if kind == "text":
@@ -629,6 +792,7 @@ def print_table(results, readback, machine, args):
         cpu = r["cpu_seconds_per_item"]
         print(f"    CPU seconds per item (all threads and workers): (a) {cpu['bare']:.3f}, (b) incl. load "
               f"{cpu['featx_with_load']:.3f}" + (f", (c) {cpu['naive']:.3f}" if cpu["naive"] else ""))
+    print_host(results, args)
     for name, rb in [(f"{r['kind']} cache", r["readback"]) for r in results] + [("synthetic", readback)]:
         if not rb:
             continue
@@ -649,6 +813,29 @@ def print_table(results, readback, machine, args):
             got = r["rate_featx"][key]
             print(f"  target {r['kind']}: {got:,.0f} {label} (featx, target >= {target:,} on one H100 with --size large"
                   f"{', 128-token sentences' if r['kind'] == 'text' else ''}): {'met' if got >= target else 'NOT met'}")
+
+
+def print_host(results, args):
+    """The host cost ratios (issue 15's CPU acceptance) and each kind's main-process profile per item."""
+    print(f"host cost against the plain tools (best of {args.repeat} each; featx (b) without the model load, "
+          f"num_workers {args.num_workers}; host = (b) - (a), featx without the model's forward):")
+    for r in results:
+        h, n = r["host"], r["n"]
+        print(f"  {r['kind']:<6} {h['ratio']:.2f}x  {h['reads']} (target {h['target']}: "
+              f"{'met' if h['met'] else 'NOT met'}); whole {h['ratio_whole']:.2f}x, host {h['ratio_host']:.2f}x")
+        print(f"         ms per item: featx {1e3 * h['featx_seconds'] / n:.3f} = forward (a) "
+              f"{1e3 * h['bare_seconds'] / n:.3f} + host {1e3 * h['host_seconds'] / n:.3f}; "
+              f"{h['baseline']} {1e3 * h['baseline_seconds'] / n:.3f}")
+    for r in results:
+        p = r.get("profile")
+        if not p:
+            continue
+        print(f"  {r['kind']}: main-process profile, ms per item (cProfile over the loop on the items, one more run "
+              f"of {p['n']}: {1e3 * p['seconds_per_item']:.3f} ms/item under the profiler; not in it: the writer "
+              f"thread, DataLoader workers)")
+        print("    by stage (cumulative): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in p["stages"].items()))
+        for f in p["functions"]:
+            print(f"    {1e3 * f['seconds_per_item']:8.3f} ms  {f['calls_per_item']:7.2f} calls  {f['function']}")
 
 
 def machine_info(args):
@@ -695,12 +882,18 @@ def parse_args(argv=None):
     p.add_argument("--text-tokens", type=int, default=None, help="texts of exactly this many tokens (e.g. 128)")
     p.add_argument("--text-words", default="5,120", help="min,max words per text when --text-tokens is not given")
     p.add_argument("--audio-seconds", default=None, help="min,max seconds per audio file (default 1,15; tiny 0.3,1.5)")
-    p.add_argument("--image-sizes", default=None, help="WxH,... PNG sizes (default depends on --size)")
+    p.add_argument("--image-sizes", default=None, help="WxH,... image sizes (default depends on --size)")
+    p.add_argument("--image-format", choices=["jpeg", "png"], default="jpeg", help="image files written")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the per-item profile of featx's main process (one more run under cProfile)")
     p.add_argument("--repeat", type=int, default=1, help="repeat (a) and (b); the fastest run is reported")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--readback-n", type=int, default=20000, help="items of the synthetic read-back cache (0: skip)")
     p.add_argument("--readback-layers", type=int, default=25)
     p.add_argument("--readback-dim", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads in this process (default: torch's; 1 avoids OpenMP waits on a busy "
+                        "shared machine)")
     p.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default on cuda: 790e12)")
     p.add_argument("--out", default=None, help="folder for models, data and caches (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -727,6 +920,8 @@ def main(argv=None):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = args.out or tempfile.mkdtemp(prefix="featx-bench-")
     os.makedirs(root, exist_ok=True)
     machine = machine_info(args)

@@ -28,6 +28,18 @@ def test_bench_extract_runs_on_tiny_models_and_reports_its_figures(tmp_path):
         assert x["gflops_per_item"] > 0
         line = next(line for line in r.stdout.splitlines() if line.startswith(x["kind"]))
         assert "tiny" in line and x["unit"] in line
+        # issue 15's CPU ratios against the plain tools, and where featx's main process spends its time
+        h = x["host"]
+        assert h["baseline_seconds"] > 0 and h["featx_seconds"] > 0 and h["ratio"] > 0
+        assert h["ratio"] == (h["ratio_host"] if x["kind"] in ("image", "text") else h["ratio_whole"])
+        assert h["met"] == (h["ratio"] <= 1.0 if x["kind"] == "image" else h["ratio"] >= float(h["target"][2:]))
+        p = x["profile"]
+        assert p["n"] == 4 and p["seconds_per_item"] > 0 and p["functions"]
+        assert p["stages"]["forward"] > 0 and p["stages"]["collate (+ device preprocess)"] > 0
+        assert f"  {x['kind']}: main-process profile, ms per item" in r.stdout
+    assert "host cost against the plain tools" in r.stdout
+    assert figures["results"][1]["profile"]["stages"]["decode"] > 0  # images decode in the main process
+    assert os.path.exists(tmp_path / "work" / "data" / "image" / "image000000.jpg")  # JPEG files by default
     # the per-item naive loop saved one .npy of (L, D) per item it ran
     assert len(os.listdir(tmp_path / "work" / "naive" / "audio")) == 2
     rb = figures["readback_synthetic"]

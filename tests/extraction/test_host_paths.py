@@ -1,0 +1,195 @@
+"""Host-side paths of extraction: images preprocessed in batches on the device (against the checkpoint's
+processor per image), texts tokenized a chunk at a time (against one text at a time), and which image path
+ran as a setting of the cache."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from featx import extract
+from featx.cache import open_cache
+from featx.data.media import load_image
+from featx.encoders import load_encoder
+from featx.encoders.image import ImageEncoder, torchvision_processor
+from featx.encoders.text import TextEncoder
+from featx.errors import FeatxError
+from featx.extraction.decode import DecodedItems, Decoder
+from featx.settings import ExtractSettings, build_settings
+
+# On the CPU the batched path runs the same torchvision kernels as the processor per image: equal to float
+# rounding. (On CUDA the kernels differ; the stored hidden states are the check that matters there.)
+PIXEL_TOL = 1e-5
+HIDDEN_TOL = 1e-5
+
+
+def _jpeg(path, size, seed):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (max(2, size[1] // 8), max(2, size[0] // 8), 3), dtype=np.uint8)
+    Image.fromarray(small).resize(size, Image.BICUBIC).save(str(path), quality=90)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """JPEG files of varied sizes (two large enough for a reduced-scale decode at the tiny CLIP's 32-pixel side)
+    and a manifest of them."""
+    d = tmp_path_factory.mktemp("jpegs")
+    sizes = [(200, 150), (640, 480), (33, 47), (64, 64), (7, 300), (90, 60)]
+    rows = [{"id": f"i{k}", "image": _jpeg(d / f"i{k}.jpg", s, k), "label": k % 2} for k, s in enumerate(sizes)]
+    pd.DataFrame(rows).to_csv(d / "m.csv", index=False)
+    return str(d / "m.csv"), [r["image"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def both_paths(tiny_clip_vision):
+    return (load_encoder(tiny_clip_vision, image_preprocess="batched-torch"),
+            load_encoder(tiny_clip_vision, image_preprocess="processor"))
+
+
+def test_batched_pixels_equal_the_checkpoint_processor_per_image(images, both_paths):
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
+    # only a torchvision processor takes batches of uint8 tensors on a device; a PIL one runs per image
+    assert torchvision_processor(CLIPImageProcessor()) and not torchvision_processor(CLIPImageProcessorPil())
+    batched, per_image = both_paths
+    assert (batched.image_preprocess, per_image.image_preprocess) == ("batched-torch", "processor")
+    assert batched.attrs["image_preprocess"] == "batched-torch" and per_image.attrs["image_preprocess"] == "processor"
+    decoded = [load_image(p, shortest_side=batched.shortest_side()) for p in images[1]]
+    assert decoded[1].size == (160, 120)  # 640x480 decoded at 1/4: still downscaled by the processor
+    # workers hand over uint8 only on the batched path, finished pixel values on the other
+    assert batched.preprocessor()(decoded[0]).dtype == np.uint8
+    got = batched.prepare(decoded)["pixel_values"]
+    want = torch.stack([per_image.processor(images=im, return_tensors="pt")["pixel_values"][0] for im in decoded])
+    assert got.shape == want.shape == (6, 3, 32, 32) and got.dtype == torch.float32
+    assert (got - want).abs().max().item() <= PIXEL_TOL
+
+
+def test_both_paths_store_the_same_hidden_states_and_a_resume_with_the_other_is_refused(images, tiny_clip_vision,
+                                                                                        tmp_path):
+    manifest = images[0]
+    kw = dict(pool=["mean", "cls"], dtype="float32", batch_size=4, device="cpu", progress=False)
+    a = extract(manifest, [tiny_clip_vision], tmp_path / "a", **kw)
+    b = extract(manifest, [tiny_clip_vision], tmp_path / "b", image_preprocess="processor", **kw)
+    assert a.failed == b.failed == 0
+    with open_cache(a.paths[0]) as ca, open_cache(b.paths[0]) as cb:
+        assert ca.attrs["image_preprocess"] == "batched-torch" and cb.attrs["image_preprocess"] == "processor"
+        for p in ("mean", "cls"):
+            assert np.abs(ca.pooled(p) - cb.pooled(p)).max() <= HIDDEN_TOL
+    with pytest.raises(FeatxError, match="image_preprocess 'batched-torch' \\(now 'processor'\\)"):
+        extract(manifest, [tiny_clip_vision], tmp_path / "a", image_preprocess="processor", **kw)
+    again = extract(manifest, [tiny_clip_vision], tmp_path / "a", **kw)  # the same path resumes (nothing left)
+    assert again.caches[0]["done"] == 6
+
+
+def test_image_preprocess_is_one_option_for_the_command_line_recipes_and_python(tmp_path, capsys):
+    assert ExtractSettings(manifest="m.csv", model=["x"], out="o").image_preprocess == "batched-torch"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("manifest: m.csv\nmodel: [x]\nout: o\nimage-preprocess: processor\n")
+    settings = build_settings(ExtractSettings, recipe=str(recipe))
+    assert settings.image_preprocess == "processor" and settings.kwargs()["image_preprocess"] == "processor"
+    with pytest.raises(FeatxError, match="unknown image preprocessing 'pil'; choose from batched-torch, processor"):
+        build_settings(ExtractSettings, given={"manifest": "m.csv", "model": ["x"], "out": "o",
+                                               "image_preprocess": "pil"})
+    from featx.cli.main import main
+    assert main(["extract", "--help"]) == 0
+    assert "--image-preprocess IMAGE_PREPROCESS" in capsys.readouterr().out
+
+
+class _OwnPixels(ImageEncoder):
+    """A subclass that makes its own per-image inputs: it keeps them (the processor path)."""
+
+    def preprocessor(self):
+        return _half_pixels(self.processor)
+
+
+class _half_pixels:
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image):
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0] / 2
+
+
+def test_a_subclass_with_its_own_preprocessor_keeps_it(tiny_clip_vision, both_paths, tmp_path):
+    from transformers import AutoConfig
+    own = _OwnPixels(tiny_clip_vision, config=AutoConfig.from_pretrained(tiny_clip_vision))
+    assert own.image_preprocess == "processor" and own.attrs["image_preprocess"] == "processor"
+    im = load_image(_jpeg(tmp_path / "own.jpg", (50, 40), 0))
+    want = both_paths[1].prepare([im])["pixel_values"] / 2
+    assert torch.equal(own.prepare([im])["pixel_values"], want)
+
+
+TEXTS = ["good", "the film was awful and boring, i hate it", "caf\u00e9 na\u00efve \u2014 \u65e5\u672c",
+         "ok then", "word " * 400, "a"]
+
+
+def test_a_chunk_of_texts_tokenized_in_one_call_equals_one_text_at_a_time(tiny_bert):
+    enc = load_encoder(tiny_bert)
+    pre = enc.preprocessor()
+    many, one = pre.many(TEXTS), [pre(t) for t in TEXTS]
+    assert len(many) == len(TEXTS) and pre.many([]) == []
+    assert len(one[4]["input_ids"]) == enc.max_length  # truncated
+    for m, o in zip(many, one):
+        assert set(m) == set(o) == {"input_ids", "token_type_ids", "attention_mask"}
+        for k in o:
+            assert m[k].dtype == np.int64 and np.array_equal(m[k], o[k]), k
+    for k, v in enc.prepare(TEXTS).items():
+        assert torch.equal(v, enc.collate(one)[k]), k
+
+
+def test_decoded_chunks_equal_items_one_by_one_and_a_bad_item_fails_alone(tiny_bert):
+    enc = load_encoder(tiny_bert)
+    rows = [{"text": t} for t in TEXTS[:3]] + [{"text": "   "}] + [{"text": t} for t in TEXTS[3:]]
+    items = DecodedItems(rows, np.arange(len(rows)), Decoder("text", "text", preprocess=enc.preprocessor()))
+    chunk = items.__getitems__(list(range(len(rows))))
+    assert [c[0] for c in chunk] == list(range(len(rows)))
+    assert chunk[3][1] is None and chunk[3][2] == "empty text"
+    for k, (i, inputs, why) in enumerate(chunk):
+        single = items[k]
+        assert why == single[2]
+        if inputs is not None:
+            assert len(inputs) == 1 and all(np.array_equal(inputs[0][n], single[1][0][n]) for n in inputs[0])
+
+
+class _Picky:
+    """A preprocessor whose chunk call fails when any text is 'bad', and whose one-text call fails only on it."""
+
+    def __call__(self, text):
+        if text == "bad":
+            raise ValueError("cannot take 'bad'")
+        return np.array([len(text)], np.int64)
+
+    def many(self, texts):
+        return [self(t) for t in texts]
+
+
+def test_a_failing_chunk_call_falls_back_to_item_by_item():
+    rows = [{"text": t} for t in ("one", "bad", "three")]
+    items = DecodedItems(rows, np.arange(3), Decoder("text", "text", preprocess=_Picky()))
+    chunk = items.__getitems__([0, 1, 2])
+    assert [int(c[1][0][0]) if c[1] else None for c in chunk] == [3, None, 5]
+    assert chunk[1][2] == "ValueError: cannot take 'bad'"
+
+
+class _PerText(TextEncoder):
+    """A subclass whose preprocessor is a plain per-text callable (no `many`): chunks call it once per text."""
+
+    def preprocessor(self):
+        return _reversed_ids(self.tokenizer)
+
+
+class _reversed_ids:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text):
+        return {k: np.asarray(v[::-1], np.int64) for k, v in self.tokenizer(text).items()}
+
+
+def test_a_text_subclass_with_its_own_per_text_preprocessor_keeps_it(tiny_bert):
+    from transformers import AutoConfig
+    enc = _PerText(tiny_bert, config=AutoConfig.from_pretrained(tiny_bert))
+    got = Decoder("text", "text", preprocess=enc.preprocessor()).preprocess_chunk(["good film", "bad"])
+    assert [list(g["input_ids"]) for g in got] == [enc.tokenizer("good film")["input_ids"][::-1],
+                                                   enc.tokenizer("bad")["input_ids"][::-1]]
+    assert list(enc.prepare(["bad"])["input_ids"][0]) == enc.tokenizer("bad")["input_ids"][::-1]
