@@ -49,7 +49,9 @@ def added_tokens(tokenizer) -> str:
     """The special tokens the tokenizer adds around a text by default, e.g. '<s> + text' or 'text + </s>'."""
     plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
     full = tokenizer("a b")["input_ids"]
-    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if start is None:  # the text's own tokens change with the special tokens: show them all
+        return "'a b' -> " + " ".join(tokenizer.convert_ids_to_tokens(full))
     before = tokenizer.convert_ids_to_tokens(full[:start])
     after = tokenizer.convert_ids_to_tokens(full[start + len(plain):])
     return " + ".join([*before, "text", *after]) if before or after else "none"
@@ -151,7 +153,7 @@ class SiglipTextEncoder(_TextTower):
         return _Tokens(self.tokenizer, self.max_length, pad_to=self.max_length)
 
     def size(self, feats):
-        return int(feats["attention_mask"].sum())
+        return len(feats["input_ids"])  # max_length for every text: what a batch costs
 
     def collate(self, feats):
         """{"input_ids", "attention_mask"}: (B, max_length) int64."""

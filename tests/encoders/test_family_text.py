@@ -24,11 +24,12 @@ TEXTS = ["ok", "A fine film.", "The film was awful and boring; nobody should wat
 # checkpoint -> the transformers class a user would load for the text hidden states
 LOADERS = {"bert": "AutoModel", "roberta": "AutoModel", "deberta-v2": "AutoModel", "modernbert": "AutoModel",
            "gpt2": "AutoModel", "llama": "AutoModel", "qwen2": "AutoModel", "qwen3": "AutoModel",
-           "t5-encoder": "T5EncoderModel", "clip-text": "CLIPTextModel", "siglip-text": "SiglipTextModel",
-           "siglip2-text": "Siglip2TextModel"}
-# What each tokenizer adds around a text (the cache attribute special_tokens); the BERT-style ones add none here.
+           "t5-encoder": "T5EncoderModel", "umt5": "UMT5EncoderModel", "clip-text": "CLIPTextModel",
+           "siglip-text": "SiglipTextModel", "siglip2-text": "Siglip2TextModel"}
+# What each tokenizer adds around a text: the cache attribute special_tokens (featx.encoders.text does not record it).
 SPECIAL_TOKENS = {"gpt2": "none", "llama": "<s> + text", "qwen2": "none", "qwen3": "none",
-                  "t5-encoder": "text + </s>", "clip-text": "<|startoftext|> + text + <|endoftext|>",
+                  "t5-encoder": "text + </s>", "umt5": "text + </s>",
+                  "clip-text": "<|startoftext|> + text + <|endoftext|>",
                   "siglip-text": "text + </s>", "siglip2-text": "none"}
 
 

@@ -87,17 +87,19 @@ def build_qwen3(path, seed=0):
     return _save(path, Qwen3Model(cfg), tok)
 
 
-def build_t5(path, seed=0):
-    """T5 (full encoder-decoder checkpoint): Unigram tokenizer over characters, appends EOS </s>."""
+def build_t5(path, seed=0, kind="T5"):
+    """T5 (full encoder-decoder checkpoint; kind "MT5" or "UMT5" for its kin): Unigram tokenizer over
+    characters, appends EOS </s>."""
     import torch
-    from transformers import T5Config, T5Model, T5Tokenizer
+    import transformers as tr
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(s, -1.0) for s in _char_vocab([])]
-    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok = tr.T5Tokenizer(vocab=pieces, extra_ids=0)
     torch.manual_seed(seed)
-    cfg = T5Config(vocab_size=len(tok), d_model=H, d_kv=8, d_ff=2 * H, num_layers=LAYERS, num_decoder_layers=1,
-                   num_heads=HEADS, relative_attention_num_buckets=8, decoder_start_token_id=0)
-    return _save(path, T5Model(cfg), tok)
+    cfg = getattr(tr, f"{kind}Config")(vocab_size=len(tok), d_model=H, d_kv=8, d_ff=2 * H, num_layers=LAYERS,
+                                       num_decoder_layers=1, num_heads=HEADS, relative_attention_num_buckets=8,
+                                       decoder_start_token_id=0)
+    return _save(path, getattr(tr, f"{kind}Model")(cfg), tok)
 
 
 def build_roberta(path, seed=0):
@@ -202,5 +204,7 @@ def build_siglip2_text(path, seed=0):
 BUILDERS = {"bert": build_tiny_bert, "modernbert": build_modernbert, "gpt2": build_gpt2, "llama": build_llama,
             "t5-encoder": build_t5, "clip-text": build_clip_text, "siglip-text": build_siglip_text,
             "siglip2-text": build_siglip2_text}
-# Further model types served by the families above (bert: RoBERTa, DeBERTa-v2; llama: Qwen2, Qwen3).
-MORE_BUILDERS = {"roberta": build_roberta, "deberta-v2": build_deberta_v2, "qwen2": build_qwen2, "qwen3": build_qwen3}
+# Further model types served by the families above (bert: RoBERTa, DeBERTa-v2; llama: Qwen2, Qwen3;
+# t5-encoder: UMT5).
+MORE_BUILDERS = {"roberta": build_roberta, "deberta-v2": build_deberta_v2, "qwen2": build_qwen2, "qwen3": build_qwen3,
+                 "umt5": lambda path: build_t5(path, kind="UMT5")}
