@@ -62,7 +62,7 @@ def display_names(models, modalities=None) -> list:
     towers = {}
     for m, modality in zip(models, modalities):
         towers.setdefault(m, set()).add(modality)
-    return [f"{n} ({modality})" if len(towers[m]) > 1 and modality else n
+    return [with_modality(n, modality) if len(towers[m]) > 1 else n
             for n, m, modality in zip(names, models, modalities)]
 
 

@@ -16,7 +16,7 @@ from featx.errors import FeatxError, first_line
 class Family:
     """name: short family name. model_types: the config.model_type values it serves. modality: text | image |
     audio | video (the manifest column it reads; a model type may have one family per modality, e.g. CLIP's
-    image and text towers: the first registered is its primary one). adapter: "module:Class" of its Encoder subclass (imported only when a model of the family loads).
+    image and text towers: the first registered that is not a `tower` is its primary one). adapter: "module:Class" of its Encoder subclass (imported only when a model of the family loads).
     block_path: dotted path of the model's list of transformer blocks (fine-tuning cuts and freezes there).
     poolings: the poolings it supports. example: a hub id, for `featx models` and the README.
     tower: a second tower of its model types (CLIP's text tower): never their primary family, whatever the
@@ -185,7 +185,7 @@ register_family(Family("gpt2", ("gpt2",), "text", f"{_TEXT_MODELS}:DecoderLMEnco
                        poolings=("mean", "last"), example="openai-community/gpt2",
                        note=_DECODER_NOTE.format("ln_f", "none; no pad token needed")))
 register_family(Family("llama", ("llama", "qwen2", "qwen3"), "text", f"{_TEXT_MODELS}:DecoderLMEncoder",
-                       "layers", poolings=("mean", "last"), example="Qwen/Qwen2.5-0.5B",
+                       "layers", poolings=("mean", "last"), example="meta-llama/Llama-3.2-1B",
                        note=_DECODER_NOTE.format("norm", "Llama: BOS first; Qwen: none")))
 register_family(Family("t5-encoder", ("t5", "mt5", "umt5"), "text", f"{_TEXT_MODELS}:T5EncoderText",
                        "encoder.block", poolings=("mean",), example="google-t5/t5-base",
