@@ -50,10 +50,23 @@ def display_name(model, depth=1) -> str:
     return "/".join(parts[-depth:]) if parts else text
 
 
-def display_names(models) -> list:
+def display_names(models, modalities=None) -> list:
     """Short names for `models` (same order), unique among them: colliding local folders get parent folders
-    added until they differ; identical entries keep one name."""
+    added until they differ; identical entries keep one name. modalities: each entry's modality (a cache's
+    `modality` attribute), or None; a model given with several (CLIP's image and text towers) is named
+    "clip (image)", "clip (text)"."""
     models = [str(m) for m in models]
+    names = _unique_names(models)
+    if modalities is None:
+        return names
+    towers = {}
+    for m, modality in zip(models, modalities):
+        towers.setdefault(m, set()).add(modality)
+    return [with_modality(n, modality) if len(towers[m]) > 1 else n
+            for n, m, modality in zip(names, models, modalities)]
+
+
+def _unique_names(models) -> list:
     distinct = list(dict.fromkeys(models))
     depth = {m: 1 for m in distinct}
     for _ in range(64):
@@ -72,6 +85,14 @@ def display_names(models) -> list:
         if seen[n] > 1:
             names[m] = f"{n} ({seen[n]})"
     return [names[m] for m in models]
+
+
+def with_modality(name, modality) -> str:
+    """'clip (text)': `name` followed by its modality in brackets, unless it already ends so (a display name of
+    one tower of a checkpoint with several, see display_names) or there is no modality."""
+    if not modality or str(name).endswith(f" ({modality})"):
+        return str(name)
+    return f"{name} ({modality})"
 
 
 def short_name(name) -> str:

@@ -16,14 +16,17 @@ from featx.errors import FeatxError, first_line
 class Family:
     """name: short family name. model_types: the config.model_type values it serves. modality: text | image |
     audio | video (the manifest column it reads; a model type may have one family per modality, e.g. CLIP's
-    image and text towers: the first registered is its primary one). adapter: "module:Class" of its Encoder subclass (imported only when a model of the family loads).
+    image and text towers: the first registered that is not a `tower` is its primary one). adapter:
+    "module:Class" of its Encoder subclass (imported only when a model of the family loads).
     block_path: dotted path of the model's list of transformer blocks (fine-tuning cuts and freezes there).
     poolings: the poolings it supports. example: a hub id, for `featx models` and the README.
     config_path: the attribute of the checkpoint's config that holds this tower's config when it has several
     (None: the modality's usual one, TOWER_CONFIGS; "": the config itself); a config without it is the tower's.
     layers_field / width_field: the (sub)config's number of blocks and hidden width (Whisper: "encoder_layers",
     "d_model"); a list (ConvNeXt's "hidden_sizes") counts its entries / takes its widest. describe_config reads
-    them; fine-tuning writes the kept number of blocks back (set_num_blocks)."""
+    them; fine-tuning writes the kept number of blocks back (set_num_blocks).
+    tower: a second tower of its model types (CLIP's text tower): never their primary family, whatever the
+    order of registration."""
     name: str
     model_types: tuple
     modality: str
@@ -35,6 +38,7 @@ class Family:
     config_path: str = None
     layers_field: str = "num_hidden_layers"
     width_field: str = "hidden_size"
+    tower: bool = False
 
     def adapter_class(self):
         module, cls = self.adapter.split(":")
@@ -55,6 +59,7 @@ def register_family(family: Family) -> Family:
     _FAMILIES[family.name] = family
     for t in family.model_types:
         _BY_TYPE.setdefault(t, {})[family.modality] = family
+        _BY_TYPE[t] = dict(sorted(_BY_TYPE[t].items(), key=lambda item: item[1].tower))  # primary first
     return family
 
 
@@ -292,6 +297,36 @@ register_family(Family("distilbert", ("distilbert",), "text", _TEXT, "transforme
                        example="distilbert-base-uncased"))
 register_family(Family("albert", ("albert",), "text", _TEXT, "", example="albert-base-v2",
                        note="its layers share weights: extract only, no fine-tuning"))
+_TEXT_MODELS = "featx.encoders.text_models"
+register_family(Family("modernbert", ("modernbert",), "text", _TEXT, "layers", example="answerdotai/ModernBERT-base",
+                       note="cls = [CLS]; padding masked (sdpa/eager attention on the CPU)"))
+_DECODER_NOTE = ("hidden states of every layer, L-1 with the final norm applied ({}); padded on the right with "
+                 "position ids 0..n-1; special tokens as the tokenizer adds them ({}); last = the last real token")
+register_family(Family("gpt2", ("gpt2",), "text", f"{_TEXT_MODELS}:DecoderLMEncoder", "h",
+                       poolings=("mean", "last"), example="openai-community/gpt2",
+                       note=_DECODER_NOTE.format("ln_f", "none; no pad token needed")))
+register_family(Family("llama", ("llama", "qwen2", "qwen3"), "text", f"{_TEXT_MODELS}:DecoderLMEncoder",
+                       "layers", poolings=("mean", "last"), example="meta-llama/Llama-3.2-1B",
+                       note=_DECODER_NOTE.format("norm", "Llama: BOS first; Qwen: none")))
+register_family(Family("t5-encoder", ("t5", "mt5", "umt5"), "text", f"{_TEXT_MODELS}:T5EncoderText",
+                       "encoder.block", poolings=("mean",), example="google-t5/t5-base",
+                       note="the encoder only (T5EncoderModel); EOS </s> appended; L-1 after final_layer_norm; "
+                            "no class token: mean pooling"))
+register_family(Family("clip-text", ("clip", "clip_text_model"), "text", f"{_TEXT_MODELS}:CLIPTextEncoder",
+                       "encoder.layers|text_model.encoder.layers", poolings=("mean", "last"),
+                       example="openai/clip-vit-large-patch14", tower=True,
+                       note="the text tower (causal); L-1 before final_layer_norm; last = EOS, CLIP's text "
+                            "embedding token; only when the checkpoint has a tokenizer"))
+register_family(Family("siglip-text", ("siglip", "siglip_text_model"), "text", f"{_TEXT_MODELS}:SiglipTextEncoder",
+                       "encoder.layers|text_model.encoder.layers", poolings=("mean", "last"),
+                       example="google/siglip-base-patch16-224", tower=True,
+                       note="the text tower; padded to max_length (64) as trained, pooling over the real tokens; "
+                            "only when the checkpoint has a tokenizer"))
+register_family(Family("siglip2-text", ("siglip2",), "text", f"{_TEXT_MODELS}:Siglip2TextEncoder",
+                       "encoder.layers|text_model.encoder.layers", poolings=("mean", "last"),
+                       example="google/siglip2-base-patch16-224", tower=True,
+                       note="the text tower; padded to max_length (64) as its processor does, pooling over the "
+                            "real tokens; only when the checkpoint has a tokenizer"))
 # --- end of text families
 
 

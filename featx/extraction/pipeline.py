@@ -192,10 +192,11 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
 def _jobs_of(model, config, df, manifest, out) -> list:
     """One job per tower of `model` whose column the manifest has (CLIP: its image tower for an image or video
     column, its text tower for a text column), the primary tower's cache named as before; FeatxError (one
-    line) when the manifest has no column for any of them."""
+    line) when the manifest has no column for any of them. A second tower that cannot run for this checkpoint
+    (its adapter's `unavailable(model)` says why, e.g. no tokenizer saved) is skipped with a one-line notice."""
     towers = families_of(config)
     name = os.path.basename(os.fspath(manifest))
-    jobs = []
+    jobs, skipped = [], []
     for family in towers:
         try:
             column = source_column(df, family.modality, name)
@@ -204,7 +205,15 @@ def _jobs_of(model, config, df, manifest, out) -> list:
                 raise
             continue
         tower = None if family is towers[0] else family.modality
+        why = tower and getattr(family.adapter_class(), "unavailable", lambda m: "")(model)
+        if why:  # e.g. a CLIP checkpoint saved without a tokenizer: its image tower still runs
+            skipped.append(f"{model}: {why}")
+            continue
         jobs.append(_Job(str(model), config, family.modality, column, cache_path(manifest, model, out, tower)))
+    if skipped and not jobs:
+        raise FeatxError(skipped[0])
+    for line in skipped:
+        print(f"featx extract: {line}", file=sys.stderr)
     if not jobs:
         raise FeatxError(f"{name} has no column for any tower of {model} "
                          f"({', '.join(f.modality for f in towers)}): add a "

@@ -126,7 +126,7 @@ def load_caches(caches, s):
     if not paths:
         raise FeatxError("give at least one cache")
     datas = [load_cache(p, s.pool, s.layers, task=s.task) for p in paths]
-    for d, name in zip(datas, display_names([d.encoder for d in datas])):
+    for d, name in zip(datas, display_names([d.encoder for d in datas], [d.modality for d in datas])):
         d.name = name
     return datas
 

@@ -121,14 +121,16 @@ def _cache_names(paths):
     """{cache path: its encoder's display name} (the file stem where the cache cannot be read)."""
     from featx.cache import open_cache
 
-    models = []
+    models, modalities = [], []
     for p in paths:
         try:
             with open_cache(p) as c:
                 models.append(str(c.model))
+                modalities.append(c.modality)
         except (FeatxError, OSError, KeyError):
             models.append(os.path.splitext(os.path.basename(p))[0])
-    return dict(zip(paths, display_names(models)))
+            modalities.append(None)
+    return dict(zip(paths, display_names(models, modalities)))
 
 
 def cka_pairs(pairs, paths, names):

@@ -13,7 +13,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-from featx.naming import short_name
+from featx.naming import short_name, with_modality
 from featx.probing.results import METRIC_LABELS, best_layer
 from featx.report.results import full_data_weights, layer_curves, learning_curves, method_scores
 
@@ -61,7 +61,7 @@ def _suptitle(fig, text):
 
 def _panel_title(encoder, modality):
     """'bert (text)', wrapped so that titles of neighbouring panels do not run into each other."""
-    return textwrap.fill(f"{short_name(encoder)} ({modality})" if modality else short_name(encoder), 34)
+    return textwrap.fill(with_modality(short_name(encoder), modality), 34)
 
 
 def _draw_layer_curves(ax, res, metric, curves, relative_depth, detailed):
@@ -75,7 +75,7 @@ def _draw_layer_curves(ax, res, metric, curves, relative_depth, detailed):
         x = g["layer"] / last if relative_depth else g["layer"]
         color = colors.get(enc)
         best = best_layer(res, enc, mod, metric)
-        label = (f"{short_name(enc)} ({mod})" if mod else short_name(enc)) + (f" {probe}/{pooling}" if several else "")
+        label = with_modality(short_name(enc), mod) + (f" {probe}/{pooling}" if several else "")
         if detailed and best is not None:
             label += f": best layer {best} of {last}"
         ax.plot(x, g["mean"], marker="o", ms=4, lw=1.8, color=color, label=label)

@@ -76,12 +76,12 @@ def test_a_registered_toy_family_and_probe_run_extract_and_probe_end_to_end(tiny
 def test_an_unsupported_model_type_fails_with_one_line_before_any_item_is_read(tiny_bert, tmp_path, capsys):
     from featx.cli.main import main
 
-    model = _retyped_bert(tiny_bert, tmp_path / "gpt", "gpt2")  # a real type with no family: not text by default
+    model = _retyped_bert(tiny_bert, tmp_path / "bart", "bart")  # a real type with no family: not text by default
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"id": ["a"], "text": ["x"]}).to_csv(manifest, index=False)
     code = main(["extract", str(manifest), "--model", model, "--out", str(tmp_path / "out"), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 1 and "model type 'gpt2' is not supported" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "model type 'bart' is not supported" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "out")
 
 
