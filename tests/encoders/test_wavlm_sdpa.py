@@ -115,16 +115,18 @@ def test_extract_with_sdpa_equals_eager_transformers(wavlms, clips, tmp_path, no
     import soundfile as sf
 
     path = _extract(clips["clips"], wavlms[norm], tmp_path / "sdpa", batch_size=4)
-    one = _extract(clips["clips"], wavlms[norm], tmp_path / "one", batch_size=1)
     folder = clips["clips"].rsplit("/", 1)[0]
-    with open_cache(path) as c, open_cache(one) as c1:
+    with open_cache(path) as c:
         assert c.attrs["audio_attention"] == "sdpa"
         refs = _direct_eager(wavlms[norm], [sf.read(f"{folder}/{item}.wav", dtype="float32")[0] for item in c.ids])
         for i, ref in enumerate(refs):
             got = c.sequence(i)
             assert got.shape == ref.shape
             assert float(np.abs(got - ref).max()) <= TOL
-            assert float(np.abs(got - c1.sequence(i)).max()) <= 1e-5   # padded batches of 4 vs one item
+    if norm == "layer":   # padded batches of 4 against one item at a time (group-norm ones batch equal lengths)
+        one = _extract(clips["clips"], wavlms[norm], tmp_path / "one", batch_size=1)
+        with open_cache(path) as c, open_cache(one) as c1:
+            assert max(float(np.abs(c.sequence(i) - c1.sequence(i)).max()) for i in range(len(c.ids))) <= 1e-5
 
 
 def test_audio_attention_is_a_cache_setting(wavlms, clips, tmp_path):
