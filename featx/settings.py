@@ -18,6 +18,7 @@ MAX_IMAGE_PIXELS = 100_000_000   # 10,000 x 10,000: about 300 MB once decoded to
 # How images become pixel values: batched-torch (workers decode to uint8; the checkpoint's torchvision processor
 # runs on whole batches on the model's device) or processor (the checkpoint's processor per image, in the workers)
 IMAGE_PREPROCESS = ("batched-torch", "processor")
+AUDIO_ATTENTIONS = ("sdpa", "eager")  # WavLM's attention: torch's fused SDPA (the default) or transformers' own
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("auto", "regression", "classification")
@@ -571,6 +572,9 @@ class ExtractSettings(Settings):
     max_length: int = option(None, "text: max tokens", optional(integer(1)), default_text="the tokenizer's")
     max_audio_seconds: float = option(30.0, "longer audio is processed in windows of this length",
                                       number(positive=True))
+    audio_attention: str = option(AUDIO_ATTENTIONS[0], "WavLM's attention: sdpa (torch's fused "
+                                  "scaled_dot_product_attention) or eager (transformers' own); stored with the "
+                                  "cache", one_of("audio attention", *AUDIO_ATTENTIONS))
     fps: float = option(3.0, "video: frames sampled per second for image encoders", number(positive=True))
     num_workers: int = option(None, "decoding worker processes", optional(integer(0)),
                               default_text="0 on the CPU; on CUDA the CPUs less 2, at most 16")
@@ -588,7 +592,8 @@ class ExtractSettings(Settings):
     def kwargs(self) -> dict:
         """Keyword arguments of featx.extraction.extract(manifest, model, out, **kwargs)."""
         names = ("seq", "seq_stride", "batch_size", "device", "dtype", "precision", "max_length", "max_batch_tokens",
-                 "max_batch_seconds", "max_audio_seconds", "fps", "num_workers", "trust_remote_code", "overwrite")
+                 "max_batch_seconds", "max_audio_seconds", "fps", "num_workers", "trust_remote_code", "overwrite",
+                 "audio_attention")
         return dict({n: getattr(self, n) for n in names}, pool=self.pool, progress=not self.quiet,
                     max_image_pixels=self.max_image_pixels, image_preprocess=self.image_preprocess)
 

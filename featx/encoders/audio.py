@@ -6,6 +6,8 @@ import warnings
 import torch
 
 from featx.encoders.base import Encoder, from_pretrained, model_loader
+from featx.encoders.wavlm_sdpa import is_wavlm, use_sdpa_attention
+from featx.settings import AUDIO_ATTENTIONS, one_of
 
 
 class _Normalise:
@@ -17,9 +19,13 @@ class _Normalise:
 
 
 class AudioEncoder(Encoder):
+    """wav2vec2-family speech encoders. audio_attention: how a WavLM runs its attention, "sdpa" (torch's fused
+    scaled_dot_product_attention, featx.encoders.wavlm_sdpa) or "eager" (transformers' own); stored in the
+    cache's attrs for WavLM models. Other models run transformers' attention as it is."""
     modality = "audio"
 
-    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32", **_):
+    def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32",
+                 audio_attention=AUDIO_ATTENTIONS[0], **_):
         super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
                          precision=precision)
         from transformers import AutoFeatureExtractor
@@ -34,6 +40,11 @@ class AudioEncoder(Encoder):
         # inputs of equal length.
         self.uses_mask = bool(getattr(self.processor, "return_attention_mask", False))
         self.attrs = {"sample_rate": self.sample_rate, "feat_extract_norm": getattr(config, "feat_extract_norm", "")}
+        if is_wavlm(self.model):
+            # The two attentions differ at the 1e-6 level (fp32): a cache is resumed only with the one it began with.
+            self.attrs["audio_attention"] = one_of("audio attention", *AUDIO_ATTENTIONS)(audio_attention)
+            if audio_attention == "sdpa":
+                use_sdpa_attention(self.model)
 
     def preprocessor(self):
         return _Normalise(self.processor, self.sample_rate)

@@ -61,6 +61,7 @@ class ResolvedSettings:
     precision: str              # fp32 | bf16 | fp16
     max_length: int | None
     max_audio_seconds: float
+    audio_attention: str        # WavLM: sdpa | eager
     fps: float
     max_batch_tokens: int | None
     max_batch_seconds: float | None  # CPU_BATCH_SECONDS on the CPU when not given
@@ -82,7 +83,8 @@ class ResolvedSettings:
         return cls(poolings=tuple(options.pool), seq=options.seq, seq_stride=options.seq_stride,
                    batch_size=options.batch_size, device=device, dtype=options.dtype,
                    precision=resolve_precision(options.precision, device), max_length=options.max_length,
-                   max_audio_seconds=options.max_audio_seconds, fps=options.fps,
+                   max_audio_seconds=options.max_audio_seconds, audio_attention=options.audio_attention,
+                   fps=options.fps,
                    max_batch_tokens=options.max_batch_tokens, max_batch_seconds=max_batch_seconds,
                    num_workers=default_workers(device) if options.num_workers is None else options.num_workers,
                    max_image_pixels=options.max_image_pixels or None, image_preprocess=options.image_preprocess,
@@ -304,10 +306,11 @@ def _run_model(job, data, settings):
     torchrun the merged cache's summary (shown by rank 0)."""
     from featx.cache import CacheWriter
 
-    image = {"image_preprocess": settings.image_preprocess} if job.modality == "image" else {}
+    options = {"image_preprocess": settings.image_preprocess} if job.modality == "image" else {}
+    options.update({"audio_attention": settings.audio_attention} if job.modality == "audio" else {})
     encoder = load_encoder(job.model, config=job.config, device=settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
-                           max_length=settings.max_length, modality=job.modality, **image)
+                           max_length=settings.max_length, modality=job.modality, **options)
     for line in encoder.advice:
         print(f"featx extract: {job.model}: {line}", file=sys.stderr)
     pools = _poolings(job, settings)

@@ -1,0 +1,143 @@
+"""WavLM's attention through SDPA (featx.encoders.wavlm_sdpa, extract --audio-attention): the same hidden states
+as transformers' eager WavLM forward, with and without an attention mask, for both WavLM layouts."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from featx import extract
+from featx.cache import open_cache
+from featx.errors import FeatxError
+from featx.settings import ExtractSettings
+
+from conftest import write_wav
+
+TOL = 1e-4   # fp32 on the CPU, every layer, every position
+
+
+def _strong_position_bias(path, seed):
+    """Re-save the tiny checkpoint at `path` with a gated position bias far larger than its random init gives
+    (std 0.02), so that a wrong bias or gate shows in the hidden states."""
+    from transformers import WavLMModel
+
+    model = WavLMModel.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "gru_rel_pos_const"):
+                module.gru_rel_pos_const.copy_(0.5 + 1.5 * torch.rand(module.gru_rel_pos_const.shape, generator=g))
+                module.gru_rel_pos_linear.weight.mul_(4.0)
+            if hasattr(module, "rel_attn_embed"):
+                module.rel_attn_embed.weight.normal_(0.0, 2.0, generator=g)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def wavlms(tmp_path_factory):
+    """{"group": WavLM-Base's layout (group-norm conv features, no mask), "layer": WavLM-Large's (mask)}."""
+    from featx.demo.tiny import build_tiny_wavlm
+
+    root = tmp_path_factory.mktemp("wavlm-sdpa")
+    return {norm: _strong_position_bias(build_tiny_wavlm(str(root / norm), norm=norm, seed=k), seed=k)
+            for k, norm in enumerate(("group", "layer"))}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A manifest of 5 wav files of 0.3 to 1.1 s, and one that is not audio (a failed item)."""
+    d = tmp_path_factory.mktemp("wavlm-sdpa-data")
+    rows = []
+    for k in range(5):
+        write_wav(d / f"a{k}.wav", 0.3 + 0.2 * k, seed=k, freq=150.0 + 40 * k)
+        rows.append({"id": f"a{k}", "audio": f"a{k}.wav", "label": float(k % 2)})
+    path = d / "clips.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    (d / "broken.wav").write_bytes(b"not a wav file")
+    broken = d / "broken.csv"
+    pd.DataFrame(rows + [{"id": "broken", "audio": "broken.wav", "label": 0.0}]).to_csv(broken, index=False)
+    return {"clips": str(path), "broken": str(broken)}
+
+
+def _hidden_states(model, x, mask):
+    with torch.no_grad():
+        return model(x, attention_mask=mask, output_hidden_states=True).hidden_states
+
+
+def _max_diff(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_sdpa_forward_equals_eager_with_and_without_mask(wavlms, norm):
+    from transformers import WavLMModel
+
+    from featx.encoders.wavlm_sdpa import sdpa_attention_forward, use_sdpa_attention
+
+    model = WavLMModel.from_pretrained(wavlms[norm]).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 12000, generator=g)
+    mask = torch.ones(3, 12000, dtype=torch.long)
+    mask[1, 7000:] = 0
+    mask[2, 2500:] = 0   # a padded batch: 3 items of 0.75, 0.44 and 0.16 s
+    eager = [_hidden_states(model, x, m) for m in (None, mask)]
+    assert use_sdpa_attention(model) == model.config.num_hidden_layers
+    fused = [_hidden_states(model, x, m) for m in (None, mask)]
+    for ref, got in zip(eager, fused):
+        assert len(got) == model.config.num_hidden_layers + 1
+        assert _max_diff(ref, got) <= TOL
+    # The check has teeth: the position bias changes the output far beyond the tolerance.
+    attention = model.encoder.layers[0].attention
+    h = torch.randn(2, 9, model.config.hidden_size, generator=g)
+    bias = attention.compute_bias(9, 9).unsqueeze(0)
+    with torch.no_grad():
+        with_bias = sdpa_attention_forward(attention, h)[0]
+        without = sdpa_attention_forward(attention, h, position_bias=torch.zeros_like(bias))[0]
+    assert float((with_bias - without).abs().max()) > 100 * TOL
+
+
+def _extract(manifest, model, out, **options):
+    result = extract(manifest, [model], out, dtype="float32", seq=True, progress=False, **options)
+    return result.paths[0]
+
+
+def _direct_eager(model_dir, waves):
+    """Each wave alone through transformers' eager WavLM with the checkpoint's feature extractor: (T, L, D)."""
+    from transformers import AutoFeatureExtractor, WavLMModel
+
+    fe, model = AutoFeatureExtractor.from_pretrained(model_dir), WavLMModel.from_pretrained(model_dir).eval()
+    return [torch.stack(_hidden_states(model, fe(w, sampling_rate=fe.sampling_rate, return_tensors="pt")
+                                       ["input_values"], None), 2)[0].numpy() for w in waves]
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_extract_with_sdpa_equals_eager_transformers(wavlms, clips, tmp_path, norm):
+    import soundfile as sf
+
+    path = _extract(clips["clips"], wavlms[norm], tmp_path / "sdpa", batch_size=4)
+    folder = clips["clips"].rsplit("/", 1)[0]
+    with open_cache(path) as c:
+        assert c.attrs["audio_attention"] == "sdpa"
+        refs = _direct_eager(wavlms[norm], [sf.read(f"{folder}/{item}.wav", dtype="float32")[0] for item in c.ids])
+        for i, ref in enumerate(refs):
+            got = c.sequence(i)
+            assert got.shape == ref.shape
+            assert float(np.abs(got - ref).max()) <= TOL
+    if norm == "layer":   # padded batches of 4 against one item at a time (group-norm ones batch equal lengths)
+        one = _extract(clips["clips"], wavlms[norm], tmp_path / "one", batch_size=1)
+        with open_cache(path) as c, open_cache(one) as c1:
+            assert max(float(np.abs(c.sequence(i) - c1.sequence(i)).max()) for i in range(len(c.ids))) <= 1e-5
+
+
+def test_audio_attention_is_a_cache_setting(wavlms, clips, tmp_path):
+    eager = _extract(clips["broken"], wavlms["layer"], tmp_path, audio_attention="eager", batch_size=4)
+    with open_cache(eager) as c:
+        assert c.attrs["audio_attention"] == "eager" and int(c.done.sum()) == 5   # the broken file failed
+    with pytest.raises(FeatxError, match="audio_attention 'eager' \\(now 'sdpa'\\)"):
+        _extract(clips["broken"], wavlms["layer"], tmp_path, batch_size=4)   # the failed item would be retried
+
+
+def test_audio_attention_option_is_checked():
+    with pytest.raises(FeatxError, match="--audio-attention unknown audio attention 'flash'; choose from sdpa, eager"):
+        ExtractSettings(manifest="m.csv", model=["m"], out="o", audio_attention="flash")
+    assert ExtractSettings(manifest="m.csv", model=["m"], out="o").kwargs()["audio_attention"] == "sdpa"
