@@ -73,7 +73,7 @@ def settings_diff(old, new):
     diffs = []
     keys = sorted(set(old["attrs"]) | set(new["attrs"]), key=lambda k: (k not in ("model", "modality"), k))
     for k in keys:
-        a, b = old["attrs"].get(k), new["attrs"].get(k)
+        a, b = old["attrs"].get(k, schema.ATTRS_BEFORE_RECORDED.get(k)), new["attrs"].get(k)
         if a != b:
             diffs.append(f"{k} {a!r} (now {b!r})")
     for k in ("num_layers", "hidden_size", "dtype", "seq"):

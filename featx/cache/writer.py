@@ -508,7 +508,7 @@ class CacheWriter:
         diffs = parts.settings_diff(old, new)
         if diffs:
             raise FeatxError(f"{where} was made with different settings: {', '.join(diffs)}; "
-                             "use --overwrite to start again")
+                             "run with the settings it was made with, or use --overwrite to start again")
 
     def _indices(self, indices):
         if self._closed:
