@@ -322,7 +322,8 @@ register_family(Family("siglip-text", ("siglip", "siglip_text_model"), "text", f
                        example="google/siglip-base-patch16-224", tower=True,
                        note="the text tower; padded to max_length (64) as trained, pooling over the real tokens; "
                             "only when the checkpoint has a tokenizer"))
-register_family(Family("siglip2-text", ("siglip2",), "text", f"{_TEXT_MODELS}:Siglip2TextEncoder",
+register_family(Family("siglip2-text", ("siglip2", "siglip2_text_model"), "text",
+                       f"{_TEXT_MODELS}:Siglip2TextEncoder",
                        "encoder.layers|text_model.encoder.layers", poolings=("mean", "last"),
                        example="google/siglip2-base-patch16-224", tower=True,
                        note="the text tower; padded to max_length (64) as its processor does, pooling over the "

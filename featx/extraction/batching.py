@@ -55,7 +55,9 @@ class Runner:
             if batch:
                 yield batch
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: models cache tensors process-wide (BEiT's lru_cached relative position index),
+    # and one made in inference mode breaks a later fine-tuning in the same process
+    @torch.no_grad()
     def run_batch(self, raws):
         """Pooled values (B, L, D) per pooling and valid-position counts (B,), left on the device so the
         GPU runs on while the host collates the next batch, and the sequences (CPU arrays) with --seq.

@@ -17,6 +17,7 @@ import torch
 import tiny_models
 from featx.demo.tiny import build_tiny_bert, build_tiny_clip, build_tiny_wavlm
 from featx.encoders.base import quiet_libraries
+from featx.errors import FeatxError
 
 # Cheapest settings: one epoch, batch of 4, no dropout; the saved model is loaded back to predict.
 FAST = dict(layers=["1"], epochs=1, batch_size=4, dropout=0.0, lr=1e-3, head_lr=1e-3, proj_size=8, hidden_size=16,
@@ -140,6 +141,11 @@ def test_every_family_fine_tunes_cut_at_layer_1_and_predicts(name, checkpoints, 
     family, path = _family(name), checkpoints[name]
     modality = family.modality
     manifest = _manifest(tmp_path / "data", modality)
+    if not family.block_path:  # extract only (CNN stages, CLAP's Swin): refused in one line before training
+        with pytest.raises(FeatxError, match="cannot be fine-tuned by featx"):
+            _quiet(finetune, manifest, [path], str(tmp_path / "out"), modality=[modality], **FAST)
+        assert not os.path.exists(tmp_path / "out" / "results.csv")
+        return
     full = load_encoder(path, modality=modality)
     # What `featx models` reads from the config alone is what the loaded encoder has.
     assert describe_config(load_config(path), family) == {"num_layers": full.num_layers,
