@@ -6,7 +6,7 @@ state ends in `_`. X is (N, L, D): pooled hidden states of L layers (a (N, D) ar
 - `LayerProbe`: a scikit-learn pipeline (StandardScaler + ridge / logistic regression / MLP) per layer,
   regularisation chosen per layer on a dev set, best layer chosen on dev.
 - `BatchedLinearProbe`: the same linear probes for all layers and all regularisation strengths at once in
-  torch (closed-form ridge; full-batch L-BFGS logistic regression), on GPU when there is one.
+  torch (closed-form ridge; logistic regression by batched L-BFGS), on GPU when there is one.
 
 Sweeps over caches, seeds and training sizes that write the results tables live in `featx.probing.sweep`
 (`run_probe`, re-exported here).
@@ -238,17 +238,18 @@ class BatchedLinearProbe(_ProbeBase):
 
     Regression: closed-form ridge (||y - Xw - b||^2 + alpha ||w||^2, as scikit-learn's Ridge) for every layer
     and alpha by batched Cholesky solves, in the primal (D x D) or dual (N x N) form, whichever is smaller.
-    Classification: logistic regression with scikit-learn's penalty (C * sum(logloss) + ||W||^2 / 2; one logit
-    for two classes, softmax otherwise) by full-batch L-BFGS: on a GPU all layers and Cs in one problem (they are
-    independent, so the sum's minimum is each one's minimum); on the CPU one at a time in float64, each C
-    starting from the previous C's solution.
+    Classification: logistic regression with scikit-learn's objective (C * sum(logloss) + ||W||^2 / 2; one logit
+    for two classes, softmax otherwise), the same optimum as LogisticRegression, by batched L-BFGS
+    (batched_logistic_lbfgs): all Cs of a layer share each product with its features, every problem keeps its
+    own history and step and stops at scikit-learn's criterion (max |gradient of the mean loss| <= tol); on the
+    CPU layers go in chunks that stay in cache, each starting from the solution of the layer below (warm_start).
     Features are standardised per layer with training statistics. Same fit signature and fitted attributes as
-    LayerProbe, plus mean_ / scale_ (L, D), coef_ (L, C', D) and intercept_ (L, C') of the chosen values.
+    LayerProbe, plus mean_ / scale_ (L, D), coef_ (L, C', D) and intercept_ (L, C') of the chosen values, and
+    for classes n_iter_ (L, G), the L-BFGS iterations of each problem.
     """
 
     def __init__(self, grid=None, task="auto", validation_fraction=0.2, max_iter=300, tol=1e-4,
                  device="auto", random_state=0, warm_start=True):
-        self.warm_start = warm_start
         self.grid = grid
         self.task = task
         self.validation_fraction = validation_fraction
@@ -256,6 +257,7 @@ class BatchedLinearProbe(_ProbeBase):
         self.tol = tol
         self.device = device
         self.random_state = random_state
+        self.warm_start = warm_start
 
     def fit(self, X, y, X_dev=None, y_dev=None):
         import torch
