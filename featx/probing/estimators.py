@@ -6,15 +6,18 @@ state ends in `_`. X is (N, L, D): pooled hidden states of L layers (a (N, D) ar
 - `LayerProbe`: a scikit-learn pipeline (StandardScaler + ridge / logistic regression / MLP) per layer,
   regularisation chosen per layer on a dev set, best layer chosen on dev.
 - `BatchedLinearProbe`: the same linear probes for all layers and all regularisation strengths at once in
-  torch (closed-form ridge; full-batch L-BFGS logistic regression), on GPU when there is one.
+  torch (closed-form ridge; logistic regression by batched L-BFGS), on GPU when there is one.
 
 Sweeps over caches, seeds and training sizes that write the results tables live in `featx.probing.sweep`
 (`run_probe`, re-exported here).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
@@ -27,7 +30,8 @@ from featx.errors import FeatxError
 from featx.metrics import selection_score
 from featx.probing.splits import inner_split
 
-__all__ = ["LayerProbe", "BatchedLinearProbe", "infer_task", "as_layers", "prepare_fit", "DEFAULT_ALPHAS", "DEFAULT_CS"]
+__all__ = ["LayerProbe", "BatchedLinearProbe", "batched_logistic_lbfgs", "infer_task", "as_layers", "prepare_fit",
+           "DEFAULT_ALPHAS", "DEFAULT_CS"]
 
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4)        # ridge: ||y - Xw||^2 + alpha ||w||^2
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0)                 # logistic: C * sum(logloss) + ||w||^2 / 2
@@ -53,6 +57,35 @@ def as_layers(X) -> np.ndarray:
     if X.ndim != 3:
         raise ValueError(f"X must be (N, L, D) or (N, D), got shape {X.shape}")
     return X.astype(np.float32, copy=False)
+
+
+def _standardised(X, dev):
+    """X (N, L, D) numpy -> (X - mean) / scale as a torch (L, N, D) on `dev`, mean (L, 1, D), scale (L, 1, D):
+    StandardScaler's statistics (population std; a constant feature keeps scale 1)."""
+    import torch
+
+    Xt = torch.empty(X.shape[1], X.shape[0], X.shape[2], device=dev)
+    Xt.copy_(torch.from_numpy(X).transpose(0, 1))      # a copy: the in-place steps below never touch X
+    mean = Xt.mean(1, keepdim=True)
+    Xt -= mean
+    scale = Xt.square().mean(1, keepdim=True).sqrt_()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return Xt.div_(scale), mean, scale
+
+
+def macro_f1(y_true, classes, codes) -> np.ndarray:
+    """f1_score(y_true, classes[codes[m]], average="macro", zero_division=0) for every row m of codes (M, N),
+    from per-class counts (macro over the labels present in either, as scikit-learn). Returns (M,)."""
+    labels = np.union1d(classes, np.unique(y_true))
+    true = np.searchsorted(labels, y_true)
+    pred = np.searchsorted(labels, classes)[codes]                                       # (M, N)
+    M, n = len(pred), len(labels)
+    flat = pred + np.arange(M)[:, None] * n
+    predicted = np.bincount(flat.ravel(), minlength=M * n).reshape(M, n)
+    hits = np.bincount(flat[pred == true[None]], minlength=M * n).reshape(M, n)
+    support = predicted + np.bincount(true, minlength=n)[None]
+    f1 = 2 * hits / np.maximum(support, 1)                                               # = 2PR / (P + R)
+    return f1.sum(1) / (support > 0).sum(1)
 
 
 def prepare_fit(est, X, y, X_dev, y_dev):
@@ -205,16 +238,18 @@ class BatchedLinearProbe(_ProbeBase):
 
     Regression: closed-form ridge (||y - Xw - b||^2 + alpha ||w||^2, as scikit-learn's Ridge) for every layer
     and alpha by batched Cholesky solves, in the primal (D x D) or dual (N x N) form, whichever is smaller.
-    Classification: logistic regression with scikit-learn's penalty (C * sum(logloss) + ||W||^2 / 2; one logit
-    for two classes, softmax otherwise) by full-batch L-BFGS: on a GPU all layers and Cs in one problem (they are
-    independent, so the sum's minimum is each one's minimum); on the CPU one at a time in float64, each C
-    starting from the previous C's solution.
+    Classification: logistic regression with scikit-learn's objective (C * sum(logloss) + ||W||^2 / 2; one logit
+    for two classes, softmax otherwise), the same optimum as LogisticRegression, by batched L-BFGS
+    (batched_logistic_lbfgs): all Cs of a layer share each product with its features, every problem keeps its
+    own history and step and stops at scikit-learn's criterion (max |gradient of the mean loss| <= tol); on the
+    CPU layers go in chunks that stay in cache, each starting from the solution of the layer below (warm_start).
     Features are standardised per layer with training statistics. Same fit signature and fitted attributes as
-    LayerProbe, plus mean_ / scale_ (L, D), coef_ (L, C', D) and intercept_ (L, C') of the chosen values.
+    LayerProbe, plus mean_ / scale_ (L, D), coef_ (L, C', D) and intercept_ (L, C') of the chosen values, and
+    for classes n_iter_ (L, G), the L-BFGS iterations of each problem.
     """
 
-    def __init__(self, grid=None, task="auto", validation_fraction=0.2, max_iter=200, tol=1e-5,
-                 device="auto", random_state=0):
+    def __init__(self, grid=None, task="auto", validation_fraction=0.2, max_iter=300, tol=1e-4,
+                 device="auto", random_state=0, warm_start=True):
         self.grid = grid
         self.task = task
         self.validation_fraction = validation_fraction
@@ -222,6 +257,7 @@ class BatchedLinearProbe(_ProbeBase):
         self.tol = tol
         self.device = device
         self.random_state = random_state
+        self.warm_start = warm_start
 
     def fit(self, X, y, X_dev=None, y_dev=None):
         import torch
@@ -230,25 +266,17 @@ class BatchedLinearProbe(_ProbeBase):
         grid = tuple(self.grid) if self.grid is not None else (
             DEFAULT_ALPHAS if self.task_ == "regression" else DEFAULT_CS)
         dev = torch.device(resolve_device(self.device))
-        Xt = torch.from_numpy(np.ascontiguousarray(X.transpose(1, 0, 2))).to(dev)   # (L, N, D)
-        mean = Xt.mean(1, keepdim=True)
-        scale = Xt.std(1, unbiased=False, keepdim=True)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))   # as StandardScaler: constant -> 1
-        Xt = (Xt - mean) / scale
         if self.task_ == "regression":
+            Xt, mean, scale = _standardised(X, dev)                                     # (L, N, D)
             W, b = self._fit_ridge(Xt, torch.from_numpy(y).to(dev), grid)               # (L, G, D, 1), (L, G, 1)
+            del Xt
         else:
-            W, b = self._fit_logistic(Xt, y, grid, dev)                                 # (L, G, D, C'), (L, G, C')
-        del Xt
+            W, b, mean, scale = self._fit_logistic(X, y, grid, dev)                     # (L, G, D, C'), (L, G, C')
         self.mean_, self.scale_ = mean[:, 0].cpu().numpy(), scale[:, 0].cpu().numpy()
         Xd = (torch.from_numpy(np.ascontiguousarray(X_dev.transpose(1, 0, 2))).to(dev) - mean) / scale
         logits = (torch.einsum("lnd,lgdc->lgnc", Xd, W) + b[:, :, None, :]).cpu().numpy()  # (L, G, N_dev, C')
         L = X.shape[1]
-        self.dev_scores_ = np.empty((L, len(grid)))
-        for layer in range(L):
-            for g in range(len(grid)):
-                pred = self._decode(logits[layer, g])
-                self.dev_scores_[layer, g] = selection_score(self.task_, y_dev, pred)
+        self.dev_scores_ = self._selection_scores(logits, y_dev)
         best = np.argmax(self.dev_scores_, axis=1)
         idx = torch.as_tensor(best, device=dev)
         ar = torch.arange(L, device=dev)
@@ -285,65 +313,50 @@ class BatchedLinearProbe(_ProbeBase):
         b = torch.full((L, len(grid), 1), float(y_mean), dtype=Xt.dtype, device=Xt.device)
         return W, b
 
-    def _fit_logistic(self, Xt, y, grid, dev):
+    def _fit_logistic(self, X, y, grid, dev):
+        """Logistic regression for every layer of X (N, L, D) and every C: W (L, G, D, C'), b (L, G, C'), and the
+        standardisation mean, scale (L, 1, D)."""
         import torch
 
-        L, N, D = Xt.shape
-        classes = self.classes_
-        if len(classes) < 2:
+        N, L, D = X.shape
+        if len(self.classes_) < 2:
             raise FeatxError("classification needs at least two classes in the training part")
-        codes = np.searchsorted(classes, y)
-        C = 1 if len(classes) == 2 else len(classes)
-        G = len(grid)
-        # Penalty per item: mean logloss + ||W||^2 / (2 C N) has the minimum of C * sum + ||W||^2 / 2.
-        lam = torch.tensor([1.0 / (2 * c * N) for c in grid], dtype=Xt.dtype, device=dev)
-        target = torch.as_tensor(codes, device=dev)
-        if dev.type != "cpu":  # all L x G problems in one L-BFGS: big batched products keep a GPU busy
-            return self._lbfgs(Xt, target, lam, C)
-        # On the CPU one problem at a time is faster (measured 7x on 25 x 4 problems of 1280 x 1024): a layer's
-        # features stay in cache, each problem stops when it has converged, and, going up the C grid, each
-        # starts from the previous solution.
-        W = torch.empty(L, G, D, C, dtype=Xt.dtype)
-        b = torch.empty(L, G, C, dtype=Xt.dtype)
-        lam = lam.double()
-        for layer in range(L):
-            Xl, start = Xt[layer:layer + 1].double(), None  # float64: float32 stalls short of the optimum
-            for g in np.argsort(grid):
-                start = self._lbfgs(Xl, target, lam[g:g + 1], C, start)
-                W[layer, g], b[layer, g] = start[0][0, 0], start[1][0, 0]
-        return W, b
+        target = torch.as_tensor(np.searchsorted(self.classes_, y), device=dev)
+        K = 1 if len(self.classes_) == 2 else len(self.classes_)
+        # mean logloss + lam ||W||^2 with lam = 1 / (2 C N) has the minimum of C * sum(logloss) + ||W||^2 / 2.
+        lam = torch.tensor([1.0 / (2 * c * N) for c in grid], dtype=torch.float32, device=dev)
+        # On the CPU, layers go in chunks whose features stay in the cache across iterations; a GPU takes all.
+        chunk = L if dev.type != "cpu" else max(1, int(16e6 // (4 * N * D)))
+        W = torch.empty(L, len(grid), D, K, device=dev)
+        b = torch.empty(L, len(grid), K, device=dev)
+        mean, scale = torch.empty(L, 1, D, device=dev), torch.empty(L, 1, D, device=dev)
+        self.n_iter_ = np.zeros((L, len(grid)), dtype=int)
+        # Chunk j holds layers j, j + n, j + 2n, ... (n chunks): each problem starts from the solution of the
+        # layer below it, which neighbouring layers' features make close to its own.
+        n = -(-L // chunk)
+        theta = None
+        for j in range(n):
+            part = np.arange(j, L, n)
+            Xt, mean[part], scale[part] = _standardised(X[:, part], dev)
+            start = None if theta is None or not self.warm_start else theta[:len(part)]
+            theta, n_iter = batched_logistic_lbfgs(Xt, target, lam, K, self.tol, self.max_iter, start=start)
+            W[part], b[part] = theta[..., :D].transpose(2, 3), theta[..., D]
+            self.n_iter_[part] = n_iter.cpu().numpy()
+        stopped = int((self.n_iter_ >= self.max_iter).sum())
+        if stopped:
+            warnings.warn(ConvergenceWarning(
+                f"batched logistic regression (L-BFGS): {stopped} of {self.n_iter_.size} problems stopped at "
+                f"max_iter={self.max_iter} before max |gradient| <= {self.tol}"))
+        return W, b, mean, scale
 
-    def _lbfgs(self, Xt, target, lam, C, start=None):
-        """Minimise mean logloss + lam ||W||^2 for every layer of Xt (L, N, D) and every lam (G,) at once.
-        Returns W (L, G, D, C') and b (L, G, C'); start: a (W, b) of the same shapes to begin from."""
-        import torch
-
-        L, N, D = Xt.shape
-        G = len(lam)
-        W = torch.zeros(L, G, D, C, dtype=Xt.dtype, device=Xt.device) if start is None else start[0].clone()
-        b = torch.zeros(L, G, C, dtype=Xt.dtype, device=Xt.device) if start is None else start[1].clone()
-        W.requires_grad_(True)
-        b.requires_grad_(True)
-        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=self.max_iter, tolerance_grad=self.tol,
-                                tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            # One bmm over layers: (L, N, D) @ (L, D, G*C) -> (L, G, N, C).
-            logits = (torch.bmm(Xt, W.permute(0, 2, 1, 3).reshape(L, D, G * C)).reshape(L, N, G, C)
-                      .permute(0, 2, 1, 3)) + b[:, :, None, :]
-            if C == 1:
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    logits[..., 0], target.to(Xt.dtype).expand(L, G, N), reduction="none").mean(-1)
-            else:
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, C), target.repeat(L * G), reduction="none").reshape(L, G, N).mean(-1)
-            loss = (loss + lam * (W ** 2).sum((2, 3))).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        return W.detach(), b.detach()
+    def _selection_scores(self, logits, y_dev):
+        """(L, G) dev selection scores (the primary metric, larger is better) of logits (L, G, N_dev, C')."""
+        L, G = logits.shape[:2]
+        if self.task_ == "classification":
+            codes = (logits[..., 0] > 0).astype(int) if logits.shape[-1] == 1 else np.argmax(logits, axis=-1)
+            return macro_f1(y_dev, self.classes_, codes.reshape(L * G, -1)).reshape(L, G)
+        return np.array([[selection_score(self.task_, y_dev, self._decode(logits[i, g])) for g in range(G)]
+                         for i in range(L)])
 
     def _decode(self, logits):
         """(N, C') logits -> (N,) predictions."""
@@ -371,3 +384,145 @@ class BatchedLinearProbe(_ProbeBase):
     def linear_params(self, layer=None) -> dict:
         i = self._layer_index(layer)
         return {"mean": self.mean_[i], "scale": self.scale_[i], "coef": self.coef_[i], "intercept": self.intercept_[i]}
+
+
+# ---------------------------------------------------------------- batched logistic regression (L-BFGS)
+def _dot(u, v):
+    """Per-problem inner products of (B, G, K, D+1) tensors -> (B, G)."""
+    return (u * v).sum((2, 3))
+
+
+def _logits(X, theta):
+    """X (B, N, D) and theta (B, G, K, D+1) (weights, then intercept) -> logits (B, N, G, K)."""
+    import torch
+
+    B, N, D = X.shape
+    G, K = theta.shape[1:3]
+    w = theta[..., :D].reshape(B, G * K, D)
+    return (torch.bmm(X, w.transpose(1, 2)) + theta[..., D].reshape(B, 1, G * K)).view(B, N, G, K)
+
+
+def _loss(z, target, theta, lam_pen):
+    """(B, G) float64 objective (mean logloss + lam ||W||^2) and the residual d logloss / d z (B, N, G, K).
+    target: (N,) float 0/1 (one logit, K = 1) or (N, K) one-hot (softmax)."""
+    import torch
+
+    if z.shape[-1] == 1:
+        zz, t = z[..., 0], target[None, :, None]
+        loss = torch.nn.functional.softplus(zz) - t * zz
+        r = (torch.sigmoid(zz) - t)[..., None]
+    else:
+        t = target[None, :, None, :]
+        loss = torch.logsumexp(z, -1) - (z * t).sum(-1)
+        r = torch.softmax(z, -1) - t
+    f = loss.sum(1, dtype=torch.float64) / z.shape[1] + _dot(lam_pen * theta, theta).double()
+    return f, r
+
+
+def _gradient(X, r, theta, lam_pen):
+    """The objective's gradient (B, G, K, D+1) from the residual r (B, N, G, K)."""
+    import torch
+
+    B, N, D = X.shape
+    G, K = theta.shape[1:3]
+    gw = torch.bmm(r.reshape(B, N, G * K).transpose(1, 2), X).view(B, G, K, D)
+    return torch.cat([gw, r.sum(1)[..., None]], -1) / N + 2 * lam_pen * theta
+
+
+def _direction(g, history):
+    """L-BFGS two-loop recursion per problem: -H g (B, G, K, D+1) from the (s, y, 1 / s'y) pairs."""
+    import torch
+
+    q, alphas = g, []
+    for s, y, rho in reversed(history):
+        a = rho * _dot(s, q)
+        q = q - a[..., None, None] * y
+        alphas.append(a)
+    if history:   # initial Hessian: the usual s'y / y'y scaling
+        s, y, _ = history[-1]
+        yy = _dot(y, y)
+        q = q * torch.where(yy > 0, _dot(s, y) / yy.clamp_min(1e-30), torch.ones_like(yy))[..., None, None]
+    for (s, y, rho), a in zip(history, reversed(alphas)):
+        q = q + (a - rho * _dot(y, q))[..., None, None] * s
+    return -q
+
+
+def _line_search(z, zd, theta, d, f, g, target, lam_pen, active):
+    """Step (B, G) along d: the minimum of the objective's quadratic model, halved until Armijo's condition
+    holds. z + step * zd are the new logits (zd = X d: no pass over X per trial). Returns step, f, residual."""
+    import torch
+
+    if z.shape[-1] == 1:
+        p = torch.sigmoid(z[..., 0])
+        curv = (p * (1 - p) * zd[..., 0] ** 2).mean(1)
+    else:
+        p = torch.softmax(z, -1)
+        curv = ((p * zd * zd).sum(-1) - (p * zd).sum(-1) ** 2).mean(1)
+    curv = curv + 2 * _dot(lam_pen * d, d)
+    gd = _dot(g, d)
+    step = torch.where(active & (curv > 0), -gd / curv.clamp_min(1e-30), torch.zeros_like(gd))
+    # A decrease below the rounding of f (float32 logits) cannot be checked: the model's step is taken as is.
+    noise = 10 * torch.finfo(z.dtype).eps * f.abs()
+    for _ in range(30):
+        s4 = step[:, None, :, None]
+        fn, r = _loss(z + s4 * zd, target, theta + step[..., None, None] * d, lam_pen)
+        bad = active & (fn > f + 1e-4 * (step * gd).double()) & (-(step * gd).double() > noise)
+        if not bad.any():
+            break
+        step = torch.where(bad, step / 2, step)
+    return step, fn, r
+
+
+def batched_logistic_lbfgs(X, target, lam, K, tol=1e-4, max_iter=300, history=10, start=None):
+    """Logistic regression for each layer of X (B, N, D) and each penalty lam (G,) at once: minimises
+    mean logloss + lam ||W||^2 (intercept unpenalised) by L-BFGS, each problem with its own history and step,
+    each stopping when max |gradient| <= tol. The products with X are shared by the G problems of a layer.
+
+    target: (N,) class codes; K: 1 (two classes, one logit, as scikit-learn) or the number of classes (softmax).
+    start: optional theta to begin from (B, G, K, D+1), taken per problem where it beats zero weights. Returns theta (B, G, K, D+1) (weights, then intercept) and the iterations each problem ran (B, G)."""
+    import torch
+
+    B, N, D = X.shape
+    G = len(lam)
+    target = target.to(X.dtype) if K == 1 else torch.nn.functional.one_hot(target, K).to(X.dtype)
+    pen = torch.ones(D + 1, dtype=X.dtype, device=X.device)
+    pen[D] = 0
+    lam_pen = lam.to(X.dtype)[None, :, None, None] * pen        # (1, G, 1, D+1)
+    theta = X.new_zeros(B, G, K, D + 1)
+    z = X.new_zeros(B, N, G, K)
+    f, r = _loss(z, target, theta, lam_pen)
+    if start is not None:   # begin from `start` where its objective is below that of zero weights
+        z1 = _logits(X, start)
+        f1, r1 = _loss(z1, target, start, lam_pen)
+        take = f1 < f
+        f, r = torch.where(take, f1, f), torch.where(take[:, None, :, None], r1, r)
+        theta = torch.where(take[..., None, None], start, theta)
+        z = torch.where(take[:, None, :, None], z1, z)
+    g = _gradient(X, r, theta, lam_pen)
+    out, n_iter = theta.clone(), torch.zeros(B, G, dtype=torch.long, device=X.device)
+    live = torch.arange(B, device=X.device)          # the layers still iterating (rows of out)
+    pairs, it = [], torch.zeros(B, G, dtype=torch.long, device=X.device)
+    active = g.abs().amax((2, 3)) > tol
+    for _ in range(max_iter):
+        done = ~active.any(1)
+        if bool(done.any()):   # a layer whose problems all converged leaves the products with X
+            out[live[done]], n_iter[live[done]] = theta[done], it[done]
+            keep = ~done
+            if not bool(keep.any()):
+                return out, n_iter
+            live, X, theta, z, f, g, active, it = (t[keep] for t in (live, X, theta, z, f, g, active, it))
+            pairs = [(a[keep], b[keep], c[keep]) for a, b, c in pairs]
+        d = _direction(g, pairs) * active[..., None, None]
+        zd = _logits(X, d)
+        step, f, r = _line_search(z, zd, theta, d, f, g, target, lam_pen, active)
+        s = step[..., None, None] * d
+        theta, z = theta + s, z + step[:, None, :, None] * zd
+        g_new = _gradient(X, r, theta, lam_pen)
+        y = g_new - g
+        sy = _dot(s, y)
+        pairs = (pairs + [(s, y, torch.where(sy > 0, 1 / sy.clamp_min(1e-30), torch.zeros_like(sy)))])[-history:]
+        g = g_new
+        it += active
+        active = active & (g.abs().amax((2, 3)) > tol)
+    out[live], n_iter[live] = theta, it
+    return out, n_iter

@@ -56,18 +56,19 @@ def test_batched_agrees_with_sklearn(task):
         for k in ma:  # one of 80 test items may fall on the other side: scikit-learn stops at tol 1e-4
             assert abs(ma[k] - mb[k]) <= 0.0125 + 1e-9 or (np.isnan(ma[k]) and np.isnan(mb[k])), (layer, k)
     if task == "classification":  # each layer's chosen problem solved to scikit-learn's optimum (tol 1e-10)
+        from scipy.special import logsumexp
         from sklearn.linear_model import LogisticRegression
         codes = np.searchsorted(b.classes_, y[tr])
         for layer in range(4):
             Xs = ((X[tr][:, layer] - b.mean_[layer]) / b.scale_[layer]).astype(np.float64)
             C = float(b.best_params_[layer])
 
-            def objective(w, w0):
-                z = Xs @ w + w0
-                return C * np.sum(np.logaddexp(0, z) - codes * z) + 0.5 * w @ w
+            def objective(W, w0):   # three classes: softmax, C * sum(logloss) + ||W||^2 / 2
+                z = Xs @ W.T + w0
+                return C * np.sum(logsumexp(z, 1) - z[np.arange(len(z)), codes]) + 0.5 * (W * W).sum()
             ref = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(Xs, codes)
-            best = objective(ref.coef_[0], ref.intercept_[0])
-            assert objective(b.coef_[layer, 0], b.intercept_[layer, 0]) <= best * (1 + 1e-5), layer
+            best = objective(ref.coef_, ref.intercept_)
+            assert objective(b.coef_[layer], b.intercept_[layer]) <= best * (1 + 1e-5), layer
 
 
 @pytest.mark.parametrize("probe,splits", [("linear", True), ("batched", False)])
