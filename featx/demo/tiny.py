@@ -20,6 +20,16 @@ def _vocab() -> dict:
     return {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}
 
 
+def save_checkpoint(path: str, model, *processors) -> str:
+    """Save `model` (in eval mode) and its tokenizer / processors to folder `path`, quietly; returns `path`."""
+    os.makedirs(path, exist_ok=True)
+    with quiet_libraries():  # no 'Writing model shards' bar
+        model.eval().save_pretrained(path)
+        for p in processors:
+            p.save_pretrained(path)
+    return path
+
+
 def build_tiny_bert(path: str, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
     """Save a random BertModel (hidden_size, num_layers) and its WordPiece tokenizer to `path`."""
     import torch

@@ -2,18 +2,10 @@
 
 BUILDERS: {family name: build(path) -> path}; the family names are featx.encoders.registry.Family.name.
 """
-import os
 
-from featx.demo.tiny import build_tiny_wavlm
-from featx.encoders.base import quiet_libraries
+from featx.demo.tiny import build_tiny_wavlm, save_checkpoint
 
 
-def _save(model, extractor, path):
-    os.makedirs(path, exist_ok=True)
-    with quiet_libraries():
-        model.eval().save_pretrained(path)
-    extractor.save_pretrained(path)
-    return path
 
 
 def build_tiny_whisper(path, seed=0):
@@ -27,7 +19,7 @@ def build_tiny_whisper(path, seed=0):
                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                         max_source_positions=1500, max_target_positions=16, pad_token_id=0, bos_token_id=1,
                         eos_token_id=2, decoder_start_token_id=1)
-    return _save(WhisperForConditionalGeneration(cfg), WhisperFeatureExtractor(feature_size=80), path)
+    return save_checkpoint(path, WhisperForConditionalGeneration(cfg), WhisperFeatureExtractor(feature_size=80))
 
 
 def build_tiny_ast(path, seed=0):
@@ -38,7 +30,7 @@ def build_tiny_ast(path, seed=0):
     torch.manual_seed(seed)
     cfg = ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=16,
                     frequency_stride=10, time_stride=10, max_length=128, num_mel_bins=32)
-    return _save(ASTModel(cfg), ASTFeatureExtractor(num_mel_bins=32, max_length=128), path)
+    return save_checkpoint(path, ASTModel(cfg), ASTFeatureExtractor(num_mel_bins=32, max_length=128))
 
 
 def build_tiny_clap(path, fusion=False, seed=0):
@@ -57,7 +49,7 @@ def build_tiny_clap(path, fusion=False, seed=0):
     cfg = ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=16)
     extractor = ClapFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, fft_window_size=400,
                                      max_length_s=2, frequency_max=8000, truncation="fusion" if fusion else "rand_trunc")
-    return _save(ClapModel(cfg), extractor, path)
+    return save_checkpoint(path, ClapModel(cfg), extractor)
 
 
 def build_tiny_w2v_bert(path, seed=0):
@@ -70,8 +62,8 @@ def build_tiny_w2v_bert(path, seed=0):
     cfg = Wav2Vec2BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                              feature_projection_input_dim=160, output_hidden_size=32, conv_depthwise_kernel_size=5,
                              left_max_position_embeddings=16, right_max_position_embeddings=4, add_adapter=False)
-    return _save(Wav2Vec2BertModel(cfg), SeamlessM4TFeatureExtractor(feature_size=80, num_mel_bins=80, stride=2),
-                 path)
+    return save_checkpoint(path, Wav2Vec2BertModel(cfg),
+                           SeamlessM4TFeatureExtractor(feature_size=80, num_mel_bins=80, stride=2))
 
 
 BUILDERS = {"wav2vec2": build_tiny_wavlm, "whisper": build_tiny_whisper, "ast": build_tiny_ast,

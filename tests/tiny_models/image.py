@@ -2,21 +2,13 @@
 its image processor: ViTs at 32x32 pixels in 8x8 patches, hidden size 32, 2 layers."""
 from __future__ import annotations
 
-import os
 
-from featx.demo.tiny import build_tiny_clip
-from featx.encoders.base import quiet_libraries
+from featx.demo.tiny import build_tiny_clip, save_checkpoint
 
 _VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 _SIDE = {"height": 32, "width": 32}
 
 
-def _save(path, model, processor, seed=0):
-    os.makedirs(path, exist_ok=True)
-    with quiet_libraries():
-        model.eval().save_pretrained(path)
-        processor.save_pretrained(path)
-    return path
 
 
 def _seeded(seed):
@@ -30,7 +22,7 @@ def build_vit(path, seed=0):
 
     _seeded(seed)
     model = ViTModel(ViTConfig(**_VIT, image_size=32, patch_size=8), add_pooling_layer=False)
-    return _save(path, model, ViTImageProcessor(size=_SIDE))
+    return save_checkpoint(path, model, ViTImageProcessor(size=_SIDE))
 
 
 def build_dinov2(path, seed=0):
@@ -39,7 +31,7 @@ def build_dinov2(path, seed=0):
 
     _seeded(seed)
     model = Dinov2Model(Dinov2Config(**_VIT, image_size=32, patch_size=8))
-    return _save(path, model, BitImageProcessor(size={"shortest_edge": 32}, crop_size=_SIDE))
+    return save_checkpoint(path, model, BitImageProcessor(size={"shortest_edge": 32}, crop_size=_SIDE))
 
 
 def build_dinov2_registers(path, seed=0):
@@ -48,7 +40,7 @@ def build_dinov2_registers(path, seed=0):
     _seeded(seed)
     model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**_VIT, image_size=32, patch_size=8,
                                                                num_register_tokens=4))
-    return _save(path, model, BitImageProcessor(size={"shortest_edge": 32}, crop_size=_SIDE))
+    return save_checkpoint(path, model, BitImageProcessor(size={"shortest_edge": 32}, crop_size=_SIDE))
 
 
 def build_dinov3_vit(path, seed=0):
@@ -56,7 +48,7 @@ def build_dinov3_vit(path, seed=0):
 
     _seeded(seed)
     model = DINOv3ViTModel(DINOv3ViTConfig(**_VIT, image_size=32, patch_size=8, num_register_tokens=4))
-    return _save(path, model, DINOv3ViTImageProcessor(size=_SIDE))
+    return save_checkpoint(path, model, DINOv3ViTImageProcessor(size=_SIDE))
 
 
 def build_beit(path, seed=0):
@@ -64,7 +56,7 @@ def build_beit(path, seed=0):
 
     _seeded(seed)
     model = BeitModel(BeitConfig(**_VIT, image_size=32, patch_size=8, use_relative_position_bias=True))
-    return _save(path, model, BeitImageProcessor(size=_SIDE, crop_size=_SIDE, do_center_crop=False))
+    return save_checkpoint(path, model, BeitImageProcessor(size=_SIDE, crop_size=_SIDE, do_center_crop=False))
 
 
 def build_siglip_vision(path, seed=0):
@@ -72,7 +64,7 @@ def build_siglip_vision(path, seed=0):
 
     _seeded(seed)
     model = SiglipVisionModel(SiglipVisionConfig(**_VIT, image_size=32, patch_size=8))
-    return _save(path, model, SiglipImageProcessor(size=_SIDE))
+    return save_checkpoint(path, model, SiglipImageProcessor(size=_SIDE))
 
 
 def build_siglip2(path, seed=0, max_num_patches=16):
@@ -82,7 +74,8 @@ def build_siglip2(path, seed=0, max_num_patches=16):
     _seeded(seed)
     cfg = Siglip2Config(text_config=dict(_VIT, vocab_size=100, max_position_embeddings=16),
                         vision_config=dict(_VIT, patch_size=8, num_patches=max_num_patches))
-    return _save(path, Siglip2Model(cfg), Siglip2ImageProcessor(patch_size=8, max_num_patches=max_num_patches))
+    return save_checkpoint(path, Siglip2Model(cfg),
+                           Siglip2ImageProcessor(patch_size=8, max_num_patches=max_num_patches))
 
 
 def build_convnext(path, seed=0, v2=True, widths=(8, 16, 24, 32)):
@@ -92,7 +85,7 @@ def build_convnext(path, seed=0, v2=True, widths=(8, 16, 24, 32)):
     _seeded(seed)
     kw = dict(hidden_sizes=list(widths), depths=[1, 1, 1, 1], image_size=32)
     model = ConvNextV2Model(ConvNextV2Config(**kw)) if v2 else ConvNextModel(ConvNextConfig(**kw))
-    return _save(path, model, ConvNextImageProcessor(size={"shortest_edge": 32}))
+    return save_checkpoint(path, model, ConvNextImageProcessor(size={"shortest_edge": 32}))
 
 
 BUILDERS = {

@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 import string
 
-from featx.demo.tiny import build_tiny_bert
-from featx.encoders.base import quiet_libraries
+from featx.demo.tiny import build_tiny_bert, save_checkpoint
 
 H, LAYERS, HEADS = 32, 2, 4
 _CHARS = list(dict.fromkeys(string.ascii_letters + string.digits + string.punctuation))
@@ -29,12 +28,6 @@ def _char_vocab(specials, prefix="▁") -> dict:
     return {s: i for i, s in enumerate(dict.fromkeys(symbols))}
 
 
-def _save(path, model, tokenizer) -> str:
-    os.makedirs(path, exist_ok=True)
-    with quiet_libraries():
-        model.eval().save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return path
 
 
 def build_gpt2(path, seed=0):
@@ -46,7 +39,7 @@ def build_gpt2(path, seed=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=len(tok), n_embd=H, n_layer=LAYERS, n_head=HEADS, n_positions=128,
                      bos_token_id=0, eos_token_id=0)
-    return _save(path, GPT2Model(cfg), tok)
+    return save_checkpoint(path, GPT2Model(cfg), tok)
 
 
 def build_llama(path, seed=0):
@@ -60,7 +53,7 @@ def build_llama(path, seed=0):
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=LAYERS,
                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=128,
                       bos_token_id=1, eos_token_id=2)
-    return _save(path, LlamaModel(cfg), tok)
+    return save_checkpoint(path, LlamaModel(cfg), tok)
 
 
 def build_qwen2(path, seed=0):
@@ -72,7 +65,7 @@ def build_qwen2(path, seed=0):
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=LAYERS,
                       num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=128)
-    return _save(path, Qwen2Model(cfg), tok)
+    return save_checkpoint(path, Qwen2Model(cfg), tok)
 
 
 def build_qwen3(path, seed=0):
@@ -84,7 +77,7 @@ def build_qwen3(path, seed=0):
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=LAYERS,
                       num_attention_heads=HEADS, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
-    return _save(path, Qwen3Model(cfg), tok)
+    return save_checkpoint(path, Qwen3Model(cfg), tok)
 
 
 def build_t5(path, seed=0, kind="T5"):
@@ -99,7 +92,7 @@ def build_t5(path, seed=0, kind="T5"):
     cfg = getattr(tr, f"{kind}Config")(vocab_size=len(tok), d_model=H, d_kv=8, d_ff=2 * H, num_layers=LAYERS,
                                        num_decoder_layers=1, num_heads=HEADS, relative_attention_num_buckets=8,
                                        decoder_start_token_id=0)
-    return _save(path, getattr(tr, f"{kind}Model")(cfg), tok)
+    return save_checkpoint(path, getattr(tr, f"{kind}Model")(cfg), tok)
 
 
 def build_roberta(path, seed=0):
@@ -111,7 +104,7 @@ def build_roberta(path, seed=0):
     torch.manual_seed(seed)
     cfg = RobertaConfig(vocab_size=len(tok), hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                         intermediate_size=2 * H, max_position_embeddings=130, pad_token_id=1)
-    return _save(path, RobertaModel(cfg), tok)
+    return save_checkpoint(path, RobertaModel(cfg), tok)
 
 
 def build_deberta_v2(path, seed=0):
@@ -126,7 +119,7 @@ def build_deberta_v2(path, seed=0):
                           intermediate_size=2 * H, max_position_embeddings=128, relative_attention=True,
                           pos_att_type=["p2c", "c2p"], position_biased_input=False, max_relative_positions=-1,
                           position_buckets=16, norm_rel_ebd="layer_norm", share_att_key=True)
-    return _save(path, DebertaV2Model(cfg), tok)
+    return save_checkpoint(path, DebertaV2Model(cfg), tok)
 
 
 def build_modernbert(path, seed=0):
@@ -145,7 +138,7 @@ def build_modernbert(path, seed=0):
                            global_attn_every_n_layers=2, pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id,
                            sep_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
                            eos_token_id=tok.sep_token_id)
-    return _save(path, ModernBertModel(cfg), tok)
+    return save_checkpoint(path, ModernBertModel(cfg), tok)
 
 
 def build_clip_text(path, seed=0):
@@ -164,9 +157,8 @@ def build_clip_text(path, seed=0):
     vcfg = CLIPVisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                             image_size=32, patch_size=8, projection_dim=16)
     model = CLIPModel(CLIPConfig(text_config=tcfg.to_dict(), vision_config=vcfg.to_dict(), projection_dim=16))
-    _save(path, model, tok)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    return save_checkpoint(path, model, tok,
+                           CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
 
 
 def _build_siglip(path, seed, version):
@@ -190,7 +182,7 @@ def _build_siglip(path, seed, version):
     vcfg = getattr(tr, f"{prefix}VisionConfig")(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=LAYERS,
                                                 num_attention_heads=HEADS, image_size=32, patch_size=8)
     config = getattr(tr, f"{prefix}Config")(text_config=tcfg.to_dict(), vision_config=vcfg.to_dict())
-    return _save(path, getattr(tr, f"{prefix}Model")(config), tok)
+    return save_checkpoint(path, getattr(tr, f"{prefix}Model")(config), tok)
 
 
 def build_siglip_text(path, seed=0):

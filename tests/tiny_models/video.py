@@ -1,18 +1,12 @@
 """Tiny native video encoders (hidden size 32, 2 layers, 32x32 frames, 4-frame clips, tubelets of 2 frames),
 each saved with the processor its hub checkpoints carry."""
-import os
 
-from featx.encoders.base import quiet_libraries
+from featx.demo.tiny import save_checkpoint
+
 
 SIZE, PATCH, FRAMES, TUBELET, HIDDEN = 32, 8, 4, 2, 32
 
 
-def _save(model, processor, path):
-    os.makedirs(path, exist_ok=True)
-    with quiet_libraries():
-        model.eval().save_pretrained(path)
-        processor.save_pretrained(path)
-    return path
 
 
 def build_videomae(path, seed=0):
@@ -24,7 +18,7 @@ def build_videomae(path, seed=0):
     cfg = VideoMAEConfig(image_size=SIZE, patch_size=PATCH, num_frames=FRAMES, tubelet_size=TUBELET,
                          hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * HIDDEN)
     proc = VideoMAEImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
-    return _save(VideoMAEModel(cfg), proc, path)
+    return save_checkpoint(path, VideoMAEModel(cfg), proc)
 
 
 def build_vjepa2(path, seed=0):
@@ -38,7 +32,7 @@ def build_vjepa2(path, seed=0):
                        pred_hidden_size=HIDDEN, pred_num_hidden_layers=1, pred_num_attention_heads=2,
                        num_pooler_layers=1)
     proc = VJEPA2VideoProcessor(crop_size={"height": SIZE, "width": SIZE})
-    return _save(VJEPA2Model(cfg), proc, path)
+    return save_checkpoint(path, VJEPA2Model(cfg), proc)
 
 
 def build_xclip(path, seed=0):
@@ -57,7 +51,7 @@ def build_xclip(path, seed=0):
                       prompt_attention_heads=2)
     proc = VideoMAEImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
                                   image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-    return _save(XCLIPModel(cfg), proc, path)
+    return save_checkpoint(path, XCLIPModel(cfg), proc)
 
 
 BUILDERS = {"videomae": build_videomae, "vjepa2": build_vjepa2, "xclip-vision": build_xclip}
