@@ -33,6 +33,11 @@ def register_probe(name, build, label=None, linear=False, help=""):
     return spec
 
 
+def unregister_probe(name) -> None:
+    """Remove the probe `name` (a plug-in's, or a test's); nothing happens for an unknown name."""
+    _PROBES.pop(name, None)
+
+
 def probe_names() -> list:
     return list(_PROBES)
 

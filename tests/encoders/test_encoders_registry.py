@@ -15,7 +15,7 @@ import torch
 from featx import extract
 from featx.cache import open_cache
 from featx.encoders import Family, family_of, load_config, register_family
-from featx.encoders.registry import block_path
+from featx.encoders.registry import block_path, unregister_family
 from featx.errors import FeatxError
 
 WORDS = "good bad great awful happy sad fun boring love hate fine ok".split()
@@ -44,8 +44,8 @@ def test_a_registered_toy_family_and_probe_run_extract_and_probe_end_to_end(tiny
     from transformers import AutoConfig, BertConfig
 
     from featx.encoders.text import TextEncoder
-    from featx.probing import LayerProbe, run_probe
-    from featx.probing.registry import register_probe
+    from featx.probing import LayerProbe
+    from featx.probing.registry import register_probe, unregister_probe
 
     class ToyBertConfig(BertConfig):
         model_type = "featx-toy-bert"
@@ -62,6 +62,16 @@ def test_a_registered_toy_family_and_probe_run_extract_and_probe_end_to_end(tiny
                            example="(a test checkpoint)"))
     register_probe("toy-ridge", lambda seed, device: LayerProbe(probe="ridge", grid=[1.0], random_state=seed),
                    help="ridge with a fixed alpha")
+    try:  # the toy family and probe must not outlive the test (featx models, the README table read the registry)
+        _run_toy(model, tiny_bert, tmp_path)
+    finally:
+        unregister_family("toy")
+        unregister_probe("toy-ridge")
+
+
+def _run_toy(model, tiny_bert, tmp_path):
+    from featx.probing import run_probe
+
     assert block_path(load_config(model)) == "encoder.layer"
 
     manifest = _manifest(tmp_path / "m.csv")
