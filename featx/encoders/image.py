@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from featx.encoders.base import Encoder, from_pretrained, model_loader
-from featx.errors import FeatxError
-from featx.settings import IMAGE_PREPROCESS
+from featx.settings import IMAGE_PREPROCESS, one_of
 
 
 class _Pixels:
@@ -76,8 +75,7 @@ class ImageEncoder(Encoder):
     def _preprocess_path(self, wanted) -> str:
         """The image_preprocess path this encoder runs: batched-torch needs a torchvision processor, and a
         subclass that makes its own per-image inputs keeps them (processor)."""
-        if wanted not in IMAGE_PREPROCESS:
-            raise FeatxError(f"unknown image preprocessing {wanted!r}; choose from {', '.join(IMAGE_PREPROCESS)}")
+        wanted = one_of("image preprocessing", *IMAGE_PREPROCESS)(wanted)  # the settings' own check
         if wanted == "processor" or self._own_inputs() or not torchvision_processor(self.processor):
             return "processor"
         return "batched-torch"

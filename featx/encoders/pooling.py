@@ -53,6 +53,12 @@ def last(hidden_states, mask, width=None) -> torch.Tensor:
     return _padded([h[rows, at].float() for h in hidden_states], width)
 
 
+def spatial_means(feature_maps) -> list:
+    """Each (B, C_l, *spatial) feature map (a CNN stage, a Swin stage) averaged over its positions, in float32:
+    L tensors (B, 1, C_l), one position per layer (maps of differing sizes share no mask)."""
+    return [h.float().flatten(2).mean(dim=2).unsqueeze(1) for h in feature_maps]
+
+
 def pool(hidden_states, mask, poolings, width=None) -> dict:
     """{pooling: (B, L, width or D) float32} for each name in `poolings` (see POOLINGS). width: pad layers of
     differing widths to it (None: every layer has the same width)."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from featx.encoders.base import Encoder, from_pretrained, model_loader
+from featx.encoders.pooling import spatial_means
 from featx.errors import FeatxError
 
 
@@ -227,7 +228,7 @@ class ClapAudioEncoder(SpeechEncoder):
     def forward(self, inputs):
         out = self.model(input_features=inputs["input_features"].to(self.device, non_blocking=True),
                          is_longer=inputs["is_longer"].to(self.device, non_blocking=True), output_hidden_states=True)
-        hs = [h.flatten(2).mean(dim=2, keepdim=True).transpose(1, 2) for h in out.hidden_states]  # (B, 1, C_l)
+        hs = spatial_means(out.hidden_states)  # (B, 1, C_l)
         return hs, torch.ones(hs[0].shape[:2], dtype=torch.bool, device=hs[0].device)
 
 

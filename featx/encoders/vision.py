@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from featx.encoders.image import ImageEncoder
+from featx.encoders.pooling import spatial_means
 
 
 class PatchTokenEncoder(ImageEncoder):
@@ -97,5 +98,5 @@ class ConvNextEncoder(ImageEncoder):
     def forward(self, inputs):
         """(L tensors (B, 1, C_l): each stage's map averaged over space, in float32; a (B, 1) mask)."""
         hs, _ = super().forward(inputs)
-        pooled = [h.float().flatten(2).transpose(1, 2).mean(dim=1, keepdim=True) for h in hs]  # (B, H*W, C) -> (B, 1, C)
+        pooled = spatial_means(hs)
         return pooled, torch.ones(pooled[0].shape[:2], dtype=torch.bool, device=pooled[0].device)

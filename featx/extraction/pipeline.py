@@ -183,7 +183,7 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
     configs = [load_config(m, settings.trust_remote_code) for m in models]
     jobs = [job for m, c in zip(models, configs) for job in _jobs_of(m, c, df, manifest, out)]
     for job in jobs if settings.seq else ():
-        if not getattr(job.family.adapter_class(), "sequences", True):
+        if not job.family.adapter_class().sequences:
             raise FeatxError(f"{job.model}: --seq is not supported for {job.family.name} models (its layers differ "
                              "in width and in positions, so there is no per-position sequence); leave --seq out")
     labels, splits, meta = labels_and_splits(df)
