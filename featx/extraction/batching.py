@@ -28,10 +28,14 @@ def longest_first(todo, rows, decoder):
 class Runner:
     """Runs one encoder over the inputs of a group of items and combines them into per-item values."""
 
-    def __init__(self, encoder, poolings, seq=False, seq_stride=1, batch_size=16, budget=None, video=False):
+    def __init__(self, encoder, poolings, seq=False, seq_stride=1, batch_size=16, budget=None, video=False,
+                 store_dtype="float32"):
         self.encoder, self.poolings = encoder, list(poolings)
         self.seq, self.seq_stride, self.batch_size = seq, max(1, int(seq_stride)), max(1, int(batch_size))
         self.budget, self.video = budget, video  # video: inputs are frames, and a sequence is one row per frame
+        # the cache's dtype: pooled values of one-input items are cast to it on the device, before the copy to
+        # the host (half the bytes for float16, and the same rounding as a cast on the host)
+        self.store_dtype = store_dtype
 
     def batches(self, inputs):
         """Length-sorted batches of input numbers (longest first, so an out-of-memory shows up at once), each
@@ -127,14 +131,18 @@ class Runner:
         return inputs, failures
 
     def _forward(self, inputs, done):
-        """Per input: pooled {name: (n, L, D)} float32, valid positions (n,), sequences (list, None without seq).
+        """Per input: pooled {name: (n, L, D)} (float32; in the store dtype when every item is one input), valid
+        positions (n,), sequences (list, None without seq).
         done(n) after each batch: the items whose last input it held."""
         enc = self.encoder
         left = {}  # item index -> its inputs not yet forwarded
         for i, _ in inputs:
             left[i] = left.get(i, 0) + 1
         n, shape = len(inputs), (enc.num_layers, enc.hidden_size)
-        pooled = {k: np.empty((n, *shape), np.float32) for k in self.poolings}
+        # items of several inputs (audio windows, video frames) are combined on the host, in float32
+        cast = getattr(torch, self.store_dtype) if len(left) == n and self.store_dtype != "float32" else None
+        pooled = {k: np.empty((n, *shape), np.float16 if cast is torch.float16 else np.float32)
+                  for k in self.poolings}
         counts = np.empty(n, np.int64)
         seqs = [None] * n
         on_device = []
@@ -150,6 +158,6 @@ class Runner:
             done(finished)
         for batch, batch_pooled, batch_counts in on_device:  # one wait for the device per group, not per batch
             for name, v in batch_pooled.items():
-                pooled[name][batch] = v.cpu().numpy()
+                pooled[name][batch] = (v if cast is None else v.to(cast)).cpu().numpy()
             counts[batch] = batch_counts.cpu().numpy()
         return pooled, counts, seqs

@@ -364,7 +364,7 @@ def _runner(encoder, job, pools, settings) -> Runner:
     else:
         budget = None
     return Runner(encoder, pools, seq=settings.seq, seq_stride=settings.seq_stride, batch_size=settings.batch_size,
-                  budget=budget, video=job.per_frame)
+                  budget=budget, video=job.per_frame, store_dtype=settings.dtype)
 
 
 class _WriteThread:
@@ -413,10 +413,11 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     if len(todo) == 0:
         return
     group_size, workers = settings.group_size, settings.num_workers
-    # Workers hand over lists of up to 16 decoded items, texts a whole group (one batch call of the tokenizer
-    # each; a text is small); about two groups in flight keep the forward fed without holding thousands of
-    # decoded images in memory.
-    chunk = max(1, int(group_size) if decoder.modality == "text" else min(16, int(group_size)))
+    # Workers hand over lists of up to 16 decoded items, texts up to 256 (one batch call of the tokenizer each;
+    # a text is small); without workers a chunk of texts is a whole group. About two groups in flight keep the
+    # forward fed without holding thousands of decoded images in memory.
+    chunk = max(1, min(16, int(group_size)) if decoder.modality != "text" else
+                min(256, int(group_size)) if workers else int(group_size))
     prefetch = max(2, math.ceil(2 * group_size / (chunk * workers))) if workers else None
     loader = torch.utils.data.DataLoader(DecodedItems(rows, todo, decoder), batch_size=chunk, shuffle=False,
                                          num_workers=workers, collate_fn=pack_chunk if workers else keep_chunk,
@@ -424,20 +425,31 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
                                          else None)
     bar = progress_bar(len(todo), last_name(model), "item", enabled=progress)
     out = _WriteThread(writer)
-    group = []
+    group, sizes = [], group_sizes(runner.batch_size, group_size, ramp=bool(workers))
+    size = next(sizes)
     try:
         for items in loader:
             for item in unpack_chunk(items) if workers else items:
                 group.append(item)
-                if len(group) >= group_size:
+                if len(group) >= size:
                     out.put(_forward_group(runner, group, bar.update))
-                    group = []
+                    group, size = [], next(sizes)
         if group:
             out.put(_forward_group(runner, group, bar.update))
     finally:
         out.finish()
         bar.close()
     out.raise_error()
+
+
+def group_sizes(batch_size, group_size, ramp):
+    """Items per group (a part of the cache, and the items whose batches are length-sorted together), forever.
+    With `ramp` (decoding workers feed the forward) the first groups are smaller, one batch, then doubling up to
+    group_size: the device starts on the first batch instead of idling until a whole group is decoded."""
+    size = min(int(group_size), max(1, int(batch_size))) if ramp else int(group_size)
+    while True:
+        yield size
+        size = min(int(group_size), 2 * size)
 
 
 def _one_thread_tokenizers(worker_id):

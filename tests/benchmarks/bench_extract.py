@@ -704,7 +704,7 @@ def run_kind(kind, args, root):
     measure_featx(few, model_dir, os.path.join(root, "caches", f"{kind}-warmup"), args, kind)
 
     bare = Bare(manifest, model_dir, args, kind)
-    plain = HostBaseline(manifest, model_dir, kind)
+    plain = None if args.no_host else HostBaseline(manifest, model_dir, kind)
     featx_times = []
     for r in range(args.repeat):  # (a), (b) and the plain tool alternate, so a change in the machine's load hits all
         print(f"[{kind}] (a) bare forward {bare.time_once():.2f}s", file=sys.stderr)
@@ -712,9 +712,10 @@ def run_kind(kind, args, root):
         featx_times.append(ft)
         print(f"[{kind}] (b) featx extract {ft['seconds']:.2f}s (+{ft['load_seconds']:.2f}s model load; "
               f"of it {ft['close_seconds']:.2f}s closing the cache)", file=sys.stderr)
-        print(f"[{kind}] plain {HOST_TARGETS[kind][0]}: {plain.time_once():.2f}s", file=sys.stderr)
+        if plain:
+            print(f"[{kind}] plain {HOST_TARGETS[kind][0]}: {plain.time_once():.2f}s", file=sys.stderr)
     best = min(featx_times, key=lambda r: r["seconds"])
-    host = host_ratio(kind, best["seconds"], plain.seconds, bare.info["seconds"])
+    host = host_ratio(kind, best["seconds"], plain.seconds, bare.info["seconds"]) if plain else None
     profile = None if args.no_profile else profile_featx(manifest, model_dir, caches, args, kind)
     positions, samples, enc = bare.positions, bare.samples, bare.enc
     flops = item_flops(kind, enc.model, positions, samples)
@@ -827,6 +828,9 @@ def print_host(results, args):
           f"num_workers {args.num_workers}; host = (b) - (a), featx without the model's forward):")
     for r in results:
         h, n = r["host"], r["n"]
+        if h is None:
+            print(f"  {r['kind']:<6} not measured (--no-host)")
+            continue
         print(f"  {r['kind']:<6} {h['ratio']:.2f}x  {h['reads']} (target {h['target']}: "
               f"{'met' if h['met'] else 'NOT met'}); whole {h['ratio_whole']:.2f}x, host {h['ratio_host']:.2f}x")
         print(f"         ms per item: featx {1e3 * h['featx_seconds'] / n:.3f} = forward (a) "
@@ -894,6 +898,7 @@ def parse_args(argv=None):
                    help="skip the per-item profile of featx's main process (one more run under cProfile)")
     p.add_argument("--repeat", type=int, default=1, help="repeat (a) and (b); the fastest run is reported")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--no-host", action="store_true", help="skip timing the plain tools (the host cost ratios)")
     p.add_argument("--readback-n", type=int, default=20000, help="items of the synthetic read-back cache (0: skip)")
     p.add_argument("--readback-layers", type=int, default=25)
     p.add_argument("--readback-dim", type=int, default=1024)

@@ -5,7 +5,8 @@
 # Each step has its own time limit, so one that fails or runs long leaves the others' figures.
 # Run from the repository root; figures and logs go to $OUT (default /tmp/featx-gpu). Wheels in .whl/ (for
 # packages the machine lacks: soundfile, this repository's transformers) are installed to /tmp/site first.
-# STEPS (default "check text image audio wavlm probe") picks the steps.
+# STEPS (default "check text image audio wavlm probe") picks the steps; TEXT_N, IMAGE_N, AUDIO_N, *_BATCH, REPEAT
+# and BENCH_FLAGS (more bench_extract.py flags, e.g. "--no-profile --skip-naive --no-host") size them.
 set -u
 OUT=${OUT:-/tmp/featx-gpu}
 mkdir -p "$OUT"
@@ -22,7 +23,7 @@ LOG="$OUT/bench_gpu.log"
     python3 -c "import torch, transformers, featx; print('torch', torch.__version__, 'transformers', transformers.__version__, 'featx', featx.__version__, torch.cuda.get_device_name(0))"
     nproc; df -h /dev/shm /tmp | tail -2
 } 2>&1 | tee -a "$LOG"
-common="--device cuda --size large --repeat 2 --readback-n 0"
+common="--device cuda --size large --repeat ${REPEAT:-2} --readback-n 0 ${BENCH_FLAGS:-}"
 for step in ${STEPS:-check text image audio wavlm probe}; do
     echo "=== $step $(date -u +%T)" | tee -a "$LOG"
     case $step in

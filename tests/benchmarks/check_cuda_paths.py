@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Device checks for issue 15 (not collected by pytest; needs CUDA): the batched-torch image path on the GPU
 against the checkpoint's processor per image on the CPU (pixel values, and the hidden states of a CLIP vision
-tower at 224 px in fp32), with the tolerance the CPU test holds (tests/extraction/test_host_paths.py, 1e-5).
+tower at 224 px in fp32). The tolerance is one uint8 level per pixel (1/255 before normalisation): CUDA's
+resize runs in float and rounds back to uint8 where the CPU kernel works in integers (on the CPU the two paths
+are equal to 1e-5, tests/extraction/test_host_paths.py).
 
 Run: PYTHONPATH=. python tests/benchmarks/check_cuda_paths.py [--n 48]
 """
@@ -15,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-PIXEL_TOL = 1e-5
 
 
 def main():
@@ -50,15 +51,19 @@ def main():
     decoded = [load_image(p, shortest_side=gpu.shortest_side()) for p in paths]
     got = gpu.prepare(decoded)["pixel_values"]
     want = torch.stack([cpu.preprocessor()(im) for im in decoded])
-    pix = (got.float().cpu() - want).abs().max().item()
+    diff = (got.float().cpu() - want).abs()
+    std = torch.tensor(cpu.processor.image_std, dtype=torch.float32)[None, :, None, None]
+    levels = (diff * std * 255).max().item()  # in uint8 levels
+    pix, frac = diff.max().item(), (diff * std * 255 > 0.5).float().mean().item()
     with torch.no_grad():
         hg, _ = gpu.forward({"pixel_values": got})
         hc, _ = cpu.forward({"pixel_values": want})
     hid = max((a.float().cpu() - b).abs().max().item() for a, b in zip(hg, hc))
     print(f"batched-torch on {torch.cuda.get_device_name(0)} vs the processor per image on the CPU, {args.n} JPEGs "
-          f"(640x480, 1280x720, 480x360, 333x500): pixel values max abs diff {pix:.2e} (tolerance {PIXEL_TOL:.0e}); "
+          f"(640x480, 1280x720, 480x360, 333x500): pixel values max abs diff {pix:.2e} "
+          f"= {levels:.2f} uint8 levels (tolerance 1 level), {100 * frac:.2f}% of values differ by a level; "
           f"hidden states (fp32, GPU vs CPU forward) max abs diff {hid:.2e}")
-    return 0 if pix <= PIXEL_TOL else 1
+    return 0 if levels <= 1.0 + 1e-3 else 1
 
 
 if __name__ == "__main__":

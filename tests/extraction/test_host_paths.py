@@ -193,3 +193,47 @@ def test_a_text_subclass_with_its_own_per_text_preprocessor_keeps_it(tiny_bert):
     assert [list(g["input_ids"]) for g in got] == [enc.tokenizer("good film")["input_ids"][::-1],
                                                    enc.tokenizer("bad")["input_ids"][::-1]]
     assert list(enc.prepare(["bad"])["input_ids"][0]) == enc.tokenizer("bad")["input_ids"][::-1]
+
+
+def test_groups_ramp_up_from_one_batch_when_workers_feed_the_forward():
+    from itertools import islice
+
+    from featx.extraction.pipeline import group_sizes
+    assert list(islice(group_sizes(256, 2048, ramp=True), 6)) == [256, 512, 1024, 2048, 2048, 2048]
+    assert list(islice(group_sizes(256, 2048, ramp=False), 3)) == [2048] * 3
+    assert list(islice(group_sizes(16, 3, ramp=True), 3)) == [3] * 3  # a batch larger than a group
+    assert list(islice(group_sizes(3, 10, ramp=True), 4)) == [3, 6, 10, 10]
+
+
+def test_ramped_groups_with_workers_store_what_one_process_stores(media, tiny_bert, tiny_wavlm, tmp_path):
+    # batch 2, groups 2, 4, 8, ... with workers against groups of 8 without: other batches, the same values
+    kw = dict(dtype="float32", device="cpu", batch_size=2, group_size=8, max_audio_seconds=0.5, progress=False)
+    here = extract(media, [tiny_bert, tiny_wavlm], tmp_path / "w0", **kw)
+    workers = extract(media, [tiny_bert, tiny_wavlm], tmp_path / "w2", num_workers=2, **kw)
+    for a_path, b_path in zip(here.paths, workers.paths):
+        with open_cache(a_path) as a, open_cache(b_path) as b:
+            assert list(a.ids) == list(b.ids) and a.done.all() and b.done.all()
+            assert np.abs(a.pooled("mean") - b.pooled("mean")).max() <= HIDDEN_TOL
+
+
+def test_pooled_values_cast_to_the_store_dtype_before_the_copy_equal_the_host_cast(tiny_bert, tiny_wavlm):
+    from featx.data.media import split_windows
+    from featx.extraction.batching import Runner
+
+    bert = load_encoder(tiny_bert)
+    texts = ["a short one", "a somewhat longer text than the first", "x", "big numbers 1 2 3 4 5 6 7 8 9"]
+    items = [(i, [bert.preprocessor()(t)]) for i, t in enumerate(texts)]
+    _, wide, _, _ = Runner(bert, ["mean", "cls"], batch_size=3).run(items)
+    _, half, _, _ = Runner(bert, ["mean", "cls"], batch_size=3, store_dtype="float16").run(items)
+    for p in ("mean", "cls"):
+        assert wide[p].dtype == np.float32 and half[p].dtype == np.float16
+        np.testing.assert_array_equal(half[p], wide[p].astype(np.float16))  # the rounding a host cast gives
+    # an item of several inputs (audio windows) is combined on the host in float32, then cast by the writer
+    wavlm = load_encoder(tiny_wavlm)
+    rng = np.random.default_rng(0)
+    waves = [split_windows(rng.standard_normal(n).astype(np.float32), 16000, 0.5) for n in (20000, 6000)]
+    audio = [(i, [wavlm.preprocessor()(w) for w in ws]) for i, ws in enumerate(waves)]
+    assert len(audio[0][1]) > 1
+    _, a32, _, _ = Runner(wavlm, ["mean"], batch_size=4).run(audio)
+    _, a16, _, _ = Runner(wavlm, ["mean"], batch_size=4, store_dtype="float16").run(audio)
+    assert a16["mean"].dtype == np.float32 and np.abs(a16["mean"] - a32["mean"]).max() == 0
