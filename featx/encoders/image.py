@@ -34,6 +34,13 @@ def rgb_array(image) -> np.ndarray:
     return a
 
 
+def _pinned(image) -> bool:
+    """Whether an image (array or tensor) lies in pinned host memory (a view into a pinned chunk)."""
+    if isinstance(image, np.ndarray):
+        return image.flags.writeable and torch.from_numpy(image).is_pinned()  # read-only arrays are PIL's own
+    return isinstance(image, torch.Tensor) and image.is_pinned()
+
+
 def torchvision_processor(processor) -> bool:
     """Whether `processor` is a transformers image processor with the torchvision backend (batched uint8
     tensors in, on any device)."""
@@ -108,15 +115,23 @@ class ImageEncoder(Encoder):
     def pixels_of(self, images) -> torch.Tensor:
         """(B, 3, S, S) float32 pixel values on the model's device for B uint8 (H_b, W_b, 3) images: images of
         one size are stacked on the host (pinned on CUDA), copied in one transfer and made channels-first there;
-        then the checkpoint's own torchvision processor resizes, crops and normalises them in batches."""
+        then the checkpoint's own torchvision processor resizes, crops and normalises them in batches. Images
+        already in pinned memory (the DataLoader's pin thread put them there) are copied to the device one by
+        one, asynchronously, without the stack on the host."""
         groups = {}
         for b, a in enumerate(images):
             groups.setdefault(tuple(a.shape), []).append(b)
         chw = [None] * len(images)
         for shape, members in groups.items():
-            host = self.host_tensor((len(members), *shape), torch.uint8)
-            np.stack([np.asarray(images[b]) for b in members], out=host.numpy())
-            batch = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            if self.device.type == "cuda" and all(_pinned(images[b]) for b in members):
+                batch = torch.empty((len(members), *shape), dtype=torch.uint8, device=self.device)
+                for j, b in enumerate(members):
+                    batch[j].copy_(torch.as_tensor(images[b]), non_blocking=True)
+            else:
+                host = self.host_tensor((len(members), *shape), torch.uint8)
+                np.stack([np.asarray(images[b]) for b in members], out=host.numpy())
+                batch = host.to(self.device, non_blocking=True)
+            batch = batch.permute(0, 3, 1, 2).contiguous()
             for j, b in enumerate(members):
                 chw[b] = batch[j]
         out = self.processor(images=chw, return_tensors="pt", device=self.device, input_data_format="channels_first")

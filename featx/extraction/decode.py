@@ -18,7 +18,7 @@ from featx.data.media import (MAX_IMAGE_PIXELS, audio_windows, check_media_file,
 from featx.encoders.base import preprocess_many
 from featx.errors import MediaError, first_line
 
-__all__ = ["Decoder", "DecodedItems", "pack_chunk", "unpack_chunk", "keep_chunk"]
+__all__ = ["Decoder", "DecodedItems", "PackedChunk", "pack_chunk", "unpack_chunk", "keep_chunk"]
 
 
 def _value(v):
@@ -162,6 +162,20 @@ class _Slice:
         self.dtype, self.start, self.shape, self.tensor = dtype, start, shape, tensor
 
 
+class PackedChunk:
+    """A chunk of decoded items as it crosses from a worker: `blocks` {dtype: flat tensor} and `items`
+    [(row index, inputs with _Slice for the array inputs, reason)]. With the DataLoader's pin_memory, its pin
+    thread calls pin_memory(), which copies the blocks alone to pinned memory (then the arrays cross to a
+    CUDA device without another copy on the host, see ImageEncoder.pixels_of) and leaves the items as they are."""
+    __slots__ = ("blocks", "items")
+
+    def __init__(self, blocks, items):
+        self.blocks, self.items = blocks, items
+
+    def pin_memory(self, device=None):
+        return PackedChunk({d: b.pin_memory() for d, b in self.blocks.items()}, self.items)
+
+
 def pack_chunk(items):
     """The DataLoader's collate_fn in a worker: every array input of a chunk of items (pixels, waveforms) is
     copied into one flat block per dtype, so the chunk crosses to the main process as one shared-memory
@@ -173,7 +187,7 @@ def pack_chunk(items):
             inputs = [_place(x, parts) for x in inputs]
         out.append((i, inputs, why))
     blocks = {d: torch.from_numpy(np.concatenate(arrays)) for d, (arrays, _) in parts.items()}
-    return blocks, out
+    return PackedChunk(blocks, out)
 
 
 def _place(x, parts):
@@ -191,7 +205,7 @@ def _place(x, parts):
 
 def unpack_chunk(chunk):
     """[(row index, inputs or None, reason or None)] from what pack_chunk made."""
-    blocks, items = chunk
+    blocks, items = chunk.blocks, chunk.items
 
     def view(x):
         if not isinstance(x, _Slice):

@@ -419,8 +419,12 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     chunk = max(1, min(16, int(group_size)) if decoder.modality != "text" else
                 min(256, int(group_size)) if workers else int(group_size))
     prefetch = max(2, math.ceil(2 * group_size / (chunk * workers))) if workers else None
+    # On CUDA the DataLoader's pin thread receives the workers' chunks and copies their arrays to pinned memory,
+    # off the main thread (PackedChunk.pin_memory); images then cross to the device with no host-side stack.
+    pin = bool(workers) and str(settings.device).startswith("cuda")
     loader = torch.utils.data.DataLoader(DecodedItems(rows, todo, decoder), batch_size=chunk, shuffle=False,
                                          num_workers=workers, collate_fn=pack_chunk if workers else keep_chunk,
+                                         pin_memory=pin,
                                          prefetch_factor=prefetch, worker_init_fn=_one_thread_tokenizers if workers
                                          else None)
     bar = progress_bar(len(todo), last_name(model), "item", enabled=progress)

@@ -129,10 +129,11 @@ def test_worker_chunks_cross_as_one_block_per_dtype_and_unpack_to_the_same_units
     tokens = {"input_ids": np.arange(7), "attention_mask": np.ones(7, np.int64)}
     items = [(0, [wave[:300], wave[300:]], None), (1, None, "cannot decode image"), (2, [pixels], None),
              (3, frames + [strided], None), (4, [tokens], None), (5, [np.zeros(0, np.float32)], None)]
-    blocks, packed = _pack(items)
+    chunk = _pack(items)
+    blocks = chunk.blocks
     assert sorted(blocks) == ["<f4", "<f8"] and blocks["<f4"].numel() == 1000 + 3 * 60
     # as a worker hands it over: through pickle, each block one tensor
-    back = _unpack(pickle.loads(pickle.dumps((blocks, packed))))
+    back = _unpack(pickle.loads(pickle.dumps(chunk)))
     assert [(i, why) for i, _, why in back] == [(i, why) for i, _, why in items]
     for (_, got, _), (_, want, _) in zip(back, items):
         assert (got is None) == (want is None)
@@ -142,7 +143,8 @@ def test_worker_chunks_cross_as_one_block_per_dtype_and_unpack_to_the_same_units
                 assert g.keys() == w.keys() and all(np.array_equal(g[k], w[k]) for k in w)
             else:
                 assert g.shape == w.shape and g.dtype == w.dtype and np.array_equal(np.asarray(g), np.asarray(w))
-    assert _pack([(9, None, "missing")]) == ({}, [(9, None, "missing")])
+    empty = _pack([(9, None, "missing")])
+    assert empty.blocks == {} and empty.items == [(9, None, "missing")]
 
 
 def test_batches_keep_to_the_batch_size_and_the_padded_budget(tiny_bert):
