@@ -5,7 +5,7 @@
 # Each step has its own time limit, so one that fails or runs long leaves the others' figures.
 # Run from the repository root; figures and logs go to $OUT (default /tmp/featx-gpu). Wheels in .whl/ (for
 # packages the machine lacks: soundfile, this repository's transformers) are installed to /tmp/site first.
-# STEPS (default "check text image audio wavlm probe") picks the steps; TEXT_N, IMAGE_N, AUDIO_N, *_BATCH, REPEAT
+# STEPS (default "check text image audio profile wavlm probe") picks the steps; TEXT_N, IMAGE_N, AUDIO_N, *_BATCH, REPEAT
 # and BENCH_FLAGS (more bench_extract.py flags, e.g. "--no-profile --skip-naive --no-host") size them.
 set -u
 OUT=${OUT:-/tmp/featx-gpu}
@@ -23,8 +23,8 @@ LOG="$OUT/bench_gpu.log"
     python3 -c "import torch, transformers, featx; print('torch', torch.__version__, 'transformers', transformers.__version__, 'featx', featx.__version__, torch.cuda.get_device_name(0))"
     nproc; df -h /dev/shm /tmp | tail -2
 } 2>&1 | tee -a "$LOG"
-common="--device cuda --size large --repeat ${REPEAT:-2} --readback-n 0 ${BENCH_FLAGS:-}"
-for step in ${STEPS:-check text image audio wavlm probe}; do
+common="--device cuda --size large --repeat ${REPEAT:-2} --readback-n 0 --out /tmp/featx-bench ${BENCH_FLAGS:-}"
+for step in ${STEPS:-check text image audio profile wavlm probe}; do
     echo "=== $step $(date -u +%T)" | tee -a "$LOG"
     case $step in
     check) timeout 60 python3 $B/check_cuda_paths.py ;;
@@ -34,6 +34,7 @@ for step in ${STEPS:-check text image audio wavlm probe}; do
                --batch-size ${IMAGE_BATCH:-256} --naive-n 100 --json "$OUT/image.json" ;;
     audio) timeout 200 python3 $B/bench_extract.py $common --kinds audio --n ${AUDIO_N:-600} --audio-seconds 1,15 \
                --batch-size ${AUDIO_BATCH:-32} --naive-n 30 --json "$OUT/audio.json" ;;
+    profile) timeout 90 python3 $B/profile_cuda_forward.py --models /tmp/featx-bench/models ;;
     wavlm) timeout 120 python3 $B/bench_wavlm.py --sizes large --seconds 5,15 --repeats 3 --no-tiny ;;
     probe) timeout 150 python3 $B/bench_probe.py --device cuda --repeats 1 --small 0 ;;
     esac 2>&1 | tee -a "$LOG"
