@@ -79,6 +79,12 @@ class TextEncoder(Encoder):
         return out
 
     def forward(self, inputs):
+        mask = inputs["attention_mask"]
+        # A batch without padding runs without its all-ones mask, which is what the model assumes when it has
+        # none: transformers then skips checking the mask on the device (a wait for the GPU every batch, which
+        # keeps this thread from queueing the next one). The mask is checked here, on the host copy.
+        unpadded = mask.device.type == "cpu" and bool(mask.all())
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
-        out = self.model(**inputs, output_hidden_states=True)
+        out = self.model(**{k: v for k, v in inputs.items() if not (unpadded and k == "attention_mask")},
+                         output_hidden_states=True)
         return out.hidden_states, inputs["attention_mask"].bool()

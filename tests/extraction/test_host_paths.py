@@ -237,3 +237,27 @@ def test_pooled_values_cast_to_the_store_dtype_before_the_copy_equal_the_host_ca
     _, a32, _, _ = Runner(wavlm, ["mean"], batch_size=4).run(audio)
     _, a16, _, _ = Runner(wavlm, ["mean"], batch_size=4, store_dtype="float16").run(audio)
     assert a16["mean"].dtype == np.float32 and np.abs(a16["mean"] - a32["mean"]).max() == 0
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert", "t5-encoder", "clip-text", "siglip-text"])
+def test_a_batch_without_padding_runs_without_its_mask_and_gives_the_masked_forward(family, tmp_path):
+    # Left out, an all-ones mask spares transformers a check on the device per batch; the values are those of
+    # the model given the mask. A padded batch keeps its mask.
+    from tiny_models import BUILDERS
+
+    enc = load_encoder(BUILDERS[family](str(tmp_path / family)), modality="text")
+    tokenize = enc.preprocessor()
+    texts = ["abc def", "xyz uvw", "one two three four five", "a"]
+    feats = [tokenize(t) for t in texts]
+    same = [f for f in feats if len(f["input_ids"]) == len(feats[0]["input_ids"])]
+    assert len(same) >= 2
+    for batch in (same, feats):
+        x = enc.collate(batch)
+        # (SigLIP pads every text to max_length, as it was trained: its batches always keep their mask)
+        assert bool(x["attention_mask"].all()) == (batch is same and family != "siglip-text")
+        got, mask = enc.forward(x)
+        with torch.no_grad():
+            want = enc.model(**x, output_hidden_states=True).hidden_states
+        assert torch.equal(mask, x["attention_mask"].bool())
+        for g, w in zip(got, want):
+            assert (g - w)[mask].abs().max().item() <= 1e-6
