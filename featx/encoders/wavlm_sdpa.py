@@ -13,8 +13,10 @@ fully masked: every item has a real frame). The position bias is kept (1, H, T, 
 instead of repeated, and the (B, H, T, T) bias is written once, by one addcmul, directly in the attention's
 compute dtype (q's: bf16/fp16 under autocast, else fp32), with the key padding folded in: it writes 2 bytes an
 element under bf16, where an fp32 product, an fp32 masked_fill and a cast to bf16 moved 18 (10 unpadded); both
-also read the (1, H, T, T) fp32 position bias, at most once per batch item. (With gradients, in finetuning, the
-fp32 bias is formed and then cast: out= takes no gradient.)
+also read the (1, H, T, T) fp32 position bias, at most once per batch item. Its rows are allocated with a stride
+that is a multiple of 16, so that SDPA's memory-efficient CUDA kernel does not copy it into a padded one (it
+does for strides not a multiple of 8: 4 more bytes an element). (With gradients, in finetuning, the fp32 bias is
+formed and then cast, contiguous: out= takes no gradient.)
 
 Numerics: the gate is computed in fp32 (under autocast too) from gru_rel_pos_linear's output, and the sum
 key + gate * pos is formed in fp32 from the fp32 position bias and rounded to the compute dtype once, as
@@ -27,6 +29,9 @@ import types
 
 import torch
 import torch.nn.functional as F
+
+
+ROW_ALIGN = 16   # elements: the bias's row stride, a multiple of the 8 SDPA's memory-efficient kernel wants
 
 
 def is_wavlm(model) -> bool:
@@ -67,7 +72,8 @@ def attention_bias(module, hidden_states, position_bias, attention_mask=None, dt
     hidden_states: (B, T, D), the attention's input. position_bias: (1, H, T, T), the first layer's.
     attention_mask: (B, T), true (or 1) at real frames, or None. dtype: the bias's dtype (SDPA's q dtype;
     default position_bias's). Returns (B, H, T, T) `dtype`: key + gate * position_bias, computed in fp32 and
-    rounded to `dtype` once as it is written (key: 0 at real frames, -inf at padded keys).
+    rounded to `dtype` once as it is written (key: 0 at real frames, -inf at padded keys); without gradients
+    its rows are ROW_ALIGN-strided (a view of (B, H, T, T rounded up)), which SDPA takes without a copy.
     """
     b, t, _ = hidden_states.shape
     dtype = dtype or position_bias.dtype
@@ -79,8 +85,11 @@ def attention_bias(module, hidden_states, position_bias, attention_mask=None, dt
     if torch.is_grad_enabled() and (gate.requires_grad or position_bias.requires_grad):
         # Training (featx finetune): out= takes no gradient, so the fp32 bias is formed, then cast.
         return (gate * position_bias if key is None else torch.addcmul(key, gate, position_bias)).to(dtype)
-    # out= in another dtype: on CUDA the fp32 result is cast as it is stored, in the same kernel.
-    bias = torch.empty(b, module.num_heads, t, t, dtype=dtype, device=hidden_states.device)
+    # out= in another dtype: on CUDA the fp32 result is cast as it is stored, in the same kernel. Rows are
+    # allocated ROW_ALIGN-aligned: SDPA's memory-efficient CUDA kernel copies a mask whose strides are not
+    # multiples of 8 into a padded one (T = 50 frames a second is rarely a multiple of 8).
+    row = -(-t // ROW_ALIGN) * ROW_ALIGN
+    bias = torch.empty(b, module.num_heads, t, row, dtype=dtype, device=hidden_states.device)[..., :t]
     if key is None:
         return torch.mul(gate, position_bias, out=bias)
     return torch.addcmul(key, gate, position_bias, out=bias)

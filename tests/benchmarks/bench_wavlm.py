@@ -11,7 +11,8 @@
 (2) The attention bias alone (--bias B,T;...: WavLM-Large's 16 heads, padded batches as in (1)): featx's one-pass
     build (featx.encoders.wavlm_sdpa.attention_bias: key padding and gated position bias written once, in the
     compute dtype) against the former one (an fp32 product, an fp32 masked_fill, then a cast), in fp32 and bf16,
-    with the bytes each writes and reads of the (B, H, T, T) tensors (the (1, H, T, T) position bias not counted).
+    with the bytes each writes and reads of the (B, H, T, T) tensors (the (1, H, T, T) position bias not counted;
+    nor, for the former, the padded copy SDPA's memory-efficient CUDA kernel makes of a mask when T % 8 != 0).
 (3) The tiny WavLM: featx.extract end to end (decode, preprocess, batches, forward with SDPA, pooling, HDF5)
     against the bare forward with SDPA on the same length-sorted batches, pre-collated (the limit).
 

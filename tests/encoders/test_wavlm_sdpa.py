@@ -127,6 +127,8 @@ def test_attention_bias_is_the_masked_gated_bias_rounded_once(wavlms):
                 got = attention_bias(second, h, position_bias, m, dtype=dtype)
                 assert got.dtype == dtype and got.shape == (3, second.num_heads, 11, 11)
                 assert torch.equal(got, ref.to(dtype))
+                # Strides SDPA's memory-efficient CUDA kernel takes without copying the mask into a padded one.
+                assert got.stride(-1) == 1 and all(s % 8 == 0 for s in got.stride()[:-1])
     assert int(torch.isinf(ref).sum()) == second.num_heads * 11 * (4 + 8)   # the padded keys, every query row
 
 
