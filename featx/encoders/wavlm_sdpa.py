@@ -87,7 +87,7 @@ def attention_bias(module, hidden_states, position_bias, attention_mask=None, dt
         return (gate * position_bias if key is None else torch.addcmul(key, gate, position_bias)).to(dtype)
     # out= in another dtype: on CUDA the fp32 result is cast as it is stored, in the same kernel. Rows are
     # allocated ROW_ALIGN-aligned: SDPA's memory-efficient CUDA kernel copies a mask whose strides are not
-    # multiples of 8 into a padded one (T = 50 frames a second is rarely a multiple of 8).
+    # multiples of 8 into a padded one (T frames, 50 a second: a multiple of 8 for one length in 8).
     row = -(-t // ROW_ALIGN) * ROW_ALIGN
     bias = torch.empty(b, module.num_heads, t, row, dtype=dtype, device=hidden_states.device)[..., :t]
     if key is None:
