@@ -8,10 +8,15 @@
     best of --repeats after one warm-up; audio-s/s counts the real (unpadded) seconds. The same run gives the max
     abs difference of every hidden state between the two attentions (fp32; on CUDA also under bf16 autocast, as
     featx runs there, against the fp32 eager forward).
-(2) The tiny WavLM: featx.extract end to end (decode, preprocess, batches, forward with SDPA, pooling, HDF5)
+(2) The attention bias alone (--bias B,T;...: WavLM-Large's 16 heads, padded batches as in (1)): featx's one-pass
+    build (featx.encoders.wavlm_sdpa.attention_bias: key padding and gated position bias written once, in the
+    compute dtype) against the former one (an fp32 product, an fp32 masked_fill, then a cast), in fp32 and bf16,
+    with the bytes each writes and reads of the (B, H, T, T) tensors (the (1, H, T, T) position bias not counted;
+    nor, for the former, the padded copy SDPA's memory-efficient CUDA kernel makes of a mask when T % 8 != 0).
+(3) The tiny WavLM: featx.extract end to end (decode, preprocess, batches, forward with SDPA, pooling, HDF5)
     against the bare forward with SDPA on the same length-sorted batches, pre-collated (the limit).
 
-Run: python tests/benchmarks/bench_wavlm.py --sizes base,large --seconds 1,5,15 --large-layers 24
+Run: python tests/benchmarks/bench_wavlm.py --sizes base,large --seconds 1,5,15 --large-layers 24 --bias 32,750
 Standalone script (named bench_*.py so pytest does not collect it).
 """
 from __future__ import annotations
@@ -120,6 +125,58 @@ def _row_text(r):
             f"x{r['speedup']:.2f}  max|sdpa-eager(fp32)| {r['max_abs_diff_vs_eager_fp32']:.2e}{extra}")
 
 
+def former_bias(module, hidden_states, position_bias, attention_mask, dtype):
+    """The bias as featx built it before attention_bias: fp32 gate * position bias, masked_fill, cast."""
+    b, t, _ = hidden_states.shape
+    heads = hidden_states.view(b, t, module.num_heads, -1).transpose(1, 2)
+    proj = module.gru_rel_pos_linear(heads).view(b, module.num_heads, t, 2, 4).sum(-1)
+    gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
+    bias = (gate_a * (gate_b * module.gru_rel_pos_const - 1.0) + 2.0) * position_bias
+    bias = bias.masked_fill(attention_mask[:, None, None, :].ne(1), float("-inf"))
+    return bias.to(dtype)
+
+
+def bias_only(args, device):
+    """Rows {batch, frames, precision, former_ms, one_pass_ms, speedup, former_gb, one_pass_gb}."""
+    from featx.encoders.wavlm_sdpa import attention_bias
+
+    attention = build("large", layers=1).to(device).encoder.layers[0].attention
+    rows = []
+    for shape in args.bias:
+        b, t = shape
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(b, t, attention.embed_dim, generator=g).to(device)
+        lengths = torch.tensor([int(t * (1 - 0.1 * (k % BATCH))) for k in range(b)], device=device)
+        mask = (torch.arange(t, device=device)[None] < lengths[:, None]).long()
+        with torch.inference_mode():
+            pos = attention.compute_bias(t, t).unsqueeze(0)
+        n = b * attention.num_heads * t * t
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            builds = {"former": former_bias, "one_pass": attention_bias}
+            best = dict.fromkeys(builds, float("inf"))
+            with torch.inference_mode():
+                same = torch.equal(former_bias(attention, h, pos, mask, dtype), attention_bias(attention, h, pos, mask,
+                                                                                              dtype))
+                for _ in range(args.repeats + 1):   # the first round is the warm-up
+                    for name, fn in builds.items():
+                        _sync(device)
+                        tic = time.perf_counter()
+                        fn(attention, h, pos, mask, dtype)
+                        _sync(device)
+                        best[name] = min(best[name], time.perf_counter() - tic)
+            size = dtype.itemsize
+            # former: write 4, masked_fill read 4 + write 4, cast (bf16 only) read 4 + write size; one pass: write size
+            former_bytes = n * (12 + (4 + size if size != 4 else 0))
+            row = {"batch": b, "frames": t, "precision": precision, "former_ms": 1e3 * best["former"],
+                   "one_pass_ms": 1e3 * best["one_pass"], "speedup": best["former"] / best["one_pass"],
+                   "former_gb": former_bytes / 1e9, "one_pass_gb": n * size / 1e9, "equal": same}
+            print(f"bias B={b:3d} T={t:4d} H={attention.num_heads} {precision}: former {row['former_ms']:8.2f} ms "
+                  f"({row['former_gb']:.2f} GB)  one pass {row['one_pass_ms']:8.2f} ms ({row['one_pass_gb']:.2f} GB)  "
+                  f"x{row['speedup']:.2f}  bitwise equal: {same}", flush=True)
+            rows.append(row)
+    return rows
+
+
 def tiny_featx_vs_bare(args, device):
     """audio-s/s of featx.extract on the tiny WavLM (SDPA) against its bare forward on the same batches."""
     import numpy as np
@@ -184,12 +241,15 @@ def main(argv=None):
     p.add_argument("--large-layers", type=int, default=24, help="blocks of the large model (24 is WavLM-Large)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best is reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bias", default="", help="B,T shapes of the bias-only timing, ';'-separated (empty: none); "
+                                             "e.g. 32,750 (32 items of 15 s)")
     p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=True, help="featx vs bare, tiny model")
     p.add_argument("--tiny-n", type=int, default=64)
     p.add_argument("--tiny-seconds", default="0.3,1.5", help="min,max seconds of the tiny benchmark's files")
     p.add_argument("--tiny-batch", type=int, default=16)
     args = p.parse_args(argv)
     args.seconds = [float(s) for s in args.seconds.split(",") if s]
+    args.bias = [tuple(int(v) for v in shape.split(",")) for shape in args.bias.split(";") if shape]
     args.tiny_seconds = tuple(float(s) for s in args.tiny_seconds.split(","))
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -198,6 +258,8 @@ def main(argv=None):
           f"{os.getloadavg()[0]:.1f}", flush=True)
     for size in [s for s in args.sizes.split(",") if s]:
         measure_size(size, args, device)
+    if args.bias:
+        bias_only(args, device)
     if args.tiny:
         tiny_featx_vs_bare(args, device)
     return 0

@@ -96,6 +96,115 @@ def test_sdpa_forward_equals_eager_with_and_without_mask(wavlms, norm):
     assert float((with_bias - without).abs().max()) > 100 * TOL
 
 
+def _eager_gate(attention, h):
+    """WavLMAttention.forward's gate, step by step as transformers writes it: (B, H, T, 1)."""
+    x = h.view(h.shape[:-1] + (attention.num_heads, -1)).permute(0, 2, 1, 3)
+    proj = attention.gru_rel_pos_linear(x).view(x.shape[:-1] + (2, 4)).sum(-1)
+    gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
+    return gate_a * (gate_b * attention.gru_rel_pos_const - 1.0) + 2.0
+
+
+def test_attention_bias_is_the_masked_gated_bias_rounded_once(wavlms):
+    """The one-pass bias (key padding folded into an addcmul written in the compute dtype) is exactly the former
+    construction: the fp32 gated bias, -inf at padded keys, then cast to the compute dtype."""
+    from transformers import WavLMModel
+
+    from featx.encoders.wavlm_sdpa import attention_bias
+
+    model = WavLMModel.from_pretrained(wavlms["layer"]).eval()
+    first, second = model.encoder.layers[0].attention, model.encoder.layers[1].attention
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 11, model.config.hidden_size, generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    with torch.no_grad():
+        position_bias = first.compute_bias(11, 11).unsqueeze(0)
+        gated = _eager_gate(second, h) * position_bias                              # (B, H, T, T) fp32
+        for m in (None, mask):
+            ref = gated if m is None else gated.masked_fill(m[:, None, None, :].ne(1), float("-inf"))
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                got = attention_bias(second, h, position_bias, m, dtype=dtype)
+                assert got.dtype == dtype and got.shape == (3, second.num_heads, 11, 11)
+                assert torch.equal(got, ref.to(dtype))
+                # Strides SDPA's memory-efficient CUDA kernel takes without copying the mask into a padded one.
+                assert got.stride(-1) == 1 and all(s % 8 == 0 for s in got.stride()[:-1])
+    assert int(torch.isinf(ref).sum()) == second.num_heads * 11 * (4 + 8)   # the padded keys, every query row
+
+
+def test_sdpa_gradients_equal_eager(wavlms):
+    """With gradients (featx finetune trains through this attention) the one-pass bias, whose out= takes no
+    gradient, is not used: every parameter's gradient equals the eager attention's."""
+    from transformers import WavLMModel
+
+    from featx.encoders.wavlm_sdpa import use_sdpa_attention
+
+    eager, sdpa = (WavLMModel.from_pretrained(wavlms["layer"]).eval() for _ in range(2))
+    use_sdpa_attention(sdpa)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6000, generator=g)
+    mask = torch.ones(2, 6000, dtype=torch.long)
+    mask[1, 3500:] = 0
+    weights = torch.randn(eager.config.hidden_size, generator=g)
+    grads = []
+    for model in (eager, sdpa):
+        (model(x, attention_mask=mask).last_hidden_state @ weights).square().mean().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in ("encoder.layers.0.attention.rel_attn_embed.weight", "encoder.layers.1.attention.gru_rel_pos_const"):
+        assert float(grads[0][name].abs().max()) > 0
+    for name, ref in grads[0].items():
+        assert float((grads[1][name] - ref).abs().max()) <= TOL * max(1.0, float(ref.abs().max())), name
+
+
+def _bf16_error(model, x, mask, ref):
+    """Max abs difference of every hidden state of `model` under CPU bf16 autocast from `ref` (fp32 eager)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert got[-1].dtype == torch.bfloat16
+    return _max_diff(ref, [h.float() for h in got])
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_sdpa_under_bf16_autocast_is_as_close_to_fp32_eager_as_eager_bf16(wavlms, norm):
+    """Under bf16 autocast (featx's precision on CUDA; here the CPU's) SDPA is no further from transformers'
+    fp32 eager attention than eager's own bf16 forward (both round the bias to bf16 once): for one attention
+    module's output, and for every hidden state of the model."""
+    from transformers import WavLMModel
+    from transformers.models.wavlm.modeling_wavlm import WavLMAttention
+
+    from featx.encoders.wavlm_sdpa import sdpa_attention_forward, use_sdpa_attention
+
+    eager, sdpa = (WavLMModel.from_pretrained(wavlms[norm]).eval() for _ in range(2))
+    g = torch.Generator().manual_seed(1)
+    attention = eager.encoder.layers[0].attention
+    h = torch.randn(3, 40, eager.config.hidden_size, generator=g)
+    short = torch.ones(3, 40, dtype=torch.long)
+    short[1, 25:] = 0
+    short[2, 9:] = 0
+    zero = torch.zeros(1, attention.num_heads, 40, 40)
+    for m in (None, short):
+        with torch.no_grad():
+            ref = WavLMAttention.forward(attention, h, m)[0]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs = [f(attention, h, m, **kw)[0] for f, kw in ((WavLMAttention.forward, {}),
+                                                                    (sdpa_attention_forward, {}),
+                                                                    (sdpa_attention_forward, {"position_bias": zero}))]
+        assert all(o.dtype == torch.bfloat16 for o in outs)
+        # RMS error: a max over these few values falls either way by rounding (seen: SDPA 0.7x to 1.1x eager's)
+        eager_error, sdpa_error, no_bias_error = (float((o.float() - ref).pow(2).mean().sqrt()) for o in outs)
+        assert 0 < sdpa_error <= eager_error
+        assert no_bias_error > 10 * eager_error      # the check has teeth: the bias counts far beyond that
+    use_sdpa_attention(sdpa)
+    x = torch.randn(3, 12000, generator=g)
+    mask = torch.ones(3, 12000, dtype=torch.long)
+    mask[1, 7000:] = 0
+    mask[2, 2500:] = 0
+    for m in (None, mask):
+        ref = _hidden_states(eager, x, m)   # max over every hidden state, as bench_wavlm.py reports it
+        assert 0 < _bf16_error(sdpa, x, m, ref) <= 1.1 * _bf16_error(eager, x, m, ref)   # 10%: rounding
+
+
 def _extract(manifest, model, out, **options):
     result = extract(manifest, [model], out, dtype="float32", seq=True, progress=False, **options)
     return result.paths[0]
