@@ -35,7 +35,7 @@ for step in ${STEPS:-check text image audio profile wavlm probe}; do
     audio) timeout 200 python3 $B/bench_extract.py $common --kinds audio --n ${AUDIO_N:-600} --audio-seconds 1,15 \
                --batch-size ${AUDIO_BATCH:-32} --naive-n 30 --json "$OUT/audio.json" ;;
     profile) timeout 90 python3 $B/profile_cuda_forward.py --models /tmp/featx-bench/models ;;
-    wavlm) timeout 120 python3 $B/bench_wavlm.py --sizes large --seconds 5,15 --repeats 3 --no-tiny ;;
+    wavlm) timeout 120 python3 $B/bench_wavlm.py --sizes large --seconds 5,15 --repeats 3 --no-tiny --bias "32,750" ;;
     probe) timeout 150 python3 $B/bench_probe.py --device cuda --repeats 1 --small 0 ;;
     esac 2>&1 | tee -a "$LOG"
 done
