@@ -128,7 +128,7 @@ def _non_finite_rows(a):
     finite when its bits without the sign are at least the exponent's (all exponent bits set). A few rows at a
     time, so that the scratch stays in the CPU's cache: several times faster than np.isfinite on float16."""
     bits, exponent = _EXPONENT[a.dtype.itemsize]
-    u = np.ascontiguousarray(a).view(bits).reshape(len(a), -1)
+    u = np.ascontiguousarray(a).view(bits).reshape(len(a), int(np.prod(a.shape[1:])))
     out = np.zeros(len(a), bool)
     if u.size == 0:
         return out
