@@ -664,7 +664,9 @@ class CacheWriter:
         return f"non-finite value after cast to {self.dtype} (layer {int(np.argmax(bad))}, {what})" if bad.any() else ""
 
     def _cast_batch(self, pooled, seq, order):
-        """(arrays {pooling: (B, L, D)}, seqs [(T, L, D)] or None, reasons [B]) in `order`, cast to the dtype."""
+        """(arrays {pooling: (B, L, D)}, seqs, reasons [B]) in `order`, cast to the dtype. seqs: None, or
+        (values (T_1 + ... + T_B, L, D), lengths (B,)): the sequences one after the other, cast in one call
+        (a cast per sequence costs more than the copy)."""
         B, L, D = len(order), self.num_layers, self.hidden_size
         reasons = [""] * B
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported per item below
@@ -679,12 +681,17 @@ class CacheWriter:
                     reasons[b] = reasons[b] or self._bad_layer(a[b:b + 1], f"pooling {p}")
             seqs = None
             if self.seq:
-                seqs = [_cast(np.asarray(seq[j]), self.dtype) for j in order]
-                for b, s in enumerate(seqs):
+                given = [np.asarray(seq[j]) for j in order]
+                for b, s in enumerate(given):
                     if s.ndim != 3 or s.shape[1:] != (L, D):
                         raise ValueError(f"seq[{order[b]}] has shape {s.shape}, expected (T, {L}, {D})")
-                    if _non_finite_rows(s.reshape(1, -1))[0]:
-                        reasons[b] = reasons[b] or self._bad_layer(s, "sequence")
+                values = _cast(np.concatenate(given), self.dtype)
+                lengths = np.array([len(s) for s in given], np.int64)
+                ends = np.cumsum(lengths)
+                bad = np.concatenate([[0], np.cumsum(_non_finite_rows(values))])  # non-finite positions so far
+                for b in np.flatnonzero(bad[ends] > bad[ends - lengths]):
+                    reasons[b] = reasons[b] or self._bad_layer(values[ends[b] - lengths[b]:ends[b]], "sequence")
+                seqs = values, lengths
         return arrays, seqs, reasons
 
     def write(self, indices, pooled, seq=None):
@@ -707,7 +714,10 @@ class CacheWriter:
         done = np.array([not r for r in reasons])
         if not done.all():  # the arrays hold the done items only
             arrays = {p: a[done] for p, a in arrays.items()}
-            seqs = None if seqs is None else [s for s, d in zip(seqs, done) if d]
+            if seqs is not None:
+                values, lengths = seqs
+                keep = np.repeat(done, lengths)
+                seqs = values[keep], lengths[done]
         self._write_part(idx[order], done, reasons, arrays, seqs)
         return idx[order][~done]
 
@@ -722,10 +732,11 @@ class CacheWriter:
         order = np.argsort(idx, kind="stable")
         empty = np.zeros((0, self.num_layers, self.hidden_size), self.dtype)
         self._write_part(idx[order], np.zeros(len(idx), bool), [_one_line(reasons[j]) for j in order],
-                         {p: empty for p in self.poolings}, [] if self.seq else None)
+                         {p: empty for p in self.poolings}, (empty, np.zeros(0, np.int64)) if self.seq else None)
 
     def _write_part(self, idx, done, error, pooled, seqs):
-        """One part file: indices, ids, done, error (B,) and the arrays of the done items only."""
+        """One part file: indices, ids, done, error (B,) and the arrays of the done items only (seqs: None or
+        (values (T, L, D), lengths (K,)), the done items' sequences one after the other)."""
         final = os.path.join(schema.parts_dir(self.path), schema.part_name(self._next_part))
         tmp = final + schema.TMP_SUFFIX
         self._next_part += 1
@@ -741,9 +752,8 @@ class CacheWriter:
             for p, a in pooled.items():
                 schema.create(f, schema.pooled_name(p), data=a, chunks=chunks(a))
             if seqs is not None:
-                empty = np.zeros((0, self.num_layers, self.hidden_size), self.dtype)
-                values = np.concatenate([empty] + seqs)
-                schema.create(f, schema.SEQ_OFFSETS, data=np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64))
+                values, lengths = seqs
+                schema.create(f, schema.SEQ_OFFSETS, data=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
                 schema.create(f, schema.SEQ_DATA, data=values, chunks=chunks(values))
 
         try:
@@ -752,7 +762,7 @@ class CacheWriter:
         except OSError as e:
             _remove(tmp)
             if _disk_full(e):
-                needed = sum(a.nbytes for a in pooled.values()) + sum(s.nbytes for s in seqs or ()) + 4096 * len(idx)
+                needed = sum(a.nbytes for a in pooled.values()) + (seqs[0].nbytes if seqs else 0) + 4096 * len(idx)
                 raise _full_error(os.path.dirname(final), needed, f"for a part of {len(idx)} items") from None
             raise
 

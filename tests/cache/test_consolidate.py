@@ -131,3 +131,20 @@ def test_non_finite_rows_are_found_on_the_bits(monkeypatch, dtype):
     np.testing.assert_array_equal(cache_writer._non_finite_rows(a[::2]), want[::2])  # not contiguous
     assert cache_writer._non_finite_rows(a[:0]).shape == (0,)
     assert cache_writer._non_finite_rows(a[:, :0]).tolist() == [False] * len(a)  # rows of no values
+
+
+def test_a_sequence_not_finite_fails_its_item_only(tmp_path):
+    """The sequences of a batch are cast in one call: a value that overflows float16 in one item's sequence fails
+    that item alone, and the others (of 0 to 3 positions) keep exactly theirs."""
+    path, items = str(tmp_path / "c.h5"), [5, 0, 7, 3, 4, 2, 6, 1]
+    pooled, seq = batch(items)
+    seq[3][2, 1, 4] = 1e6  # item 3, its last position
+    seq[6] = seq[6].astype(np.float16)  # a sequence already in the storage dtype
+    with CacheWriter(path, **writer_args(10, dtype="float16")) as w:
+        np.testing.assert_array_equal(w.write(items, pooled, seq), [3])
+    with open_cache(path) as c:
+        assert c.done.tolist() == [True] * 3 + [False] + [True] * 4 + [False] * 2
+        assert c.error[3] == "non-finite value after cast to float16 (layer 1, sequence)"
+        for i in (0, 1, 2, 4, 5, 6, 7):
+            np.testing.assert_array_equal(c.sequence(i), batch([i])[1][0].astype(np.float16).astype(np.float32))
+        assert c.sequence(3).shape == (0, L, D)
