@@ -31,8 +31,9 @@ except ImportError:  # no advisory locks on Windows: one writer per cache is the
 __all__ = ["CacheWriter", "is_complete", "pending_items", "consolidate"]
 
 OPEN_SOURCES = 256  # files kept open at once while consolidating (parts can number thousands), at most a
-# quarter of the process's file limit: a block of items reads from every part that holds one of them
-BLOCK_BYTES = 64 << 20  # about the memory one block of consolidation copies at a time (values and a spare)
+# quarter of the process's file limit: a block of items reads from every part that holds one of them; each
+# open file keeps HDF5's chunk cache (1 MiB at most)
+BLOCK_BYTES = 64 << 20  # about the values a block of consolidation holds (all poolings; or sequences)
 CHECK_BYTES = 4 << 20  # bytes of scratch per block when looking for non-finite values
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FULL_TEXT = ("No space left", "errno = 28", "File too large", "errno = 27", "Disk quota", "errno = 122")
@@ -159,7 +160,9 @@ class _Source:
 
 
 class _Sources:
-    """Source files opened on demand, at most OPEN_SOURCES at a time; get(k) -> _Source."""
+    """Source files opened on demand, at most OPEN_SOURCES at a time; get(k) -> _Source. When full, the file
+    used last is closed: every block asks for its sources in the same order, and in that cycle closing the
+    least recently used file would close each one just before it is asked for again."""
 
     def __init__(self, paths):
         self.paths, self.open, self.most = paths, collections.OrderedDict(), _open_limit()
@@ -170,7 +173,7 @@ class _Sources:
             self.open.move_to_end(k)
             return self.open[k]
         if len(self.open) >= self.most:
-            self.open.popitem(last=False)[1].file.close()
+            self.open.popitem(last=True)[1].file.close()
         self.open[k] = _Source(self.paths[k])
         return self.open[k]
 
