@@ -121,6 +121,17 @@ def _cast(a, dtype):
     return torch.from_numpy(np.ascontiguousarray(a)).to(getattr(torch, dtype)).numpy()
 
 
+def _cast_concat(arrays, dtype):
+    """The arrays (T_i, ...) one after the other, as `dtype`, in one torch call that casts as it copies (a cast
+    per array costs a thread hand-off each; a concatenation before the cast, another copy)."""
+    import torch
+
+    out = np.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), dtype)
+    if len(out):
+        torch.cat([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], out=torch.from_numpy(out))
+    return out
+
+
 _EXPONENT = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
 
 
@@ -668,8 +679,7 @@ class CacheWriter:
 
     def _cast_batch(self, pooled, seq, order):
         """(arrays {pooling: (B, L, D)}, seqs, reasons [B]) in `order`, cast to the dtype. seqs: None, or
-        (values (T_1 + ... + T_B, L, D), lengths (B,)): the sequences one after the other, cast in one call
-        (a cast per sequence costs more than the copy)."""
+        (values (T_1 + ... + T_B, L, D), lengths (B,)): the sequences one after the other."""
         B, L, D = len(order), self.num_layers, self.hidden_size
         reasons = [""] * B
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported per item below
@@ -688,7 +698,7 @@ class CacheWriter:
                 for b, s in enumerate(given):
                     if s.ndim != 3 or s.shape[1:] != (L, D):
                         raise ValueError(f"seq[{order[b]}] has shape {s.shape}, expected (T, {L}, {D})")
-                values = _cast(np.concatenate(given), self.dtype)
+                values = _cast_concat(given, self.dtype)
                 lengths = np.array([len(s) for s in given], np.int64)
                 ends = np.cumsum(lengths)
                 bad = np.concatenate([[0], np.cumsum(_non_finite_rows(values))])  # non-finite positions so far
