@@ -233,7 +233,8 @@ def _create_layout(out, header, state):
 
 
 def _open_limit():
-    """How many sources _Sources keeps open: OPEN_SOURCES, at most a quarter of the file limit."""
+    """How many sources _Sources keeps open: OPEN_SOURCES, at most a quarter of the file limit (at least 8);
+    32 where the limit is unknown."""
     try:
         import resource
 
