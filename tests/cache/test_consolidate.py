@@ -148,3 +148,26 @@ def test_a_sequence_not_finite_fails_its_item_only(tmp_path):
         for i in (0, 1, 2, 4, 5, 6, 7):
             np.testing.assert_array_equal(c.sequence(i), batch([i])[1][0].astype(np.float16).astype(np.float32))
         assert c.sequence(3).shape == (0, L, D)
+
+
+def test_parts_of_h5pys_chunk_shapes_consolidate_alike(tmp_path, monkeypatch):
+    """Parts written before parts were chunked in whole items (h5py's chunk shapes), resumed and consolidated by
+    this writer: the same file as one written now."""
+    n, ref, path = 30, str(tmp_path / "ref.h5"), str(tmp_path / "c.h5")
+    write_all(ref, n)
+    order = np.random.default_rng(4).permutation(n)
+    with monkeypatch.context() as m:
+        # chunks across items, layers and features, as h5py guesses them for large arrays ((128, 2, 128) for
+        # 2048 x 25 x 1024), as featx wrote parts before
+        m.setattr(schema, "part_chunks", lambda rows, *a: (min(rows, 4), 1, D // 2) if rows else None)
+        w = CacheWriter(path, **writer_args(n))
+        for lo in range(0, 18, 6):
+            w.write(order[lo:lo + 6], *batch(order[lo:lo + 6]))
+        w._lock.close()  # a writer that stopped before close(): its parts stay
+    with h5py.File(parts.part_files(path)[0], "r") as f:
+        assert f["pooled/mean"].chunks == (4, 1, D // 2) and f["seq/data"].chunks == (4, 1, D // 2)
+    w = CacheWriter(path, **writer_args(n))
+    np.testing.assert_array_equal(w.todo, np.sort(order[18:]))
+    w.write(order[18:], *batch(order[18:]))
+    w.close()
+    assert_same_file(path, ref)
