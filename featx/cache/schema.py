@@ -15,7 +15,8 @@ Numeric datasets carry HDF5 Fletcher-32 checksums (HDF5 allows no filter on vari
 
 A part file (one per written batch, in `<path>.parts/part-NNNNNNNN.h5`) holds B items:
   indices (B,) int64 manifest indices, ids, done, error (B,), and for its K done items only
-  pooled/<pooling> (K, L, D) and seq/offsets (K+1,), seq/data (T, L, D).
+  pooled/<pooling> (K, L, D) and seq/offsets (K+1,), seq/data (T, L, D), the arrays chunked in whole items
+  (part_chunks; files written before that carry h5py's chunk shapes, read alike).
 The parts folder also holds settings.json (what must match to resume) and the writer's lock file.
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ SETTING_TYPES = (str, bool, int, float)  # the caller's other attributes
 PARTS_SUFFIX, SETTINGS_FILE, LOCK_FILE = ".parts", "settings.json", "lock"
 TMP_SUFFIX, BAD_SUFFIX = ".tmp", ".bad"
 CHUNK_BYTES = 512 * 1024  # one chunk of one layer; 256 KiB-1 MiB keeps reading one layer for all items fast
+PART_CHUNK_BYTES = 256 * 1024  # about one chunk of a part's array: whole items (rows of all layers)
 MAX_INFLATION = 1100  # no dataset declares more bytes than this many times its file's size (deflate peaks ~1032)
 
 
@@ -83,6 +85,16 @@ def parse_widths(text, num_layers, hidden_size, path=""):
 def chunk_rows(hidden_size, dtype):
     """Rows per chunk so that one chunk (rows, 1, D) is about CHUNK_BYTES."""
     return max(1, CHUNK_BYTES // (int(hidden_size) * np.dtype(dtype).itemsize))
+
+
+def part_chunks(rows, num_layers, hidden_size, dtype):
+    """Chunk shape of a part's (rows, L, D) array: whole items, about PART_CHUNK_BYTES, so that consolidation,
+    which reads a part's items in runs in manifest order, reads each chunk once; None (h5py's choice) when
+    rows is 0."""
+    if rows == 0:
+        return None
+    per_item = int(num_layers) * int(hidden_size) * np.dtype(dtype).itemsize
+    return int(min(rows, max(1, PART_CHUNK_BYTES // per_item))), int(num_layers), int(hidden_size)
 
 
 def create(group, name, data=None, **kw):

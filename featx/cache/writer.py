@@ -30,7 +30,11 @@ except ImportError:  # no advisory locks on Windows: one writer per cache is the
 
 __all__ = ["CacheWriter", "is_complete", "pending_items", "consolidate"]
 
-OPEN_SOURCES = 32  # files kept open at once while consolidating (parts can number thousands)
+OPEN_SOURCES = 256  # files kept open at once while consolidating (parts can number thousands), at most a
+# quarter of the process's file limit: a block of items reads from every part that holds one of them; each
+# open file keeps HDF5's chunk cache (1 MiB at most)
+BLOCK_BYTES = 64 << 20  # about the values a block of consolidation holds (all poolings; or sequences)
+CHECK_BYTES = 4 << 20  # bytes of scratch per block when looking for non-finite values
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FULL_TEXT = ("No space left", "errno = 28", "File too large", "errno = 27", "Disk quota", "errno = 122")
 
@@ -108,47 +112,91 @@ def _one_line(reason):
     return (text[:497] + "...") if len(text) > 500 else (text or "failed (no reason given)")
 
 
-def _cast(a, dtype):
-    """a as `dtype` ('float16' | 'float32'); the cast runs in torch, ~4x faster than numpy's float32 -> float16."""
+def _cast(a, dtype, order=None):
+    """a (B, ...) as `dtype` ('float16' | 'float32'), its rows in `order` (None: as they are; else a copy). The
+    cast runs in torch, ~4x faster than numpy's float32 -> float16, and reorders as it copies."""
     import torch
 
     if a.dtype == np.dtype(dtype):
-        return a
-    return torch.from_numpy(np.ascontiguousarray(a)).to(getattr(torch, dtype)).numpy()
+        return a if order is None else np.take(a, order, axis=0)
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if order is None:
+        return t.to(getattr(torch, dtype)).numpy()
+    out = np.empty(a.shape, dtype)
+    torch.cat([t[i:i + 1] for i in order.tolist()], out=torch.from_numpy(out))
+    return out
+
+
+def _cast_concat(arrays, dtype):
+    """The arrays (T_i, ...) one after the other, as `dtype`, in one torch call that casts as it copies (a cast
+    per array costs a thread hand-off each; a concatenation before the cast, another copy)."""
+    import torch
+
+    out = np.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]), dtype)
+    if len(out):
+        torch.cat([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], out=torch.from_numpy(out))
+    return out
 
 
 _EXPONENT = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
 
 
 def _non_finite_rows(a):
-    """(B,) bool: rows of the float array a (B, ...) holding an inf or a NaN (all exponent bits set), found on
-    the bits: several times faster than np.isfinite on float16."""
-    bits, mask = _EXPONENT[a.dtype.itemsize]
-    u = np.ascontiguousarray(a).view(bits).reshape(len(a), -1)
-    return ((u & bits(mask)) == bits(mask)).any(axis=1)
+    """(B,) bool: rows of the float array a (B, ...) holding an inf or a NaN, found on the bits: a value is not
+    finite when its bits without the sign are at least the exponent's (all exponent bits set). A few rows at a
+    time, so that the scratch stays in the CPU's cache: several times faster than np.isfinite on float16."""
+    bits, exponent = _EXPONENT[a.dtype.itemsize]
+    u = np.ascontiguousarray(a).view(bits).reshape(len(a), int(np.prod(a.shape[1:])))
+    out = np.zeros(len(a), bool)
+    if u.size == 0:
+        return out
+    step = max(1, CHECK_BYTES // max(1, u[0].nbytes))
+    scratch = np.empty((min(step, len(u)), u.shape[1]), bits)
+    no_sign = bits(np.iinfo(bits).max >> 1)
+    for lo in range(0, len(u), step):
+        part = scratch[:len(u[lo:lo + step])]
+        np.bitwise_and(u[lo:lo + step], no_sign, out=part)
+        out[lo:lo + step] = part.max(axis=1) >= bits(exponent)
+    return out
 
 
 # ---------------------------------------------------------------- consolidation
+class _Source:
+    """One open source file: its seq offsets (None without sequences) and its datasets' low-level handles."""
+
+    def __init__(self, path):
+        self.file = h5py.File(path, "r")
+        self.offsets = self.file[schema.SEQ_OFFSETS][:] if schema.SEQ in self.file else None
+        self.handles = {}
+
+    def __getitem__(self, name):
+        """The h5py.h5d.DatasetID of dataset `name` (looked up once: a lookup costs more than a small read)."""
+        if name not in self.handles:
+            self.handles[name] = self.file[name].id
+        return self.handles[name]
+
+
 class _Sources:
-    """Source files opened on demand, at most OPEN_SOURCES at a time; get(k) -> (file, seq offsets or None)."""
+    """Source files opened on demand, at most OPEN_SOURCES at a time; get(k) -> _Source. When full, the file
+    used last is closed: every block asks for its sources in the same order, and in that cycle closing the
+    least recently used file would close each one just before it is asked for again."""
 
     def __init__(self, paths):
-        self.paths, self.open = paths, collections.OrderedDict()
+        self.paths, self.open, self.most = paths, collections.OrderedDict(), _open_limit()
 
     def get(self, k):
         k = int(k)
         if k in self.open:
             self.open.move_to_end(k)
             return self.open[k]
-        if len(self.open) >= OPEN_SOURCES:
-            self.open.popitem(last=False)[1][0].close()
-        f = h5py.File(self.paths[k], "r")
-        self.open[k] = (f, f[schema.SEQ_OFFSETS][:] if schema.SEQ in f else None)
+        if len(self.open) >= self.most:
+            self.open.popitem(last=True)[1].file.close()
+        self.open[k] = _Source(self.paths[k])
         return self.open[k]
 
     def close(self):
-        for f, _ in self.open.values():
-            f.close()
+        for source in self.open.values():
+            source.file.close()
         self.open.clear()
 
 
@@ -184,26 +232,137 @@ def _create_layout(out, header, state):
     return pooled, data, offsets
 
 
-def _copy_values(pooled, data, offsets, src, state, header, check):
-    """Fill the final file's arrays from the sources, in blocks of one chunk row of items in manifest order,
-    so memory stays about L chunks; check() after each block stops at the first failed write."""
+def _open_limit():
+    """How many sources _Sources keeps open: OPEN_SOURCES, at most a quarter of the file limit (at least 8);
+    32 where the limit is unknown."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no resource module on Windows
+        return 32
+    return OPEN_SOURCES if soft == resource.RLIM_INFINITY else min(OPEN_SOURCES, max(8, soft // 4))
+
+
+def _runs(x):
+    """[(start, stop)] of the maximal runs of consecutive integers in the (K,) int array x."""
+    cuts = (np.flatnonzero(np.diff(x) != 1) + 1).tolist()
+    return list(zip([0] + cuts, cuts + [len(x)]))
+
+
+class _Buffers:
+    """Scratch arrays (rows, L, D) by name, reused between blocks (a fresh one costs a page fault per 4 KiB),
+    grown when a block needs more rows."""
+
+    def __init__(self, L, D, dtype):
+        self.shape, self.dtype, self.arrays = (L, D), dtype, {}
+
+    def get(self, name, rows):
+        if name not in self.arrays or len(self.arrays[name]) < rows:
+            self.arrays[name] = np.empty((rows, *self.shape), self.dtype)
+        return self.arrays[name][:rows]
+
+
+def _slab(dataset, start, count):
+    """The dataspace of `count` rows of a (rows, ...) dataset (h5py.h5d.DatasetID) from row `start`."""
+    space = dataset.get_space()
+    shape = space.shape
+    space.select_hyperslab((int(start),) + (0,) * (len(shape) - 1), (int(count),) + shape[1:])
+    return space
+
+
+def _read(dataset, start, out):
+    """out = rows start .. start + len(out) of `dataset` (an h5py.h5d.DatasetID; out C-contiguous). h5py's
+    low level: read_direct and slicing cost more than a small read."""
+    if len(out):
+        dataset.read(h5py.h5s.create_simple(out.shape), _slab(dataset, start, len(out)), out)
+
+
+def _write(dataset, start, values):
+    """Rows start .. start + len(values) of `dataset` (an h5py.h5d.DatasetID) = values (C-contiguous)."""
+    if len(values):
+        dataset.write(h5py.h5s.create_simple(values.shape), _slab(dataset, start, len(values)), values)
+
+
+def _read_rows(dataset, r, out, at, scratch):
+    """out[at] = dataset[r] (an h5py.h5d.DatasetID), read in one slice: r, at increasing, as a source's rows of
+    the items of one block are (one run in a part; in a consolidated file the items themselves, whose span
+    is at most the block's)."""
+    r0, m, span = int(r[0]), len(r), int(r[-1] - r[0]) + 1
+    if span == m and at[-1] - at[0] + 1 == m:  # the common case: straight into the block
+        _read(dataset, r0, out[int(at[0]):int(at[0]) + m])
+    elif span <= len(out) and (np.diff(r) > 0).all():
+        spare = scratch.get("spare", span)
+        _read(dataset, r0, spare)
+        out[at] = spare if span == m else spare[r - r0]
+    else:  # rows not in featx's order: one item at a time
+        for a, j in zip(at, r):
+            _read(dataset, j, out[a:a + 1])
+
+
+def _copy_pooled(pooled, src, state, header, check):
+    """Fill the final file's pooled arrays in blocks of whole chunk rows of items in manifest order (about
+    BLOCK_BYTES): each source's items of a block are read in one slice and each block is written whole, so
+    every chunk is written once. check() after each block stops at the first failed write."""
     n, L, D, dtype = len(header["ids"]), header["num_layers"], header["hidden_size"], header["dtype"]
-    rows = schema.chunk_rows(D, dtype)
-    for lo in range(0, n, rows):
-        hi = min(n, lo + rows)
+    rows, item = schema.chunk_rows(D, dtype), L * D * np.dtype(dtype).itemsize
+    size = min(n, rows * max(1, BLOCK_BYTES // (rows * item * len(pooled))))
+    scratch = _Buffers(L, D, dtype)
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
         which = state.src[lo:hi]
-        blocks = {p: np.zeros((hi - lo, L, D), dtype) for p in pooled}
-        for k in np.unique(which[which >= 0]):
+        blocks = {p: scratch.get(p, hi - lo) for p in pooled}
+        missing = which < 0
+        for block in blocks.values() if missing.any() else ():
+            block[missing] = 0
+        for k in np.unique(which[~missing]):
             at = np.flatnonzero(which == k)
-            r = state.row[lo + at]  # increasing, and contiguous within one part
-            f, off = src.get(k)
+            source = src.get(k)
             for p, block in blocks.items():
-                block[at] = f[schema.pooled_name(p)][r[0]:r[-1] + 1][r - r[0]]
-            for i, j in zip(lo + at, r) if data is not None else ():  # one item at a time: sequences can be long
-                data[offsets[i]:offsets[i + 1]] = f[schema.SEQ_DATA][off[j]:off[j + 1]]
+                _read_rows(source[schema.pooled_name(p)], state.row[lo + at], block, at, scratch)
         for p, ds in pooled.items():
-            ds[lo:hi] = blocks[p]
+            _write(ds.id, lo, blocks[p])
         check()
+
+
+def _copy_seq(data, offsets, src, state, header, check):
+    """Fill the final file's seq/data in blocks of items in manifest order of about BLOCK_BYTES (one item at
+    least: sequences can be long), each written whole so that no chunk is written twice; from each source, a
+    run of its items is read in one slice. check() after each block."""
+    n, L, D, dtype = len(header["ids"]), header["num_layers"], header["hidden_size"], header["dtype"]
+    limit = max(1, BLOCK_BYTES // (L * D * np.dtype(dtype).itemsize))  # positions per block
+    scratch = _Buffers(L, D, dtype)
+    lo = 0
+    while lo < n:
+        hi = min(n, max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + limit, side="right")) - 1))
+        o0, o1 = int(offsets[lo]), int(offsets[hi])
+        block = scratch.get("block", o1 - o0)
+        which = state.src[lo:hi]
+        for k in np.unique(which[which >= 0]) if o1 > o0 else ():
+            items = lo + np.flatnonzero(which == k)
+            r = state.row[items]
+            source = src.get(k)
+            ds, off = source[schema.SEQ_DATA], source.offsets
+            for s, e in _runs(r):  # contiguous in the source
+                a, b = int(off[r[s]]), int(off[r[e - 1] + 1])
+                first, last = items[s], items[e - 1]
+                if last - first == e - 1 - s:  # contiguous in the block too
+                    _read(ds, a, block[offsets[first] - o0:offsets[last + 1] - o0])
+                    continue
+                run = scratch.get("spare", b - a)
+                _read(ds, a, run)
+                for i, j in zip(items[s:e], r[s:e]):
+                    block[offsets[i] - o0:offsets[i + 1] - o0] = run[off[j] - a:off[j + 1] - a]
+        _write(data.id, o0, block)
+        check()
+        lo = hi
+
+
+def _copy_values(pooled, data, offsets, src, state, header, check):
+    """Fill the final file's arrays from the sources (see _copy_pooled, _copy_seq)."""
+    _copy_pooled(pooled, src, state, header, check)
+    if data is not None:
+        _copy_seq(data, offsets, src, state, header, check)
 
 
 def _check_room(out_path, header, state):
@@ -300,7 +459,7 @@ def consolidate(out_path, sources, state, header):
     folder, needed = _check_room(out_path, header, state)
     tmp = out_path + schema.TMP_SUFFIX
     L, D, dtype = header["num_layers"], header["hidden_size"], header["dtype"]
-    # Room for a few chunks per layer: sequence writes straddle chunks and must not rewrite them partially.
+    # Room for a few chunks per layer: a block of sequences ends inside a chunk, which the next block completes.
     cache = max(16 << 20, 4 * L * schema.chunk_rows(D, dtype) * D * np.dtype(dtype).itemsize)
     src = _Sources(sources)
 
@@ -526,26 +685,32 @@ class CacheWriter:
         return f"non-finite value after cast to {self.dtype} (layer {int(np.argmax(bad))}, {what})" if bad.any() else ""
 
     def _cast_batch(self, pooled, seq, order):
-        """(arrays {pooling: (B, L, D)}, seqs [(T, L, D)] or None, reasons [B]) in `order`, cast to the dtype."""
+        """(arrays {pooling: (B, L, D)}, seqs, reasons [B]) in `order`, cast to the dtype. seqs: None, or
+        (values (T_1 + ... + T_B, L, D), lengths (B,)): the sequences one after the other."""
         B, L, D = len(order), self.num_layers, self.hidden_size
         reasons = [""] * B
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported per item below
-            arrays = {}
+            arrays, ordered = {}, (order[1:] > order[:-1]).all()
             for p in self.poolings:
                 a = np.asarray(pooled[p])
                 if a.shape != (B, L, D):
                     raise ValueError(f"pooled[{p!r}] has shape {a.shape}, expected {(B, L, D)}")
-                arrays[p] = a = _cast(a if (order[1:] > order[:-1]).all() else a[order], self.dtype)
+                arrays[p] = a = _cast(a, self.dtype, None if ordered else order)
                 for b in np.flatnonzero(_non_finite_rows(a)):
                     reasons[b] = reasons[b] or self._bad_layer(a[b:b + 1], f"pooling {p}")
             seqs = None
             if self.seq:
-                seqs = [_cast(np.asarray(seq[j]), self.dtype) for j in order]
-                for b, s in enumerate(seqs):
+                given = [np.asarray(seq[j]) for j in order]
+                for b, s in enumerate(given):
                     if s.ndim != 3 or s.shape[1:] != (L, D):
                         raise ValueError(f"seq[{order[b]}] has shape {s.shape}, expected (T, {L}, {D})")
-                    if _non_finite_rows(s.reshape(1, -1))[0]:
-                        reasons[b] = reasons[b] or self._bad_layer(s, "sequence")
+                values = _cast_concat(given, self.dtype)
+                lengths = np.array([len(s) for s in given], np.int64)
+                ends = np.cumsum(lengths)
+                bad = np.concatenate([[0], np.cumsum(_non_finite_rows(values))])  # non-finite positions so far
+                for b in np.flatnonzero(bad[ends] > bad[ends - lengths]):
+                    reasons[b] = reasons[b] or self._bad_layer(values[ends[b] - lengths[b]:ends[b]], "sequence")
+                seqs = values, lengths
         return arrays, seqs, reasons
 
     def write(self, indices, pooled, seq=None):
@@ -566,8 +731,13 @@ class CacheWriter:
         order = np.argsort(idx, kind="stable")
         arrays, seqs, reasons = self._cast_batch(pooled, seq, order)
         done = np.array([not r for r in reasons])
-        self._write_part(idx[order], done, reasons, {p: a[done] for p, a in arrays.items()},
-                         None if seqs is None else [s for s, d in zip(seqs, done) if d])
+        if not done.all():  # the arrays hold the done items only
+            arrays = {p: a[done] for p, a in arrays.items()}
+            if seqs is not None:
+                values, lengths = seqs
+                keep = np.repeat(done, lengths)
+                seqs = values[keep], lengths[done]
+        self._write_part(idx[order], done, reasons, arrays, seqs)
         return idx[order][~done]
 
     def fail(self, indices, reasons):
@@ -581,13 +751,17 @@ class CacheWriter:
         order = np.argsort(idx, kind="stable")
         empty = np.zeros((0, self.num_layers, self.hidden_size), self.dtype)
         self._write_part(idx[order], np.zeros(len(idx), bool), [_one_line(reasons[j]) for j in order],
-                         {p: empty for p in self.poolings}, [] if self.seq else None)
+                         {p: empty for p in self.poolings}, (empty, np.zeros(0, np.int64)) if self.seq else None)
 
     def _write_part(self, idx, done, error, pooled, seqs):
-        """One part file: indices, ids, done, error (B,) and the arrays of the done items only."""
+        """One part file: indices, ids, done, error (B,) and the arrays of the done items only (seqs: None or
+        (values (T, L, D), lengths (K,)), the done items' sequences one after the other)."""
         final = os.path.join(schema.parts_dir(self.path), schema.part_name(self._next_part))
         tmp = final + schema.TMP_SUFFIX
         self._next_part += 1
+
+        def chunks(a):
+            return schema.part_chunks(len(a), self.num_layers, self.hidden_size, self.dtype)
 
         def fill(f, check):
             schema.create(f, schema.INDICES, data=idx)
@@ -595,11 +769,11 @@ class CacheWriter:
             schema.create(f, schema.DONE, data=done)
             schema.create_strings(f, schema.ERROR, error)
             for p, a in pooled.items():
-                schema.create(f, schema.pooled_name(p), data=a)
+                schema.create(f, schema.pooled_name(p), data=a, chunks=chunks(a))
             if seqs is not None:
-                empty = np.zeros((0, self.num_layers, self.hidden_size), self.dtype)
-                schema.create(f, schema.SEQ_OFFSETS, data=np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64))
-                schema.create(f, schema.SEQ_DATA, data=np.concatenate([empty] + seqs))
+                values, lengths = seqs
+                schema.create(f, schema.SEQ_OFFSETS, data=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+                schema.create(f, schema.SEQ_DATA, data=values, chunks=chunks(values))
 
         try:
             _write_hdf5(tmp, fill)
@@ -607,7 +781,7 @@ class CacheWriter:
         except OSError as e:
             _remove(tmp)
             if _disk_full(e):
-                needed = sum(a.nbytes for a in pooled.values()) + sum(s.nbytes for s in seqs or ()) + 4096 * len(idx)
+                needed = sum(a.nbytes for a in pooled.values()) + (seqs[0].nbytes if seqs else 0) + 4096 * len(idx)
                 raise _full_error(os.path.dirname(final), needed, f"for a part of {len(idx)} items") from None
             raise
 
