@@ -64,7 +64,7 @@ def main():
           f"= {levels:.2f} uint8 levels (tolerance 1 level), {100 * frac:.2f}% of values differ by a level; "
           f"hidden states (fp32, GPU vs CPU forward) max abs diff {hid:.2e}")
     # images in pinned memory (as the DataLoader's pin thread leaves them) take the per-image asynchronous copy
-    pinned = [torch.from_numpy(np.ascontiguousarray(im)).pin_memory().numpy() for im in map(np.asarray, decoded)]
+    pinned = [torch.from_numpy(np.array(im)).pin_memory().numpy() for im in decoded]
     assert all(torch.from_numpy(a).is_pinned() for a in pinned)
     direct = gpu.prepare(pinned)["pixel_values"]
     same_pinned = bool(torch.equal(direct, got))

@@ -187,7 +187,9 @@ def _write_case(folder, case):
     path = os.path.join(folder, f"manifest.{case['format']}")
     df = pd.DataFrame(rows)
     if case["format"] == "csv":
-        df.to_csv(path, index=False)
+        # CRLF line ends, as spreadsheets write them: pandas then quotes a field holding a bare \r, which with
+        # "\n" line ends it writes as it is and reads back as a line break (two rows), a CSV no reader can undo
+        df.to_csv(path, index=False, lineterminator="\r\n")
     else:
         df.to_json(path, orient="records", lines=True, force_ascii=False)
     return path, rows
