@@ -397,6 +397,13 @@ class Bare:
         self.preload = device.type == "cpu" or nbytes < 8e9
         if self.preload:
             inputs = [{k: v.to(device) for k, v in x.items()} for x in inputs]
+            # The host copies were pinned (Encoder.host_tensor) and torch's caching host allocator keeps them
+            # pinned after they are freed: (b) then forks its DataLoader workers from a process holding GBs of
+            # pinned memory, which cost ~1 s per run on an H200 (0.16 ms per image over 8,000), where a user's
+            # fresh process forks before pinning anything. Hand them back (a private call; skipped if absent).
+            empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+            if device.type == "cuda" and empty_host_cache is not None:
+                empty_host_cache()
         self.inputs = inputs
         with torch.inference_mode(), enc.autocast():
             for x in ([inputs[-1]] + ([inputs[0]] if device.type == "cuda" else [])):  # warm-up
