@@ -140,24 +140,26 @@ class Runner:
             left[i] = left.get(i, 0) + 1
         n, shape = len(inputs), (enc.num_layers, enc.hidden_size)
         # items of several inputs (audio windows, video frames) are combined on the host, in float32
-        cast = getattr(torch, self.store_dtype) if len(left) == n and self.store_dtype != "float32" else None
-        pooled = {k: np.empty((n, *shape), np.float16 if cast is torch.float16 else np.float32)
-                  for k in self.poolings}
+        half = self.store_dtype == "float16" and len(left) == n
+        pooled = {k: np.empty((n, *shape), np.float16 if half else np.float32) for k in self.poolings}
         counts = np.empty(n, np.int64)
         seqs = [None] * n
         on_device = []
-        for batch in self.batches(inputs):
-            batch_pooled, batch_seqs, batch_counts = self.run_batch([inputs[k][1] for k in batch])
-            on_device.append((np.asarray(batch), batch_pooled, batch_counts))
-            for j, k in enumerate(batch if batch_seqs else ()):
-                seqs[k] = batch_seqs[j]
-            finished = 0
-            for k in batch:
-                left[inputs[k][0]] -= 1
-                finished += left[inputs[k][0]] == 0
-            done(finished)
+        # one autocast context for the group: autocast casts each weight to bf16/fp16 once and keeps it for the
+        # context's life, where a context per batch cast every weight again for every batch
+        with enc.autocast():
+            for batch in self.batches(inputs):
+                batch_pooled, batch_seqs, batch_counts = self.run_batch([inputs[k][1] for k in batch])
+                on_device.append((np.asarray(batch), batch_pooled, batch_counts))
+                for j, k in enumerate(batch if batch_seqs else ()):
+                    seqs[k] = batch_seqs[j]
+                finished = 0
+                for k in batch:
+                    left[inputs[k][0]] -= 1
+                    finished += left[inputs[k][0]] == 0
+                done(finished)
         for batch, batch_pooled, batch_counts in on_device:  # one wait for the device per group, not per batch
             for name, v in batch_pooled.items():
-                pooled[name][batch] = (v if cast is None else v.to(cast)).cpu().numpy()
+                pooled[name][batch] = (v.half() if half else v).cpu().numpy()
             counts[batch] = batch_counts.cpu().numpy()
         return pooled, counts, seqs

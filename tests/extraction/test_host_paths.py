@@ -261,3 +261,22 @@ def test_a_batch_without_padding_runs_without_its_mask_and_gives_the_masked_forw
         assert torch.equal(mask, x["attention_mask"].bool())
         for g, w in zip(got, want):
             assert (g - w)[mask].abs().max().item() <= 1e-6
+
+
+def test_a_group_casts_the_weights_for_autocast_once_not_once_per_batch(tiny_bert):
+    # bf16 autocast (CUDA's default; run here on the CPU): a cast weight is kept for the life of the autocast
+    # context, so the group's batches share one context. Counted: the casts (aten::_to_copy) of 1 batch and of 3.
+    from torch.profiler import ProfilerActivity, profile
+
+    from featx.extraction.batching import Runner
+    enc = load_encoder(tiny_bert, precision="bf16")
+    items = [(i, [enc.preprocessor()(t)]) for i, t in enumerate(["one text", "another text", "a third text"])]
+
+    def casts(n):
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            Runner(enc, ["mean"], batch_size=1).run(items[:n])
+        return sum(e.count for e in p.key_averages() if e.key == "aten::_to_copy")
+
+    one, three = casts(1), casts(3)
+    weights = sum(1 for _, w in enc.model.named_parameters() if w.dim() == 2)  # the linear layers' and embeddings'
+    assert three <= 3 * one - 2 * (weights // 2)  # the later batches reuse the weights cast by the first
