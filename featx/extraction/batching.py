@@ -69,7 +69,10 @@ class Runner:
         """
         enc = self.encoder
         try:
-            batch = enc.collate(raws)  # pinned on CUDA (Encoder.host_tensor)
+            # pinned on CUDA (Encoder.host_tensor); never under autocast, which _forward holds open for the group:
+            # collate may preprocess on the device (images), in the processor's own precision
+            with torch.autocast(enc.device.type, enabled=False):
+                batch = enc.collate(raws)
             with enc.autocast():
                 hidden, mask = enc.forward(batch)
                 pooled = pool(hidden, mask, self.poolings, enc.hidden_size if enc.layer_widths else None)

@@ -280,3 +280,20 @@ def test_a_group_casts_the_weights_for_autocast_once_not_once_per_batch(tiny_ber
     one, three = casts(1), casts(3)
     weights = sum(1 for _, w in enc.model.named_parameters() if w.dim() == 2)  # the linear layers' and embeddings'
     assert three <= 3 * one - 2 * (weights // 2)  # the later batches reuse the weights cast by the first
+
+
+def test_collate_runs_outside_the_groups_autocast(tiny_bert):
+    # the group's autocast context (kept open so weights are cast once) must not reach collate, where images
+    # are preprocessed on the device in the processor's own precision
+    from featx.extraction.batching import Runner
+    enc = load_encoder(tiny_bert, precision="bf16")
+    seen, collate = [], enc.collate
+
+    def recording(feats):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return collate(feats)
+
+    enc.collate = recording
+    items = [(i, [enc.preprocessor()(t)]) for i, t in enumerate(["one text", "another text", "a third text"])]
+    Runner(enc, ["mean"], batch_size=1).run(items)
+    assert seen == [False, False, False]
