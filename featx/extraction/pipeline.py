@@ -416,8 +416,10 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     # Workers hand over lists of up to 16 decoded items, texts up to 256 (one batch call of the tokenizer each;
     # a text is small); without workers a chunk of texts is a whole group. About two groups in flight keep the
     # forward fed without holding thousands of decoded images in memory.
-    chunk = max(1, min(16, int(group_size)) if decoder.modality != "text" else
-                min(256, int(group_size)) if workers else int(group_size))
+    if decoder.modality != "text":
+        chunk = max(1, min(16, int(group_size)))
+    else:
+        chunk = max(1, min(256, int(group_size)) if workers else int(group_size))
     prefetch = max(2, math.ceil(2 * group_size / (chunk * workers))) if workers else None
     # On CUDA the DataLoader's pin thread receives the workers' chunks and copies their arrays to pinned memory,
     # off the main thread (PackedChunk.pin_memory); images then cross to the device with no host-side stack.
