@@ -24,7 +24,8 @@ texts, alternated with (a) and (b): PIL.Image.open(f).convert("RGB") per image f
 fast tokenizer's batch call over all texts, soundfile.read per audio file. featx's host cost is (b) - (a);
 the ratios printed are image: host seconds per image / PIL's (target <= 1), text: host texts/s / the
 tokenizer's (target >= 0.5), audio: featx items/s / the bare forward's (target >= 0.9). Then one more featx
-run per kind under cProfile gives where the main process spends its time per item (--no-profile skips it).
+run per kind under cProfile gives where the main process spends its time per item, in its main thread and, with
+num_workers 0, in its decoding thread (--no-profile skips it).
 
 Model FLOPs per item (used for GFLOP/s and, on CUDA, model-FLOP utilisation against --peak-flops):
     2 * P * T  +  4 * layers * T^2 * hidden   (+ the conv feature encoder for audio)
@@ -48,6 +49,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -592,45 +594,72 @@ class _ProfiledBar:
 
 
 @contextlib.contextmanager
-def _profiled_items(prof):
+def _profiled_items(prof, decode_prof):
+    """The loop over the items under `prof` (this thread) and, with num_workers 0, the decoding of each chunk of
+    items under `decode_prof` when it runs in featx's decoding thread (cProfile follows one thread)."""
     import featx.progress as fp
+    from featx.extraction.decode import DecodedItems
 
-    original = fp.progress_bar
+    original, getitems = fp.progress_bar, DecodedItems.__getitems__
+
+    def profiled_getitems(self, ks):
+        if threading.current_thread() is threading.main_thread():  # inline decoding (texts): `prof` has it
+            return getitems(self, ks)
+        decode_prof.enable()
+        try:
+            return getitems(self, ks)
+        finally:
+            decode_prof.disable()
+
     fp.progress_bar = lambda *a, **k: _ProfiledBar(original(*a, **k), prof)
+    DecodedItems.__getitems__ = profiled_getitems
     try:
         yield
     finally:
-        fp.progress_bar = original
+        fp.progress_bar, DecodedItems.__getitems__ = original, getitems
+
+
+def _where(key):
+    f = key[0].replace(os.sep, "/")
+    if "/site-packages/" in f:
+        return f.split("/site-packages/", 1)[1]
+    return "featx/" + f.rsplit("/featx/", 1)[1] if "/featx/" in f else f
+
+
+def _stages(stats, n):
+    stages = {}
+    for label, file, name in _STAGES:
+        secs = sum(v[3] for k, v in stats.items() if k[2] == name and file in _where(k))
+        if secs:
+            stages[label] = secs / n
+    return stages
+
+
+def _top(stats, n, top):
+    own = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{_where(k)}:{k[1]}({k[2]})", "calls_per_item": v[0] / n, "seconds_per_item": v[2] / n}
+            for k, v in own]
 
 
 def profile_featx(manifest, model_dir, out, args, kind, top=10):
-    """featx extract once more, its loop over the items under cProfile (this process's main thread: the writer
-    thread and any DataLoader workers are not in it): seconds per item by stage and, by own time, the top
-    functions."""
+    """featx extract once more under cProfile: its loop over the items (this process's main thread) and, with
+    num_workers 0, its decoding thread (the writer thread and any DataLoader workers are not in it). Seconds per
+    item by stage and, by own time, the top functions, per thread."""
     import cProfile
     import pstats
 
     n = len(__import__("pandas").read_csv(manifest))
-    prof = cProfile.Profile()
-    with _profiled_items(prof):
+    prof, decode_prof = cProfile.Profile(), cProfile.Profile()
+    with _profiled_items(prof, decode_prof):
         measure_featx(manifest, model_dir, out, args, kind)
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
-    def where(key):
-        f = key[0].replace(os.sep, "/")
-        if "/site-packages/" in f:
-            return f.split("/site-packages/", 1)[1]
-        return "featx/" + f.rsplit("/featx/", 1)[1] if "/featx/" in f else f
-
-    stages = {}
-    for label, file, name in _STAGES:
-        secs = sum(v[3] for k, v in stats.items() if k[2] == name and file in where(k))
-        if secs:
-            stages[label] = secs / n
-    total = sum(v[2] for v in stats.values())  # own times add up to the profiled span
-    own = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-    functions = [{"function": f"{where(k)}:{k[1]}({k[2]})", "calls_per_item": v[0] / n, "seconds_per_item": v[2] / n}
-                 for k, v in own]
-    return {"n": n, "seconds_per_item": total / n, "stages": stages, "functions": functions}
+    result = {"n": n, "seconds_per_item": sum(v[2] for v in stats.values()) / n,  # own times add up to the span
+              "stages": _stages(stats, n), "functions": _top(stats, n, top)}
+    if decode_prof.getstats():
+        dstats = pstats.Stats(decode_prof).stats
+        result["decode_thread"] = {"seconds_per_item": sum(v[2] for v in dstats.values()) / n,
+                                   "stages": _stages(dstats, n), "functions": _top(dstats, n, 5)}
+    return result
 
 
 def _read_layer(path, layer):
@@ -852,11 +881,17 @@ def print_host(results, args):
         if not p:
             continue
         print(f"  {r['kind']}: main-process profile, ms per item (cProfile over the loop on the items, one more run "
-              f"of {p['n']}: {1e3 * p['seconds_per_item']:.3f} ms/item under the profiler; not in it: the writer "
-              f"thread, DataLoader workers)")
+              f"of {p['n']}: {1e3 * p['seconds_per_item']:.3f} ms/item under the profiler in the main thread; not in "
+              f"it: the writer thread, DataLoader workers)")
         print("    by stage (cumulative): " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in p["stages"].items()))
         for f in p["functions"]:
             print(f"    {1e3 * f['seconds_per_item']:8.3f} ms  {f['calls_per_item']:7.2f} calls  {f['function']}")
+        d = p.get("decode_thread")
+        if d:
+            print(f"    the decoding thread beside it (num_workers 0; texts decode inline): {1e3 * d['seconds_per_item']:.3f} ms/item; by "
+                  "stage: " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in d["stages"].items()))
+            for f in d["functions"]:
+                print(f"    {1e3 * f['seconds_per_item']:8.3f} ms  {f['calls_per_item']:7.2f} calls  {f['function']}")
 
 
 def machine_info(args):

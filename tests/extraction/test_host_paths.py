@@ -195,7 +195,7 @@ def test_a_text_subclass_with_its_own_per_text_preprocessor_keeps_it(tiny_bert):
     assert list(enc.prepare(["bad"])["input_ids"][0]) == enc.tokenizer("bad")["input_ids"][::-1]
 
 
-def test_groups_ramp_up_from_one_batch_when_workers_feed_the_forward():
+def test_groups_ramp_up_from_one_batch_while_decoding_runs_beside_the_forward():
     from itertools import islice
 
     from featx.extraction.pipeline import group_sizes
@@ -297,3 +297,80 @@ def test_collate_runs_outside_the_groups_autocast(tiny_bert):
     items = [(i, [enc.preprocessor()(t)]) for i, t in enumerate(["one text", "another text", "a third text"])]
     Runner(enc, ["mean"], batch_size=1).run(items)
     assert seen == [False, False, False]
+
+
+def _counting(n, seen, fail_at=None):
+    """0..n-1 (forever with n None), noting each value and the thread it was made in; ValueError at fail_at."""
+    import itertools
+    import threading
+
+    for k in itertools.count() if n is None else range(n):
+        if k == fail_at:
+            raise ValueError(f"bad chunk {k}")
+        seen.append((k, threading.current_thread().name))
+        yield k
+
+
+def _decode_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "featx-decode" and t.is_alive()]
+
+
+def test_without_workers_chunks_decode_in_a_thread_of_their_own_ahead_of_the_consumer():
+    import time
+
+    from featx.extraction.pipeline import decoded_ahead
+    seen = []
+    chunks = decoded_ahead(_counting(50, seen), depth=3)
+    assert next(chunks) == 0
+    deadline = time.monotonic() + 10
+    while len(seen) < 5 and time.monotonic() < deadline:  # 1 taken + 3 queued + 1 waiting to be queued
+        time.sleep(0.01)
+    assert len(seen) == 5  # ahead by the depth, and no further
+    assert list(chunks) == list(range(1, 50))  # in order, all of them
+    assert {name for _, name in seen} == {"featx-decode"}
+    assert not _decode_threads()
+
+
+def test_an_error_while_decoding_reaches_the_consumer_after_the_chunks_before_it():
+    from featx.extraction.pipeline import decoded_ahead
+    got = []
+    with pytest.raises(ValueError, match="bad chunk 3"):
+        for x in decoded_ahead(_counting(10, [], fail_at=3), depth=2):
+            got.append(x)
+    assert got == [0, 1, 2] and not _decode_threads()
+
+
+def test_leaving_the_loop_stops_the_decoding_thread():
+    from featx.extraction.pipeline import decoded_ahead
+    chunks = decoded_ahead(_counting(None, []), depth=2)  # endless: the thread waits on a full queue
+    with pytest.raises(RuntimeError, match="forward failed"):
+        for x in chunks:
+            if x == 4:
+                raise RuntimeError("forward failed")
+    chunks.close()
+    assert not _decode_threads()
+    chunks = decoded_ahead(_counting(None, []), depth=2)
+    assert next(chunks) == 0
+    chunks.close()
+    assert not _decode_threads()
+
+
+def test_without_workers_media_decode_in_the_decoding_thread_and_texts_inline(media, tiny_bert, tiny_clip_vision,
+                                                                               tiny_wavlm, tmp_path, monkeypatch):
+    import threading
+
+    threads = {}
+    decoded = Decoder.decoded
+
+    def noting(self, row):  # the real decoder, noting the thread it runs in
+        threads.setdefault(self.modality, set()).add(threading.current_thread().name)
+        return decoded(self, row)
+
+    monkeypatch.setattr(Decoder, "decoded", noting)
+    res = extract(media, [tiny_bert, tiny_clip_vision, tiny_wavlm], tmp_path / "c", device="cpu", num_workers=0,
+                  batch_size=2, group_size=4, max_audio_seconds=0.5, progress=False)
+    assert [(c["done"], c["failed"]) for c in res.caches] == [(8, 0)] * 3
+    assert threads == {"text": {"MainThread"}, "image": {"featx-decode"}, "audio": {"featx-decode"}}
+    assert not _decode_threads()
