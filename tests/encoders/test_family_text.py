@@ -100,7 +100,7 @@ def test_every_layer_equals_a_direct_forward_and_batches_change_nothing(checkpoi
 def test_roberta_without_a_tokenizer_limit_truncates_at_its_positions_not_at_its_table_rows(tmp_path):
     """RoBERTa numbers its tokens from padding_idx + 1: 130 position rows embed 128 tokens. A tokenizer saved
     without model_max_length used to give max_length 130, and a text of more than 128 tokens stopped the whole
-    run with an IndexError in the position embedding."""
+    run with a traceback (RuntimeError: index 130 is out of bounds, in the position embedding)."""
     from tiny_models.text import build_roberta
 
     model = build_roberta(str(tmp_path / "roberta"), model_max_length=None)
@@ -118,7 +118,7 @@ def test_roberta_without_a_tokenizer_limit_truncates_at_its_positions_not_at_its
     with torch.no_grad():
         hs = torch.stack(ref(**enc, output_hidden_states=True).hidden_states)[:, 0]  # (L, 128, D)
     assert np.abs(pooled["mean"][1] - hs.mean(1).numpy()).max() <= 1e-4
-    # a max_length beyond the positions is refused in one line, not an IndexError mid-run
+    # a max_length beyond the positions is refused in one line, not a traceback mid-run
     with pytest.raises(FeatxError, match="more than the 128 positions"):
         extract(str(path), [model], tmp_path / "out2", device="cpu", progress=False, num_workers=0, max_length=130)
 
