@@ -65,7 +65,7 @@ class ImageEncoder(Encoder):
                                          trust_remote_code=trust_remote_code)
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights",
                                           trust_remote_code=trust_remote_code))
-        self.image_preprocess = self._preprocess_path(image_preprocess)
+        self.image_preprocess = self._preprocess_path(image_preprocess, self.processor)
         size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None)
         # transformers 5 resizes with torchvision when it is installed (featx[vision]; about half the CPU time
         # per image) and with PIL otherwise; the two round differently, so the class is a setting of the cache.
@@ -78,17 +78,33 @@ class ImageEncoder(Encoder):
             self.advice.append(f"{type(self.processor).__name__} has no torchvision backend, so images are "
                                "preprocessed one by one with it (image_preprocess processor)")
 
-    def _own_inputs(self) -> bool:
+    @classmethod
+    def _own_inputs(cls) -> bool:
         """Whether a subclass makes its own per-image inputs (its own preprocessor or collate)."""
-        return type(self).preprocessor is not ImageEncoder.preprocessor or type(self).collate is not ImageEncoder.collate
+        return cls.preprocessor is not ImageEncoder.preprocessor or cls.collate is not ImageEncoder.collate
 
-    def _preprocess_path(self, wanted) -> str:
-        """The image_preprocess path this encoder runs: batched-torch needs a torchvision processor, and a
-        subclass that makes its own per-image inputs keeps them (processor)."""
+    @classmethod
+    def _preprocess_path(cls, wanted, processor) -> str:
+        """The image_preprocess path this class runs with `processor` when `wanted` is asked for: batched-torch
+        needs a torchvision processor, and a subclass that makes its own per-image inputs keeps them
+        (processor)."""
         wanted = one_of("image preprocessing", *IMAGE_PREPROCESS)(wanted)  # the settings' own check
-        if wanted == "processor" or self._own_inputs() or not torchvision_processor(self.processor):
+        if wanted == "processor" or cls._own_inputs() or not torchvision_processor(processor):
             return "processor"
         return "batched-torch"
+
+    @classmethod
+    def preprocess_path(cls, name, wanted, trust_remote_code=False) -> str:
+        """The image_preprocess path (the cache attribute) an encoder of this class runs for checkpoint `name`
+        when `wanted` is asked for, known from the class and the checkpoint's image processor alone (no
+        weights read): how `featx extract` tells a complete cache without loading the model."""
+        wanted = one_of("image preprocessing", *IMAGE_PREPROCESS)(wanted)
+        if wanted == "processor" or cls._own_inputs():
+            return "processor"
+        from transformers import AutoImageProcessor
+
+        return cls._preprocess_path(wanted, from_pretrained(AutoImageProcessor, name, "image processor",
+                                                            trust_remote_code=trust_remote_code))
 
     def preprocessor(self):
         """Per image, in the workers: uint8 (H, W, 3) on the batched-torch path, pixel values (3, S, S) on the

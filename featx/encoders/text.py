@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import torch
 
 from featx.encoders.base import Encoder, from_pretrained, model_loader
+from featx.errors import FeatxError
 
 
 class _Tokenize:
@@ -37,6 +39,19 @@ class _Tokenize:
         return [dict(zip(views, row)) for row in zip(*views.values())]
 
 
+def position_table_size(model) -> int | None:
+    """The number of token positions `model`'s absolute position table embeds (None: it has none, e.g. rotary or
+    relative positions). A table made with a padding_idx p (RoBERTa, XLM-R, CamemBERT, Longformer, MPNet, ...:
+    transformers' create_position_ids_from_input_ids) numbers the tokens from p + 1, so p + 1 rows are never a
+    token's: RoBERTa's 514 rows embed 512 positions."""
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Embedding) and ("position" in last or last == "wpe"):
+            pad = module.padding_idx
+            return int(module.num_embeddings) - (0 if pad is None else int(pad) + 1)
+    return None
+
+
 class TextEncoder(Encoder):
     modality = "text"
 
@@ -48,8 +63,12 @@ class TextEncoder(Encoder):
         self.tokenizer = from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights", config=config,
                                           trust_remote_code=trust_remote_code))
+        table = position_table_size(self.model)
         limit = min(int(self.tokenizer.model_max_length or 512),
-                    int(getattr(config, "max_position_embeddings", 512) or 512))
+                    int(getattr(config, "max_position_embeddings", 512) or 512), table or sys.maxsize)
+        if max_length and table and int(max_length) > table:
+            raise FeatxError(f"{name}: max_length {int(max_length)} is more than the {table} positions the model "
+                             f"embeds; give at most {table}, or leave max_length out (default {limit})")
         self.max_length = int(max_length) if max_length else limit
         self.attrs = {"max_length": self.max_length}
 

@@ -271,7 +271,7 @@ def _finished(job, ids, settings):
     not load, nor anything be written); None when there is work left or anything to check with the model."""
     from featx.cache import is_complete
 
-    if settings.overwrite or has_shards(job.path):
+    if settings.overwrite or has_shards(job.path) or not os.path.isfile(job.path):
         return None
     done = is_complete(job.path, ids, attrs=_known_attrs(job, settings), poolings=_poolings(job, settings),
                        dtype=settings.dtype, seq=settings.seq, attrs_given_only=True)
@@ -285,7 +285,8 @@ def _poolings(job, settings) -> list:
 
 
 def _known_attrs(job, settings) -> dict:
-    """The cache attributes that follow from the settings and the config alone (no model loaded)."""
+    """The cache attributes that follow from the settings and the config alone (no model loaded; an image
+    encoder's processor is read)."""
     attrs = {"model": job.model, "modality": job.cache_modality, "source_column": job.column,
              "poolings": ",".join(_poolings(job, settings)), "precision": settings.precision}
     if job.modality == "audio":
@@ -294,8 +295,11 @@ def _known_attrs(job, settings) -> dict:
         attrs["fps"] = float(settings.fps)
     if job.modality == "video":  # a native video encoder's clip: its frame count and how frames are sampled
         attrs.update(num_frames=clip_frames(job.config), clip_sampling=CLIP_SAMPLING)
-    if job.modality == "image":  # which path made the pixels (they may round differently on CUDA): a setting
-        attrs["image_preprocess"] = settings.image_preprocess
+    if job.modality == "image":  # which path made the pixels (they may round differently on CUDA): a setting;
+        # the one the encoder runs (SigLIP 2, or a processor without torchvision: processor), from its processor
+        known = getattr(job.family.adapter_class(), "preprocess_path", None)
+        attrs["image_preprocess"] = (known(job.model, settings.image_preprocess, settings.trust_remote_code)
+                                     if known else settings.image_preprocess)
     if settings.seq:
         attrs["seq_stride"] = int(settings.seq_stride)
     if job.modality == "text" and settings.max_length:

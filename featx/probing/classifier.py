@@ -52,7 +52,7 @@ class Classifier:
         train, dev, _ = folds[0]
         y = data.y if task == "classification" else np.asarray(data.y, dtype=np.float64)
         probe = settings.probe if get_probe(settings.probe).linear else "linear"
-        est = make_probe(probe, seed, settings.device)
+        est = make_probe(probe, seed, settings.device, data.layer_widths)
         if "task" in est.get_params():
             est.set_params(task=task)
         with warnings.catch_warnings():

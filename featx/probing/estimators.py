@@ -145,7 +145,9 @@ class LayerProbe(_ProbeBase):
     Parameters: probe ("linear" = ridge or logistic by task, "ridge", "logistic", "mlp"), grid (the
     regularisation values: ridge alpha, logistic C, MLP alpha; None = defaults), task ("auto" infers it from
     y), validation_fraction (dev part held out of X when fit gets no X_dev), hidden_size and max_iter (MLP),
-    random_state.
+    random_state, layer_widths (None, or each layer's width when X's layers are zero-padded to D: a CNN's
+    stages, CacheData.layer_widths; each layer's probe then sees its own features only, so its numbers are
+    those of a probe on that layer alone: an MLP's initial weights depend on its input width).
 
     fit(X (N, L, D), y (N,), X_dev=None, y_dev=None). Each layer's pipeline is StandardScaler + model,
     fitted on the training part only; the dev part only selects.
@@ -154,7 +156,7 @@ class LayerProbe(_ProbeBase):
     """
 
     def __init__(self, probe="linear", grid=None, task="auto", validation_fraction=0.2, hidden_size=256,
-                 max_iter=300, random_state=0):
+                 max_iter=300, random_state=0, layer_widths=None):
         self.probe = probe
         self.grid = grid
         self.task = task
@@ -162,6 +164,11 @@ class LayerProbe(_ProbeBase):
         self.hidden_size = hidden_size
         self.max_iter = max_iter
         self.random_state = random_state
+        self.layer_widths = layer_widths
+
+    def _features(self, X2d, layer):
+        """(N, width) of one layer's (N, D) features: its zero padding cut off."""
+        return X2d if self.layer_widths is None else X2d[:, :int(self.layer_widths[layer])]
 
     def _model(self, task, value):
         kind = self.probe
@@ -193,13 +200,16 @@ class LayerProbe(_ProbeBase):
         X, y, X_dev, y_dev = prepare_fit(self, X, y, X_dev, y_dev)
         grid = self._grid(self.task_)
         L = X.shape[1]
+        if self.layer_widths is not None and len(self.layer_widths) != L:
+            raise ValueError(f"layer_widths has {len(self.layer_widths)} widths for {L} layers")
         self.dev_scores_ = np.full((L, len(grid)), np.nan)
         self.estimators_, self.best_params_ = [], []
         for layer in range(L):
             best = None
+            x, x_dev = self._features(X[:, layer], layer), self._features(X_dev[:, layer], layer)
             for g, value in enumerate(grid):
-                pipe = make_pipeline(StandardScaler(), self._model(self.task_, value)).fit(X[:, layer], y)
-                s = selection_score(self.task_, y_dev, pipe.predict(X_dev[:, layer]))
+                pipe = make_pipeline(StandardScaler(), self._model(self.task_, value)).fit(x, y)
+                s = selection_score(self.task_, y_dev, pipe.predict(x_dev))
                 self.dev_scores_[layer, g] = s
                 if best is None or s > best[0]:
                     best = (s, value, pipe)
@@ -216,15 +226,16 @@ class LayerProbe(_ProbeBase):
         self.scores_ = signed if metrics.higher_is_better(name) else -signed
 
     def _predict_layer(self, X2d, layer):
-        return self.estimators_[layer].predict(X2d)
+        return self.estimators_[layer].predict(self._features(X2d, layer))
 
     def predict_proba(self, X, layer=None):
         """(N, C) class probabilities of the best layer (classification only)."""
         i = self._layer_index(layer)
-        return self.estimators_[i].predict_proba(as_layers(X)[:, i])
+        return self.estimators_[i].predict_proba(self._features(as_layers(X)[:, i], i))
 
     def linear_params(self, layer=None) -> dict:
-        """mean (D,), scale (D,), coef (C', D), intercept (C',) of a linear layer probe (for saving)."""
+        """mean (D,), scale (D,), coef (C', D), intercept (C',) of a linear layer probe (for saving); D is the
+        layer's own width with layer_widths."""
         i = self._layer_index(layer)
         scaler, model = self.estimators_[i][0], self.estimators_[i][-1]
         if not hasattr(model, "coef_"):

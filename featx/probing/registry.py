@@ -48,9 +48,15 @@ def get_probe(name) -> ProbeSpec:
     return _PROBES[name]
 
 
-def make_probe(name, seed=0, device="auto"):
-    """An unfitted estimator of probe `name`."""
-    return get_probe(name).build(seed, device)
+def make_probe(name, seed=0, device="auto", layer_widths=None):
+    """An unfitted estimator of probe `name`. layer_widths: each layer's width when the layers of the X it
+    will fit are zero-padded to one width (CacheData.layer_widths), for the probes that fit each layer at its
+    own width (LayerProbe: an MLP's numbers depend on its input width; batched linear probes fit the padded
+    block, where the zero columns get zero weights and change no number)."""
+    est = get_probe(name).build(seed, device)
+    if layer_widths is not None and "layer_widths" in est.get_params():
+        est.set_params(layer_widths=list(layer_widths))
+    return est
 
 
 def _linear_label(task):

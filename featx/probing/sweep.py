@@ -227,7 +227,7 @@ def sweep_cache(d, task, s, seed, size, keep=False, tick=lambda n: None) -> Swee
     for k, (train, dev, test) in enumerate(folds):
         fit = subsample(train, y, task, size.labels(len(train)), seed)
         n_labels.append(len(fit))
-        est = _fit(make_probe(s.probe, seed, s.device), d.X, y, fit, dev, task)
+        est = _fit(make_probe(s.probe, seed, s.device, d.layer_widths), d.X, y, fit, dev, task)
         p_dev, p_test = est.predict_layers(d.X[dev]), est.predict_layers(d.X[test])
         for i, fold_scores in enumerate(scores):
             fold_scores.add(y[dev], p_dev[:, i], y[test], p_test[:, i])
@@ -377,7 +377,9 @@ def run_meta(datas, aligned, task, s, df) -> dict:
             "encoders": [{"encoder": d.name, "path": d.encoder, "cache": os.path.abspath(d.path),
                           "modality": d.modality, "num_layers": d.num_layers, "hidden_size": d.hidden_size,
                           "layers": list(d.layers), "labelled_items": len(d.ids), "unlabeled_items": d.unlabeled,
-                          "folds_run": folds_run[d.name]} for d in datas],
+                          "folds_run": folds_run[d.name],
+                          **({} if d.layer_widths is None else {"layer_widths": list(d.layer_widths)})}
+                         for d in datas],
             "unlabeled": {d.name: d.unlabeled for d in datas},
             "train_labels": {str(k): float(v) for k, v in df.groupby("train_size")["train_labels"].mean().items()}}
     notes = [f"{name}: {k} folds ran, not {s.folds} (the smallest class or label bin has only {k} items)"

@@ -33,10 +33,10 @@ def _fmt(table, results_name=None):
 
 
 def _unique_names(results):
-    names = [r.name for r in results]
-    for r in results:
-        if names.count(r.name) > 1:
-            r.name = os.path.join(os.path.basename(os.path.dirname(r.path)), r.name)
+    """Each results directory named by its folder, with parent folders added where two would share a name
+    (featx.naming.display_names, the one rule for names shown)."""
+    for r, name in zip(results, display_names([r.path for r in results])):
+        r.name = name
     return results
 
 

@@ -75,6 +75,16 @@ def _layers(A, name):
     return [A[:, i] for i in range(A.shape[1])]
 
 
+def _products(layers, small):
+    """Per layer, what CKA's pair products use, layer by layer so only that is kept: (its n x n Gram matrix
+    X X^T when `small`, else its centred features X; its (n,) squared row norms), X the layer centred."""
+    out = []
+    for a in layers:
+        x = _centre(a)
+        out.append((x @ x.T if small else x, (x * x).sum(1)))
+    return out
+
+
 def cka_matrix(layers_x, layers_y=None, debiased=False):
     """Layer x layer linear CKA.
 
@@ -88,27 +98,21 @@ def cka_matrix(layers_x, layers_y=None, debiased=False):
         raise FeatxError(f"CKA needs the same items on both sides, got {len(X[0])} and {len(Y[0])}")
     n = len(X[0])
     _check_n(n, debiased)
-    xs = [_centre(x) for x in X]
-    ys = xs if layers_y is None else [_centre(y) for y in Y]
-    if (len(xs) + (0 if layers_y is None else len(ys))) * n * n * 8 <= _GRAM_BYTES:
-        # <K, L>_F with K = X X^T: one n x n Gram matrix per layer, then one dot product per pair.
-        fx = [x @ x.T for x in xs]
-        fy = fx if layers_y is None else [y @ y.T for y in ys]
-        sim = lambda a, b: float(np.vdot(a, b))  # noqa: E731
-    else:
-        fx, fy = xs, ys
-        sim = lambda a, b: float(np.linalg.norm(a.T @ b) ** 2)  # noqa: E731
-    rows_x = [(x * x).sum(1) for x in xs]
-    rows_y = rows_x if layers_y is None else [(y * y).sum(1) for y in ys]
-    self_x = [sim(a, a) for a in fx]
-    self_y = self_x if layers_y is None else [sim(b, b) for b in fy]
-    out = np.empty((len(xs), len(ys)))
-    for i in range(len(xs)):
-        for j in range(len(ys)):
+    # <K, L>_F with K = X X^T: one n x n Gram matrix per layer, then one dot product per pair (when they fit
+    # _GRAM_BYTES); otherwise ||X^T Y||_F^2 per pair from the centred features.
+    small = (len(X) + (0 if layers_y is None else len(Y))) * n * n * 8 <= _GRAM_BYTES
+    sim = (lambda a, b: float(np.vdot(a, b))) if small else (lambda a, b: float(np.linalg.norm(a.T @ b) ** 2))
+    px = _products(X, small)
+    py = px if layers_y is None else _products(Y, small)
+    self_x = [sim(f, f) for f, _ in px]
+    self_y = self_x if layers_y is None else [sim(f, f) for f, _ in py]
+    out = np.empty((len(px), len(py)))
+    for i, (fx, rows_x) in enumerate(px):
+        for j, (fy, rows_y) in enumerate(py):
             if layers_y is None and j < i:
                 out[i, j] = out[j, i]
                 continue
-            out[i, j] = _cka(sim(fx[i], fy[j]), self_x[i], self_y[j], rows_x[i], rows_y[j], n, debiased)
+            out[i, j] = _cka(sim(fx, fy), self_x[i], self_y[j], rows_x, rows_y, n, debiased)
     return out
 
 
@@ -174,7 +178,7 @@ class SummaryCKA:
 
 def summary_cka(paths, pooling="mean", debiased=True, max_items=2048, seed=0):
     """(M, M) linear CKA between the output layers of the caches at `paths`, on the ids done in every one of
-    them (a seeded subset above max_items). One n x n Gram matrix per cache, then one dot product per pair."""
+    them (a seeded subset above max_items): cka_matrix of the M output layers."""
     from featx.cache import open_cache
 
     ids, names = [], []
@@ -187,24 +191,13 @@ def summary_cka(paths, pooling="mean", debiased=True, max_items=2048, seed=0):
         common = np.intersect1d(common, other)
     if len(common) > max_items:
         common = np.sort(np.random.default_rng(seed).choice(common, max_items, replace=False))
-    n = len(common)
-    _check_n(n, debiased)
-    grams, rows = [], []
-    small = len(paths) * n * n * 8 <= _GRAM_BYTES   # <K_i, K_j> from Gram matrices, else from X_i^T X_j
+    outputs = []
     for p, own in zip(paths, ids):
         with closing(open_cache(p)) as c:
             order = np.argsort(own)
-            x = _centre(np.asarray(c.layer(c.num_layers - 1, pooling))[order[np.searchsorted(own, common,
-                                                                                               sorter=order)]])
-        grams.append(x @ x.T if small else x)
-        rows.append((x * x).sum(1))
-    sim = (lambda a, b: float(np.vdot(a, b))) if small else (lambda a, b: float(np.linalg.norm(a.T @ b) ** 2))
-    selfs = [sim(k, k) for k in grams]
-    m = len(paths)
-    matrix = np.empty((m, m))
-    for i in range(m):
-        for j in range(i, m):
-            matrix[i, j] = matrix[j, i] = _cka(sim(grams[i], grams[j]), selfs[i], selfs[j], rows[i], rows[j], n,
-                                               debiased)
+            outputs.append(np.asarray(c.layer(c.num_layers - 1, pooling))[order[np.searchsorted(own, common,
+                                                                                                 sorter=order)]])
+    matrix = cka_matrix(outputs, debiased=debiased)  # each cache's output layer at its own width
+    n = len(common)
     return SummaryCKA(matrix=matrix, names=names, paths=list(paths), num_items=n, debiased=debiased,
                       pooling=pooling)

@@ -15,22 +15,30 @@ from tiny_models.image import build_convnext
 WIDTHS = [8, 8, 16, 24, 32]  # the stem's output, then the 4 stages of build_convnext
 
 
-@pytest.fixture(scope="module")
-def convnext_cache(tmp_path_factory):
-    """A real ConvNeXt V2 cache of 12 labelled PNG images (train / dev / test)."""
+def _convnext_cache(d, n):
+    """A real ConvNeXt V2 cache of n labelled PNG images (train / dev / test) in folder d."""
     from PIL import Image
 
-    d = tmp_path_factory.mktemp("widths")
     rows = []
-    for k in range(12):
+    for k in range(n):
         rng = np.random.default_rng(k)
         Image.fromarray(rng.integers(0, 255, (30 + k, 40, 3), dtype=np.uint8)).save(d / f"i{k}.png")
         rows.append({"id": f"i{k}", "image": f"i{k}.png", "label": ["cat", "dog"][k % 2],
                      "split": ["train", "train", "dev", "test"][k % 4]})
     pd.DataFrame(rows).to_csv(d / "m.csv", index=False)
     model = build_convnext(str(d / "convnext"))
-    path = extract(str(d / "m.csv"), [model], d / "out", dtype="float32", device="cpu", progress=False).paths[0]
-    return path
+    return extract(str(d / "m.csv"), [model], d / "out", dtype="float32", device="cpu", progress=False).paths[0]
+
+
+@pytest.fixture(scope="module")
+def convnext_cache(tmp_path_factory):
+    return _convnext_cache(tmp_path_factory.mktemp("widths"), 12)
+
+
+@pytest.fixture(scope="module")
+def convnext_cache_40(tmp_path_factory):
+    """40 items: enough for an MLP's early-stopping part of the training items."""
+    return _convnext_cache(tmp_path_factory.mktemp("widths40"), 40)
 
 
 def test_the_cache_records_the_widths_and_its_reader_cuts_the_padding_off(convnext_cache):
@@ -73,6 +81,29 @@ def test_saved_classifier_and_prediction_use_the_layer_width(convnext_cache, tmp
     assert clf.blocks[0]["hidden_size"] == WIDTHS[int(best)] == clf.arrays["coef"].shape[1]
     ids, pred = clf.predict_cache([convnext_cache])
     assert len(ids) == 12 and len(pred) == 12
+
+
+@pytest.mark.parametrize("probe", ["mlp", "linear"])
+def test_a_sweep_over_every_stage_scores_each_as_a_sweep_on_that_stage_alone(convnext_cache_40, tmp_path, probe):
+    """Each stage's probe fits its own features: an MLP on a stage zero-padded to the widest one drew other
+    initial weights (its first layer is as wide as its input), so a stage's scores changed with the stages
+    probed beside it (the linear probes give the padding zero weights: the same numbers either way)."""
+    from featx.probing import run_probe
+
+    def scores(layers, name):
+        run_probe([convnext_cache_40], tmp_path / name, probe=probe, seeds=1, layers=layers, weighted=False,
+                  progress=False)
+        rows = pd.read_csv(tmp_path / name / "results.csv")
+        return rows[rows.method == "layer"].set_index(["layer", "split", "metric"])["value"]
+
+    every = scores("all", "every")
+    for layer in (0, 2, 3):  # widths 8, 16, 24 of 32
+        alone = scores(str(layer), f"layer{layer}")
+        assert np.array_equal(every.loc[layer].sort_index().to_numpy(), alone.loc[layer].sort_index().to_numpy())
+    # meta.json shows the widths the probes saw: hidden_size is the cache's (its widest layer's)
+    for name, widths in (("every", WIDTHS), ("layer2", [16])):
+        (encoder,) = json.load(open(tmp_path / name / "meta.json"))["encoders"]
+        assert encoder["layer_widths"] == widths and encoder["hidden_size"] == 32
 
 
 def test_cka_reads_each_stage_at_its_width(convnext_cache):

@@ -97,6 +97,32 @@ def test_every_layer_equals_a_direct_forward_and_batches_change_nothing(checkpoi
     assert batch <= 1e-5, (name, batch)
 
 
+def test_roberta_without_a_tokenizer_limit_truncates_at_its_positions_not_at_its_table_rows(tmp_path):
+    """RoBERTa numbers its tokens from padding_idx + 1: 130 position rows embed 128 tokens. A tokenizer saved
+    without model_max_length used to give max_length 130, and a text of more than 128 tokens stopped the whole
+    run with a traceback (RuntimeError: index 130 is out of bounds, in the position embedding)."""
+    from tiny_models.text import build_roberta
+
+    model = build_roberta(str(tmp_path / "roberta"), model_max_length=None)
+    texts = ["short", "x" * 300, "a fine film"]
+    path = tmp_path / "m.csv"
+    pd.DataFrame({"id": ["a", "b", "c"], "text": texts, "label": [0.0, 1.0, 0.0]}).to_csv(path, index=False)
+    pooled, attrs = _pooled(_extract(str(path), model, tmp_path / "out", 2))
+    assert attrs["max_length"] == 128
+    import transformers
+    with quiet_libraries():
+        tok = transformers.AutoTokenizer.from_pretrained(model)
+        ref = transformers.AutoModel.from_pretrained(model).eval()
+    enc = tok(texts[1], truncation=True, max_length=128, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 128
+    with torch.no_grad():
+        hs = torch.stack(ref(**enc, output_hidden_states=True).hidden_states)[:, 0]  # (L, 128, D)
+    assert np.abs(pooled["mean"][1] - hs.mean(1).numpy()).max() <= 1e-4
+    # a max_length beyond the positions is refused in one line, not a traceback mid-run
+    with pytest.raises(FeatxError, match="more than the 128 positions"):
+        extract(str(path), [model], tmp_path / "out2", device="cpu", progress=False, num_workers=0, max_length=130)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])  # Qwen's adapter is Llama's
 def test_decoder_lms_give_the_same_numbers_whatever_the_tokenizer_padding_side(checkpoints, manifest, tmp_path,
                                                                                  name):

@@ -190,6 +190,28 @@ def test_a_complete_cache_loads_no_model_and_writes_nothing(tmp_path, tiny_bert,
         extract(media, [model], out, device="cpu", progress=False, pool=["mean", "cls"])
 
 
+def test_a_complete_siglip2_cache_loads_no_model(tmp_path, media):
+    """SigLIP 2 makes its own per-image inputs, so it runs the processor path whatever --image-preprocess says
+    (as does a processor without torchvision) and its cache records that path: a resume of the complete cache,
+    with either --image-preprocess, is told done without the weights; other settings still need the model."""
+    from tiny_models.image import build_siglip2
+
+    model = build_siglip2(str(tmp_path / "siglip2"))
+    out = tmp_path / "out"
+    first = extract(media, [model], out, device="cpu", progress=False, num_workers=0)
+    with open_cache(first.paths[0]) as c:
+        assert c.attrs["image_preprocess"] == "processor" and c.done.all()
+    os.remove(os.path.join(model, "model.safetensors"))  # loading the model would now fail
+    stamp = os.stat(first.paths[0]).st_mtime_ns
+    for preprocess in ("batched-torch", "processor"):
+        again = extract(media, [model], out, device="cpu", progress=False, num_workers=0,
+                        image_preprocess=preprocess)
+        assert again.caches[0]["done"] == 8 and again.failed == 0
+    assert os.stat(first.paths[0]).st_mtime_ns == stamp
+    with pytest.raises(Exception, match="weights|model"):  # other settings still need the model
+        extract(media, [model], out, device="cpu", progress=False, num_workers=0, dtype="float32")
+
+
 # ---------------------------------------------------------------- cache names (issue 12.17)
 def test_manifests_that_share_a_stem_get_caches_of_their_own(tmp_path, tiny_bert):
     from featx.extraction.pipeline import cache_path

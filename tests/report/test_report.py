@@ -213,6 +213,19 @@ def test_same_named_results_dirs_are_told_apart(tmp_path):
     assert "| run1/res | bert | text | accuracy |" in md and "| run2/res | bert | text | accuracy |" in md
 
 
+def test_results_dirs_that_share_their_parent_names_too_keep_figures_of_their_own(tmp_path):
+    """x/a/res and y/a/res: one parent folder added was not enough (both were named a/res, and the second's
+    figures overwrote the first's); names grow as featx.naming.display_names does."""
+    dirs = [make_results_dir(str(tmp_path / top / "a" / "res"), task="classification", train_sizes=(1.0,),
+                             fusion=False, weights=False, encoders=[("bert", "text", 2, 1, peak)], seed=seed)
+            for top, peak, seed in (("x", 0.5, 0), ("y", 0.6, 1))]
+    paths = build_report(dirs, str(tmp_path / "out"), cka=False)
+    assert sorted(os.path.basename(p) for p in paths["pngs"] if "layers_acc" in p) == [
+        "x-a-res_layers_acc.png", "y-a-res_layers_acc.png"]
+    md = open(paths["md"], encoding="utf-8").read()
+    assert "| x/a/res | bert | text | accuracy |" in md and "| y/a/res | bert | text | accuracy |" in md
+
+
 def test_cli_report(tmp_path, capsys):
     d = make_results_dir(str(tmp_path / "res"), task="classification", train_sizes=(1.0,), fusion=False,
                          weights=False, encoders=[("bert", "text", 2, 1, 0.5)])

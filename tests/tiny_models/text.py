@@ -95,12 +95,14 @@ def build_t5(path, seed=0, kind="T5"):
     return save_checkpoint(path, getattr(tr, f"{kind}Model")(cfg), tok)
 
 
-def build_roberta(path, seed=0):
+def build_roberta(path, seed=0, model_max_length=128):
+    """RoBERTa: 130 position rows, of which 128 embed tokens (they are numbered from the padding index + 1);
+    model_max_length None: a tokenizer saved without one (transformers' huge default)."""
     import torch
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
 
-    tok = RobertaTokenizer(vocab=_byte_vocab(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]), merges=[],
-                           model_max_length=128)  # RoBERTa's positions start after the padding index
+    limit = {} if model_max_length is None else {"model_max_length": model_max_length}
+    tok = RobertaTokenizer(vocab=_byte_vocab(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]), merges=[], **limit)
     torch.manual_seed(seed)
     cfg = RobertaConfig(vocab_size=len(tok), hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                         intermediate_size=2 * H, max_position_embeddings=130, pad_token_id=1)
