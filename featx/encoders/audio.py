@@ -73,15 +73,21 @@ class AudioEncoder(Encoder):
         """How many encoder frames `num_samples` samples give (0: too short for the conv feature encoder)."""
         return int(self.model._get_feat_extract_output_lengths(torch.tensor(int(num_samples))))
 
+    def frames_of(self, sizes) -> np.ndarray:
+        """num_frames of each of `sizes` in one call (transformers' formula works elementwise; ~50 us a call)."""
+        sizes = torch.as_tensor(np.asarray(sizes, np.int64))
+        return self.model._get_feat_extract_output_lengths(sizes).numpy().astype(np.int64)
+
     def collate(self, feats):
         # Each input was normalised over its own samples; padding with the processor's value is what
         # the processor does when it pads a batch.
         n = max(f.shape[0] for f in feats)
         values = self.host_tensor((len(feats), n), torch.float32, float(self.processor.padding_value))
         mask = self.host_tensor((len(feats), n), torch.long, 0)
+        v, m = values.numpy(), mask.numpy()  # numpy's slice assignment: a tenth of torch's per-row cost
         for b, f in enumerate(feats):
-            values[b, :f.shape[0]] = torch.from_numpy(f)
-            mask[b, :f.shape[0]] = 1
+            v[b, :f.shape[0]] = f
+            m[b, :f.shape[0]] = 1
         return {"input_values": values, "attention_mask": mask}
 
     def forward(self, inputs):

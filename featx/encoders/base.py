@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+import numpy as np
 import torch
 
 from featx.device import autocast
@@ -103,6 +104,10 @@ class Encoder:
     def batch_key(self, feats):
         """Inputs batch together only when their keys are equal (None: anything goes)."""
         return None
+
+    def frames_of(self, sizes) -> np.ndarray:
+        """Audio encoders: (n,) int64 encoder positions (num_frames) of inputs of `sizes` samples."""
+        return np.array([self.num_frames(s) for s in sizes], np.int64)
 
     def collate(self, feats) -> dict:
         """Tensors for a batch of preprocessed inputs (padding as the processor pads): CPU tensors made with

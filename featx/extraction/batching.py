@@ -128,7 +128,8 @@ class Runner:
         inputs = [(i, x) for i, xs in items for x in xs]
         failures = [(i, "the item decoded to no input") for i, xs in items if not len(xs)]
         if enc.modality == "audio":  # too short for the conv feature encoder: fail the item, not the batch
-            short = {i for i, x in inputs if enc.num_frames(x.shape[0]) < 1}
+            frames = enc.frames_of([x.shape[0] for _, x in inputs])
+            short = {i for (i, _), f in zip(inputs, frames) if f < 1}
             failures += [(i, "audio too short for the model (no frames)") for i in sorted(short)]
             inputs = [(i, x) for i, x in inputs if i not in short]
         return inputs, failures

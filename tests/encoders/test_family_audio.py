@@ -233,3 +233,12 @@ def test_clap_refuses_seq_in_one_line_before_any_work(models, manifest, tmp_path
     with pytest.raises(FeatxError, match="--seq"):
         extract(manifest, [models["clap-audio"]], tmp_path / "o", seq=True, device="cpu", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["wavlm"])
+def test_frames_of_many_lengths_equal_num_frames_of_each(family, models, tiny_wavlm):
+    from featx.encoders import load_encoder
+    enc = load_encoder(tiny_wavlm if family == "wavlm" else models[family])
+    sizes = [0, 1, 200, 399, 400, 401, 1600, 16000, 16003, 480000]
+    frames = enc.frames_of(sizes)
+    assert frames.dtype == np.int64 and list(frames) == [enc.num_frames(s) for s in sizes]
