@@ -167,8 +167,8 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
     (default: CPU_BATCH_SECONDS on the CPU, none on CUDA); values are written back in manifest order.
     num_workers: decoding processes (default: 0 on the CPU, whose cores run the forward; on CUDA the CPUs
     this process may use less 2, shared among torchrun's local ranks, at most 16).
-    group_size: items written to the cache as one part (default: default_group_size). max_image_pixels: images with more pixels fail as
-    items, before they are decoded (0 or None: no budget). image_preprocess: batched-torch (workers only decode
+    group_size: items written to the cache as one part (default: default_group_size). max_image_pixels: images
+    with more pixels fail as items, before they are decoded (0 or None: no budget). image_preprocess: batched-torch (workers only decode
     images to uint8; the checkpoint's torchvision processor resizes and normalises each batch on the device) or
     processor (the checkpoint's processor per image in the workers); stored with the cache.
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried). A model
@@ -470,8 +470,8 @@ _DONE = object()
 
 def decoded_ahead(chunks, depth):
     """The items of `chunks` (an iterable: the single-process DataLoader), in order, iterated in a thread of their
-    own up to `depth` ahead, so that decoding overlaps the forward in this thread: a fast tokenizer's batch call,
-    PIL's and libsndfile's decoders and torch's kernels let go of the GIL. An error raised while iterating is
+    own up to `depth` ahead, so that decoding overlaps the forward in this thread (PIL's, PyAV's and libsndfile's
+    decoders and numpy's loops let go of the GIL, as torch's kernels do). An error raised while iterating is
     raised here; closing the generator (or leaving it by an exception) stops the thread after the chunk it
     decodes."""
     import queue
