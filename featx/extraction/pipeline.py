@@ -168,9 +168,10 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
     num_workers: decoding processes (default: 0 on the CPU, whose cores run the forward; on CUDA the CPUs
     this process may use less 2, shared among torchrun's local ranks, at most 16).
     group_size: items written to the cache as one part (default: default_group_size). max_image_pixels: images
-    with more pixels fail as items, before they are decoded (0 or None: no budget). image_preprocess: batched-torch (workers only decode
-    images to uint8; the checkpoint's torchvision processor resizes and normalises each batch on the device) or
-    processor (the checkpoint's processor per image in the workers); stored with the cache.
+    with more pixels fail as items, before they are decoded (0 or None: no budget). image_preprocess:
+    batched-torch (workers only decode images to uint8; the checkpoint's torchvision processor resizes and
+    normalises each batch on the device) or processor (the checkpoint's processor per image in the workers);
+    stored with the cache.
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried). A model
     whose cache is already complete with these settings is not loaded.
     Raises FeatxError for usage/configuration errors, before any data is read or model loaded where it can.
