@@ -143,12 +143,19 @@ def resolve_task(datas, forced="auto") -> str:
 
 
 def check_sizes(datas, task, s):
-    """Every training size must fit every fold's training part (TrainSize.labels raises otherwise)."""
+    """Every training size must fit every fold's training part (TrainSize.labels raises otherwise), and for
+    classification every fold's training part must hold two classes: a one-line error before any fit."""
     for d in datas:
         for seed in s.seeds:
             folds, _ = make_folds(d.y, d.splits, task, s.folds, seed)
             for size in s.sizes_run:
                 size.labels(min(len(train) for train, _, _ in folds))
+            if task == "classification":
+                for train, _, _ in folds:
+                    classes = np.unique(np.asarray(d.y)[train].astype(str))
+                    if len(classes) < 2:
+                        raise FeatxError(f"{d.path}: classification needs at least two classes in the training "
+                                         f"part, which holds only {str(classes[0])!r} ({len(train)} item(s))")
 
 
 def _sweep_all(datas, aligned, task, s, progress):
