@@ -347,7 +347,8 @@ def _featx_warning(command, show):
 
 
 def main(argv=None):
-    """Run one featx command; returns its exit status (0 done, 1 usage error, 2 some items failed, 130 interrupted)."""
+    """Run one featx command; returns its exit status (0 done, 1 usage error, 2 some items failed, 130 interrupted,
+    141 stdout closed by its reader)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -356,7 +357,12 @@ def main(argv=None):
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _featx_warning(args.command, warnings.showwarning)
-            return args.func(args)
+            status = args.func(args)
+            sys.stdout.flush()   # here, so that a reader gone early is the BrokenPipeError below
+            return status
+    except BrokenPipeError:  # stdout's reader went away (`featx info c.h5 | head -3`): no traceback, 128 + SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing left to flush at exit
+        return 141
     except FeatxError as e:
         print(f"featx {args.command}: error: {e}", file=sys.stderr)
         return 1

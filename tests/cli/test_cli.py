@@ -244,3 +244,18 @@ def test_predict_logs_as_itself_and_says_where_it_wrote(tmp_path, media, tiny_be
     assert code == 0, err
     assert "featx extract" not in err and f"written to {tmp_path / 'p.csv'}" in err
     assert all(line.startswith(("featx predict:", "  ", "tiny-bert:")) for line in err.splitlines()), err
+
+
+def test_a_reader_that_closes_stdout_early_gets_no_traceback(tmp_path, caches):
+    """`featx info c.h5 | head -3` and the like: the reader closes the pipe before featx writes; featx exits
+    141 (128 + SIGPIPE) with nothing on stderr (it raised BrokenPipeError with a traceback)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+    for args in (["info", caches[0]], ["models"]):
+        read, write = os.pipe()
+        os.close(read)   # the reader is gone before featx writes a byte
+        try:
+            done = subprocess.run([sys.executable, "-m", "featx", *map(str, args)], stdout=write,
+                                  stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+        finally:
+            os.close(write)
+        assert done.returncode == 141 and done.stderr == "", (args, done.returncode, done.stderr)
