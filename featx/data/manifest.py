@@ -76,7 +76,9 @@ def source_column(df: pd.DataFrame, modality: str, name: str = "manifest") -> st
     for col in options:
         if col in df.columns:
             return col
-    raise FeatxError(f"{name} has no {' or '.join(repr(c) for c in options)} column, which a {modality} encoder needs")
+    article = "an" if modality[0] in "aeiou" else "a"
+    raise FeatxError(f"{name} has no {' or '.join(repr(c) for c in options)} column, which {article} {modality} encoder "
+                     f"needs (columns: {', '.join(map(str, df.columns))})")
 
 
 def labels_and_splits(df: pd.DataFrame):

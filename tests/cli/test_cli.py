@@ -259,3 +259,15 @@ def test_a_reader_that_closes_stdout_early_gets_no_traceback(tmp_path, caches):
         finally:
             os.close(write)
         assert done.returncode == 141 and done.stderr == "", (args, done.returncode, done.stderr)
+
+
+def test_a_missing_source_column_names_the_columns_the_manifest_has(tmp_path, tiny_bert, tiny_clip_vision, capsys):
+    """A misspelt column (`txt`) is one line that lists the manifest's columns, as a missing `id` is, in English
+    ('an image encoder'); it named neither."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,txt,label\na,hello,1\nb,world,2\n", encoding="utf-8")
+    for model, expect in ((tiny_bert, "no 'text' column, which a text encoder needs (columns: id, txt, label)"),
+                          (tiny_clip_vision, "no 'image' or 'video' column, which an image encoder needs "
+                                             "(columns: id, txt, label)")):
+        code, _, err = _run(capsys, "extract", manifest, "--model", model, "--out", tmp_path / "cache")
+        assert code == 1 and len(err.strip().splitlines()) == 1 and expect in err, err
