@@ -67,7 +67,7 @@ def read_labels(raw, ids, task="auto"):
             return text, ~missing
     inf = np.isinf(values)
     if inf.any():
-        raise FeatxError(f"item {ids[int(np.flatnonzero(inf)[0])]!r} has a non-finite label "
+        raise FeatxError(f"item {str(ids[int(np.flatnonzero(inf)[0])])!r} has a non-finite label "
                          f"({values[inf][0]:g}); fix or remove it")
     labelled = ~np.isnan(values)
     if task == "classification":

@@ -230,3 +230,16 @@ def test_few_labels_from_a_part_with_a_rare_class_keep_two_classes(tmp_path):
     path = write_cache(tmp_path / "rare.h5", X, _ids(150), y, splits)
     df = run_probe([path], tmp_path / "out", seeds=2, train_sizes=[2, 10, 1.0], progress=False)
     assert df.groupby("train_size").train_labels.first().to_dict() == {"1.0": 90.0, "10": 10.0, "2": 2.0}
+
+
+def test_an_infinite_label_is_one_line_naming_the_item_as_written(tmp_path, capsys):
+    """The line names the item as the manifest wrote it ('item0003'), not numpy's repr (np.str_('item0003'))."""
+    from featx.cli.main import main
+
+    X, y = planted(n=60, num_layers=3, dim=8, k=1)
+    y = np.asarray(y, dtype=np.float64)
+    y[3] = np.inf
+    path = write_cache(tmp_path / "inf.h5", X, _ids(60), y, standard_splits(60))
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["featx probe: error: item 'item0003' has a non-finite label (inf); fix or remove it"], err
