@@ -214,6 +214,10 @@ def _run_probe(cls, args):
     for name, count in unlabeled.items():
         print(f"featx {args.command}: {name}: {count} item(s) without a label were left out of training and scoring",
               file=sys.stderr)
+    for name, count in (df.attrs.get("meta", {}).get("unsplit") or {}).items():
+        if count:
+            print(f"featx {args.command}: {name}: {count} labelled item(s) with no split were left out of training "
+                  "and scoring", file=sys.stderr)
     print_table(_summary_of_probe(s.out), s.json, f"featx {args.command}: results in {s.out}")
     return 0
 

@@ -375,6 +375,14 @@ def chance_scores(d, task, s):
     return metrics.compute(task, np.concatenate([y[test] for _, _, test in folds]), np.concatenate(preds))
 
 
+def unsplit_items(d) -> int:
+    """How many of a cache's labelled items have an empty split while others have one: they are in no fold
+    (make_folds uses the given train/dev/test), so no fit and no score sees them."""
+    if d.splits is None or not (d.splits != "").any():
+        return 0
+    return int((d.splits == "").sum())
+
+
 def run_meta(datas, aligned, task, s, df) -> dict:
     """meta.json: task and metric, chance, command line, every resolved setting, versions, encoders, items."""
     folds_run = {d.name: (1 if make_folds(d.y, d.splits, task, s.folds, s.seeds[0])[1] == "test"
@@ -386,11 +394,14 @@ def run_meta(datas, aligned, task, s, df) -> dict:
                           "layers": list(d.layers), "labelled_items": len(d.ids), "unlabeled_items": d.unlabeled,
                           "folds_run": folds_run[d.name]} for d in datas],
             "unlabeled": {d.name: d.unlabeled for d in datas},
+            "unsplit": {d.name: unsplit_items(d) for d in datas},
             "train_labels": {str(k): float(v) for k, v in df.groupby("train_size")["train_labels"].mean().items()}}
     notes = [f"{name}: {k} folds ran, not {s.folds} (the smallest class or label bin has only {k} items)"
              for name, k in folds_run.items() if k != 1 and k < s.folds]
     if s.fusion and s.fusion_layer == "best" and s.probe == "mlp":
         notes.append("fusion's best layers were chosen on dev by linear probes (the MLP probe's are not reused)")
+    notes += [f"{name}: {n} labelled item(s) with no split were left out of training and scoring"
+              for name, n in meta["unsplit"].items() if n]
     if not any(t.is_full for t in s.train_sizes):
         notes.append("the full training part (1.0) was added to the training sizes: the headline uses it")
     if notes:
