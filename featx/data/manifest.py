@@ -6,6 +6,7 @@ folder), optional `start`/`end` (seconds), `label`, `split`; any other column is
 from __future__ import annotations
 
 import os
+import warnings
 
 import pandas as pd
 
@@ -62,6 +63,11 @@ def read_manifest(path) -> pd.DataFrame:
     if len(dup):
         raise FeatxError(f"manifest {name}: duplicate ids: {', '.join(sorted(set(dup.tolist()))[:5])}")
     df["id"] = ids
+    for col in df.columns:   # 'Label' or ' split' is metadata: say so, or probe finds no labels much later
+        known = str(col).strip().lower()
+        if col not in KNOWN_COLUMNS and known in KNOWN_COLUMNS and known not in df.columns:
+            warnings.warn(f"manifest {name}: column {col!r} is kept as metadata; featx reads {known!r} "
+                          "(column names are exact: rename it to use it)")
     base = os.path.dirname(os.path.abspath(path))
     for col in PATH_COLUMNS:
         if col in df.columns:

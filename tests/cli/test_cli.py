@@ -271,3 +271,17 @@ def test_a_missing_source_column_names_the_columns_the_manifest_has(tmp_path, ti
                                              "(columns: id, txt, label)")):
         code, _, err = _run(capsys, "extract", manifest, "--model", model, "--out", tmp_path / "cache")
         assert code == 1 and len(err.strip().splitlines()) == 1 and expect in err, err
+
+
+def test_a_known_column_written_in_other_case_is_named_when_extracting(tmp_path, tiny_bert, capsys):
+    """'Label' and 'Split' are kept as metadata (names are exact); extract says so in one line each, instead of
+    `featx probe` finding 'no labels to probe' after the extraction."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,text,Label,Split\na,hello,1,train\nb,world,2,test\n", encoding="utf-8")
+    code, _, err = _run(capsys, "extract", manifest, "--model", tiny_bert, "--out", tmp_path / "cache", "-q")
+    assert code == 0, err
+    for col, known in (("Label", "label"), ("Split", "split")):
+        assert f"featx extract: manifest m.csv: column '{col}' is kept as metadata; featx reads '{known}'" in err, err
+    manifest.write_text("id,text,label,split\na,hello,1,train\nb,world,2,test\n", encoding="utf-8")
+    code, _, err = _run(capsys, "extract", manifest, "--model", tiny_bert, "--out", tmp_path / "cache2", "-q")
+    assert code == 0 and "kept as metadata" not in err, err
