@@ -34,6 +34,11 @@ def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch
     return result
 
 
+_EXTRACT_ADVICE = "run with the settings it was made with, or use --overwrite to start again"
+_PREDICT_ADVICE = ("predict extracts float32 with the classifier's model and pooling: give it another --cache-dir "
+                   "(or none: a temporary folder)")
+
+
 def _predict_probe(manifest, path, cache_dir, device, batch_size, progress):
     from featx.probing.classifier import Classifier
     from featx.extraction.pipeline import extract
@@ -45,8 +50,11 @@ def _predict_probe(manifest, path, cache_dir, device, batch_size, progress):
         folder = os.fspath(cache_dir) if cache_dir else tmp
         caches = []
         for block in clf.blocks:
-            res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], dtype="float32",
-                          device=device, batch_size=batch_size, progress=progress)
+            try:
+                res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], dtype="float32",
+                              device=device, batch_size=batch_size, progress=progress)
+            except FeatxError as e:   # extract's advice names its --overwrite, which predict does not have
+                raise FeatxError(str(e).replace(_EXTRACT_ADVICE, _PREDICT_ADVICE)) from None
             caches.append(_cache_of(res.paths, block))
         got_ids, pred = clf.predict_cache(caches)
     got = pd.Series(list(pred), index=list(got_ids), dtype=object)

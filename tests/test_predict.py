@@ -24,3 +24,19 @@ def test_saved_probe_predicts_new_files_like_the_cache_it_was_trained_on(tmp_pat
     assert list(got["id"]) == list(pd.read_csv(media)["id"])
     np.testing.assert_allclose(got["prediction"].to_numpy(float), np.asarray(expected, float), atol=1e-6)
     capsys.readouterr()
+
+
+def test_cache_dir_holding_another_settings_cache_is_one_line_with_advice_predict_can_follow(
+        tmp_path, media, tiny_bert, capsys):
+    """--cache-dir pointing at the folder where `featx extract` wrote the same manifest's cache (float16, the
+    default): refused in one line that names no option predict lacks (it said 'use --overwrite')."""
+    assert main(["extract", media, "--model", tiny_bert, "--out", str(tmp_path / "cache"), "-q"]) == 0
+    cache = str(tmp_path / "cache" / "manifest__tiny-bert.h5")
+    assert main(["probe", cache, "--out", str(tmp_path / "res"), "--probe", "ridge", "--save-classifier", "-q"]) == 0
+    saved = str(tmp_path / "res" / "classifier__tiny-bert.safetensors")
+    capsys.readouterr()
+    code = main(["predict", media, "--classifier", saved, "--cache-dir", str(tmp_path / "cache"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "different settings" in err[0] and "--overwrite" not in err[0] and "--cache-dir" in err[0], err
+    assert main(["predict", media, "--classifier", saved, "--cache-dir", str(tmp_path / "pc"), "-q"]) == 0

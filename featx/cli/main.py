@@ -214,6 +214,10 @@ def _run_probe(cls, args):
     for name, count in unlabeled.items():
         print(f"featx {args.command}: {name}: {count} item(s) without a label were left out of training and scoring",
               file=sys.stderr)
+    for name, count in (df.attrs.get("meta", {}).get("unsplit") or {}).items():
+        if count:
+            print(f"featx {args.command}: {name}: {count} labelled item(s) with no split were left out of training "
+                  "and scoring", file=sys.stderr)
     print_table(_summary_of_probe(s.out), s.json, f"featx {args.command}: results in {s.out}")
     return 0
 
@@ -347,7 +351,8 @@ def _featx_warning(command, show):
 
 
 def main(argv=None):
-    """Run one featx command; returns its exit status (0 done, 1 usage error, 2 some items failed, 130 interrupted)."""
+    """Run one featx command; returns its exit status (0 done, 1 usage error, 2 some items failed, 130 interrupted,
+    141 stdout closed by its reader)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -356,7 +361,12 @@ def main(argv=None):
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _featx_warning(args.command, warnings.showwarning)
-            return args.func(args)
+            status = args.func(args)
+            sys.stdout.flush()   # here, so that a reader gone early is the BrokenPipeError below
+            return status
+    except BrokenPipeError:  # stdout's reader went away (`featx info c.h5 | head -3`): no traceback, 128 + SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing left to flush at exit
+        return 141
     except FeatxError as e:
         print(f"featx {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ folder), optional `start`/`end` (seconds), `label`, `split`; any other column is
 from __future__ import annotations
 
 import os
+import warnings
 
 import pandas as pd
 
@@ -62,6 +63,11 @@ def read_manifest(path) -> pd.DataFrame:
     if len(dup):
         raise FeatxError(f"manifest {name}: duplicate ids: {', '.join(sorted(set(dup.tolist()))[:5])}")
     df["id"] = ids
+    for col in df.columns:   # 'Label' or ' split' is metadata: say so, or probe finds no labels much later
+        known = str(col).strip().lower()
+        if col not in KNOWN_COLUMNS and known in KNOWN_COLUMNS and known not in df.columns:
+            warnings.warn(f"manifest {name}: column {col!r} is kept as metadata; featx reads {known!r} "
+                          "(column names are exact: rename it to use it)")
     base = os.path.dirname(os.path.abspath(path))
     for col in PATH_COLUMNS:
         if col in df.columns:
@@ -76,7 +82,9 @@ def source_column(df: pd.DataFrame, modality: str, name: str = "manifest") -> st
     for col in options:
         if col in df.columns:
             return col
-    raise FeatxError(f"{name} has no {' or '.join(repr(c) for c in options)} column, which a {modality} encoder needs")
+    article = "an" if modality[0] in "aeiou" else "a"
+    raise FeatxError(f"{name} has no {' or '.join(repr(c) for c in options)} column, which {article} {modality} encoder "
+                     f"needs (columns: {', '.join(map(str, df.columns))})")
 
 
 def labels_and_splits(df: pd.DataFrame):

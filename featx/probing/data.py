@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featx.cache import open_cache
+from featx.cache.reader import no_cache_error
 from featx.errors import FeatxError
 from featx.naming import display_name
 from featx.settings import canonical_split, resolve_layers
@@ -67,7 +68,7 @@ def read_labels(raw, ids, task="auto"):
             return text, ~missing
     inf = np.isinf(values)
     if inf.any():
-        raise FeatxError(f"item {ids[int(np.flatnonzero(inf)[0])]!r} has a non-finite label "
+        raise FeatxError(f"item {str(ids[int(np.flatnonzero(inf)[0])])!r} has a non-finite label "
                          f"({values[inf][0]:g}); fix or remove it")
     labelled = ~np.isnan(values)
     if task == "classification":
@@ -111,7 +112,7 @@ def load_cache(path, pool="mean", layers="all", need_labels=True, task="auto") -
     With need_labels, items without a label are left out (counted in CacheData.unlabeled). Layers of
     differing widths: X is as wide as the widest chosen layer (one layer: exactly its width)."""
     if not os.path.exists(path):
-        raise FeatxError(f"no such cache: {path}")
+        raise no_cache_error(path)   # with a hint when a killed run left its parts
     with open_cache(path) as c:
         L = int(c.num_layers)
         chosen = resolve_layers(layers, L, where=str(path))

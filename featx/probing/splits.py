@@ -95,7 +95,23 @@ def subsample(train_idx, y, task, size, seed):
         return train_idx
     if task == "classification":
         try:
-            return train_test_split(train_idx, train_size=n_labels, random_state=seed, stratify=y[train_idx])[0]
+            picked = train_test_split(train_idx, train_size=n_labels, random_state=seed, stratify=y[train_idx])[0]
         except ValueError:  # fewer labels than classes, or a class of one: a plain random draw
-            pass
+            picked = np.random.default_rng(seed).choice(train_idx, size=n_labels, replace=False)
+        return _with_two_classes(picked, train_idx, y, seed)
     return np.random.default_rng(seed).choice(train_idx, size=n_labels, replace=False)
+
+
+def _with_two_classes(picked, train_idx, y, seed):
+    """`picked`, or, when it holds one class and the training part more (a few labels drawn from a part with a
+    rare class), `picked` with its last item swapped for a random item of another class: a classifier cannot
+    be fitted on one class."""
+    y = np.asarray(y)
+    if len(picked) < 2 or len(set(y[picked].tolist())) > 1:
+        return picked
+    others = train_idx[y[train_idx] != y[picked[0]]]
+    if others.size == 0:
+        return picked
+    picked = np.array(picked, copy=True)
+    picked[-1] = np.random.default_rng(seed).choice(others)
+    return picked

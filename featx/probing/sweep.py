@@ -92,9 +92,9 @@ def run_probe(caches, out, progress=True, **options):
     task = resolve_task(datas, s.task)
     if s.fusion and len(datas) < 2:
         raise FeatxError("fusion needs at least two caches (one per modality)")
-    check_sizes(datas, task, s)
-    os.makedirs(out, exist_ok=True)
     aligned = align(datas, s.missing) if s.fusion else None
+    check_sizes(datas, task, s, aligned)
+    os.makedirs(out, exist_ok=True)
     rows, weight_rows = _sweep_all(datas, aligned, task, s, not s.quiet)
     df = write_results(rows, out)
     pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
@@ -142,13 +142,35 @@ def resolve_task(datas, forced="auto") -> str:
     return tasks.pop()
 
 
-def check_sizes(datas, task, s):
-    """Every training size must fit every fold's training part (TrainSize.labels raises otherwise)."""
+def check_sizes(datas, task, s, aligned=None):
+    """Every training size must fit every fold's training part (TrainSize.labels raises otherwise), and for
+    classification every fold's training part must hold two classes: a one-line error before any fit. With
+    `aligned` (fusion's shared items), the same for fusion's folds; caches that share no item are refused."""
     for d in datas:
-        for seed in s.seeds:
-            folds, _ = make_folds(d.y, d.splits, task, s.folds, seed)
-            for size in s.sizes_run:
-                size.labels(min(len(train) for train, _, _ in folds))
+        _check_folds(d.y, d.splits, d.path, task, s)
+    if aligned is not None:
+        if len(aligned["ids"]) == 0:
+            raise FeatxError("the caches share no item id, so there is nothing to fuse: give caches extracted from "
+                             "the same manifest")
+        idx, d = aligned["index"][0], datas[0]
+        where = f"fusion of the {len(idx)} items the caches share"
+        try:
+            _check_folds(d.y[idx], None if d.splits is None else d.splits[idx], where, task, s)
+        except FeatxError as e:
+            raise FeatxError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def _check_folds(y, splits, where, task, s):
+    for seed in s.seeds:
+        folds, _ = make_folds(y, splits, task, s.folds, seed)
+        for size in s.sizes_run:
+            size.labels(min(len(train) for train, _, _ in folds))
+        if task == "classification":
+            for train, _, _ in folds:
+                classes = np.unique(np.asarray(y)[train].astype(str))
+                if len(classes) < 2:
+                    raise FeatxError(f"{where}: classification needs at least two classes in the training "
+                                     f"part, which holds only {str(classes[0])!r} ({len(train)} item(s))")
 
 
 def _sweep_all(datas, aligned, task, s, progress):
@@ -368,6 +390,14 @@ def chance_scores(d, task, s):
     return metrics.compute(task, np.concatenate([y[test] for _, _, test in folds]), np.concatenate(preds))
 
 
+def unsplit_items(d) -> int:
+    """How many of a cache's labelled items have an empty split while others have one: they are in no fold
+    (make_folds uses the given train/dev/test), so no fit and no score sees them."""
+    if d.splits is None or not (d.splits != "").any():
+        return 0
+    return int((d.splits == "").sum())
+
+
 def run_meta(datas, aligned, task, s, df) -> dict:
     """meta.json: task and metric, chance, command line, every resolved setting, versions, encoders, items."""
     folds_run = {d.name: (1 if make_folds(d.y, d.splits, task, s.folds, s.seeds[0])[1] == "test"
@@ -381,11 +411,14 @@ def run_meta(datas, aligned, task, s, df) -> dict:
                           **({} if d.layer_widths is None else {"layer_widths": list(d.layer_widths)})}
                          for d in datas],
             "unlabeled": {d.name: d.unlabeled for d in datas},
+            "unsplit": {d.name: unsplit_items(d) for d in datas},
             "train_labels": {str(k): float(v) for k, v in df.groupby("train_size")["train_labels"].mean().items()}}
     notes = [f"{name}: {k} folds ran, not {s.folds} (the smallest class or label bin has only {k} items)"
              for name, k in folds_run.items() if k != 1 and k < s.folds]
     if s.fusion and s.fusion_layer == "best" and s.probe == "mlp":
         notes.append("fusion's best layers were chosen on dev by linear probes (the MLP probe's are not reused)")
+    notes += [f"{name}: {n} labelled item(s) with no split were left out of training and scoring"
+              for name, n in meta["unsplit"].items() if n]
     if not any(t.is_full for t in s.train_sizes):
         notes.append("the full training part (1.0) was added to the training sizes: the headline uses it")
     if notes:

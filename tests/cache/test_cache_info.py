@@ -63,3 +63,14 @@ def test_info_on_a_fifo_is_one_line_and_does_not_hang(tmp_path):
                         "info", fifo], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": ROOT}, cwd=HERE)
     assert r.returncode == 1 and r.stderr.strip() == f"featx info: error: {fifo} is not a regular file", r.stderr
+
+
+def test_probing_a_killed_runs_cache_says_where_its_parts_are(tmp_path, capsys):
+    """`featx probe` on the cache of a killed extraction (parts, no file yet) names the parts and how to resume
+    them, as `featx info` and open_cache do (it said only 'no such cache')."""
+    killed = tmp_path / "killed.h5"
+    _killed_run(killed)
+    assert main(["probe", str(killed), "--out", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"a killed run left parts in {killed}.parts" in err[0], err
+    assert "run the same extraction again to resume" in err[0]

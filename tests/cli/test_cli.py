@@ -244,3 +244,44 @@ def test_predict_logs_as_itself_and_says_where_it_wrote(tmp_path, media, tiny_be
     assert code == 0, err
     assert "featx extract" not in err and f"written to {tmp_path / 'p.csv'}" in err
     assert all(line.startswith(("featx predict:", "  ", "tiny-bert:")) for line in err.splitlines()), err
+
+
+def test_a_reader_that_closes_stdout_early_gets_no_traceback(tmp_path, caches):
+    """`featx info c.h5 | head -3` and the like: the reader closes the pipe before featx writes; featx exits
+    141 (128 + SIGPIPE) with nothing on stderr (it raised BrokenPipeError with a traceback)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+    for args in (["info", caches[0]], ["models"]):
+        read, write = os.pipe()
+        os.close(read)   # the reader is gone before featx writes a byte
+        try:
+            done = subprocess.run([sys.executable, "-m", "featx", *map(str, args)], stdout=write,
+                                  stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+        finally:
+            os.close(write)
+        assert done.returncode == 141 and done.stderr == "", (args, done.returncode, done.stderr)
+
+
+def test_a_missing_source_column_names_the_columns_the_manifest_has(tmp_path, tiny_bert, tiny_clip_vision, capsys):
+    """A misspelt column (`txt`) is one line that lists the manifest's columns, as a missing `id` is, in English
+    ('an image encoder'); it named neither."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,txt,label\na,hello,1\nb,world,2\n", encoding="utf-8")
+    for model, expect in ((tiny_bert, "no 'text' column, which a text encoder needs (columns: id, txt, label)"),
+                          (tiny_clip_vision, "no 'image' or 'video' column, which an image encoder needs "
+                                             "(columns: id, txt, label)")):
+        code, _, err = _run(capsys, "extract", manifest, "--model", model, "--out", tmp_path / "cache")
+        assert code == 1 and len(err.strip().splitlines()) == 1 and expect in err, err
+
+
+def test_a_known_column_written_in_other_case_is_named_when_extracting(tmp_path, tiny_bert, capsys):
+    """'Label' and 'Split' are kept as metadata (names are exact); extract says so in one line each, instead of
+    `featx probe` finding 'no labels to probe' after the extraction."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,text,Label,Split\na,hello,1,train\nb,world,2,test\n", encoding="utf-8")
+    code, _, err = _run(capsys, "extract", manifest, "--model", tiny_bert, "--out", tmp_path / "cache", "-q")
+    assert code == 0, err
+    for col, known in (("Label", "label"), ("Split", "split")):
+        assert f"featx extract: manifest m.csv: column '{col}' is kept as metadata; featx reads '{known}'" in err, err
+    manifest.write_text("id,text,label,split\na,hello,1,train\nb,world,2,test\n", encoding="utf-8")
+    code, _, err = _run(capsys, "extract", manifest, "--model", tiny_bert, "--out", tmp_path / "cache2", "-q")
+    assert code == 0 and "kept as metadata" not in err, err

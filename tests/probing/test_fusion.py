@@ -132,3 +132,23 @@ def test_fusion_on_the_best_layers_reuses_each_modalitys_own_fits(tmp_path, monk
     again = run_probe([a, b], tmp_path / "w-again", **kw)
     assert len(fits) == 2 + 4
     pd.testing.assert_frame_equal(reused, again)
+
+
+def test_caches_that_share_no_or_too_few_items_are_one_line_before_any_fit(tmp_path, capsys):
+    """Fusing caches of different manifests (no shared id) was an IndexError traceback from numpy after every
+    per-cache probe had run; too few shared items for fusion's folds is one line naming fusion, before any fit."""
+    from featx.cli.main import main
+
+    X, y = planted(n=60, num_layers=3, dim=6, k=1)
+    splits = standard_splits(60)
+    a = write_cache(tmp_path / "a.h5", X, [f"a{i}" for i in range(60)], y, splits, model="toy/a", modality="text")
+    b = write_cache(tmp_path / "b.h5", X, [f"b{i}" for i in range(60)], y, splits, model="toy/b", modality="audio")
+    out = tmp_path / "out"
+    assert main(["fuse", a, b, "--out", str(out), "--probe", "batched", "-q"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "share no item id" in err[0] and not out.exists(), err
+    ids = [f"a{i}" if i > 2 else f"b{i}" for i in range(60)]   # 3 shared items: too few for train/dev/test
+    c = write_cache(tmp_path / "c.h5", X, ids, y, splits, model="toy/c", modality="audio")
+    assert main(["fuse", b, c, "--out", str(out), "--probe", "batched", "-q"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "fusion of the 3 items the caches share" in err[0] and not out.exists(), err

@@ -194,3 +194,52 @@ def test_layer_weights_rows_name_their_training_size_and_method(tmp_path, one_to
     # The full-data weighted sum of cache a favours its planted layer.
     full_a = weighted[(weighted.encoder == "toy/a") & (weighted.train_size == "1.0")].groupby("layer").weight.mean()
     assert full_a.idxmax() == 3
+
+
+@pytest.mark.parametrize("probe", ["linear", "batched"])
+def test_one_class_training_part_is_one_line_before_any_fit(tmp_path, capsys, probe):
+    """Labels of one class (or a train split of one class) are refused with one line naming the cache, before any
+    fit or output (the linear probe's scikit-learn fit used to raise a traceback)."""
+    from featx.cli.main import main
+
+    X, _ = planted(n=60, num_layers=3, dim=8, k=1)
+    splits = standard_splits(60)
+    y = np.where(splits == "train", "pos", np.where(np.arange(60) % 2, "pos", "neg")).astype(object)
+    for name, labels in (("one", np.full(60, "pos", dtype=object)), ("train-one", y)):
+        path = write_cache(tmp_path / f"{name}.h5", X, _ids(60), labels, splits)
+        out = tmp_path / f"out-{name}"
+        assert main(["probe", path, "--out", str(out), "--probe", probe, "-q"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "at least two classes" in err[0] and f"{name}.h5" in err[0], err
+        assert "only 'pos'" in err[0] and not out.exists()
+
+
+def test_few_labels_from_a_part_with_a_rare_class_keep_two_classes(tmp_path):
+    """A training size of a few labels drawn from a training part with a class of one item still holds two classes,
+    so the fit runs (it raised scikit-learn's one-class ValueError)."""
+    X, _ = planted(n=150, num_layers=3, dim=8, k=1)
+    splits = np.array(["train"] * 90 + ["dev"] * 30 + ["test"] * 30, dtype=object)
+    y = np.where(np.arange(150) % 2, "pos", "neg").astype(object)
+    y[:90] = "pos"
+    y[0] = "neg"
+    train = np.arange(90)
+    for seed in range(5):
+        for n in (2, 10):
+            picked = subsample(train, y, "classification", n, seed)
+            assert len(picked) == n and len(set(picked)) == n and set(y[picked]) == {"pos", "neg"}, (seed, n)
+    path = write_cache(tmp_path / "rare.h5", X, _ids(150), y, splits)
+    df = run_probe([path], tmp_path / "out", seeds=2, train_sizes=[2, 10, 1.0], progress=False)
+    assert df.groupby("train_size").train_labels.first().to_dict() == {"1.0": 90.0, "10": 10.0, "2": 2.0}
+
+
+def test_an_infinite_label_is_one_line_naming_the_item_as_written(tmp_path, capsys):
+    """The line names the item as the manifest wrote it ('item0003'), not numpy's repr (np.str_('item0003'))."""
+    from featx.cli.main import main
+
+    X, y = planted(n=60, num_layers=3, dim=8, k=1)
+    y = np.asarray(y, dtype=np.float64)
+    y[3] = np.inf
+    path = write_cache(tmp_path / "inf.h5", X, _ids(60), y, standard_splits(60))
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["featx probe: error: item 'item0003' has a non-finite label (inf); fix or remove it"], err

@@ -245,3 +245,23 @@ def test_one_encoder_on_two_modalities_saves_two_classifiers(tmp_path):
     run_probe([a, b], tmp_path / "out", probe="ridge", save_classifier=True, progress=False)
     assert sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")) == [
         "classifier__org-clip-image.safetensors", "classifier__org-clip-video.safetensors"]
+
+
+def test_labelled_items_with_no_split_are_counted_and_named_not_dropped_silently(tmp_path, capsys):
+    """A manifest whose split column is blank for some items: those items are in no fold; probe says how many
+    (stderr and meta.json), as it does for unlabeled items (they vanished without a word)."""
+    from featx.cli.main import main
+
+    X, y = planted(n=100, num_layers=3, dim=8, k=1)
+    splits = standard_splits(100)
+    splits[::10] = ""
+    path = write_cache(tmp_path / "c.h5", X, _ids(100), y, splits)
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "--probe", "batched", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "featx probe: toy/encoder: 10 labelled item(s) with no split were left out of training and scoring" in err
+    meta = _strict(tmp_path / "out" / "meta.json")
+    assert meta["unsplit"] == {"toy/encoder": 10} and any("10 labelled item(s) with no split" in n for n in meta["notes"])
+    full = write_cache(tmp_path / "full.h5", X, _ids(100), y, standard_splits(100))   # every item has a split
+    assert main(["probe", full, "--out", str(tmp_path / "out2"), "--probe", "batched", "-q"]) == 0
+    assert "no split" not in capsys.readouterr().err
+    assert _strict(tmp_path / "out2" / "meta.json")["unsplit"] == {"toy/encoder": 0}
