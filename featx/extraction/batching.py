@@ -13,7 +13,7 @@ import torch
 
 from featx.encoders.pooling import pool
 
-__all__ = ["Runner", "longest_first"]
+__all__ = ["Runner", "Interrupted", "longest_first"]
 
 
 def longest_first(todo, rows, decoder):
@@ -94,14 +94,18 @@ class Runner:
 
     def run(self, items, done=None):
         """items: list of (index, inputs). Returns (indices, pooled {name: (n, L, D)}, seqs | None, failures).
-        done(n), when given, is called as n more items are finished: failed, or their last input forwarded."""
+        done(n), when given, is called as n more items are finished: failed, or their last input forwarded.
+        A KeyboardInterrupt (Ctrl-C) during the forward is raised as Interrupted, whose `result` is the same
+        tuple for the items finished before it, so that the caller can keep them."""
         done = done or (lambda n: None)
         inputs, failures = self._flatten(items)
         done(len(failures))
-        pooled, counts, seqs = self._forward(inputs, done)
+        pooled, counts, seqs, ran, stopped = self._forward(inputs, done)
+        unfinished = {i for k, (i, _) in enumerate(inputs) if not ran[k]}
         by_item = {}
         for k, (i, _) in enumerate(inputs):
-            by_item.setdefault(i, []).append(k)
+            if i not in unfinished:
+                by_item.setdefault(i, []).append(k)
         indices = sorted(by_item)  # manifest order, as parts are stored
         first = np.array([by_item[i][0] for i in indices], np.int64)
         out = {name: v[first] for name, v in pooled.items()}
@@ -119,7 +123,10 @@ class Runner:
                 out[name][row] = np.tensordot(w, pooled[name][ks], axes=1)
             if self.seq and not self.video:
                 seq_out[row] = np.concatenate([seqs[k] for k in ks])
-        return np.array(indices, np.int64), out, seq_out, failures
+        result = np.array(indices, np.int64), out, seq_out, failures
+        if stopped is not None:
+            raise Interrupted(result) from stopped
+        return result
 
     def _flatten(self, items):
         """[(item index, input)] of every item's inputs, and failures [(index, reason)] for items that have none
@@ -136,8 +143,9 @@ class Runner:
 
     def _forward(self, inputs, done):
         """Per input: pooled {name: (n, L, D)} (float32; in the store dtype when every item is one input), valid
-        positions (n,), sequences (list, None without seq).
-        done(n) after each batch: the items whose last input it held."""
+        positions (n,), sequences (list, None without seq), ran (n,) bool: forwarded, and the KeyboardInterrupt
+        that stopped the batches early (None: every input ran). done(n) after each batch: the items whose last
+        input it held."""
         enc = self.encoder
         left = {}  # item index -> its inputs not yet forwarded
         for i, _ in inputs:
@@ -148,22 +156,36 @@ class Runner:
         pooled = {k: np.empty((n, *shape), np.float16 if half else np.float32) for k in self.poolings}
         counts = np.empty(n, np.int64)
         seqs = [None] * n
+        ran, stopped = np.zeros(n, bool), None
         on_device = []
         # one autocast context for the group: autocast casts each weight to bf16/fp16 once and keeps it for the
         # context's life, where a context per batch cast every weight again for every batch
         with enc.autocast():
-            for batch in self.batches(inputs):
-                batch_pooled, batch_seqs, batch_counts = self.run_batch([inputs[k][1] for k in batch])
-                on_device.append((np.asarray(batch), batch_pooled, batch_counts))
-                for j, k in enumerate(batch if batch_seqs else ()):
-                    seqs[k] = batch_seqs[j]
-                finished = 0
-                for k in batch:
-                    left[inputs[k][0]] -= 1
-                    finished += left[inputs[k][0]] == 0
-                done(finished)
+            try:
+                for batch in self.batches(inputs):
+                    batch_pooled, batch_seqs, batch_counts = self.run_batch([inputs[k][1] for k in batch])
+                    on_device.append((np.asarray(batch), batch_pooled, batch_counts))
+                    for j, k in enumerate(batch if batch_seqs else ()):
+                        seqs[k] = batch_seqs[j]
+                    ran[batch] = True
+                    finished = 0
+                    for k in batch:
+                        left[inputs[k][0]] -= 1
+                        finished += left[inputs[k][0]] == 0
+                    done(finished)
+            except KeyboardInterrupt as e:  # keep the batches that finished (see run)
+                stopped = e
         for batch, batch_pooled, batch_counts in on_device:  # one wait for the device per group, not per batch
             for name, v in batch_pooled.items():
                 pooled[name][batch] = (v.half() if half else v).cpu().numpy()
             counts[batch] = batch_counts.cpu().numpy()
-        return pooled, counts, seqs
+        return pooled, counts, seqs, ran, stopped
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a group's forward; `result`: what the group finished before it (Runner.run's tuple, or
+    the pipeline's group tuple)."""
+
+    def __init__(self, result):
+        super().__init__()
+        self.result = result

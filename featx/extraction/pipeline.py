@@ -21,7 +21,7 @@ from featx.device import resolve_device, resolve_precision
 from featx.encoders import families_of, family_of, load_config, load_encoder
 from featx.encoders.video import clip_frames
 from featx.errors import FeatxError, first_line
-from featx.extraction.batching import Runner, longest_first
+from featx.extraction.batching import Interrupted, Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
 from featx.extraction.distributed import Distributed, has_shards
 from featx.naming import last_name, model_slug
@@ -458,6 +458,9 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
                     group, size = [], next(sizes)
         if group:
             out.put(_forward_group(runner, group, bar.update))
+    except Interrupted as e:  # Ctrl-C: the items the progress bar counted as done are written before it stops
+        out.put(e.result)
+        raise
     finally:
         if threaded:
             chunks.close()  # stops the decoding thread
@@ -550,13 +553,18 @@ def _one_thread_tokenizers(worker_id):
 
 def _forward_group(runner, group, done):
     """(indices, pooled, seqs, failures) of a group of decoded items [(index, inputs | None, reason | None)];
-    done(n) as items finish (progress per item, not per group)."""
+    done(n) as items finish (progress per item, not per group). On Ctrl-C during the forward, Interrupted with
+    that tuple for the items finished before it."""
     failed = [(i, why) for i, inputs, why in group if inputs is None]
     ok = [(i, inputs) for i, inputs, why in group if inputs is not None]
     done(len(failed))
     indices, pooled, seqs = np.zeros(0, np.int64), None, None
     if ok:
-        indices, pooled, seqs, more = runner.run(ok, done)
+        try:
+            indices, pooled, seqs, more = runner.run(ok, done)
+        except Interrupted as e:
+            indices, pooled, seqs, more = e.result
+            raise Interrupted((indices, pooled, seqs, failed + more)) from e.__cause__
         failed += more
     return indices, pooled, seqs, failed
 

@@ -471,3 +471,58 @@ def test_stored_poolings_follow_the_family_no_cls_without_a_class_token():
     assert stored(BertConfig(), "text") == ["mean", "cls"]
     assert stored(WavLMConfig(), "audio") == ["mean"]
     assert stored(SiglipVisionConfig(), "image") == ["mean"]   # position 0 is a patch token, not a class token
+
+
+# (workers, the batch Ctrl-C comes in, items of the groups before it): groups of 5 batches of 4 without workers;
+# with workers groups ramp up, 1, 2, 4, then 5 batches
+@pytest.mark.parametrize("workers, at, before", [(0, 8, 20), (2, 9, 28)])
+def test_ctrl_c_during_a_group_writes_the_items_its_finished_batches_counted(tiny_bert, tmp_path, monkeypatch,
+                                                                             workers, at, before):
+    from featx.extraction.batching import Runner
+    words = ["good", "bad film", "a fine and long film", "ok", "not good at all", "great fun"]
+    texts = [" ".join(words[(k + j) % 6] for j in range(1 + k % 5)) for k in range(40)]
+    path = tmp_path / "m.csv"
+    pd.DataFrame({"id": [f"t{k}" for k in range(40)], "text": texts}).to_csv(path, index=False)
+    kw = dict(dtype="float32", device="cpu", batch_size=4, group_size=20, num_workers=workers, progress=False)
+    whole = extract(path, [tiny_bert], tmp_path / "whole", **kw).paths[0]
+
+    real, calls, counted = Runner.run_batch, [], []
+
+    def ctrl_c(self, raws):  # Ctrl-C arrives in the forward of a group's batch after its first
+        calls.append(len(raws))
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(self, raws)
+
+    monkeypatch.setattr(Runner, "run_batch", ctrl_c)
+    import featx.progress as fp
+    bar = fp.progress_bar
+    monkeypatch.setattr(fp, "progress_bar", lambda *a, **k: _Counting(bar(*a, **k), counted))
+    with pytest.raises(KeyboardInterrupt):
+        extract(path, [tiny_bert], tmp_path / "c", **kw)
+    cache = os.path.join(tmp_path / "c", os.path.basename(whole))
+    with open_cache(cache) as c, open_cache(whole) as w:
+        done = np.flatnonzero(c.done)
+        assert len(done) == sum(calls[:at - 1]) == sum(counted)  # all that finished, as the progress bar said
+        assert sum(calls[:at - 1]) > before  # a group had begun: its finished batches are kept
+        for layer in range(c.num_layers):
+            np.testing.assert_array_equal(c.layer(layer), w.layer(layer)[done])
+    monkeypatch.setattr(Runner, "run_batch", real)
+    extract(path, [tiny_bert], tmp_path / "c", **kw)  # resumes the rest
+    with open_cache(cache) as c, open_cache(whole) as w:
+        assert c.done.all()
+        np.testing.assert_allclose(c.layer(c.num_layers - 1), w.layer(w.num_layers - 1), atol=1e-5)
+
+
+class _Counting:
+    """A progress bar that also notes each update."""
+
+    def __init__(self, bar, counted):
+        self.bar, self.counted = bar, counted
+
+    def update(self, n=1):
+        self.counted.append(n)
+        return self.bar.update(n)
+
+    def close(self):
+        self.bar.close()
