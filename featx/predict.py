@@ -41,7 +41,7 @@ _PREDICT_ADVICE = ("predict extracts float32 with the classifier's model and poo
 
 def _predict_probe(manifest, path, cache_dir, device, batch_size, progress):
     from featx.probing.classifier import Classifier
-    from featx.extraction.pipeline import extract
+    from featx.extraction.pipeline import extract, print_summary
     from featx.data.manifest import read_manifest
 
     clf = Classifier.load(path)
@@ -52,9 +52,12 @@ def _predict_probe(manifest, path, cache_dir, device, batch_size, progress):
         for block in clf.blocks:
             try:
                 res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], dtype="float32",
-                              device=device, batch_size=batch_size, progress=progress)
+                              device=device, batch_size=batch_size, progress=progress, summary=bool(cache_dir))
             except FeatxError as e:   # extract's advice names its --overwrite, which predict does not have
                 raise FeatxError(str(e).replace(_EXTRACT_ADVICE, _PREDICT_ADVICE)) from None
+            if not cache_dir:  # not the path of a cache that is gone once the predictions are made
+                for entry in res.caches:
+                    print_summary(entry, where="a temporary folder, removed after the predictions")
             caches.append(_cache_of(res.paths, block))
         got_ids, pred = clf.predict_cache(caches)
     got = pd.Series(list(pred), index=list(got_ids), dtype=object)

@@ -40,3 +40,19 @@ def test_cache_dir_holding_another_settings_cache_is_one_line_with_advice_predic
     assert code == 1 and len(err) == 1, err
     assert "different settings" in err[0] and "--overwrite" not in err[0] and "--cache-dir" in err[0], err
     assert main(["predict", media, "--classifier", saved, "--cache-dir", str(tmp_path / "pc"), "-q"]) == 0
+
+
+def test_predict_names_no_temporary_cache_that_is_gone_after_it(tmp_path, media, tiny_bert, capsys):
+    assert main(["extract", media, "--model", tiny_bert, "--out", str(tmp_path / "cache"), "-q"]) == 0
+    cache = str(tmp_path / "cache" / "manifest__tiny-bert.h5")
+    assert main(["probe", cache, "--out", str(tmp_path / "res"), "--probe", "ridge", "--save-classifier", "-q"]) == 0
+    saved = str(tmp_path / "res" / "classifier__tiny-bert.safetensors")
+    capsys.readouterr()
+    assert main(["predict", media, "--classifier", saved, "--out", str(tmp_path / "p.csv"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "featx-predict-" not in err and ".h5" not in err, err
+    assert f"featx predict: {tiny_bert}: 8 done, 0 failed -> a temporary folder, removed after the predictions" in err
+    assert main(["predict", media, "--classifier", saved, "--cache-dir", str(tmp_path / "pc"), "-q"]) == 0
+    kept = str(tmp_path / "pc" / "manifest__tiny-bert.h5")
+    assert f"featx predict: {tiny_bert}: 8 done, 0 failed -> {kept}" in capsys.readouterr().err
+    assert os.path.exists(kept)

@@ -32,7 +32,7 @@ CPU_BATCH_SECONDS = 8.0  # audio on the CPU: bigger padded batches only cost (Wa
 TEXT_PART_BYTES = 64 << 20  # texts without --seq: pooled float32 values a group may hold (see default_group_size)
 TEXT_GROUP_MAX = 1024
 
-__all__ = ["extract", "ExtractResult", "ResolvedSettings", "cache_path", "Decoder", "Runner", "longest_first",
+__all__ = ["extract", "print_summary", "ExtractResult", "ResolvedSettings", "cache_path", "Decoder", "Runner", "longest_first",
            "CPU_BATCH_SECONDS"]
 
 
@@ -153,7 +153,7 @@ def default_workers(device) -> int:
     return max(1, min(16, cpus // local - 2))
 
 
-def extract(manifest, models, out, *, progress=True, group_size=None, **options) -> ExtractResult:
+def extract(manifest, models, out, *, progress=True, group_size=None, summary=True, **options) -> ExtractResult:
     """Cache the hidden states of every layer of every item for each model; one HDF5 file per model.
 
     manifest: path of a CSV/JSONL/Parquet manifest. models: hub ids or local folders. out: folder.
@@ -173,7 +173,9 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
     normalises each batch on the device) or processor (the checkpoint's processor per image in the workers);
     stored with the cache.
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried). A model
-    whose cache is already complete with these settings is not loaded.
+    whose cache is already complete with these settings is not loaded. summary: print each model's line (done,
+    failed, pending -> the cache; the failed items) to stderr (a caller that reports them itself: False; see
+    print_summary).
     Raises FeatxError for usage/configuration errors, before any data is read or model loaded where it can.
     """
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
@@ -191,7 +193,7 @@ def extract(manifest, models, out, *, progress=True, group_size=None, **options)
                              "in width and in positions, so there is no per-position sequence); leave --seq out")
     labels, splits, meta = labels_and_splits(df)
     data = _Manifest(df.to_dict("records"), df["id"].tolist(), labels, splits, meta)
-    return _run_jobs(jobs, data, out, settings)
+    return _run_jobs(jobs, data, out, settings, announce=summary)
 
 
 def _jobs_of(model, config, df, manifest, out) -> list:
@@ -226,7 +228,7 @@ def _jobs_of(model, config, df, manifest, out) -> list:
     return jobs
 
 
-def _run_jobs(jobs, data, out, settings) -> ExtractResult:
+def _run_jobs(jobs, data, out, settings, announce=True) -> ExtractResult:
     """Run each model in turn; a cache closes in a thread of its own while the next model loads and runs."""
     finished = [_finished(job, data.ids, settings) for job in jobs]  # decided before any model loads
     if any(summary is None for summary in finished):
@@ -242,14 +244,15 @@ def _run_jobs(jobs, data, out, settings) -> ExtractResult:
                     entry.join()  # the same model twice: its first run must have closed before it reopens
             entries.append(_run_model(job, data, settings))
     except BaseException:
-        _collect(jobs, entries, failing=True)
+        _collect(jobs, entries, failing=True, announce=announce)
         raise
-    return _collect(jobs, entries, failing=False)
+    return _collect(jobs, entries, failing=False, announce=announce)
 
 
-def _collect(jobs, entries, failing):
+def _collect(jobs, entries, failing, announce=True):
     """The ExtractResult of the jobs' entries, in model order, once every cache has closed; raises the first
-    closing error (when no other error is on its way out: then each is printed)."""
+    closing error (when no other error is on its way out: then each is printed). announce: print each
+    model's summary line."""
     result, errors = ExtractResult(), []
     for job, (entry, show) in zip(jobs, entries):
         if isinstance(entry, _Closing):
@@ -261,7 +264,7 @@ def _collect(jobs, entries, failing):
                           file=sys.stderr)
                 continue
             entry = entry.summary
-        _record(result, job.model, job.path, entry, show)
+        _record(result, job.model, job.path, entry, show and announce)
     if errors and not failing:
         raise errors[0]
     return result
@@ -593,14 +596,17 @@ def _record(result, model, path, summary, show=True):
     summary = {"model": str(model), "path": path, **{k: summary[k] for k in ("done", "failed", "pending")}}
     result.caches.append(summary)
     if show:
-        _print_summary(summary, path)
+        print_summary(summary)
 
 
-def _print_summary(summary, path):
+def print_summary(summary, where=None):
+    """One model's line of an ExtractResult's caches entry on stderr (done, failed, pending -> its cache, or
+    `where` in words), then up to 10 of its failed items with their reasons."""
+    path = summary["path"]
     line = f"featx extract: {summary['model']}: {summary['done']} done, {summary['failed']} failed"
     if summary["pending"]:
         line += f", {summary['pending']} pending"
-    print(f"{line} -> {path}", file=sys.stderr)
+    print(f"{line} -> {where or path}", file=sys.stderr)
     if summary["failed"]:
         from featx.cache import open_cache
 
@@ -609,4 +615,5 @@ def _print_summary(summary, path):
         for i, e in bad[:10]:
             print(f"  failed {i}: {e}", file=sys.stderr)
         if len(bad) > 10:
-            print(f"  ... and {len(bad) - 10} more (see `featx info {path}`)", file=sys.stderr)
+            print(f"  ... and {len(bad) - 10} more" + ("" if where else f" (see `featx info {path}`)"),
+                  file=sys.stderr)
