@@ -429,7 +429,8 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     # and libsndfile's decoders and numpy's loops let go of the GIL. Texts tokenize inline: the fast tokenizer's
     # batch call runs on a thread pool of its own over all the cores, and beside the forward it slowed both
     # (a 2-core CPU, tiny models, best of 9 interleaved runs: 4,000 texts 3.05 s inline, 3.17 s in the thread;
-    # 480 audio files 2.72 s inline, 2.63 s in the thread; 100 JPEGs 0.49 s inline, 0.43 s in the thread).
+    # 480 audio files 2.72 s inline, 2.63 s in the thread; best of 5: 100 JPEGs 0.49 s inline, 0.43 s in the
+    # thread. The machine's noise was about 10%: the audio gain is within it).
     threaded = not workers and decoder.modality != "text"
     # Workers (or the decoding thread) hand over lists of up to 16 decoded items, texts up to 256 (one batch call
     # of the tokenizer each; a text is small); inline, a chunk of texts is a whole group. About two groups in
