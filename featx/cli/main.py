@@ -210,14 +210,12 @@ def _run_probe(cls, args):
     from featx.probing.sweep import run_probe
 
     df = run_probe(s.caches, s.out, **s.kwargs())
-    unlabeled = {k: v for k, v in (df.attrs.get("meta", {}).get("unlabeled") or {}).items() if v}
-    for name, count in unlabeled.items():
-        print(f"featx {args.command}: {name}: {count} item(s) without a label were left out of training and scoring",
-              file=sys.stderr)
-    for name, count in (df.attrs.get("meta", {}).get("unsplit") or {}).items():
-        if count:
-            print(f"featx {args.command}: {name}: {count} labelled item(s) with no split were left out of training "
-                  "and scoring", file=sys.stderr)
+    meta = df.attrs.get("meta", {})
+    for key, items in (("unlabeled", "item(s) without a label"), ("unsplit", "labelled item(s) with no split")):
+        for name, count in (meta.get(key) or {}).items():
+            if count:
+                print(f"featx {args.command}: {name}: {count} {items} were left out of training and scoring",
+                      file=sys.stderr)
     print_table(_summary_of_probe(s.out), s.json, f"featx {args.command}: results in {s.out}")
     return 0
 

@@ -71,7 +71,7 @@ class AudioEncoder(Encoder):
 
     def num_frames(self, num_samples) -> int:
         """How many encoder frames `num_samples` samples give (0: too short for the conv feature encoder)."""
-        return int(self.model._get_feat_extract_output_lengths(torch.tensor(int(num_samples))))
+        return int(self.frames_of([int(num_samples)])[0])
 
     def frames_of(self, sizes) -> np.ndarray:
         """num_frames of each of `sizes` in one call (transformers' formula works elementwise; ~50 us a call)."""

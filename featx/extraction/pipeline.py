@@ -32,8 +32,8 @@ CPU_BATCH_SECONDS = 8.0  # audio on the CPU: bigger padded batches only cost (Wa
 TEXT_PART_BYTES = 64 << 20  # texts without --seq: pooled float32 values a group may hold (see default_group_size)
 TEXT_GROUP_MAX = 1024
 
-__all__ = ["extract", "print_summary", "ExtractResult", "ResolvedSettings", "cache_path", "Decoder", "Runner", "longest_first",
-           "CPU_BATCH_SECONDS"]
+__all__ = ["extract", "print_summary", "ExtractResult", "ResolvedSettings", "cache_path", "Decoder", "Runner",
+           "longest_first", "CPU_BATCH_SECONDS"]
 
 
 @dataclass
