@@ -20,7 +20,10 @@ MAX_IMAGE_PIXELS = 100_000_000   # 10,000 x 10,000: about 300 MB once decoded to
 IMAGE_PREPROCESS = ("batched-torch", "processor")
 AUDIO_ATTENTIONS = ("sdpa", "eager")  # WavLM's attention: torch's fused SDPA (the default) or transformers' own
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# bf16 / fp16: autocast over fp32 weights; bf16-weights: the whole model in bf16 (weights and activations, as
+# transformers' dtype=torch.bfloat16), the fastest and furthest from fp32; extraction only
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-weights")
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASKS = ("auto", "regression", "classification")
 HEADS = ("concat", "gated")   # fine-tuning's fusion heads
 LOSSES = ("l1", "mse")        # fine-tuning's regression losses
@@ -328,12 +331,18 @@ def parse_device(value) -> str:
     raise FeatxError(f"must be auto, cpu, cuda or cuda:N, not {value!r}")
 
 
-def parse_precision(value) -> str:
-    """auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16 or fp16."""
+def parse_precision(value, choices=PRECISIONS) -> str:
+    """auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16, fp16 or bf16-weights."""
     v = str(_plain(value, "a precision")).strip()
-    if v not in PRECISIONS:
-        raise FeatxError(f"must be one of {', '.join(PRECISIONS)}, not {value!r}")
+    if v not in choices:
+        extra = " (bf16-weights is for extraction only)" if v in PRECISIONS else ""
+        raise FeatxError(f"must be one of {', '.join(choices)}, not {value!r}{extra}")
     return v
+
+
+def parse_training_precision(value) -> str:
+    """A precision fine-tuning can train in: auto, fp32, bf16 or fp16 (autocast)."""
+    return parse_precision(value, TRAINING_PRECISIONS)
 
 
 def parse_probe(value) -> str:
@@ -566,8 +575,9 @@ class ExtractSettings(Settings):
                                       optional(number(positive=True)),
                                       default_text="8 on the CPU, no limit on CUDA")
     device: str = option("auto", "auto, cpu, cuda or cuda:N", parse_device)
-    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16 or fp16; stored "
-                            "with the cache", parse_precision)
+    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16 or fp16 (autocast "
+                            "over fp32 weights), or bf16-weights (the whole model in bf16: fastest on a GPU, "
+                            "furthest from fp32); stored with the cache", parse_precision)
     dtype: str = option("float16", "storage dtype: float16 or float32", one_of("dtype", "float16", "float32"))
     max_length: int = option(None, "text: max tokens", optional(integer(1)), default_text="the tokenizer's")
     max_audio_seconds: float = option(30.0, "longer audio is processed in windows of this length",
@@ -683,7 +693,7 @@ class FinetuneSettings(Settings):
                                parse_train_sizes)
     seeds: list = option(1, "a count n (seeds 0..n-1) or a list of seeds: 3,7", parse_seeds)
     precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16 or fp16",
-                            parse_precision)
+                            parse_training_precision)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", parse_device)
     max_length: int = option(None, "text: max tokens", optional(integer(1)), default_text="the tokenizer's")
     max_audio_seconds: float = option(30.0, "longer audio is cut to its start", number(positive=True))

@@ -47,7 +47,7 @@ class AudioEncoder(Encoder):
         self.processor = from_pretrained(AutoFeatureExtractor, name, "feature extractor",
                                          trust_remote_code=trust_remote_code)
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights", config=config,
-                                          trust_remote_code=trust_remote_code))
+                                          trust_remote_code=trust_remote_code, **self.weights_kwargs()))
         self.sample_rate = int(self.processor.sampling_rate)
         # Group-norm conv features (wav2vec2-base, WavLM-base) normalise over the whole padded length, and
         # such checkpoints take no attention mask: padding would change their outputs, so they batch only
@@ -91,8 +91,8 @@ class AudioEncoder(Encoder):
         return {"input_values": values, "attention_mask": mask}
 
     def forward(self, inputs):
-        values = inputs["input_values"].to(self.device, non_blocking=True)
-        sample_mask = inputs["attention_mask"].to(self.device, non_blocking=True)
+        values = self.to_device(inputs["input_values"])
+        sample_mask = self.to_device(inputs["attention_mask"])
         with warnings.catch_warnings():  # WavLM under torch >= 2.1 warns on every padded batch; harmless here
             warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask", category=UserWarning)
             out = self.model(values, attention_mask=sample_mask if self.uses_mask else None,

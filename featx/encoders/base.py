@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import torch
 
-from featx.device import autocast
+from featx.device import autocast, weights_dtype
 from featx.errors import FeatxError, first_line
 
 
@@ -82,6 +82,18 @@ class Encoder:
         self.model = None
         self.attrs = {}
         self.advice = []  # lines a user can act on (e.g. a package that makes this encoder faster)
+
+    def weights_kwargs(self) -> dict:
+        """from_pretrained's keyword arguments for the precision's weights: dtype=torch.bfloat16 for bf16-weights
+        (transformers then keeps the modules a model declares fp32-only in fp32), else none (as saved)."""
+        dtype = weights_dtype(self.precision)
+        return {} if dtype is None else {"dtype": dtype}
+
+    def to_device(self, tensor):
+        """A batch tensor on the model's device, copied asynchronously from pinned memory; floating-point inputs
+        (pixels, samples, spectrograms) in the weights' dtype under bf16-weights (masks and ids as they are)."""
+        dtype = weights_dtype(self.precision) if tensor.is_floating_point() else None
+        return tensor.to(self.device, dtype=dtype, non_blocking=True)
 
     def _finish_load(self, model):
         self.model = model.eval().to(self.device)

@@ -64,7 +64,7 @@ class ImageEncoder(Encoder):
         self.processor = from_pretrained(AutoImageProcessor, name, "image processor",
                                          trust_remote_code=trust_remote_code)
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights",
-                                          trust_remote_code=trust_remote_code))
+                                          trust_remote_code=trust_remote_code, **self.weights_kwargs()))
         self.image_preprocess = self._preprocess_path(image_preprocess, self.processor)
         size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None)
         # transformers 5 resizes with torchvision when it is installed (featx[vision]; about half the CPU time
@@ -154,7 +154,7 @@ class ImageEncoder(Encoder):
         return out["pixel_values"]
 
     def forward(self, inputs):
-        pixels = inputs["pixel_values"].to(self.device, non_blocking=True)
+        pixels = self.to_device(inputs["pixel_values"])
         out = self.model(pixel_values=pixels, output_hidden_states=True)
         hs = out.hidden_states
         return hs, torch.ones(hs[0].shape[:2], dtype=torch.bool, device=hs[0].device)

@@ -59,7 +59,7 @@ class SpeechEncoder(Encoder):
         return None
 
     def _load_weights(self, name, trust_remote_code):
-        kwargs = {"trust_remote_code": trust_remote_code}
+        kwargs = {"trust_remote_code": trust_remote_code, **self.weights_kwargs()}
         if self.weights_prefix:
             kwargs.update(key_mapping={self.weights_prefix: ""}, output_loading_info=True)
         loaded = from_pretrained(self.loader(), name, "weights", **kwargs)
@@ -124,7 +124,7 @@ class WhisperEncoderAdapter(SpeechEncoder):
                 "frames": torch.tensor([self.num_frames(w.shape[0]) for w in wavs])}
 
     def forward(self, inputs):
-        features = inputs["input_features"].to(self.device, non_blocking=True)
+        features = self.to_device(inputs["input_features"])
         cut, last = len(self.model.layers) < int(self.config.encoder_layers), []
         # transformers gives the encoder's final layer norm as the last hidden state; when fine-tuning has cut the
         # blocks, the last kept block's own output is that layer's value, as in an uncut forward
@@ -178,7 +178,7 @@ class ASTEncoder(SpeechEncoder):
                 "frames": torch.tensor([self.fbank_frames(w.shape[0]) for w in wavs])}
 
     def forward(self, inputs):
-        values = inputs["input_values"].to(self.device, non_blocking=True)
+        values = self.to_device(inputs["input_values"])
         hs = self.model(values, output_hidden_states=True).hidden_states
         columns = torch.tensor([self.real_columns(f) for f in inputs["frames"]], device=hs[0].device)
         t = torch.arange(self.time_patches, device=hs[0].device).repeat(self.freq_patches)  # each patch's column
@@ -226,8 +226,8 @@ class ClapAudioEncoder(SpeechEncoder):
                 "is_longer": self.stack([f["is_longer"] for f in feats], torch.bool)}
 
     def forward(self, inputs):
-        out = self.model(input_features=inputs["input_features"].to(self.device, non_blocking=True),
-                         is_longer=inputs["is_longer"].to(self.device, non_blocking=True), output_hidden_states=True)
+        out = self.model(input_features=self.to_device(inputs["input_features"]),
+                         is_longer=self.to_device(inputs["is_longer"]), output_hidden_states=True)
         hs = spatial_means(out.hidden_states)  # (B, 1, C_l)
         return hs, torch.ones(hs[0].shape[:2], dtype=torch.bool, device=hs[0].device)
 
@@ -259,7 +259,7 @@ class W2vBertEncoder(SpeechEncoder):
         return {"input_features": values, "attention_mask": mask}
 
     def forward(self, inputs):
-        mask = inputs["attention_mask"].to(self.device, non_blocking=True)
-        out = self.model(inputs["input_features"].to(self.device, non_blocking=True), attention_mask=mask,
+        mask = self.to_device(inputs["attention_mask"])
+        out = self.model(self.to_device(inputs["input_features"]), attention_mask=mask,
                          output_hidden_states=True)
         return out.hidden_states, mask.bool()

@@ -62,7 +62,7 @@ class TextEncoder(Encoder):
 
         self.tokenizer = from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights", config=config,
-                                          trust_remote_code=trust_remote_code))
+                                          trust_remote_code=trust_remote_code, **self.weights_kwargs()))
         table = position_table_size(self.model)
         limit = min(int(self.tokenizer.model_max_length or 512),
                     int(getattr(config, "max_position_embeddings", 512) or 512), table or sys.maxsize)
@@ -103,7 +103,7 @@ class TextEncoder(Encoder):
         # none: transformers then skips checking the mask on the device (a wait for the GPU every batch, which
         # keeps this thread from queueing the next one). The mask is checked here, on the host copy.
         unpadded = mask.device.type == "cpu" and bool(mask.all())
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        inputs = {k: self.to_device(v) for k, v in inputs.items()}
         out = self.model(**{k: v for k, v in inputs.items() if not (unpadded and k == "attention_mask")},
                          output_hidden_states=True)
         return out.hidden_states, inputs["attention_mask"].bool()

@@ -101,7 +101,7 @@ class DecoderLMEncoder(TextEncoder):
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
     def forward(self, inputs):
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        inputs = {k: self.to_device(v) for k, v in inputs.items()}
         out = self.model(**inputs, output_hidden_states=True, use_cache=False)
         return out.hidden_states, inputs["attention_mask"].bool()
 

@@ -65,7 +65,7 @@ class VideoEncoder(Encoder):
         self.clip_frames = clip_frames(config)
         self.processor = self._load_processor(name, trust_remote_code)
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights",
-                                          trust_remote_code=trust_remote_code))
+                                          trust_remote_code=trust_remote_code, **self.weights_kwargs()))
         size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None)
         self.attrs = {"num_frames": self.clip_frames, "clip_sampling": CLIP_SAMPLING,
                       "video_processor": type(self.processor).__name__, "image_size": str(dict(size)) if size else ""}
@@ -98,7 +98,7 @@ class VideoEncoder(Encoder):
         return self.model(**{self.pixel_key: pixels}, output_hidden_states=True).hidden_states
 
     def forward(self, inputs):
-        hs = self.hidden_states(inputs[self.pixel_key].to(self.device, non_blocking=True))
+        hs = self.hidden_states(self.to_device(inputs[self.pixel_key]))
         return hs, torch.ones(hs[0].shape[:2], dtype=torch.bool, device=hs[0].device)
 
 
@@ -135,7 +135,7 @@ class XCLIPVisionEncoder(VideoEncoder):
     model_class = _XCLIPVisionTower
 
     def forward(self, inputs):
-        pixels = inputs["pixel_values"].to(self.device, non_blocking=True)
+        pixels = self.to_device(inputs["pixel_values"])
         b, f = pixels.shape[:2]
         # The message tokens join the frames of each clip: its F frames must be consecutive rows, as here.
         hs = self.model(pixel_values=pixels.flatten(0, 1), output_hidden_states=True).hidden_states

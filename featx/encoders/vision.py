@@ -73,7 +73,7 @@ class Siglip2VisionEncoder(ImageEncoder):
 
     def forward(self, inputs):
         """(L tensors (B, P, D), (B, P) mask of the real patches)."""
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        inputs = {k: self.to_device(v) for k, v in inputs.items()}
         out = self.model(**inputs, output_hidden_states=True)
         return out.hidden_states, inputs["pixel_attention_mask"].bool()
 

@@ -29,7 +29,7 @@ from featx.probing.results import FoldScores, best_layer, load_results, meta_hea
 from featx.probing.splits import make_folds, subsample
 from featx.runinfo import provenance, read_json, strict_json, write_json, write_meta
 from featx.settings import FinetuneSettings as FinetuneOptions
-from featx.settings import resolve_layers
+from featx.settings import TRAINING_PRECISIONS, resolve_layers
 
 # Settings that change the numbers: a resumed run must have the same ones.
 RESUME_KEYS = ("models", "modalities", "layers", "train_blocks", "head", "task", "pooling", "proj_size",
@@ -358,7 +358,7 @@ def finetune(manifest, models, out, **settings) -> FinetuneResult:
     s = FinetuneSettings.of(manifest, models, out, **settings)
     s.per_model(len(models))
     device = torch.device(resolve_device(s.device))
-    precision = resolve_precision(s.precision, device)
+    precision = resolve_precision(s.precision, device, TRAINING_PRECISIONS)
     inputs = _prepare(manifest, models, s, device)
     plan = _plan(inputs, s)
     out = os.fspath(out)

@@ -309,7 +309,8 @@ def measure_featx(manifest, model_dir, out, args, kind):
     t, cpu = time.perf_counter(), _cpu_seconds()
     with _timed_loads(loads), _timed_closes(closes):
         res = extract(manifest, [model_dir], out, pool=args.pool, batch_size=args.batch_size[kind], device=args.device,
-                      dtype=args.dtype, num_workers=args.num_workers, progress=False, overwrite=True,
+                      dtype=args.dtype, precision=args.precision, num_workers=args.num_workers, progress=False,
+                      overwrite=True,
                       max_batch_tokens=args.max_batch_tokens, max_batch_seconds=args.max_batch_seconds)
     _sync(args.device)
     total, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
@@ -354,9 +355,10 @@ class Bare:
         df = read_manifest(manifest)
         from featx.device import resolve_precision
 
-        # the precision featx resolves for the device (bf16 autocast on CUDA), as (b) runs: load_encoder's own
+        # the precision featx resolves for the device (auto: bf16 autocast on CUDA), as (b) runs: load_encoder's own
         # default is fp32, which would time a slower forward than featx's and flatter (b)/(a)
-        self.enc = enc = load_encoder(model_dir, device=args.device, precision=resolve_precision("auto", args.device))
+        self.enc = enc = load_encoder(model_dir, device=args.device,
+                                      precision=resolve_precision(args.precision, args.device))
         decoder = Decoder(enc.modality, source_column(df, enc.modality), getattr(enc, "sample_rate", None),
                           preprocess=enc.preprocessor())
         rows = df.to_dict("records")
@@ -398,7 +400,7 @@ class Bare:
         nbytes = sum(v.numel() * v.element_size() for x in inputs for v in x.values())
         self.preload = device.type == "cpu" or nbytes < 8e9
         if self.preload:
-            inputs = [{k: v.to(device) for k, v in x.items()} for x in inputs]
+            inputs = [{k: enc.to_device(v) for k, v in x.items()} for x in inputs]  # bf16-weights: floats in bf16
             # The host copies were pinned (Encoder.host_tensor) and torch's caching host allocator keeps them
             # pinned after they are freed: (b) then forks its DataLoader workers from a process holding GBs of
             # pinned memory, which cost ~1 s per run on an H200 (0.16 ms per image over 8,000), where a user's
@@ -417,7 +419,7 @@ class Bare:
 
     def _forward(self, x):
         if not self.preload:
-            x = {k: v.to(self.device) for k, v in x.items()}
+            x = {k: self.enc.to_device(v) for k, v in x.items()}
         return self.enc.model(**x, output_hidden_states=True)
 
     def time_once(self):
@@ -934,6 +936,7 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=None,
                    help="featx decoding workers (default: 0 on cpu, cpu_count - 2 on cuda)")
     p.add_argument("--pool", default="mean", help="featx poolings stored in (b)")
+    p.add_argument("--precision", default="auto", help="featx --precision, in (a) and (b): auto, bf16, bf16-weights, ...")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="cache dtype in (b)")
     p.add_argument("--text-tokens", type=int, default=None, help="texts of exactly this many tokens (e.g. 128)")
     p.add_argument("--text-words", default="5,120", help="min,max words per text when --text-tokens is not given")
