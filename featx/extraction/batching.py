@@ -13,7 +13,7 @@ import torch
 
 from featx.encoders.pooling import pool
 
-__all__ = ["Runner", "Interrupted", "longest_first"]
+__all__ = ["Runner", "Launched", "Interrupted", "longest_first"]
 
 
 def longest_first(todo, rows, decoder):
@@ -96,11 +96,22 @@ class Runner:
         """items: list of (index, inputs). Returns (indices, pooled {name: (n, L, D)}, seqs | None, failures).
         done(n), when given, is called as n more items are finished: failed, or their last input forwarded.
         A KeyboardInterrupt (Ctrl-C) during the forward is raised as Interrupted, whose `result` is the same
-        tuple for the items finished before it, so that the caller can keep them."""
+        tuple for the items finished before it, so that the caller can keep them. run = finish(start(...))."""
+        return self.finish(self.start(items, done))
+
+    def start(self, items, done=None) -> "Launched":
+        """Queue the forward of every input of `items` on the device and the copies of its pooled values to the
+        host, without waiting for them: the caller can decode and start the next group while the device works
+        (finish() waits). A Ctrl-C during it stops the batches; finish() then raises Interrupted."""
         done = done or (lambda n: None)
         inputs, failures = self._flatten(items)
         done(len(failures))
-        pooled, counts, seqs, ran, stopped = self._forward(inputs, done)
+        return Launched(inputs, failures, *self._forward(inputs, done))
+
+    def finish(self, launched) -> tuple:
+        """run's tuple for the items `launched` held, once the device has finished them."""
+        inputs, failures, stopped = launched.inputs, launched.failures, launched.stopped
+        pooled, counts, seqs, ran = launched.wait()
         unfinished = {i for k, (i, _) in enumerate(inputs) if not ran[k]}
         by_item = {}
         for k, (i, _) in enumerate(inputs):
@@ -142,29 +153,30 @@ class Runner:
         return inputs, failures
 
     def _forward(self, inputs, done):
-        """Per input: pooled {name: (n, L, D)} (float32; in the store dtype when every item is one input), valid
-        positions (n,), sequences (list, None without seq), ran (n,) bool: forwarded, and the KeyboardInterrupt
-        that stopped the batches early (None: every input ran). done(n) after each batch: the items whose last
-        input it held."""
+        """Launch the batches of `inputs`: (copies, pooled, seqs, ran, stopped). copies: per batch (input numbers,
+        {pooling: host tensor}, host counts) being copied from the device (pinned memory on CUDA, asynchronously);
+        pooled: {pooling: (n, L, D)} arrays to fill with them (float32; the store dtype when every item is one
+        input); seqs: per input, the sequence (list, None without seq); ran (n,) bool: forwarded; stopped: the
+        KeyboardInterrupt that stopped the batches early (None: every input ran). done(n) after each batch: the
+        items whose last input it held."""
         enc = self.encoder
         left = {}  # item index -> its inputs not yet forwarded
         for i, _ in inputs:
             left[i] = left.get(i, 0) + 1
-        n, shape = len(inputs), (enc.num_layers, enc.hidden_size)
+        n = len(inputs)
         # items of several inputs (audio windows, video frames) are combined on the host, in float32
         half = self.store_dtype == "float16" and len(left) == n
-        pooled = {k: np.empty((n, *shape), np.float16 if half else np.float32) for k in self.poolings}
-        counts = np.empty(n, np.int64)
         seqs = [None] * n
-        ran, stopped = np.zeros(n, bool), None
-        on_device = []
+        ran, stopped, copies = np.zeros(n, bool), None, []
         # one autocast context for the group: autocast casts each weight to bf16/fp16 once and keeps it for the
         # context's life, where a context per batch cast every weight again for every batch
         with enc.autocast():
             try:
                 for batch in self.batches(inputs):
                     batch_pooled, batch_seqs, batch_counts = self.run_batch([inputs[k][1] for k in batch])
-                    on_device.append((np.asarray(batch), batch_pooled, batch_counts))
+                    copies.append((np.asarray(batch), {name: _to_host(enc, v.half() if half else v)
+                                                       for name, v in batch_pooled.items()},
+                                   _to_host(enc, batch_counts)))
                     for j, k in enumerate(batch if batch_seqs else ()):
                         seqs[k] = batch_seqs[j]
                     ran[batch] = True
@@ -175,11 +187,46 @@ class Runner:
                     done(finished)
             except KeyboardInterrupt as e:  # keep the batches that finished (see run)
                 stopped = e
-        for batch, batch_pooled, batch_counts in on_device:  # one wait for the device per group, not per batch
-            for name, v in batch_pooled.items():
-                pooled[name][batch] = (v.half() if half else v).cpu().numpy()
-            counts[batch] = batch_counts.cpu().numpy()
-        return pooled, counts, seqs, ran, stopped
+        pooled = {name: np.empty((n, enc.num_layers, enc.hidden_size), np.float16 if half else np.float32)
+                  for name in self.poolings}
+        return copies, pooled, seqs, ran, stopped
+
+
+def _to_host(enc, tensor):
+    """A host copy of a device tensor, made asynchronously into pinned memory on CUDA (read it after
+    Launched.wait()); on the CPU the tensor itself."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = enc.host_tensor(tensor.shape, tensor.dtype)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+class Launched:
+    """A group's batches queued on the device by Runner.start: its inputs, failures, the Ctrl-C that stopped it
+    (or None), and its pooled values on their way to the host; wait() gives them once the device is done."""
+
+    def __init__(self, inputs, failures, copies, pooled, seqs, ran, stopped):
+        self.inputs, self.failures, self.stopped = inputs, failures, stopped
+        self._copies, self._pooled, self._seqs, self._ran = copies, pooled, seqs, ran
+        self._event, self._result = None, None
+        if copies and copies[-1][2].is_pinned():  # the copies were queued on the current stream
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self):
+        """(pooled {name: (n, L, D)} per input, counts (n,), seqs, ran), after the device's copies are done: one
+        wait per group, not per batch."""
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            pooled, counts = self._pooled, np.empty(len(self.inputs), np.int64)
+            for batch, values, batch_counts in self._copies:
+                for name, v in values.items():
+                    pooled[name][batch] = v.numpy()
+                counts[batch] = batch_counts.numpy()
+            self._result, self._copies = (pooled, counts, self._seqs, self._ran), None
+        return self._result
 
 
 class Interrupted(KeyboardInterrupt):

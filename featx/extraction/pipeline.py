@@ -60,7 +60,7 @@ class ResolvedSettings:
     batch_size: int
     device: str                 # cpu | cuda | cuda:<rank>
     dtype: str
-    precision: str              # fp32 | bf16 | fp16
+    precision: str              # fp32 | bf16 | fp16 | bf16-weights
     max_length: int | None
     max_audio_seconds: float
     audio_attention: str        # WavLM: sdpa | eager
@@ -318,7 +318,10 @@ def _run_model(job, data, settings):
 
     options = {"image_preprocess": settings.image_preprocess} if job.modality == "image" else {}
     options.update({"audio_attention": settings.audio_attention} if job.modality == "audio" else {})
-    encoder = load_encoder(job.model, config=job.config, device=settings.device,
+    # With decoding workers on a GPU, the model loads on the CPU and moves to the GPU once the workers have forked
+    # (_run): forking a process that holds a CUDA model took ~30-60 ms a worker on an H200, 14 workers in turn
+    later = bool(settings.num_workers) and str(settings.device).startswith("cuda")
+    encoder = load_encoder(job.model, config=job.config, device="cpu" if later else settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
                            max_length=settings.max_length, modality=job.modality, **options)
     for line in encoder.advice:
@@ -452,18 +455,38 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     out = _WriteThread(writer)
     group, sizes = [], group_sizes(runner.batch_size, group_size, ramp=bool(workers) or threaded)
     size = next(sizes)
-    chunks = decoded_ahead(loader, math.ceil(group_size / chunk)) if threaded else iter(loader)
+    chunks = decoded_ahead(loader, math.ceil(group_size / chunk)) if threaded else iter(loader)  # workers fork
+    if runner.encoder.device != torch.device(settings.device):
+        runner.encoder.to(settings.device)  # loaded on the CPU until the workers had forked (_run_model)
+    # Group k+1 is queued on the device before group k's values are fetched: the device never waits for the host
+    # between groups (the wait for k is in _finish_group, while k+1 runs), and each group's values go to the
+    # writer as soon as they are on the host.
+    queued = []  # groups on the device, not yet handed to the writer, oldest first
+
+    def hand(started):  # queue a group (None: the end); write the ones before it, or all at the end or on Ctrl-C
+        if started is not None:
+            queued.append(started)
+        stopped = started is not None and started[1] is not None and started[1].stopped is not None
+        while queued and (len(queued) > 1 or started is None or stopped):
+            out.put(_finish_group(runner, queued[0]))  # on Ctrl-C in that forward: raises Interrupted
+            queued.pop(0)
+
     try:
         for items in chunks:
             for item in unpack_chunk(items) if workers else items:
                 group.append(item)
                 if len(group) >= size:
-                    out.put(_forward_group(runner, group, bar.update))
+                    hand(_start_group(runner, group, bar.update))
                     group, size = [], next(sizes)
         if group:
-            out.put(_forward_group(runner, group, bar.update))
+            hand(_start_group(runner, group, bar.update))
+        hand(None)
     except Interrupted as e:  # Ctrl-C: the items the progress bar counted as done are written before it stops
         out.put(e.result)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C between forwards: the groups on the device are written before it stops
+        for started in queued:
+            out.put(_finish_group(runner, started))
         raise
     finally:
         if threaded:
@@ -555,22 +578,27 @@ def _one_thread_tokenizers(worker_id):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _forward_group(runner, group, done):
-    """(indices, pooled, seqs, failures) of a group of decoded items [(index, inputs | None, reason | None)];
-    done(n) as items finish (progress per item, not per group). On Ctrl-C during the forward, Interrupted with
-    that tuple for the items finished before it."""
+def _start_group(runner, group, done):
+    """(failures, Runner.start's Launched | None) of a group of decoded items [(index, inputs | None, reason |
+    None)], its batches queued on the device; done(n) as items finish (progress per item, not per group)."""
     failed = [(i, why) for i, inputs, why in group if inputs is None]
     ok = [(i, inputs) for i, inputs, why in group if inputs is not None]
     done(len(failed))
-    indices, pooled, seqs = np.zeros(0, np.int64), None, None
-    if ok:
-        try:
-            indices, pooled, seqs, more = runner.run(ok, done)
-        except Interrupted as e:
-            indices, pooled, seqs, more = e.result
-            raise Interrupted((indices, pooled, seqs, failed + more)) from e.__cause__
-        failed += more
-    return indices, pooled, seqs, failed
+    return failed, (runner.start(ok, done) if ok else None)
+
+
+def _finish_group(runner, started):
+    """(indices, pooled, seqs, failures) of a group _start_group queued, once the device is done with it. If Ctrl-C
+    stopped its forward, Interrupted with that tuple for the items finished before it."""
+    failed, launched = started
+    if launched is None:
+        return np.zeros(0, np.int64), None, None, failed
+    try:
+        indices, pooled, seqs, more = runner.finish(launched)
+    except Interrupted as e:
+        indices, pooled, seqs, more = e.result
+        raise Interrupted((indices, pooled, seqs, failed + more)) from e.__cause__
+    return indices, pooled, seqs, failed + more
 
 
 class _Closing:

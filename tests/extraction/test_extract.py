@@ -514,6 +514,57 @@ def test_ctrl_c_during_a_group_writes_the_items_its_finished_batches_counted(tin
         np.testing.assert_allclose(c.layer(c.num_layers - 1), w.layer(w.num_layers - 1), atol=1e-5)
 
 
+def _texts(tmp_path, n=40):
+    words = ["good", "bad film", "a fine and long film", "ok", "not good at all", "great fun"]
+    texts = [" ".join(words[(k + j) % 6] for j in range(1 + k % 5)) for k in range(n)]
+    path = tmp_path / "m.csv"
+    pd.DataFrame({"id": [f"t{k}" for k in range(n)], "text": texts}).to_csv(path, index=False)
+    return path
+
+
+def test_the_next_group_is_queued_on_the_device_before_the_last_one_is_fetched(tiny_bert, tmp_path, monkeypatch):
+    from featx.extraction.batching import Runner
+    path, calls = _texts(tmp_path), []
+    start, finish = Runner.start, Runner.finish
+    monkeypatch.setattr(Runner, "start", lambda self, items, done=None: calls.append(("start", len(items)))
+                        or start(self, items, done))
+    monkeypatch.setattr(Runner, "finish", lambda self, launched: calls.append(("finish", len(launched.inputs)))
+                        or finish(self, launched))
+    kw = dict(dtype="float32", device="cpu", batch_size=4, group_size=16, progress=False)
+    got = extract(path, [tiny_bert], tmp_path / "a", **kw).paths[0]
+    # groups of 16, 16, 8 texts: each group's values are fetched after the next one is queued
+    assert calls == [("start", 16), ("start", 16), ("finish", 16), ("start", 8), ("finish", 16), ("finish", 8)]
+    monkeypatch.setattr(Runner, "start", start)
+    monkeypatch.setattr(Runner, "finish", finish)
+    one = extract(path, [tiny_bert], tmp_path / "b", **dict(kw, group_size=40)).paths[0]
+    with open_cache(got) as a, open_cache(one) as b:
+        assert a.done.all() and b.done.all()
+        for layer in range(a.num_layers):
+            np.testing.assert_allclose(a.layer(layer), b.layer(layer), atol=1e-6)
+
+
+def test_ctrl_c_while_decoding_writes_the_groups_already_on_the_device(tiny_bert, tmp_path, monkeypatch):
+    from featx.extraction.decode import DecodedItems
+    path, counted = _texts(tmp_path), []
+    real, calls = DecodedItems.__getitems__, []
+
+    def ctrl_c(self, ks):  # Ctrl-C while the third group of texts is tokenized: two groups were queued
+        calls.append(len(ks))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, ks)
+
+    monkeypatch.setattr(DecodedItems, "__getitems__", ctrl_c)
+    import featx.progress as fp
+    bar = fp.progress_bar
+    monkeypatch.setattr(fp, "progress_bar", lambda *a, **k: _Counting(bar(*a, **k), counted))
+    with pytest.raises(KeyboardInterrupt):
+        extract(path, [tiny_bert], tmp_path / "c", dtype="float32", device="cpu", batch_size=4, group_size=16,
+                progress=False)
+    with open_cache(next((tmp_path / "c").glob("*.h5"))) as c:
+        assert c.done.sum() == 32 == sum(counted)  # both groups that were forwarded, as the progress bar said
+
+
 class _Counting:
     """A progress bar that also notes each update."""
 
