@@ -1,6 +1,7 @@
 """Speech encoders of the wav2vec2 family (WavLM, wav2vec2, HuBERT, ...), with the checkpoint's feature extractor."""
 from __future__ import annotations
 
+import types
 import warnings
 
 import numpy as np
@@ -32,6 +33,15 @@ class _Normalise:
         return self.processor.zero_mean_unit_var_norm([values], None, self.processor.padding_value)[0]
 
 
+def frame_mask(model, feature_vector_length, attention_mask, add_adapter=None):
+    """The (B, T) bool mask of the frames over real samples, as transformers' wav2vec2-family
+    `_get_feature_vector_attention_mask` makes it (frames before each row's output length), but compared in one
+    kernel: transformers sets the last real frame by an index assignment, which waits for the GPU every batch.
+    Set on the loaded model in place of that method."""
+    lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1), add_adapter=add_adapter).to(torch.long)
+    return torch.arange(feature_vector_length, device=attention_mask.device)[None, :] < lengths[:, None]
+
+
 class AudioEncoder(Encoder):
     """wav2vec2-family speech encoders. audio_attention: how a WavLM runs its attention, "sdpa" (torch's fused
     scaled_dot_product_attention, featx.encoders.wavlm_sdpa) or "eager" (transformers' own); stored in the
@@ -49,6 +59,8 @@ class AudioEncoder(Encoder):
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights", config=config,
                                           trust_remote_code=trust_remote_code, **self.weights_kwargs()))
         self.sample_rate = int(self.processor.sampling_rate)
+        if hasattr(self.model, "_get_feature_vector_attention_mask"):
+            self.model._get_feature_vector_attention_mask = types.MethodType(frame_mask, self.model)
         # Group-norm conv features (wav2vec2-base, WavLM-base) normalise over the whole padded length, and
         # such checkpoints take no attention mask: padding would change their outputs, so they batch only
         # inputs of equal length.

@@ -250,3 +250,22 @@ def test_audio_attention_option_is_checked():
     with pytest.raises(FeatxError, match="--audio-attention unknown audio attention 'flash'; choose from sdpa, eager"):
         ExtractSettings(manifest="m.csv", model=["m"], out="o", audio_attention="flash")
     assert ExtractSettings(manifest="m.csv", model=["m"], out="o").kwargs()["audio_attention"] == "sdpa"
+
+
+def test_frame_mask_equals_transformers_mask_without_waiting_for_the_device(tiny_wavlm):
+    # featx sets frame_mask on wav2vec2-family models in place of transformers' _get_feature_vector_attention_mask,
+    # whose index assignment waits for the GPU every batch; the masks must be equal
+    from transformers import AutoModel
+
+    from featx.encoders import load_encoder
+    from featx.encoders.audio import frame_mask
+    plain = AutoModel.from_pretrained(tiny_wavlm)
+    assert load_encoder(tiny_wavlm).model._get_feature_vector_attention_mask.__func__ is frame_mask
+    rng = np.random.default_rng(0)
+    samples = 16000
+    frames = int(plain._get_feat_extract_output_lengths(torch.tensor(samples)))
+    for lengths in ([samples, 400, 401, 7999], [samples] * 3, rng.integers(400, samples, 16).tolist()):
+        mask = (torch.arange(samples)[None, :] < torch.tensor(lengths)[:, None]).long()
+        want = plain._get_feature_vector_attention_mask(frames, mask)
+        got = frame_mask(plain, frames, mask)
+        assert got.dtype == want.dtype == torch.bool and torch.equal(got, want)
