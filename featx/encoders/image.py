@@ -63,6 +63,7 @@ class ImageEncoder(Encoder):
 
         self.processor = from_pretrained(AutoImageProcessor, name, "image processor",
                                          trust_remote_code=trust_remote_code)
+        self._copy_stream = None  # CUDA: the stream pinned images cross to the device on (_copied)
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights",
                                           trust_remote_code=trust_remote_code, **self.weights_kwargs()))
         self.image_preprocess = self._preprocess_path(image_preprocess, self.processor)
@@ -140,9 +141,7 @@ class ImageEncoder(Encoder):
         chw = [None] * len(images)
         for shape, members in groups.items():
             if self.device.type == "cuda" and all(_pinned(images[b]) for b in members):
-                batch = torch.empty((len(members), *shape), dtype=torch.uint8, device=self.device)
-                for j, b in enumerate(members):
-                    batch[j].copy_(torch.as_tensor(images[b]), non_blocking=True)
+                batch = self._copied((len(members), *shape), [images[b] for b in members])
             else:
                 host = self.host_tensor((len(members), *shape), torch.uint8)
                 np.stack([np.asarray(images[b]) for b in members], out=host.numpy())
@@ -152,6 +151,21 @@ class ImageEncoder(Encoder):
                 chw[b] = batch[j]
         out = self.processor(images=chw, return_tensors="pt", device=self.device, input_data_format="channels_first")
         return out["pixel_values"]
+
+    def _copied(self, shape, images) -> torch.Tensor:
+        """A (B, H, W, 3) uint8 device tensor of B pinned host images, copied on a stream of its own: the copies
+        overlap the forward of the batch before, which the model's stream still runs (on that stream they would
+        wait for it). The model's stream waits for them before it uses the tensor."""
+        compute = torch.cuda.current_stream(self.device)
+        if self._copy_stream is None or self._copy_stream.device != self.device:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            batch = torch.empty(shape, dtype=torch.uint8, device=self.device)
+            for j, image in enumerate(images):
+                batch[j].copy_(torch.as_tensor(image), non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        batch.record_stream(compute)  # its memory is not reused before the model's stream is done with it
+        return batch
 
     def forward(self, inputs):
         pixels = self.to_device(inputs["pixel_values"])

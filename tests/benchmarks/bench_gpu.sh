@@ -5,7 +5,7 @@
 # Each step has its own time limit, so one that fails or runs long leaves the others' figures.
 # Run from the repository root; figures and logs go to $OUT (default /tmp/featx-gpu). Wheels in .whl/ (for
 # packages the machine lacks: soundfile, this repository's transformers) are installed to /tmp/site first.
-# STEPS (default "check text image audio profile wavlm probe"; also "diagnose", after text/image/audio) picks the steps; TEXT_N, IMAGE_N, AUDIO_N, *_BATCH, REPEAT
+# STEPS (default "check text image audio profile wavlm probe"; also "diagnose", after text/image/audio, and "cache") picks the steps; TEXT_N, IMAGE_N, AUDIO_N, *_BATCH, REPEAT
 # and BENCH_FLAGS (more bench_extract.py flags, e.g. "--no-profile --skip-naive --no-host") size them.
 set -u
 OUT=${OUT:-/tmp/featx-gpu}
@@ -35,6 +35,7 @@ for step in ${STEPS:-check text image audio profile wavlm probe}; do
     audio) timeout 200 python3 $B/bench_extract.py $common --kinds audio --n ${AUDIO_N:-600} --audio-seconds 1,15 \
                --batch-size ${AUDIO_BATCH:-32} --naive-n 30 --json "$OUT/audio.json" ;;
     profile) timeout 90 python3 $B/profile_cuda_forward.py --models /tmp/featx-bench/models ;;
+    cache) timeout 90 python3 $B/bench_cache.py --n 16384 --part 1024 --order longest --dir /tmp/featx-bench/cachebench ;;
     diagnose) timeout 240 python3 $B/diagnose_cuda_extract.py --root /tmp/featx-bench --json "$OUT/diagnose.json" \
                   ${DIAGNOSE_FLAGS:-} ;;
     wavlm) timeout 120 python3 $B/bench_wavlm.py --sizes large --seconds 5,15 --repeats 3 --no-tiny --bias "32,750" ;;

@@ -11,6 +11,13 @@ Uses the real-size random-init models and manifests bench_extract.py leaves unde
              the host prepares the next one).
   timeline   the same extract under torch.profiler (CUDA activity only): the fraction of the span in which a
              kernel ran, and the largest gaps between kernels.
+  host       the same extract with its main thread's seconds split: queueing groups on the device
+             (Runner.start: collate, launches), fetching their values (Runner.finish, of it waiting for the
+             device), handing them to the writer (blocks while its queue is full), and the rest (waiting for
+             decoded items, the start).
+  fork       in a fresh process: how long the 14 forks of DataLoader workers take after importing torch, after
+             asking CUDA about the device (is_bf16_supported), with a CUDA context, with the model on the GPU,
+             and with 2 GB of pinned memory cached.
 
 Run: PYTHONPATH=. python tests/benchmarks/diagnose_cuda_extract.py --root /tmp/featx-bench [--kinds text,image,audio]
 """
@@ -155,18 +162,100 @@ def timeline(run, precision):
             "gap_ms_over_1ms_total": float(gaps[gaps > 1].sum()), "largest_gaps_ms": np.sort(gaps)[-8:][::-1].round(1).tolist()}
 
 
+def host(run, precision):
+    """Seconds of the main thread in each stage of one extract (see the module doc)."""
+    from featx.extraction import batching, pipeline
+
+    spent = collections.Counter()
+
+    def timed(owner, name, key):
+        inner = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        setattr(owner, name, wrapper)
+        return inner
+
+    saved = [(batching.Runner, "start", timed(batching.Runner, "start", "start (collate, launch)")),
+             (batching.Runner, "finish", timed(batching.Runner, "finish", "finish (fetch values)")),
+             (batching.Launched, "wait", timed(batching.Launched, "wait", "of finish: waiting for the device")),
+             (batching.Runner, "run_batch", timed(batching.Runner, "run_batch", "of start: run_batch")),
+             (pipeline._WriteThread, "put", timed(pipeline._WriteThread, "put", "writer hand-off")),
+             (pipeline, "_run", timed(pipeline, "_run", "_run (all)"))]
+    try:
+        t = time.perf_counter()
+        run(precision)
+        total = time.perf_counter() - t
+    finally:
+        for owner, name, inner in saved:
+            setattr(owner, name, inner)
+    out = {k: round(v, 3) for k, v in spent.items()}
+    out["rest of _run (decoded items, start)"] = round(spent["_run (all)"] - spent["start (collate, launch)"]
+                                                       - spent["finish (fetch values)"] - spent["writer hand-off"], 3)
+    out["extract (all, closing included)"] = round(total, 3)
+    return out
+
+
+FORK_PROBE = r"""
+import os, sys, time, json
+def forks(k=14):
+    t = time.perf_counter()
+    pids = []
+    for _ in range(k):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        pids.append(pid)
+    spent = time.perf_counter() - t
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return round(spent * 1e3, 1)
+out = {}
+import torch
+out["after import torch"] = forks()
+torch.cuda.is_available(); torch.cuda.is_bf16_supported()
+out["after is_bf16_supported"] = forks()
+torch.zeros(1, device="cuda")
+out["with a CUDA context"] = forks()
+from featx.encoders import load_encoder
+enc = load_encoder(sys.argv[1], device="cpu", precision=sys.argv[2])
+out["model loaded on the CPU"] = forks()
+enc.to("cuda")
+out["model on the GPU"] = forks()
+x = torch.empty(2 << 30, dtype=torch.uint8, pin_memory=True); del x
+out["2 GB pinned, cached"] = forks()
+print(json.dumps(out))
+"""
+
+
+def fork(model_dir, precision):
+    """ms of 14 forks at each stage, in a fresh process."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", FORK_PROBE, model_dir, precision], capture_output=True, text=True,
+                       timeout=120)
+    if r.returncode:
+        return {"error": r.stderr.strip().splitlines()[-1:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/featx-bench")
     ap.add_argument("--kinds", default="text,image,audio")
     ap.add_argument("--precision", default="bf16-weights", help="featx's precision in the syncs and timeline steps")
-    ap.add_argument("--steps", default="precision,syncs,timeline")
+    ap.add_argument("--steps", default="precision,syncs,timeline,host,fork")
     ap.add_argument("--json", default=None)
     ap.add_argument("--size", default="large", help="the models bench_extract.py built (tiny: a CPU smoke test)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--n", default=None, help="items per kind for syncs and timeline (text=N,...; default %s)" % N)
     args = ap.parse_args()
-    steps = args.steps.split(",") if args.device == "cuda" else ["precision"]
+    steps = args.steps.split(",") if args.device == "cuda" else [x for x in args.steps.split(",")
+                                                                   if x in ("precision", "host")]
     n = dict(N, **{k: int(v) for k, v in (p.split("=") for p in args.n.split(","))}) if args.n else N
     result = {}
     for kind in args.kinds.split(","):
@@ -186,6 +275,12 @@ def main():
         if "timeline" in steps:
             r["timeline"] = timeline(run, args.precision)
             print(f"[{kind}] timeline {json.dumps(r['timeline'])}", flush=True)
+        if "host" in steps:
+            r["host"] = host(run, args.precision)
+            print(f"[{kind}] main thread, seconds: {json.dumps(r['host'])}", flush=True)
+        if "fork" in steps:
+            r["fork_ms"] = fork(model_dir, args.precision)
+            print(f"[{kind}] 14 forks, ms: {json.dumps(r['fork_ms'])}", flush=True)
         if args.device == "cuda":
             torch.cuda.empty_cache()
     if args.json:
