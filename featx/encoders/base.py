@@ -95,13 +95,6 @@ class Encoder:
         dtype = weights_dtype(self.precision) if tensor.is_floating_point() else None
         return tensor.to(self.device, dtype=dtype, non_blocking=True)
 
-    def to(self, device):
-        """Move the model to `device`, the encoder's device from then on (extract loads a CUDA model on the CPU,
-        starts its decoding workers, then moves it: a process forks faster before it holds a CUDA model)."""
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
-
     def _finish_load(self, model):
         self.model = model.eval().to(self.device)
         cfg = getattr(model.config, "vision_config", model.config) if self.modality == "image" else model.config

@@ -61,10 +61,3 @@ def test_fine_tuning_refuses_bf16_weights_in_one_line(tmp_path, media, tiny_bert
     assert r.returncode == 1 and "bf16-weights is for extraction only" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
-
-def test_an_encoder_moves_to_another_device_after_loading(tiny_bert):
-    # extract loads a CUDA model on the CPU and moves it once its decoding workers have forked
-    enc = load_encoder(tiny_bert, precision="bf16-weights")
-    assert enc.to("meta") is enc and enc.device == torch.device("meta")
-    assert {p.device.type for p in enc.model.parameters()} == {"meta"}
-    assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}

@@ -374,3 +374,17 @@ def test_without_workers_media_decode_in_the_decoding_thread_and_texts_inline(me
     assert [(c["done"], c["failed"]) for c in res.caches] == [(8, 0)] * 3
     assert threads == {"text": {"MainThread"}, "image": {"featx-decode"}, "audio": {"featx-decode"}}
     assert not _decode_threads()
+
+
+def test_default_group_sizes_by_modality(tiny_bert, tiny_wavlm, tiny_clip_vision):
+    from featx.extraction.batching import Runner
+    from featx.extraction.pipeline import TEXT_GROUP_MAX, default_group_size
+    text, audio, image = (load_encoder(m) for m in (tiny_bert, tiny_wavlm, tiny_clip_vision))
+    # images: 2 batches (no sorting; their decoded pixels wait in memory), at least 64
+    assert default_group_size("image", Runner(image, ["mean"], batch_size=256), False) == 512
+    assert default_group_size("video", Runner(image, ["mean"], batch_size=16), False) == 64
+    # audio: 8 batches, sorted by length within the group
+    assert default_group_size("audio", Runner(audio, ["mean"], batch_size=32), False) == 256
+    # texts without --seq: as many as fit the part's bytes, at most TEXT_GROUP_MAX; with --seq, 8 batches
+    assert default_group_size("text", Runner(text, ["mean"], batch_size=16), False) == TEXT_GROUP_MAX
+    assert default_group_size("text", Runner(text, ["mean"], batch_size=16), True) == 128
