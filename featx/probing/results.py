@@ -22,9 +22,10 @@ COLUMNS = ["encoder", "modality", "num_layers", "layer", "pooling", "probe", "me
 WEIGHT_COLUMNS = ["encoder", "modality", "seed", "layer", "weight", "train_size", "method"]
 # best_layers.csv: per (encoder, modality, metric), scores on `split` (test, or cv without a test split) at the
 # full training part; the best layer and the fusion method are chosen on `selected_on` (dev) by the primary metric.
-BEST_COLUMNS = ["encoder", "modality", "metric", "split", "train_size", "selected_on", "best_dev_layer",
-                "best_layer_score", "output_layer", "output_layer_score", "weighted_score", "fusion_method",
-                "fusion_score"]
+# pooling and probe: what made the layers' scores (the probe's name as results.csv has it, e.g. ridge-batched).
+BEST_COLUMNS = ["encoder", "modality", "pooling", "probe", "metric", "split", "train_size", "selected_on",
+                "best_dev_layer", "best_layer_score", "output_layer", "output_layer_score", "weighted_score",
+                "fusion_method", "fusion_score"]
 # Column names best_layers.csv had before BEST_COLUMNS.
 _OLD_BEST = {"best_layer": "best_dev_layer", "best_value": "best_layer_score",
              "output_layer_value": "output_layer_score", "weighted_value": "weighted_score",
@@ -106,10 +107,11 @@ def best_layer_table(df, primary, higher_is_better=None, full_size="1.0"):
         if dev.dropna().empty:
             continue
         best = int((sign * dev).idxmax())
+        made_by = {c: ",".join(sorted(map(str, g[c].dropna().unique()))) for c in ("pooling", "probe")}
         for metric in g["metric"].unique():
             def val(method, layer):
                 return float(mean.get((enc, mod, method, layer, test_split, metric), np.nan))
-            out.append(dict(encoder=enc, modality=mod, metric=metric, split=test_split, train_size=full_size,
+            out.append(dict(encoder=enc, modality=mod, **made_by, metric=metric, split=test_split, train_size=full_size,
                             selected_on=select, best_dev_layer=best, best_layer_score=val("layer", best),
                             output_layer=last, output_layer_score=val("layer", last),
                             weighted_score=val("weighted", -1), fusion_method=fusion_method,
@@ -301,7 +303,8 @@ def load_results(path):
         best = best.rename(columns={k: v for k, v in _OLD_BEST.items() if k in best.columns})
         if "best_dev_layer" not in best.columns:
             raise FeatxError(f"{best_path} lacks the column best_dev_layer")
-        best = _fill(best, {"modality": "", "fusion_method": np.nan, **{c: np.nan for c in _BEST_VALUES}})
+        best = _fill(best, {"modality": "", "pooling": "", "probe": "", "fusion_method": np.nan,
+                            **{c: np.nan for c in _BEST_VALUES}})
         res.best_layers = best.astype({"encoder": str, "metric": str})
         if "selected_on" in best.columns and best["selected_on"].notna().any():
             res.selection_split = str(best["selected_on"].dropna().iloc[0])

@@ -265,3 +265,26 @@ def test_labelled_items_with_no_split_are_counted_and_named_not_dropped_silently
     assert main(["probe", full, "--out", str(tmp_path / "out2"), "--probe", "batched", "-q"]) == 0
     assert "no split" not in capsys.readouterr().err
     assert _strict(tmp_path / "out2" / "meta.json")["unsplit"] == {"toy/encoder": 0}
+
+
+def test_best_layers_and_the_console_table_say_which_pooling_and_probe_made_the_scores(tmp_path):
+    # a score without its pooling is not the number asked for: --pool cls and mean give different tables
+    from featx.probing.results import best_layer_table
+    rows = []
+    for layer in range(3):
+        for split, value in (("dev", 1.0 - 0.1 * layer), ("test", 2.0 - 0.1 * layer)):
+            rows.append(dict(encoder="e", modality="text", num_layers=3, layer=layer, pooling="cls",
+                             probe="ridge-batched", method="layer", train_size="1.0", train_labels=10.0, seed=0,
+                             split=split, metric="mae", value=value))
+    best = best_layer_table(pd.DataFrame(rows), "mae", higher_is_better=False)
+    assert list(best.columns[:4]) == ["encoder", "modality", "pooling", "probe"]
+    assert (best.pooling.iloc[0], best.probe.iloc[0], best.best_dev_layer.iloc[0]) == ("cls", "ridge-batched", 2)
+
+
+def test_the_probe_command_prints_the_pooling_and_probe_of_its_scores(tmp_path, capsys):
+    from featx.cli.main import main
+    X, y = planted(n=120, num_layers=3, dim=8, k=2, seed=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(120), y, standard_splits(120))
+    assert main(["probe", str(path), "--out", str(tmp_path / "out"), "--probe", "ridge", "-q"]) == 0
+    head, row = capsys.readouterr().out.strip().splitlines()[:2]
+    assert head.split()[:4] == ["encoder", "modality", "pooling", "probe"] and row.split()[2:4] == ["mean", "ridge"]
