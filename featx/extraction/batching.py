@@ -106,7 +106,7 @@ class Runner:
         done = done or (lambda n: None)
         inputs, failures = self._flatten(items)
         done(len(failures))
-        return Launched(inputs, failures, *self._forward(inputs, done))
+        return Launched(inputs, failures, *self._forward(inputs, done), device=self.encoder.device)
 
     def finish(self, launched) -> tuple:
         """run's tuple for the items `launched` held, once the device has finished them."""
@@ -206,13 +206,13 @@ class Launched:
     """A group's batches queued on the device by Runner.start: its inputs, failures, the Ctrl-C that stopped it
     (or None), and its pooled values on their way to the host; wait() gives them once the device is done."""
 
-    def __init__(self, inputs, failures, copies, pooled, seqs, ran, stopped):
+    def __init__(self, inputs, failures, copies, pooled, seqs, ran, stopped, device=None):
         self.inputs, self.failures, self.stopped = inputs, failures, stopped
         self._copies, self._pooled, self._seqs, self._ran = copies, pooled, seqs, ran
         self._event, self._result = None, None
-        if copies and copies[-1][2].is_pinned():  # the copies were queued on the current stream
+        if copies and copies[-1][2].is_pinned():  # queued on the device's current stream, after its forwards
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(device))
 
     def wait(self):
         """(pooled {name: (n, L, D)} per input, counts (n,), seqs, ran), after the device's copies are done: one
