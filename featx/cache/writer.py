@@ -460,7 +460,9 @@ def consolidate(out_path, sources, state, header):
     tmp = out_path + schema.TMP_SUFFIX
     L, D, dtype = header["num_layers"], header["hidden_size"], header["dtype"]
     # Room for a few chunks per layer: a block of sequences ends inside a chunk, which the next block completes.
-    cache = max(16 << 20, 4 * L * schema.chunk_rows(D, dtype) * D * np.dtype(dtype).itemsize)
+    # Without sequences every block is whole chunks, written once: no chunk cache, so each goes straight through
+    # the checksum filter to the file instead of via the cache (840 MB on a 2-core CPU: copy 2.0 s -> 1.9 s).
+    cache = max(16 << 20, 4 * L * schema.chunk_rows(D, dtype) * D * np.dtype(dtype).itemsize) if header["seq"] else 0
     src = _Sources(sources)
 
     def fill(out, check):
