@@ -66,6 +66,21 @@ def display_names(models, modalities=None) -> list:
             for n, m, modality in zip(names, models, modalities)]
 
 
+def cache_names(models, modalities, paths) -> list:
+    """Names for caches (same order): their encoders' display_names, and where two different cache files hold the
+    same encoder (one model extracted twice: at two precisions, say), each followed by its file in brackets,
+    shortened as folders are ("text [fp32/m__text.h5]"), so that their scores are never merged under one name."""
+    names = display_names(models, modalities)
+    out = list(names)
+    for name in dict.fromkeys(names):
+        same = [k for k, n in enumerate(names) if n == name]
+        files = [os.path.abspath(os.fspath(paths[k])) for k in same]
+        if len(set(files)) > 1:
+            for k, short in zip(same, _unique_names(files)):
+                out[k] = f"{name} [{short}]"
+    return out
+
+
 def _unique_names(models) -> list:
     distinct = list(dict.fromkeys(models))
     depth = {m: 1 for m in distinct}

@@ -19,7 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from featx import metrics
 from featx.errors import FeatxError
-from featx.naming import display_names, slug
+from featx.naming import cache_names, slug
 from featx.probing.classifier import Classifier
 from featx.probing.data import load_cache
 from featx.probing.estimators import infer_task
@@ -126,7 +126,8 @@ def load_caches(caches, s):
     if not paths:
         raise FeatxError("give at least one cache")
     datas = [load_cache(p, s.pool, s.layers, task=s.task) for p in paths]
-    for d, name in zip(datas, display_names([d.encoder for d in datas], [d.modality for d in datas])):
+    for d, name in zip(datas, cache_names([d.encoder for d in datas], [d.modality for d in datas],
+                                          [d.path for d in datas])):
         d.name = name
     return datas
 

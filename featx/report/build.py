@@ -8,7 +8,7 @@ import pandas as pd
 
 from featx.errors import FeatxError
 from featx.report import plots
-from featx.naming import display_names, slug
+from featx.naming import cache_names, display_names, slug
 from featx.report.cka import cache_cka, summary_cka
 from featx.report.html import Section, write_html, write_markdown
 from featx.probing.results import METRIC_LABELS, load_results
@@ -130,7 +130,7 @@ def _cache_names(paths):
         except (FeatxError, OSError, KeyError):
             models.append(os.path.splitext(os.path.basename(p))[0])
             modalities.append(None)
-    return dict(zip(paths, display_names(models, modalities)))
+    return dict(zip(paths, cache_names(models, modalities, paths)))
 
 
 def cka_pairs(pairs, paths, names):

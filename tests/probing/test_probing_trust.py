@@ -183,12 +183,33 @@ def test_display_names_in_tables_and_files_full_path_in_meta(tmp_path):
     assert clf.blocks[0]["encoder"] == "/tmp/newcomer/v1/models/text"   # what predict runs
 
 
+def test_two_caches_of_one_model_are_scored_apart_never_merged(tmp_path):
+    # the same model extracted twice (at two precisions, say): before, both were named "text" and every table
+    # showed one row, the mean of the two caches' scores
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    splits = standard_splits(120)
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "bf16").mkdir()
+    a = write_cache(tmp_path / "fp32" / "m__text.h5", X, _ids(120), y, splits, model="/m/text")
+    b = write_cache(tmp_path / "bf16" / "m__text.h5", X[:, :, ::-1] * 0.5, _ids(120), y, splits, model="/m/text")
+    df = run_probe([a, b], tmp_path / "out", probe="ridge", progress=False)
+    names = ["text [fp32/m__text.h5]", "text [bf16/m__text.h5]"]
+    assert sorted(df.encoder.unique()) == sorted(names)
+    best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
+    assert sorted(best.encoder.unique()) == sorted(names) and len(best) == 2 * best.metric.nunique()
+
+
 def test_display_names():
     from featx.naming import display_names, slug
 
     assert display_names(["org/bert-base", "/m/x/text", "/m/y/text", "/m/clip"]) == \
         ["org/bert-base", "x/text", "y/text", "clip"]
     assert display_names(["/a/m", "/a/m"]) == ["m", "m"]
+    from featx.naming import cache_names
+    assert cache_names(["/a/m", "/a/m", "/b/n"], ["text"] * 3, ["/x/p/c.h5", "/x/q/c.h5", "/x/q/d.h5"]) == \
+        ["m [p/c.h5]", "m [q/c.h5]", "n"]
+    assert cache_names(["/a/m", "/a/m"], ["image", "text"], ["/x/c.h5", "/x/c_text.h5"]) == \
+        ["m (image)", "m (text)"]  # a checkpoint's two towers: told apart by modality already
     assert slug("/tmp/newcomer/featx-demo/models/text") == "tmp-newcomer-featx-demo-models-text"
     assert slug("<>") == "x"
 
