@@ -22,10 +22,11 @@ COLUMNS = ["encoder", "modality", "num_layers", "layer", "pooling", "probe", "me
 WEIGHT_COLUMNS = ["encoder", "modality", "seed", "layer", "weight", "train_size", "method"]
 # best_layers.csv: per (encoder, modality, metric), scores on `split` (test, or cv without a test split) at the
 # full training part; the best layer and the fusion method are chosen on `selected_on` (dev) by the primary metric.
-# pooling and probe: what made the layers' scores (the probe's name as results.csv has it, e.g. ridge-batched).
-BEST_COLUMNS = ["encoder", "modality", "pooling", "probe", "metric", "split", "train_size", "selected_on",
-                "best_dev_layer", "best_layer_score", "output_layer", "output_layer_score", "weighted_score",
-                "fusion_method", "fusion_score"]
+# What made each score, as results.csv names it: pooling; layer_probe (best_layer_score, output_layer_score, e.g.
+# ridge-batched), weighted_probe (weighted_score, e.g. weighted-linear), fusion_probe (fusion_score, e.g. concat-ridge).
+BEST_COLUMNS = ["encoder", "modality", "pooling", "layer_probe", "metric", "split", "train_size", "selected_on",
+                "best_dev_layer", "best_layer_score", "output_layer", "output_layer_score", "weighted_probe",
+                "weighted_score", "fusion_method", "fusion_probe", "fusion_score"]
 # Column names best_layers.csv had before BEST_COLUMNS.
 _OLD_BEST = {"best_layer": "best_dev_layer", "best_value": "best_layer_score",
              "output_layer_value": "output_layer_score", "weighted_value": "weighted_score",
@@ -107,7 +108,10 @@ def best_layer_table(df, primary, higher_is_better=None, full_size="1.0"):
         if dev.dropna().empty:
             continue
         best = int((sign * dev).idxmax())
-        made_by = {c: ",".join(sorted(map(str, g[c].dropna().unique()))) for c in ("pooling", "probe")}
+        weighted = full[(full["encoder"] == enc) & (full["modality"] == mod) & (full["method"] == "weighted")]
+        made_by = dict(pooling=_names(g["pooling"]), layer_probe=_names(g["probe"]),
+                       weighted_probe=_names(weighted["probe"]) or None,
+                       fusion_probe=_names(full[full["method"] == fusion_method]["probe"]) or None)
         for metric in g["metric"].unique():
             def val(method, layer):
                 return float(mean.get((enc, mod, method, layer, test_split, metric), np.nan))
@@ -117,6 +121,11 @@ def best_layer_table(df, primary, higher_is_better=None, full_size="1.0"):
                             weighted_score=val("weighted", -1), fusion_method=fusion_method,
                             fusion_score=float(fusion_value.get(metric, np.nan))))
     return pd.DataFrame(out, columns=BEST_COLUMNS)
+
+
+def _names(values) -> str:
+    """The distinct names among `values` (a column of results rows), comma-joined ("" for none)."""
+    return ",".join(sorted(map(str, values.dropna().unique())))
 
 
 def _best_fusion(full, primary, sign, select, test_split):
@@ -303,8 +312,8 @@ def load_results(path):
         best = best.rename(columns={k: v for k, v in _OLD_BEST.items() if k in best.columns})
         if "best_dev_layer" not in best.columns:
             raise FeatxError(f"{best_path} lacks the column best_dev_layer")
-        best = _fill(best, {"modality": "", "pooling": "", "probe": "", "fusion_method": np.nan,
-                            **{c: np.nan for c in _BEST_VALUES}})
+        best = _fill(best, {"modality": "", "pooling": "", "layer_probe": "", "weighted_probe": np.nan,
+                            "fusion_method": np.nan, "fusion_probe": np.nan, **{c: np.nan for c in _BEST_VALUES}})
         res.best_layers = best.astype({"encoder": str, "metric": str})
         if "selected_on" in best.columns and best["selected_on"].notna().any():
             res.selection_split = str(best["selected_on"].dropna().iloc[0])

@@ -289,7 +289,8 @@ def test_labelled_items_with_no_split_are_counted_and_named_not_dropped_silently
 
 
 def test_best_layers_and_the_console_table_say_which_pooling_and_probe_made_the_scores(tmp_path):
-    # a score without its pooling is not the number asked for: --pool cls and mean give different tables
+    # a score without its pooling is not the number asked for: --pool cls and mean give different tables; and
+    # each score is named with the probe that made it (the weighted sum and the fusion have their own)
     from featx.probing.results import best_layer_table
     rows = []
     for layer in range(3):
@@ -298,8 +299,16 @@ def test_best_layers_and_the_console_table_say_which_pooling_and_probe_made_the_
                              probe="ridge-batched", method="layer", train_size="1.0", train_labels=10.0, seed=0,
                              split=split, metric="mae", value=value))
     best = best_layer_table(pd.DataFrame(rows), "mae", higher_is_better=False)
-    assert list(best.columns[:4]) == ["encoder", "modality", "pooling", "probe"]
-    assert (best.pooling.iloc[0], best.probe.iloc[0], best.best_dev_layer.iloc[0]) == ("cls", "ridge-batched", 2)
+    assert list(best.columns[:4]) == ["encoder", "modality", "pooling", "layer_probe"]
+    assert (best.pooling.iloc[0], best.layer_probe.iloc[0], best.best_dev_layer.iloc[0]) == ("cls", "ridge-batched", 2)
+    assert best.weighted_probe.isna().all() and best.fusion_probe.isna().all()  # none was run
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    a = write_cache(tmp_path / "a.h5", X, _ids(120), y, standard_splits(120), model="/m/a")
+    b = write_cache(tmp_path / "b.h5", X, _ids(120), y, standard_splits(120), model="/m/b", modality="audio")
+    run_probe([a, b], tmp_path / "out", probe="ridge", weighted=True, fusion="early", progress=False)
+    best = pd.read_csv(tmp_path / "out" / "best_layers.csv")
+    assert set(best.layer_probe) == {"ridge"} and set(best.fusion_method) == {"fusion-early"}
+    assert set(best.weighted_probe) == {"weighted-linear"} and set(best.fusion_probe) == {"concat-ridge"}
 
 
 def test_the_probe_command_prints_the_pooling_and_probe_of_its_scores(tmp_path, capsys):
@@ -308,4 +317,4 @@ def test_the_probe_command_prints_the_pooling_and_probe_of_its_scores(tmp_path, 
     path = write_cache(tmp_path / "c.h5", X, _ids(120), y, standard_splits(120))
     assert main(["probe", str(path), "--out", str(tmp_path / "out"), "--probe", "ridge", "-q"]) == 0
     head, row = capsys.readouterr().out.strip().splitlines()[:2]
-    assert head.split()[:4] == ["encoder", "modality", "pooling", "probe"] and row.split()[2:4] == ["mean", "ridge"]
+    assert head.split()[:4] == ["encoder", "modality", "pooling", "layer_probe"] and row.split()[2:4] == ["mean", "ridge"]
