@@ -11,9 +11,10 @@ from featx.cache import CacheWriter
 
 
 def write_cache(path, pooled, ids, labels=None, splits=None, model="toy/encoder", modality="text",
-                done=None, seq=None, pooling="mean"):
+                done=None, seq=None, pooling="mean", failed=None):
     """Write a cache. pooled: (N, L, D); seq: optional list of N arrays (T_i, L, D); done: (N,) bool, the
-    items written (the others stay pending)."""
+    items written (the others stay pending); failed: (N,) bool, items recorded as failed at extraction (not
+    written, with an error, as featx extract records a corrupt file)."""
     pooled = np.asarray(pooled)
     N, L, D = pooled.shape
     dtype = "float16" if pooled.dtype == np.float16 else "float32"
@@ -21,7 +22,11 @@ def write_cache(path, pooled, ids, labels=None, splits=None, model="toy/encoder"
                      num_layers=L, hidden_size=D, dtype=dtype, seq=seq is not None,
                      labels=None if labels is None else list(labels),
                      splits=None if splits is None else list(splits)) as w:
-        idx = np.arange(N) if done is None else np.flatnonzero(np.asarray(done, bool))
+        written = np.ones(N, bool) if done is None else np.asarray(done, bool).copy()
+        if failed is not None:
+            written &= ~np.asarray(failed, bool)
+            w.fail(np.flatnonzero(failed), "cannot decode the file")
+        idx = np.flatnonzero(written)
         w.write(idx, {pooling: pooled[idx]}, None if seq is None else [seq[i] for i in idx])
     return str(path)
 

@@ -14,8 +14,8 @@ import os
 import sys
 import warnings
 
-from featx.cli.options import EXIT_STATUS, HelpFormatter, Parser, add_settings, aligned, print_table, \
-    registered_probe, settings_from
+from featx.cli.options import EXIT_STATUS, PROBE_EXIT_STATUS, HelpFormatter, Parser, add_settings, aligned, \
+    print_table, registered_probe, settings_from
 from featx.errors import FeatxError
 from featx.settings import (DemoSettings, ExtractSettings, FinetuneSettings, FuseSettings, MmsaSettings,
                             ModelsSettings, PredictSettings, ProbeSettings, ReportSettings, check_out_dir,
@@ -23,9 +23,9 @@ from featx.settings import (DemoSettings, ExtractSettings, FinetuneSettings, Fus
 from featx.version import __version__
 
 
-def _command(sub, name, cls, help_text, recipe=True):
-    """A sub-command whose options are the fields of settings class `cls`."""
-    p = sub.add_parser(name, help=help_text, description=f"{help_text}.\n\n{EXIT_STATUS}",
+def _command(sub, name, cls, help_text, recipe=True, exit_status=EXIT_STATUS):
+    """A sub-command whose options are the fields of settings class `cls`; its --help ends with `exit_status`."""
+    p = sub.add_parser(name, help=help_text, description=f"{help_text}.\n\n{exit_status}",
                        formatter_class=HelpFormatter)
     add_settings(p, cls, recipe=recipe)
     return p
@@ -211,7 +211,9 @@ def _run_probe(cls, args):
 
     df = run_probe(s.caches, s.out, **s.kwargs())
     meta = df.attrs.get("meta", {})
-    for key, items in (("unlabeled", "item(s) without a label"), ("unsplit", "labelled item(s) with no split")):
+    for key, items in (("failed", "item(s) that failed at extraction"),
+                       ("pending", "item(s) not extracted (pending in the cache)"),
+                       ("unlabeled", "item(s) without a label"), ("unsplit", "labelled item(s) with no split")):
         for name, count in (meta.get(key) or {}).items():
             if count:
                 print(f"featx {args.command}: {name}: {count} {items} were left out of training and scoring",
@@ -221,12 +223,14 @@ def _run_probe(cls, args):
 
 
 def _probe(sub):
-    p = _command(sub, "probe", ProbeSettings, "fit a probe per layer of each cache; dev selects, test reports")
+    p = _command(sub, "probe", ProbeSettings, "fit a probe per layer of each cache; dev selects, test reports",
+                 exit_status=PROBE_EXIT_STATUS)
     p.set_defaults(func=lambda args: _run_probe(ProbeSettings, args))
 
 
 def _fuse(sub):
-    p = _command(sub, "fuse", FuseSettings, "probe each modality's layers, then fuse the modalities")
+    p = _command(sub, "fuse", FuseSettings, "probe each modality's layers, then fuse the modalities",
+                 exit_status=PROBE_EXIT_STATUS)
     p.set_defaults(func=lambda args: _run_probe(FuseSettings, args))
 
 

@@ -17,6 +17,15 @@ EXIT_STATUS = """exit status:
   2    done, but some items failed: each is listed with its reason
   130  interrupted: run the same command again to resume"""
 
+# probe and fuse have no per-item failures of their own: items that failed at extraction were reported (exit 2)
+# by featx extract; here they, like items without a label or a split, are left out, counted on stderr and in
+# meta.json, and the run is done (0). A bad label value is a data error of the whole run (1).
+PROBE_EXIT_STATUS = """exit status:
+  0    done; items left out (failed at extraction, pending, without a label, with no split) are
+       counted on stderr (a line per cache and reason) and in meta.json
+  1    a usage, configuration or data error (e.g. a non-finite label): one line on stderr
+  130  interrupted: run the same command again (the sweep starts over)"""
+
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line and exit 1 (2 means "some items failed" in featx)."""

@@ -19,7 +19,9 @@ MISSING_LABELS = frozenset({"", "n/a", "na", "nan", "none", "null", "-"})
 @dataclass
 class CacheData:
     """One cache's done, labelled items: X (N, L', W) for `layers`, ids (N,), y (N,) float64 or str,
-    splits (N,) canonical names or None; unlabeled: how many done items had no label (left out).
+    splits (N,) canonical names or None; unlabeled: how many done items had no label (left out); failed and
+    pending: how many items are not done in the cache (left out): failed at extraction (an error is recorded),
+    or never extracted (no error recorded, e.g. a merged cache's missing part).
     layer_widths: each chosen layer's width when the cache's layers differ in width (a CNN's stages), else
     None; W is then the widest chosen one, layer j's features beyond layer_widths[j] are zeros and
     `features(j)` cuts them off. hidden_size: the cache's (the widest layer's)."""
@@ -36,6 +38,8 @@ class CacheData:
     unlabeled: int = 0
     name: str = ""  # the display name (featx.naming.display_names), set by the sweep
     layer_widths: list = None
+    failed: int = 0
+    pending: int = 0
 
     def width(self, j) -> int:
         """The number of features of the j-th chosen layer (X[:, j])."""
@@ -109,7 +113,8 @@ def _splits(raw, path):
 def load_cache(path, pool="mean", layers="all", need_labels=True, task="auto") -> CacheData:
     """Read the pooled layers of a cache (featx.cache.open_cache) into memory; the file is closed after.
 
-    With need_labels, items without a label are left out (counted in CacheData.unlabeled). Layers of
+    Items that are not done are left out (counted in CacheData.failed and .pending). With need_labels, items
+    without a label are left out (counted in CacheData.unlabeled). Layers of
     differing widths: X is as wide as the widest chosen layer (one layer: exactly its width)."""
     if not os.path.exists(path):
         raise no_cache_error(path)   # with a hint when a killed run left its parts
@@ -121,6 +126,8 @@ def load_cache(path, pool="mean", layers="all", need_labels=True, task="auto") -
         if c.labels is None and need_labels:
             raise FeatxError(f"{path}: the cache has no labels to probe")
         done = np.asarray(c.done, bool)
+        errored = np.asarray([str(e) != "" for e in c.error], bool)
+        failed, pending = int((~done & errored).sum()), int((~done & ~errored).sum())
         ids = np.asarray(c.ids)[done].astype(str)
         keep = np.ones(len(ids), bool)
         y = None
@@ -138,4 +145,4 @@ def load_cache(path, pool="mean", layers="all", need_labels=True, task="auto") -
         X, ids, y = X[keep], ids[keep], y[keep]
         splits = None if splits is None else splits[keep]
     return CacheData(str(path), model, modality, L, hidden, chosen, X, ids, y, splits, int((~keep).sum()),
-                     display_name(model), widths)
+                     display_name(model), widths, failed, pending)

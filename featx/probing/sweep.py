@@ -289,11 +289,18 @@ def same_items(datas, aligned):
 
 
 def align(datas, missing):
-    """{"ids", "index" (M, K), "missing" {modality: [ids]}}: the labelled items every cache shares."""
-    ids, index, report = align_by_id([d.ids for d in datas], [d.modality for d in datas], missing)
+    """{"ids", "index" (M, K), "missing" {modality: [ids]}}: the labelled items every cache shares. The warning
+    and the error for items missing from a modality also say how many of each cache's items failed at extraction
+    (or are pending), since those are among the missing ones."""
+    not_done = {d.modality: d.failed + d.pending for d in datas if d.failed + d.pending}
+    why = f" (items not done at extraction per modality: {not_done})" if not_done else ""
+    try:
+        ids, index, report = align_by_id([d.ids for d in datas], [d.modality for d in datas], missing)
+    except FeatxError as e:
+        raise FeatxError(f"{e}{why}") from None
     if any(report.values()):
         lost = {k: len(v) for k, v in report.items() if v}
-        warnings.warn(f"fusion uses the {len(ids)} items present in every cache; missing per modality: {lost}")
+        warnings.warn(f"fusion uses the {len(ids)} items present in every cache; missing per modality: {lost}{why}")
     y0 = datas[0].y[index[0]]
     for d, idx in zip(datas[1:], index[1:]):
         if not np.array_equal(np.asarray(d.y[idx]).astype(str), np.asarray(y0).astype(str)):
@@ -408,9 +415,12 @@ def run_meta(datas, aligned, task, s, df) -> dict:
             "encoders": [{"encoder": d.name, "path": d.encoder, "cache": os.path.abspath(d.path),
                           "modality": d.modality, "num_layers": d.num_layers, "hidden_size": d.hidden_size,
                           "layers": list(d.layers), "labelled_items": len(d.ids), "unlabeled_items": d.unlabeled,
+                          "failed_items": d.failed, "pending_items": d.pending,
                           "folds_run": folds_run[d.name],
                           **({} if d.layer_widths is None else {"layer_widths": list(d.layer_widths)})}
                          for d in datas],
+            "failed": {d.name: d.failed for d in datas},
+            "pending": {d.name: d.pending for d in datas},
             "unlabeled": {d.name: d.unlabeled for d in datas},
             "unsplit": {d.name: unsplit_items(d) for d in datas},
             "train_labels": {str(k): float(v) for k, v in df.groupby("train_size")["train_labels"].mean().items()}}

@@ -85,6 +85,30 @@ def test_help_shows_every_default_and_every_option_has_help():
                 assert "(default:" in action.help or "(required)" in action.help, (name, action.dest)
 
 
+def test_probe_after_an_extraction_with_failed_items_says_so_and_its_help_says_what_it_exits_with(tmp_path, tiny_bert,
+                                                                                                capsys):
+    """A manifest of 42 texts, 2 of them empty: extract records them as failed (exit 2). probe then left them out
+    without a word (exit 0, labelled_items 40, no count). Now: one stderr line and `failed` in meta.json; the
+    exit status stays 0 (extract reported them), and probe --help no longer promises exit 2 for them."""
+    rows = ["id,text,label,split"] + [f"i{k:02d},{'' if k in (5, 17) else f'text number {k} is fine'},{k % 3 - 1},"
+                                      f"{['train', 'train', 'train', 'dev', 'test'][k % 5]}" for k in range(42)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    code, _, err = _run(capsys, "extract", tmp_path / "m.csv", "--model", tiny_bert, "--out", tmp_path / "cache", "-q")
+    assert code == 2 and "2 failed" in err, err
+    cache = tmp_path / "cache" / "m__tiny-bert.h5"
+    code, _, err = _run(capsys, "probe", cache, "--out", tmp_path / "p", "--probe", "batched", "-q")
+    assert code == 0, err
+    assert "featx probe: tiny-bert: 2 item(s) that failed at extraction were left out of training and scoring" in err
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["failed"] == {"tiny-bert": 2} and meta["encoders"][0]["labelled_items"] == 40
+    for command in ("probe", "fuse"):
+        code, out, _ = _run(capsys, command, "--help")
+        assert code == 0 and "exit status" in out and "failed at extraction" in out, out
+        assert "\n  2 " not in out, out     # probe has no exit 2: nothing of its own fails per item
+    code, out, _ = _run(capsys, "extract", "--help")
+    assert "\n  2    done, but some items failed" in out, out
+
+
 # ---------------------------------------------------------------- recipes and the command line (item 2, 11)
 def test_command_line_values_win_over_the_recipe_even_when_they_equal_the_default(tmp_path, caches, capsys):
     recipe = tmp_path / "probe.yaml"

@@ -288,6 +288,46 @@ def test_labelled_items_with_no_split_are_counted_and_named_not_dropped_silently
     assert _strict(tmp_path / "out2" / "meta.json")["unsplit"] == {"toy/encoder": 0}
 
 
+def test_items_that_failed_at_extraction_are_counted_and_named_not_dropped_silently(tmp_path, capsys):
+    """42 items, 2 of them failed at extraction (a corrupt file): probe left them out with exit 0, nothing on
+    stderr and labelled_items 40 in meta.json, with no count of the failed ones. Now they are counted like
+    unlabeled items (stderr line, meta.json), and the exit status stays 0: extract already reported them."""
+    from featx.cli.main import main
+
+    X, y = planted(n=42, num_layers=3, dim=8, k=1)
+    failed = np.zeros(42, bool)
+    failed[[5, 17]] = True
+    written = np.ones(42, bool)
+    written[30] = False        # never extracted (no error recorded): pending, counted apart
+    path = write_cache(tmp_path / "c.h5", X, _ids(42), y, standard_splits(42), failed=failed, done=written)
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "--probe", "batched", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "featx probe: toy/encoder: 2 item(s) that failed at extraction were left out of training and scoring" \
+        in err, err
+    assert "featx probe: toy/encoder: 1 item(s) not extracted (pending in the cache) were left out" in err, err
+    meta = _strict(tmp_path / "out" / "meta.json")
+    assert meta["failed"] == {"toy/encoder": 2} and meta["pending"] == {"toy/encoder": 1}
+    enc = meta["encoders"][0]
+    assert (enc["labelled_items"], enc["failed_items"], enc["pending_items"]) == (39, 2, 1)
+
+    # Fusion: the cache that lacks them is named, on its own line and in the warning about the shared items.
+    Xb, _ = planted(n=42, num_layers=3, dim=8, k=1, seed=3)
+    full = write_cache(tmp_path / "b.h5", Xb, _ids(42), y, standard_splits(42), model="toy/image", modality="image")
+    path = write_cache(tmp_path / "a.h5", X, _ids(42), y, standard_splits(42), failed=failed)
+    assert main(["fuse", path, full, "--out", str(tmp_path / "fused"), "--probe", "batched", "--fusion", "early",
+                 "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "featx fuse: toy/encoder: 2 item(s) that failed at extraction were left out" in err, err
+    assert "toy/image: " not in err.replace("missing per modality", ""), err
+    assert "missing per modality: {'text': 2} (items not done at extraction per modality: {'text': 2})" in err, err
+    meta = _strict(tmp_path / "fused" / "meta.json")
+    assert meta["failed"] == {"toy/encoder": 2, "toy/image": 0}
+    assert meta["fusion"]["missing"] == {"text": ["item0005", "item0017"], "image": []}
+    with pytest.raises(FeatxError, match=r"items not done at extraction per modality: \{'text': 2\}"):
+        run_probe([path, full], tmp_path / "strict", probe="batched", fusion=["early"], missing="error",
+                  progress=False)
+
+
 def test_best_layers_and_the_console_table_say_which_pooling_and_probe_made_the_scores(tmp_path):
     # a score without its pooling is not the number asked for: --pool cls and mean give different tables; and
     # each score is named with the probe that made it (the weighted sum and the fusion have their own)
