@@ -36,7 +36,7 @@ class CacheData:
     y: np.ndarray
     splits: object
     unlabeled: int = 0
-    name: str = ""  # the display name (featx.naming.display_names), set by the sweep
+    name: str = ""  # the display name (featx.naming.cache_names), set by the sweep
     layer_widths: list = None
     failed: int = 0
     pending: int = 0
