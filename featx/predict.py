@@ -10,13 +10,17 @@ from featx.errors import FeatxError
 
 
 def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch_size=16,
-            progress=True) -> pd.DataFrame:
+            progress=True, precision=None) -> pd.DataFrame:
     """DataFrame(id, prediction) for the manifest's items.
 
     classifier: a `.safetensors` file saved by `featx probe --save-classifier` (its encoders are run by
-    `featx extract` into `cache_dir`, a temporary folder when None, then the probe is applied), or the
-    `model/` folder saved by `featx finetune`. Items that fail to decode get an empty prediction and are
-    named on stderr. Writes `out` (CSV, or Parquet for .parquet) when given.
+    `featx extract` into `cache_dir`, a temporary folder when None, with the extraction settings of the caches
+    it was trained on, then the probe is applied), or the `model/` folder saved by `featx finetune`. Items that
+    fail to decode get an empty prediction and are named on stderr. Writes `out` (CSV, or Parquet for .parquet)
+    when given.
+    precision: a probe's extraction precision (featx extract's --precision); None: the one its training cache
+    was made with (a FeatxError when this device cannot run it: bf16 or fp16 autocast on a CPU), or auto for a
+    file that does not record it. A fine-tuned model ignores it.
     """
     path = os.fspath(classifier)
     if os.path.isdir(path):
@@ -25,7 +29,7 @@ def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch
         from featx.device import resolve_device
         result = load_finetuned(path, device=resolve_device(device)).predict_manifest(manifest, batch_size)
     elif os.path.isfile(path):
-        result = _predict_probe(manifest, path, cache_dir, device, batch_size, progress)
+        result = _predict_probe(manifest, path, cache_dir, device, batch_size, progress, precision)
     else:
         raise FeatxError(f"classifier not found: {path}")
     if out:
@@ -35,24 +39,25 @@ def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch
 
 
 _EXTRACT_ADVICE = "run with the settings it was made with, or use --overwrite to start again"
-_PREDICT_ADVICE = ("predict extracts float32 with the classifier's model and pooling: give it another --cache-dir "
-                   "(or none: a temporary folder)")
+_PREDICT_ADVICE = ("predict extracts with the classifier's model, pooling and extraction settings: give it another "
+                   "--cache-dir (or none: a temporary folder)")
 
 
-def _predict_probe(manifest, path, cache_dir, device, batch_size, progress):
+def _predict_probe(manifest, path, cache_dir, device, batch_size, progress, precision):
     from featx.probing.classifier import Classifier
     from featx.extraction.pipeline import extract, print_summary
     from featx.data.manifest import read_manifest
 
     clf = Classifier.load(path)
+    settings = [extraction_options(block, path, device, precision) for block in clf.blocks]
     ids = read_manifest(manifest)["id"].astype(str)
     with tempfile.TemporaryDirectory(prefix="featx-predict-") as tmp:
         folder = os.fspath(cache_dir) if cache_dir else tmp
         caches = []
-        for block in clf.blocks:
+        for block, options in zip(clf.blocks, settings):
             try:
-                res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], dtype="float32",
-                              device=device, batch_size=batch_size, progress=progress, summary=bool(cache_dir))
+                res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], device=device,
+                              batch_size=batch_size, progress=progress, summary=bool(cache_dir), **options)
             except FeatxError as e:   # extract's advice names its --overwrite, which predict does not have
                 raise FeatxError(str(e).replace(_EXTRACT_ADVICE, _PREDICT_ADVICE)) from None
             if not cache_dir:  # not the path of a cache that is gone once the predictions are made
@@ -62,6 +67,36 @@ def _predict_probe(manifest, path, cache_dir, device, batch_size, progress):
         got_ids, pred = clf.predict_cache(caches)
     got = pd.Series(list(pred), index=list(got_ids), dtype=object)
     return pd.DataFrame({"id": ids, "prediction": ids.map(got)})
+
+
+def extraction_options(block, path, device, precision=None) -> dict:
+    """featx extract's options for a classifier block: the extraction settings of the cache it was trained on
+    (float32 and the defaults for a file that records none), `precision` in place of the recorded one when given.
+
+    A recorded precision this device cannot run (bf16/fp16 autocast on a CPU) is a one-line FeatxError unless
+    `precision` is given: other numbers than those it was trained on are the user's choice, not predict's. A given
+    precision other than the recorded one is said in one line on stderr."""
+    import sys
+
+    from featx.device import resolve_device, resolve_precision
+
+    options = dict(block.get("extraction") or {"dtype": "float32"})
+    recorded = options.get("precision")
+    if precision is not None:
+        options["precision"] = precision
+        if recorded is not None and resolve_precision(precision, resolve_device(device)) != recorded:
+            print(f"featx predict: {block['encoder']}: extracting at --precision {precision}; the classifier was "
+                  f"trained on features extracted at {recorded}, which differ from these", file=sys.stderr)
+    elif recorded is not None:
+        device = resolve_device(device)
+        try:
+            resolve_precision(recorded, device)
+        except FeatxError:
+            needs = "a GPU with bf16" if device.startswith("cuda") else "a CUDA device"
+            raise FeatxError(f"{path}: the classifier was trained on features extracted at --precision {recorded}, "
+                             f"which needs {needs}; run predict on one, or give it --precision (e.g. fp32) to "
+                             "extract at another (the features then differ from those it was trained on)") from None
+    return options
 
 
 def _cache_of(paths, block) -> str:

@@ -764,6 +764,9 @@ class PredictSettings(Settings):
                             default_text="a temporary folder")
     device: str = option("auto", "auto, cpu, cuda or cuda:N", parse_device)
     batch_size: int = option(16, "most inputs per forward", integer(1))
+    precision: str = option(None, "a probe's extraction precision, as featx extract's: auto, fp32, bf16, fp16 or "
+                            "bf16-weights", optional(parse_precision),
+                            default_text="its training cache's; auto for a file that records none")
     quiet: bool = option(False, **_QUIET)
 
 

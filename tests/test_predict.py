@@ -28,18 +28,22 @@ def test_saved_probe_predicts_new_files_like_the_cache_it_was_trained_on(tmp_pat
 
 def test_cache_dir_holding_another_settings_cache_is_one_line_with_advice_predict_can_follow(
         tmp_path, media, tiny_bert, capsys):
-    """--cache-dir pointing at the folder where `featx extract` wrote the same manifest's cache (float16, the
-    default): refused in one line that names no option predict lacks (it said 'use --overwrite')."""
+    """--cache-dir pointing at a folder where `featx extract` wrote the same manifest's cache with other settings
+    (--max-length 4) than the classifier's training cache: refused in one line that names no option predict
+    lacks (it said 'use --overwrite'). The training cache's own folder is reused: its settings are the same."""
     assert main(["extract", media, "--model", tiny_bert, "--out", str(tmp_path / "cache"), "-q"]) == 0
+    assert main(["extract", media, "--model", tiny_bert, "--out", str(tmp_path / "other"), "--max-length", "4",
+                 "-q"]) == 0
     cache = str(tmp_path / "cache" / "manifest__tiny-bert.h5")
     assert main(["probe", cache, "--out", str(tmp_path / "res"), "--probe", "ridge", "--save-classifier", "-q"]) == 0
     saved = str(tmp_path / "res" / "classifier__tiny-bert.safetensors")
     capsys.readouterr()
-    code = main(["predict", media, "--classifier", saved, "--cache-dir", str(tmp_path / "cache"), "-q"])
+    code = main(["predict", media, "--classifier", saved, "--cache-dir", str(tmp_path / "other"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
     assert "different settings" in err[0] and "--overwrite" not in err[0] and "--cache-dir" in err[0], err
     assert main(["predict", media, "--classifier", saved, "--cache-dir", str(tmp_path / "pc"), "-q"]) == 0
+    assert main(["predict", media, "--classifier", saved, "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
 
 
 def test_predict_names_no_temporary_cache_that_is_gone_after_it(tmp_path, media, tiny_bert, capsys):
@@ -56,3 +60,84 @@ def test_predict_names_no_temporary_cache_that_is_gone_after_it(tmp_path, media,
     kept = str(tmp_path / "pc" / "manifest__tiny-bert.h5")
     assert f"featx predict: {tiny_bert}: 8 done, 0 failed -> {kept}" in capsys.readouterr().err
     assert os.path.exists(kept)
+
+
+def _train(tmp_path, media, model, *extract_args):
+    """(training cache, saved classifier) of a ridge probe on `model`'s cache extracted with extract_args."""
+    assert main(["extract", media, "--model", model, "--out", str(tmp_path / "cache"), "-q", *extract_args]) == 0
+    cache = str(tmp_path / "cache" / "manifest__tiny-bert.h5")
+    assert main(["probe", cache, "--out", str(tmp_path / "res"), "--probe", "ridge", "--save-classifier", "-q"]) == 0
+    return cache, str(tmp_path / "res" / "classifier__tiny-bert.safetensors")
+
+
+def _rewrite(saved, path, extraction):
+    """A copy of a saved classifier whose blocks record other extraction settings (a dict updating the recorded
+    ones), or none (None: as a file saved before featx kept them)."""
+    from featx.probing.classifier import Classifier
+
+    clf = Classifier.load(saved)
+    for block in clf.blocks:
+        if extraction is None:
+            block.pop("extraction", None)
+        else:
+            block["extraction"].update(extraction)
+    return clf.save(str(path))
+
+
+def test_classifier_predicts_with_the_extraction_settings_of_its_training_cache(tmp_path, media, tiny_bert, capsys):
+    """A probe trained on a --precision bf16-weights cache (float16 storage, --max-length 6) extracts new items
+    the same way: predict ran the CPU's default (fp32, float32, the tokenizer's length) without a word, so the
+    probe met features about 1% away from those it was trained on."""
+    from featx.cache import open_cache
+    from featx.probing.classifier import Classifier
+
+    cache, saved = _train(tmp_path, media, tiny_bert, "--precision", "bf16-weights", "--max-length", "6")
+    clf = Classifier.load(saved)
+    assert clf.blocks[0]["extraction"] == {"precision": "bf16-weights", "dtype": "float16", "max_length": 6}
+    out = tmp_path / "pred.csv"
+    assert main(["predict", media, "--classifier", saved, "--cache-dir", str(tmp_path / "pc"), "--out", str(out),
+                 "-q"]) == 0
+    predicted = str(tmp_path / "pc" / "manifest__tiny-bert.h5")
+    with open_cache(predicted) as c, open_cache(cache) as t:
+        assert (c.attrs["precision"], c.dtype, int(c.attrs["max_length"])) == ("bf16-weights", "float16", 6)
+        layer, pool = clf.blocks[0]["layers"][0], clf.blocks[0]["pooling"]
+        np.testing.assert_array_equal(c.layer(layer, pool), t.layer(layer, pool))
+    ids, expected = clf.predict_cache([cache])
+    got = pd.read_csv(out).set_index("id").loc[list(ids), "prediction"]
+    np.testing.assert_allclose(got.to_numpy(float), np.asarray(expected, float), rtol=1e-12)
+    capsys.readouterr()
+
+
+def test_autocast_precision_on_a_cpu_is_refused_unless_given(tmp_path, media, tiny_bert, capsys):
+    """A classifier trained on a bf16-autocast cache (a GPU's) on this CPU: one line, nothing extracted;
+    --precision fp32 runs it and says in one line that the features differ from those it was trained on."""
+    _, saved = _train(tmp_path, media, tiny_bert, "--dtype", "float32")
+    bf16 = _rewrite(saved, tmp_path / "bf16.safetensors", {"precision": "bf16"})
+    capsys.readouterr()
+    code = main(["predict", media, "--classifier", bf16, "--cache-dir", str(tmp_path / "pc"), "--device", "cpu",
+                 "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert bf16 in err[0] and "bf16" in err[0] and "--precision" in err[0], err
+    assert not os.path.exists(tmp_path / "pc" / "manifest__tiny-bert.h5")
+    out = tmp_path / "pred.csv"
+    assert main(["predict", media, "--classifier", bf16, "--cache-dir", str(tmp_path / "pc"), "--device", "cpu",
+                 "--precision", "fp32", "--out", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "--precision fp32" in err and "bf16" in err, err
+    assert pd.read_csv(out)["prediction"].notna().all()
+
+
+def test_classifier_without_extraction_record_predicts_float32_at_the_default_precision(
+        tmp_path, media, tiny_bert, capsys):
+    """A file saved before featx recorded the extraction settings loads and predicts as it did: float32 storage,
+    the device's default precision (fp32 on the CPU)."""
+    from featx.cache import open_cache
+
+    _, saved = _train(tmp_path, media, tiny_bert, "--precision", "bf16-weights")
+    old = _rewrite(saved, tmp_path / "old.safetensors", None)
+    assert main(["predict", media, "--classifier", old, "--cache-dir", str(tmp_path / "pc"), "--device", "cpu",
+                 "-q"]) == 0
+    with open_cache(str(tmp_path / "pc" / "manifest__tiny-bert.h5")) as c:
+        assert (c.attrs["precision"], c.dtype) == ("fp32", "float32")
+    capsys.readouterr()

@@ -1,5 +1,6 @@
 """A trained probe saved without pickle: safetensors arrays + a JSON header (encoder reference, layers,
-pooling, task, classes). Loading reads arrays and JSON only; no code runs.
+pooling, the extraction settings of the cache it was trained on, task, classes). Loading reads arrays and JSON
+only; no code runs.
 
 Model: for each encoder block b, features f_b = sum_l w_bl * (x_bl - mean_bl) / scale_bl over its layers
 (one layer: w = [1]; the weighted sum: the learned softmax weights), blocks concatenated, then
@@ -20,11 +21,18 @@ from featx.probing.registry import make_probe
 from featx.probing.splits import make_folds
 
 FORMAT = "featx-classifier/1"
+# The extraction settings that change a cache's numbers, recorded per block (block["extraction"]) from the cache it
+# was trained on, so that `featx predict` extracts new items the same way: featx extract's option names, each
+# stored as the cache attribute of the same name (dtype: the cache's storage dtype). A file without the record
+# (saved before it was kept) predicts as it did then: float32, default settings.
+EXTRACTION_SETTINGS = ("precision", "dtype", "max_length", "max_audio_seconds", "fps", "image_preprocess",
+                       "audio_attention")
 
 
 class Classifier:
-    """blocks: list of {"encoder", "modality", "pooling", "layers": [int], "hidden_size"}; arrays: per block b
-    mean_b / scale_b (L_b, D_b) and weights_b (L_b,), and coef (C', sum D_b), intercept (C',)."""
+    """blocks: list of {"encoder", "modality", "pooling", "layers": [int], "hidden_size", "extraction": {setting:
+    value} (EXTRACTION_SETTINGS; optional)}; arrays: per block b mean_b / scale_b (L_b, D_b) and weights_b (L_b,),
+    and coef (C', sum D_b), intercept (C',)."""
 
     def __init__(self, task, blocks, arrays, classes=None, settings=None):
         self.task, self.blocks, self.arrays = task, blocks, arrays
@@ -43,7 +51,8 @@ class Classifier:
     def from_sweep(cls, data, layer, task, settings):
         """The probe of a cache's `layer` (its best dev layer) as the sweep reported it: the first seed's first
         fold, the full training part, the sweep's probe (linear for a probe without linear weights), folds and
-        device; dev selects its regularisation. settings: a SweepSettings. The file records all of these."""
+        device; dev selects its regularisation. settings: a SweepSettings. The file records all of these, and the
+        cache's extraction settings (extraction_settings), which `featx predict` extracts new items with."""
         from featx.probing.registry import get_probe
 
         layer, seed = int(layer), int(settings.seeds[0])
@@ -61,7 +70,7 @@ class Classifier:
         width = data.width(col)  # the layer's own width: predict reads that one layer, its padding cut off
         block = {"encoder": data.encoder, "name": data.name or data.encoder, "modality": data.modality,
                  "pooling": settings.pool, "layers": [layer], "hidden_size": width,
-                 "num_layers": data.num_layers}
+                 "num_layers": data.num_layers, "extraction": extraction_settings(data.path)}
         record = {"probe": probe, "sweep_probe": settings.probe, "folds": settings.folds, "fold": 0,
                   "folds_run": len(folds), "seed": seed, "device": settings.device, "train_size": "1.0",
                   "train_labels": int(len(train)), "test_split": test_split, "selected_on": "dev",
@@ -142,6 +151,25 @@ class Classifier:
         return ids, self.predict([d.X[i] for d, i in zip(datas, index)])
 
 
+def extraction_settings(cache_path) -> dict:
+    """The EXTRACTION_SETTINGS a cache was made with, from its attributes (a setting a cache of its modality made
+    before featx recorded it: the value it ran then, featx.cache.schema.ATTRS_BEFORE_RECORDED)."""
+    from featx.cache import open_cache
+    from featx.cache.schema import ATTRS_BEFORE_RECORDED
+
+    with open_cache(cache_path) as cache:
+        attrs, modality, dtype = dict(cache.attrs), cache.modality, cache.dtype
+    before = {"image_preprocess": "image", "audio_attention": "audio"}   # the modality whose caches record each
+    out = {"dtype": str(dtype)}
+    for key in EXTRACTION_SETTINGS:
+        if key in attrs and key != "dtype":
+            value = attrs[key]
+            out[key] = value.item() if isinstance(value, np.generic) else value
+        elif before.get(key) == modality:
+            out[key] = ATTRS_BEFORE_RECORDED[key]
+    return out
+
+
 def _read(path):
     """(header dict, {name: array}) of a classifier file; one line for anything that is not one."""
     from safetensors import SafetensorError, safe_open
@@ -183,6 +211,15 @@ def _block_shape(block, bad):
     for key in ("encoder", "pooling"):
         if not isinstance(block.get(key), str):
             bad(f"block without {key}")
+    extraction = block.get("extraction", {})
+    if not isinstance(extraction, dict):
+        bad(f"block {block.get('encoder')!r} has extraction settings that are not a mapping")
+    for key, value in extraction.items():
+        if key not in EXTRACTION_SETTINGS:
+            bad(f"block {block.get('encoder')!r} records the extraction setting {key!r}, which this featx does not "
+                "know (a newer featx's file?)")
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            bad(f"block {block.get('encoder')!r} records extraction setting {key} as {value!r}")
     return len(layers), dim
 
 

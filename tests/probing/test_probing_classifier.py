@@ -69,6 +69,12 @@ def _variants(tmp_path):
     out["no blocks"] = _write_raw(tmp_path / "blocks.safetensors", json.dumps({**header, "blocks": []}), arrays)
     out["no task"] = _write_raw(tmp_path / "task.safetensors",
                                 json.dumps({k: v for k, v in header.items() if k != "task"}), arrays)
+    def with_extraction(extraction):
+        return json.dumps({**header, "blocks": [{**header["blocks"][0], "extraction": extraction}]})
+    out["extraction settings not a mapping"] = _write_raw(tmp_path / "ext.safetensors", with_extraction("fp32"),
+                                                          arrays)
+    out["unknown extraction setting"] = _write_raw(tmp_path / "extkey.safetensors",
+                                                   with_extraction({"precision": "fp32", "warp": 9}), arrays)
     return good, out
 
 
@@ -83,7 +89,8 @@ def test_valid_classifier_loads_and_predicts(tmp_path):
 
 @pytest.mark.parametrize("case", ["empty file", "not safetensors", "header length lies", "truncated", "bad JSON",
                                   "JSON not an object", "missing array", "wrong coef shape", "no classes",
-                                  "NaN weights", "mean of the wrong shape", "no blocks", "no task"])
+                                  "NaN weights", "mean of the wrong shape", "no blocks", "no task",
+                                  "extraction settings not a mapping", "unknown extraction setting"])
 def test_damaged_classifier_is_one_line_naming_the_file(tmp_path, case):
     _, variants = _variants(tmp_path)
     path = str(variants[case])
