@@ -40,7 +40,7 @@ def resolve_precision(precision, device, choices=PRECISIONS) -> str:
         return precision
     if not cuda:
         if precision in ("bf16", "fp16"):
-            raise FeatxError(f"--precision {precision} needs a CUDA device (the CPU runs fp32)")
+            raise FeatxError(f"--precision {precision} needs a CUDA device (the CPU runs fp32 or bf16-weights)")
         return "fp32"
     if precision == "auto":
         import torch

@@ -213,11 +213,13 @@ def _run_probe(cls, args):
     meta = df.attrs.get("meta", {})
     for key, items in (("failed", "item(s) that failed at extraction"),
                        ("pending", "item(s) not extracted (pending in the cache)"),
-                       ("unlabeled", "item(s) without a label"), ("unsplit", "labelled item(s) with no split")):
+                       ("unlabeled", "item(s) without a label")):
         for name, count in (meta.get(key) or {}).items():
             if count:
                 print(f"featx {args.command}: {name}: {count} {items} were left out of training and scoring",
                       file=sys.stderr)
+    for note in meta.get("notes") or ():  # what differs from what was asked: fewer folds, a training size added,
+        print(f"featx {args.command}: {note}", file=sys.stderr)  # items with no split left out
     print_table(_summary_of_probe(s.out), s.json, f"featx {args.command}: results in {s.out}")
     return 0
 

@@ -358,3 +358,16 @@ def test_the_probe_command_prints_the_pooling_and_probe_of_its_scores(tmp_path, 
     assert main(["probe", str(path), "--out", str(tmp_path / "out"), "--probe", "ridge", "-q"]) == 0
     head, row = capsys.readouterr().out.strip().splitlines()[:2]
     assert head.split()[:4] == ["encoder", "modality", "pooling", "layer_probe"] and row.split()[2:4] == ["mean", "ridge"]
+
+
+def test_the_probe_command_says_when_the_full_training_part_was_added(tmp_path, capsys):
+    # the console table's train_size 1.0 was not asked for (--train-sizes 10): say so where the table is shown
+    from featx.cli.main import main
+    X, y = planted(n=120, num_layers=3, dim=8, k=2, seed=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(120), y, standard_splits(120))
+    assert main(["probe", str(path), "--out", str(tmp_path / "out"), "--probe", "ridge", "--train-sizes", "10",
+                 "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "featx probe: the full training part (1.0) was added to the training sizes: the headline uses it" in err
+    assert main(["probe", str(path), "--out", str(tmp_path / "out2"), "--probe", "ridge", "-q"]) == 0
+    assert capsys.readouterr().err == ""  # nothing to say when everything is as asked
