@@ -324,9 +324,10 @@ def _run_model(job, data, settings):
     for line in encoder.advice:
         print(f"featx extract: {job.model}: {line}", file=sys.stderr)
     pools = _poolings(job, settings)
-    if len(pools) < len(settings.poolings):
+    if set(pools) != set(settings.poolings):  # some asked for are not the family's (none: mean instead)
+        instead = "only" if set(pools) & set(settings.poolings) else f"instead of {','.join(settings.poolings)}"
         print(f"featx extract: {job.model}: {job.family.name} encoders support the poolings "
-              f"{','.join(job.family.poolings)}; storing {','.join(pools)} only", file=sys.stderr)
+              f"{','.join(job.family.poolings)}; storing {','.join(pools)} {instead}", file=sys.stderr)
     attrs = {**_known_attrs(job, settings), "featx_version": __version__, **encoder.attrs}
     dist = Distributed.current()
     if dist:

@@ -577,3 +577,16 @@ class _Counting:
 
     def close(self):
         self.bar.close()
+
+
+def test_a_pooling_the_family_lacks_is_never_swapped_without_a_word(tiny_bert, tiny_wavlm, media, tmp_path, capsys):
+    # --pool last on a BERT stored mean with nothing said; --pool cls on a WavLM likewise
+    res = extract(media, [tiny_bert, tiny_wavlm], tmp_path / "o", pool=["last"], device="cpu", progress=False)
+    err = capsys.readouterr().err
+    for path, family in zip(res.paths, ("bert", "wav2vec2")):
+        with open_cache(path) as c:
+            assert list(c.poolings) == ["mean"]
+        assert f"{family} encoders support the poolings" in err
+    assert err.count("storing mean instead of last") == 2
+    extract(media, [tiny_bert], tmp_path / "p", pool=["last", "mean"], device="cpu", progress=False)
+    assert "storing mean only" in capsys.readouterr().err
