@@ -489,6 +489,19 @@ def _valid_settings(path):
         return None
 
 
+def _wanted(ids, attrs, poolings, dtype, seq, num_layers, hidden_size):
+    """resume_settings of pending_items' keywords; attributes that are None or the writer's own left out."""
+    given = {k: plain(v) for k, v in attrs.items() if v is not None and k not in schema.OWN_ATTRS}
+    return parts.resume_settings(given, poolings, np.dtype(dtype).name, seq, num_layers, hidden_size, ids)
+
+
+def _refuse(stored, want, where, attrs_given_only):
+    """CacheWriter.refuse; attrs_given_only: the stored attributes that `want` does not name are not compared."""
+    if attrs_given_only:
+        stored = {**stored, "attrs": {k: v for k, v in stored["attrs"].items() if k in want["attrs"]}}
+    CacheWriter.refuse(stored, want, where)
+
+
 def pending_items(path, ids, *, attrs, poolings, dtype="float16", seq=False, num_layers=None, hidden_size=None,
                   attrs_given_only=False):
     """(K,) int64 manifest indices a CacheWriter with these settings would still have to compute (pending and
@@ -499,25 +512,39 @@ def pending_items(path, ids, *, attrs, poolings, dtype="float16", seq=False, num
     CacheWriter when the cache was made with other settings.
     """
     path, ids = os.fspath(path), _strings(ids)
-    given = {k: plain(v) for k, v in attrs.items() if v is not None and k not in schema.OWN_ATTRS}
-    want = parts.resume_settings(given, poolings, np.dtype(dtype).name, seq, num_layers, hidden_size, ids)
-
-    def refuse(stored, where):
-        if attrs_given_only:
-            stored = {**stored, "attrs": {k: v for k, v in stored["attrs"].items() if k in want["attrs"]}}
-        CacheWriter.refuse(stored, want, where)
-
+    want = _wanted(ids, attrs, poolings, dtype, seq, num_layers, hidden_size)
     stored, records = _valid_settings(path), []
     if stored is not None:
-        refuse(stored, schema.parts_dir(path))
+        _refuse(stored, want, schema.parts_dir(path), attrs_given_only)
     if os.path.exists(path):
         f, h = open_validated(path)
         f.close()
-        refuse(parts.file_settings(h), path)
+        _refuse(parts.file_settings(h), want, path, attrs_given_only)
         records.append(parts.final_record(h))
     if stored is not None:
         records += [record for _, record in parts.check_parts(path, stored, ids)[0]]
     return np.flatnonzero(~parts.scan(records, len(ids)).done).astype(np.int64)
+
+
+def check_settings(path, ids, *, attrs, poolings, dtype="float16", seq=False, num_layers=None, hidden_size=None,
+                   attrs_given_only=False, parts_folder=True):
+    """Raise FeatxError, CacheWriter's one line, when cache `path` was made with other settings than these
+    (pending_items' keywords): its parts folder's settings.json (parts_folder: False leaves the folder out) and
+    its consolidated file's header are compared, as CacheWriter compares them on opening; no part is read
+    and nothing is written, so that a caller can check a cache before loading a model. Nothing to check where
+    neither exists; a damaged settings.json or file is left to CacheWriter, which sets it aside or names it."""
+    path, ids = os.fspath(path), _strings(ids)
+    want = _wanted(ids, attrs, poolings, dtype, seq, num_layers, hidden_size)
+    stored = _valid_settings(path) if parts_folder else None
+    if stored is not None:
+        _refuse(stored, want, schema.parts_dir(path), attrs_given_only)
+    if os.path.isfile(path):
+        try:
+            f, h = open_validated(path)
+        except FeatxError:
+            return
+        f.close()
+        _refuse(parts.file_settings(h), want, path, attrs_given_only)
 
 
 def is_complete(path, ids, **settings) -> bool:

@@ -23,7 +23,7 @@ from featx.encoders.video import clip_frames
 from featx.errors import FeatxError, first_line
 from featx.extraction.batching import Interrupted, Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
-from featx.extraction.distributed import Distributed, has_shards
+from featx.extraction.distributed import Distributed, has_shards, shard_name
 from featx.naming import last_name, model_slug
 from featx.settings import ExtractSettings
 from featx.version import __version__
@@ -176,7 +176,9 @@ def extract(manifest, models, out, *, progress=True, group_size=None, summary=Tr
     whose cache is already complete with these settings is not loaded. summary: print each model's line (done,
     failed, pending -> the cache; the failed items) to stderr (a caller that reports them itself: False; see
     print_summary).
-    Raises FeatxError for usage/configuration errors, before any data is read or model loaded where it can.
+    Raises FeatxError for usage/configuration errors, before any data is read or model loaded where it can: a
+    cache of any of the models made with other settings is refused before the first model loads, as far as the
+    settings are known without its model (those only the loaded encoder knows, when it loads).
     """
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     parsed = ExtractSettings(manifest=os.fspath(manifest), model=[os.fspath(m) for m in models], out=os.fspath(out),
@@ -229,7 +231,10 @@ def _jobs_of(model, config, df, manifest, out) -> list:
 
 
 def _run_jobs(jobs, data, out, settings, announce=True) -> ExtractResult:
-    """Run each model in turn; a cache closes in a thread of its own while the next model loads and runs."""
+    """Run each model in turn; a cache closes in a thread of its own while the next model loads and runs. Every
+    job's cache is checked against the settings first, so that a clash stops the run before any model loads."""
+    for job in jobs:
+        _check_settings(job, data.ids, settings)
     finished = [_finished(job, data.ids, settings) for job in jobs]  # decided before any model loads
     if any(summary is None for summary in finished):
         os.makedirs(out, exist_ok=True)
@@ -268,6 +273,28 @@ def _collect(jobs, entries, failing, announce=True):
     if errors and not failing:
         raise errors[0]
     return result
+
+
+def _check_settings(job, ids, settings):
+    """FeatxError (CacheWriter's one line) when a cache this job resumes was made with other settings, as far as
+    they are known before its model loads (_known_attrs, the poolings, dtype, seq and the ids); the attributes
+    only the loaded encoder knows (encoder.attrs) are compared when its CacheWriter opens. Nothing to check
+    with --overwrite (it starts again) or where nothing is stored yet. Under torchrun this rank resumes its
+    own shard (and its parts folder), and rank 0 merges the shards with the final file (not its parts folder)."""
+    from featx.cache import check_settings
+    from featx.cache.schema import parts_dir
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    caches = ([(shard_name(job.path, int(os.environ.get("RANK", "0")), world), True), (job.path, False)]
+              if world > 1 else [(job.path, True)])
+    caches = [(path, folder) for path, folder in caches
+              if os.path.exists(path) or (folder and os.path.exists(parts_dir(path)))]
+    if settings.overwrite or not caches:
+        return
+    known = dict(attrs=_known_attrs(job, settings), poolings=_poolings(job, settings), dtype=settings.dtype,
+                 seq=settings.seq, attrs_given_only=True)
+    for path, folder in caches:
+        check_settings(path, ids, parts_folder=folder, **known)
 
 
 def _finished(job, ids, settings):

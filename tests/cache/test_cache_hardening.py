@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from featx.cache import CacheWriter, describe, is_complete, open_cache, pending_items, read_layer
+from featx.cache import CacheWriter, check_settings, describe, is_complete, open_cache, pending_items, read_layer
 from featx.cli.main import main
 from featx.data.manifest import read_manifest
 from featx.errors import FeatxError
@@ -326,6 +326,41 @@ def test_pending_items_reads_without_writing(tmp_path):
         pending_items(path, a["ids"], **{**settings, "poolings": ["mean"]})
     with pytest.raises(FeatxError, match="hidden_size 16 \\(now 8\\)"):
         pending_items(path, a["ids"], **settings, num_layers=L, hidden_size=8)
+
+
+def test_check_settings_refuses_as_the_writer_would_without_reading_a_part_or_writing(tmp_path):
+    path, folder = str(tmp_path / "c.h5"), str(tmp_path / "c.h5.parts")
+    a = writer_args(6)
+    known = {"model": "toy/enc", "modality": "audio", "poolings": "mean,cls"}   # no sample_rate: the model's
+    settings = dict(attrs=known, poolings=["cls", "mean"], dtype=a["dtype"], seq=a["seq"], attrs_given_only=True)
+    other = {**settings, "attrs": {**known, "model": "other"}}
+    check_settings(path, a["ids"], **other)   # nothing stored yet: nothing to check
+    assert os.listdir(tmp_path) == []
+    w = CacheWriter(path, **a)
+    w.write([0], *batch([0]))
+    del w  # killed: a parts folder, no final file
+    with pytest.raises(FeatxError) as by_writer:
+        CacheWriter(path, **writer_args(6, attrs={**a["attrs"], "model": "other"}))
+    before = sorted(os.listdir(folder))
+    with pytest.raises(FeatxError) as checked:
+        check_settings(path, a["ids"], **other)
+    assert str(checked.value) == str(by_writer.value)
+    assert str(checked.value).startswith(f"{folder} was made with different settings: model 'toy/enc' (now 'other')")
+    check_settings(path, a["ids"], **other, parts_folder=False)   # the folder left out, and no final file
+    check_settings(path, a["ids"], **settings)
+    with pytest.raises(FeatxError, match="sample_rate 16000 \\(now None\\)"):
+        check_settings(path, a["ids"], **{**settings, "attrs_given_only": False})
+    assert sorted(os.listdir(folder)) == before and not os.path.exists(path)
+    CacheWriter(path, **a).close()   # consolidated: the final file's header is what is compared
+    with pytest.raises(FeatxError, match=f"^{path} was made with different settings: dtype 'float32' "
+                                         "\\(now 'float16'\\); run with the settings"):
+        check_settings(path, a["ids"], **{**settings, "dtype": "float16"}, parts_folder=False)
+    with pytest.raises(FeatxError, match="number of items 6 \\(now 5\\)"):
+        check_settings(path, a["ids"][:5], **settings)
+    check_settings(path, a["ids"], **settings)
+    damaged = tmp_path / "d.h5"
+    damaged.write_bytes(b"not hdf5")
+    check_settings(str(damaged), a["ids"], **other)   # left to the writer, which names what is wrong
 
 
 def test_is_complete_compares_the_attributes_known_before_a_model_loads(tmp_path):

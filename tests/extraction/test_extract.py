@@ -336,6 +336,31 @@ def test_cli_exit_codes_and_info(tmp_path, media, tiny_bert, capsys):
     assert code == 0, err
 
 
+def test_a_clash_with_a_later_models_cache_is_refused_before_any_model_writes(tmp_path, media, tiny_bert,
+                                                                              tiny_wavlm, capsys):
+    # exit 1 is "one line, nothing done": the second model's cache is checked before the first model runs
+    from featx.cache.schema import parts_dir
+    from featx.extraction.pipeline import cache_path
+    out = tmp_path / "mix"
+    code, _, err = _main(capsys, "extract", media, "--model", tiny_wavlm, "--out", out, "--precision", "fp32",
+                         "--no-progress")
+    assert code == 0, err
+    first, clash = cache_path(media, tiny_bert, out), cache_path(media, tiny_wavlm, out)
+    before = os.path.getmtime(clash)
+    code, _, err = _main(capsys, "extract", media, "--model", tiny_bert, "--model", tiny_wavlm, "--out", out,
+                         "--precision", "bf16-weights", "--no-progress")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{clash} was made with different settings: precision 'fp32' (now 'bf16-weights')" in err, err
+    assert not os.path.exists(first) and not os.path.exists(parts_dir(first))
+    assert sorted(os.listdir(out)) == [os.path.basename(clash)] and os.path.getmtime(clash) == before
+    code, _, err = _main(capsys, "extract", media, "--model", tiny_bert, "--model", tiny_wavlm, "--out", out,
+                         "--precision", "bf16-weights", "--overwrite", "--no-progress")   # nothing checked
+    assert code == 0, err
+    for path in (first, clash):
+        with open_cache(path) as c:
+            assert c.attrs["precision"] == "bf16-weights" and c.done.all()
+
+
 def test_cli_unloadable_model_is_one_line_and_exit_1(tmp_path, media):
     r = _featx("extract", media, "--model", "no-such-org/no-such-model", "--out", tmp_path / "out")
     assert r.returncode == 1 and "no-such-org/no-such-model" in r.stderr and "Traceback" not in r.stderr

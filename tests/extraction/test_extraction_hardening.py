@@ -14,7 +14,7 @@ import pytest
 from featx import extract
 from featx.cache import open_cache
 from featx.data.media import load_audio, load_image
-from featx.errors import MediaError
+from featx.errors import FeatxError, MediaError
 
 from conftest import write_png, write_wav
 
@@ -33,7 +33,7 @@ def test_a_fifo_as_media_fails_per_item_without_being_opened(tmp_path):
     script = textwrap.dedent(f"""
         from featx.data.media import load_audio, load_image
         from featx.extraction.decode import Decoder
-        from featx.errors import MediaError
+        from featx.errors import FeatxError, MediaError
         for call in (lambda: load_audio({str(fifo)!r}, 16000), lambda: load_image({str(fifo)!r})):
             try:
                 call()
@@ -185,15 +185,18 @@ def test_a_complete_cache_loads_no_model_and_writes_nothing(tmp_path, tiny_bert,
         os.chmod(out, 0o755)
     assert r.returncode == 0 and "8 done, 0 failed" in r.stderr, r.stderr[-2000:]
     assert (sorted(os.listdir(out)), os.stat(out).st_mtime_ns, os.stat(first.paths[0]).st_mtime_ns) == before
-    # other settings, or --overwrite, still need the model
-    with pytest.raises(Exception, match="weights|model"):
+    # other settings are refused (before the model loads); with --overwrite they need the model
+    with pytest.raises(FeatxError, match="manifest__tiny-bert.h5 was made with different settings: poolings"):
         extract(media, [model], out, device="cpu", progress=False, pool=["mean", "cls"])
+    with pytest.raises(Exception, match="weights|model"):
+        extract(media, [model], out, device="cpu", progress=False, pool=["mean", "cls"], overwrite=True)
 
 
 def test_a_complete_siglip2_cache_loads_no_model(tmp_path, media):
     """SigLIP 2 makes its own per-image inputs, so it runs the processor path whatever --image-preprocess says
     (as does a processor without torchvision) and its cache records that path: a resume of the complete cache,
-    with either --image-preprocess, is told done without the weights; other settings still need the model."""
+    with either --image-preprocess, is told done without the weights; other settings are refused before the
+    model loads, and with --overwrite need it."""
     from tiny_models.image import build_siglip2
 
     model = build_siglip2(str(tmp_path / "siglip2"))
@@ -208,8 +211,10 @@ def test_a_complete_siglip2_cache_loads_no_model(tmp_path, media):
                         image_preprocess=preprocess)
         assert again.caches[0]["done"] == 8 and again.failed == 0
     assert os.stat(first.paths[0]).st_mtime_ns == stamp
-    with pytest.raises(Exception, match="weights|model"):  # other settings still need the model
+    with pytest.raises(FeatxError, match="dtype 'float16' \\(now 'float32'\\)"):  # other settings: refused
         extract(media, [model], out, device="cpu", progress=False, num_workers=0, dtype="float32")
+    with pytest.raises(Exception, match="weights|model"):  # ... or, with --overwrite, they need the model
+        extract(media, [model], out, device="cpu", progress=False, num_workers=0, dtype="float32", overwrite=True)
 
 
 # ---------------------------------------------------------------- cache names (issue 12.17)
