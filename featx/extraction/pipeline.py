@@ -23,7 +23,7 @@ from featx.encoders.video import clip_frames
 from featx.errors import FeatxError, first_line
 from featx.extraction.batching import Interrupted, Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
-from featx.extraction.distributed import Distributed, has_shards, shard_name
+from featx.extraction.distributed import Distributed, has_shards
 from featx.naming import last_name, model_slug
 from featx.settings import ExtractSettings
 from featx.version import __version__
@@ -284,9 +284,8 @@ def _check_settings(job, ids, settings):
     from featx.cache import check_settings
     from featx.cache.schema import parts_dir
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    caches = ([(shard_name(job.path, int(os.environ.get("RANK", "0")), world), True), (job.path, False)]
-              if world > 1 else [(job.path, True)])
+    dist = Distributed.current()
+    caches = [(dist.shard_path(job.path), True), (job.path, False)] if dist else [(job.path, True)]
     caches = [(path, folder) for path, folder in caches
               if os.path.exists(path) or (folder and os.path.exists(parts_dir(path)))]
     if settings.overwrite or not caches:
