@@ -269,15 +269,11 @@ def main():
             print(f"[{kind}] precision {json.dumps(r['precision'])}", flush=True)
         run = run_extract(kind, args.root, n[kind], os.path.join(args.root, "diagnose"), model_dir, args.device)
         run(args.precision)  # warm-up: workers, CUDA context, cudnn autotuning
-        if "syncs" in steps:
-            r["syncs"] = syncs(run, args.precision)
-            print(f"[{kind}] host waits for the GPU, by place: {json.dumps(r['syncs'], indent=1)}", flush=True)
-        if "timeline" in steps:
-            r["timeline"] = timeline(run, args.precision)
-            print(f"[{kind}] timeline {json.dumps(r['timeline'])}", flush=True)
-        if "host" in steps:
-            r["host"] = host(run, args.precision)
-            print(f"[{kind}] main thread, seconds: {json.dumps(r['host'])}", flush=True)
+        for step, measure, what in (("syncs", syncs, "host waits for the GPU, by place"),
+                                    ("timeline", timeline, "GPU timeline"), ("host", host, "main thread, seconds")):
+            if step in steps:
+                r[step] = measure(run, args.precision)
+                print(f"[{kind}] {what}: {json.dumps(r[step])}", flush=True)
         if "fork" in steps:
             r["fork_ms"] = fork(model_dir, args.precision)
             print(f"[{kind}] 14 forks, ms: {json.dumps(r['fork_ms'])}", flush=True)

@@ -498,31 +498,49 @@ def test_stored_poolings_follow_the_family_no_cls_without_a_class_token():
     assert stored(SiglipVisionConfig(), "image") == ["mean"]   # position 0 is a patch token, not a class token
 
 
+def _texts(tmp_path, n=40):
+    words = ["good", "bad film", "a fine and long film", "ok", "not good at all", "great fun"]
+    texts = [" ".join(words[(k + j) % 6] for j in range(1 + k % 5)) for k in range(n)]
+    path = tmp_path / "m.csv"
+    pd.DataFrame({"id": [f"t{k}" for k in range(n)], "text": texts}).to_csv(path, index=False)
+    return path
+
+
+def _ctrl_c_on_call(monkeypatch, owner, name, at, calls):
+    """owner.name (a method of one argument) raises KeyboardInterrupt on its at-th call, as a Ctrl-C arriving
+    there; calls gets the length of each call's argument. Returns the real method."""
+    real = getattr(owner, name)
+
+    def ctrl_c(self, arg):
+        calls.append(len(arg))
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(self, arg)
+
+    monkeypatch.setattr(owner, name, ctrl_c)
+    return real
+
+
+def _counting_progress(monkeypatch, counted):
+    """Progress bars that also note each update in `counted`."""
+    import featx.progress as fp
+    bar = fp.progress_bar
+    monkeypatch.setattr(fp, "progress_bar", lambda *a, **k: _Counting(bar(*a, **k), counted))
+
+
 # (workers, the batch Ctrl-C comes in, items of the groups before it): groups of 5 batches of 4 without workers;
 # with workers groups ramp up, 1, 2, 4, then 5 batches
 @pytest.mark.parametrize("workers, at, before", [(0, 8, 20), (2, 9, 28)])
 def test_ctrl_c_during_a_group_writes_the_items_its_finished_batches_counted(tiny_bert, tmp_path, monkeypatch,
                                                                              workers, at, before):
     from featx.extraction.batching import Runner
-    words = ["good", "bad film", "a fine and long film", "ok", "not good at all", "great fun"]
-    texts = [" ".join(words[(k + j) % 6] for j in range(1 + k % 5)) for k in range(40)]
-    path = tmp_path / "m.csv"
-    pd.DataFrame({"id": [f"t{k}" for k in range(40)], "text": texts}).to_csv(path, index=False)
+    path = _texts(tmp_path)
     kw = dict(dtype="float32", device="cpu", batch_size=4, group_size=20, num_workers=workers, progress=False)
     whole = extract(path, [tiny_bert], tmp_path / "whole", **kw).paths[0]
-
-    real, calls, counted = Runner.run_batch, [], []
-
-    def ctrl_c(self, raws):  # Ctrl-C arrives in the forward of a group's batch after its first
-        calls.append(len(raws))
-        if len(calls) == at:
-            raise KeyboardInterrupt
-        return real(self, raws)
-
-    monkeypatch.setattr(Runner, "run_batch", ctrl_c)
-    import featx.progress as fp
-    bar = fp.progress_bar
-    monkeypatch.setattr(fp, "progress_bar", lambda *a, **k: _Counting(bar(*a, **k), counted))
+    calls, counted = [], []
+    # Ctrl-C arrives in the forward of a group's batch after its first
+    real = _ctrl_c_on_call(monkeypatch, Runner, "run_batch", at, calls)
+    _counting_progress(monkeypatch, counted)
     with pytest.raises(KeyboardInterrupt):
         extract(path, [tiny_bert], tmp_path / "c", **kw)
     cache = os.path.join(tmp_path / "c", os.path.basename(whole))
@@ -537,14 +555,6 @@ def test_ctrl_c_during_a_group_writes_the_items_its_finished_batches_counted(tin
     with open_cache(cache) as c, open_cache(whole) as w:
         assert c.done.all()
         np.testing.assert_allclose(c.layer(c.num_layers - 1), w.layer(w.num_layers - 1), atol=1e-5)
-
-
-def _texts(tmp_path, n=40):
-    words = ["good", "bad film", "a fine and long film", "ok", "not good at all", "great fun"]
-    texts = [" ".join(words[(k + j) % 6] for j in range(1 + k % 5)) for k in range(n)]
-    path = tmp_path / "m.csv"
-    pd.DataFrame({"id": [f"t{k}" for k in range(n)], "text": texts}).to_csv(path, index=False)
-    return path
 
 
 def test_the_next_group_is_queued_on_the_device_before_the_last_one_is_fetched(tiny_bert, tmp_path, monkeypatch):
@@ -571,18 +581,9 @@ def test_the_next_group_is_queued_on_the_device_before_the_last_one_is_fetched(t
 def test_ctrl_c_while_decoding_writes_the_groups_already_on_the_device(tiny_bert, tmp_path, monkeypatch):
     from featx.extraction.decode import DecodedItems
     path, counted = _texts(tmp_path), []
-    real, calls = DecodedItems.__getitems__, []
-
-    def ctrl_c(self, ks):  # Ctrl-C while the third group of texts is tokenized: two groups were queued
-        calls.append(len(ks))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, ks)
-
-    monkeypatch.setattr(DecodedItems, "__getitems__", ctrl_c)
-    import featx.progress as fp
-    bar = fp.progress_bar
-    monkeypatch.setattr(fp, "progress_bar", lambda *a, **k: _Counting(bar(*a, **k), counted))
+    # Ctrl-C while the third group of texts is tokenized: two groups were queued
+    _ctrl_c_on_call(monkeypatch, DecodedItems, "__getitems__", 3, [])
+    _counting_progress(monkeypatch, counted)
     with pytest.raises(KeyboardInterrupt):
         extract(path, [tiny_bert], tmp_path / "c", dtype="float32", device="cpu", batch_size=4, group_size=16,
                 progress=False)
