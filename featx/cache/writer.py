@@ -512,14 +512,12 @@ def pending_items(path, ids, *, attrs, poolings, dtype="float16", seq=False, num
     CacheWriter when the cache was made with other settings.
     """
     path, ids = os.fspath(path), _strings(ids)
-    want = _wanted(ids, attrs, poolings, dtype, seq, num_layers, hidden_size)
+    check_settings(path, ids, attrs=attrs, poolings=poolings, dtype=dtype, seq=seq, num_layers=num_layers,
+                   hidden_size=hidden_size, attrs_given_only=attrs_given_only)
     stored, records = _valid_settings(path), []
-    if stored is not None:
-        _refuse(stored, want, schema.parts_dir(path), attrs_given_only)
     if os.path.exists(path):
         f, h = open_validated(path)
         f.close()
-        _refuse(parts.file_settings(h), want, path, attrs_given_only)
         records.append(parts.final_record(h))
     if stored is not None:
         records += [record for _, record in parts.check_parts(path, stored, ids)[0]]
