@@ -20,9 +20,12 @@ def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch
     when given.
     precision: a probe's extraction precision (featx extract's --precision); None: the one its training cache
     was made with (a FeatxError when this device cannot run it: bf16 or fp16 autocast on a CPU), or auto for a
-    file that does not record it. A fine-tuned model ignores it.
+    file that does not record it. Given with a fine-tuned model: a FeatxError (it predicts in fp32).
     """
     path = os.fspath(classifier)
+    if os.path.isdir(path) and precision is not None:
+        raise FeatxError(f"{path}: --precision is for a probe's classifier; a fine-tuned model predicts in fp32 "
+                         "with its saved weights")
     if os.path.isdir(path):
         from featx.finetune import load_finetuned
 

@@ -141,3 +141,43 @@ def test_classifier_without_extraction_record_predicts_float32_at_the_default_pr
     with open_cache(str(tmp_path / "pc" / "manifest__tiny-bert.h5")) as c:
         assert (c.attrs["precision"], c.dtype) == ("fp32", "float32")
     capsys.readouterr()
+
+
+def test_a_classifier_from_a_relative_model_folder_predicts_from_any_folder(tmp_path, media, tiny_bert, capsys,
+                                                                           monkeypatch):
+    # extract --model given relative to the working folder: the saved classifier records the folder absolute
+    import shutil
+    work = tmp_path / "work"
+    shutil.copytree(tiny_bert, work / "mtext")
+    monkeypatch.chdir(work)
+    assert main(["extract", media, "--model", "mtext", "--out", "cache", "--no-progress"]) == 0
+    assert main(["probe", "cache/manifest__mtext.h5", "--out", "res", "--probe", "ridge", "--save-classifier",
+                 "-q"]) == 0
+    from featx.probing.classifier import Classifier
+    clf = Classifier.load("res/classifier__mtext.safetensors")
+    assert clf.blocks[0]["encoder"] == str(work / "mtext")
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", media, "--classifier", str(work / "res" / "classifier__mtext.safetensors"), "--out",
+                 "p.csv", "--no-progress"]) == 0
+    assert pd.read_csv(tmp_path / "p.csv")["prediction"].notna().all()
+    capsys.readouterr()
+
+
+def test_an_mlp_probe_saved_as_a_linear_one_is_said_on_the_console(tmp_path, capsys):
+    from _synthetic import planted, standard_splits, write_cache
+    X, y = planted(n=120, num_layers=3, dim=8, k=1)
+    path = write_cache(tmp_path / "c.h5", X, [f"i{k}" for k in range(120)], y, standard_splits(120))
+    assert main(["probe", str(path), "--out", str(tmp_path / "r"), "--probe", "mlp", "--save-classifier",
+                 "--seeds", "1", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "the saved classifiers are linear probes (mlp has no linear weights to save)" in err
+    assert main(["probe", str(path), "--out", str(tmp_path / "r2"), "--probe", "ridge", "--save-classifier",
+                 "-q"]) == 0
+    assert "linear probes" not in capsys.readouterr().err
+
+
+def test_precision_with_a_fine_tuned_model_is_refused_not_ignored(tmp_path, media, capsys):
+    (tmp_path / "model").mkdir()  # refused before the folder is read: --precision does not apply to it
+    assert main(["predict", media, "--classifier", str(tmp_path / "model"), "--precision", "fp16"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision is for a probe's classifier" in err[0]

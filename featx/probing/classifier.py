@@ -68,7 +68,10 @@ class Classifier:
             warnings.simplefilter("ignore")   # the sweep's fit ignores the same convergence warnings
             est.fit(data.X[train], y[train], data.X[dev], y[dev])
         width = data.width(col)  # the layer's own width: predict reads that one layer, its padding cut off
-        block = {"encoder": data.encoder, "name": data.name or data.encoder, "modality": data.modality,
+        # a local model folder named relative to where extract ran (the cache's attribute) is saved absolute, so
+        # that predict finds it from any folder; a hub id, or a folder that is gone, as recorded
+        encoder = os.path.abspath(data.encoder) if os.path.isdir(data.encoder) else data.encoder
+        block = {"encoder": encoder, "name": data.name or data.encoder, "modality": data.modality,
                  "pooling": settings.pool, "layers": [layer], "hidden_size": width,
                  "num_layers": data.num_layers, "extraction": extraction_settings(data.path)}
         record = {"probe": probe, "sweep_probe": settings.probe, "folds": settings.folds, "fold": 0,

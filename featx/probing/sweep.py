@@ -432,6 +432,9 @@ def run_meta(datas, aligned, task, s, df) -> dict:
               for name, n in meta["unsplit"].items() if n]
     if not any(t.is_full for t in s.train_sizes):
         notes.append("the full training part (1.0) was added to the training sizes: the headline uses it")
+    if s.save_classifier and not get_probe(s.probe).linear:  # Classifier.from_sweep saves linear weights only
+        notes.append(f"the saved classifiers are linear probes ({s.probe} has no linear weights to save): featx "
+                     f"predict's scores are theirs, not the {s.probe} scores of the tables")
     if notes:
         meta["notes"] = notes
     if aligned is not None:
