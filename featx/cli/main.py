@@ -257,6 +257,8 @@ def _finetune(sub):
         from featx.finetune import finetune
 
         result = finetune(s.manifest, s.model, s.out, **s.kwargs())
+        for note in result.notes:  # what differs from what was asked: a training size added
+            print(f"featx finetune: {note}", file=sys.stderr)
         status = f"featx finetune: results in {result.out}" + (f"; model in {result.model_path}"
                                                                if result.model_path else "")
         print_table(_summary_of_finetune(result.out), s.json, status)

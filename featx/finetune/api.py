@@ -29,7 +29,7 @@ from featx.probing.results import FoldScores, best_layer, load_results, meta_hea
 from featx.probing.splits import make_folds, subsample
 from featx.runinfo import provenance, read_json, strict_json, write_json, write_meta
 from featx.settings import FinetuneSettings as FinetuneOptions
-from featx.settings import TRAINING_PRECISIONS, resolve_layers
+from featx.settings import TRAINING_PRECISIONS, TrainSize, resolve_layers
 
 # Settings that change the numbers: a resumed run must have the same ones.
 RESUME_KEYS = ("models", "modalities", "layers", "train_blocks", "head", "task", "pooling", "proj_size",
@@ -38,6 +38,10 @@ RESUME_KEYS = ("models", "modalities", "layers", "train_blocks", "head", "task",
                "max_audio_seconds")
 # Resume keys a run written by an earlier featx may lack (its runs used each model's primary tower).
 ADDED_RESUME_KEYS = ("modalities",)
+# The whole training part: the headline size, added to the training sizes when not asked for (as `featx probe`).
+FULL = TrainSize("fraction", 1.0)
+# Meta.json's note when FULL was added.
+FULL_ADDED = "the full training part (1.0) was added to the training sizes: the headline uses it"
 # Options of the command line that are not settings of a run (inputs, output and what is printed).
 NOT_RUN_SETTINGS = ("manifest", "model", "out", "pool", "no_save_model", "json", "quiet")
 
@@ -78,6 +82,16 @@ class FinetuneSettings(FinetuneOptions):
         return not self.quiet
 
     @property
+    def sizes_run(self) -> list:
+        """The training sizes trained: those given, plus the full training part (the headline) if absent."""
+        return self.train_sizes if any(t.is_full for t in self.train_sizes) else self.train_sizes + [FULL]
+
+    @property
+    def notes(self) -> list:
+        """What the run does that was not asked for, for meta.json's notes and stderr."""
+        return [] if any(t.is_full for t in self.train_sizes) else [FULL_ADDED]
+
+    @property
     def head_settings(self) -> HeadSettings:
         return HeadSettings(self.head, self.pool, self.proj_size, self.hidden_size, self.heads, self.dropout)
 
@@ -97,20 +111,24 @@ class FinetuneSettings(FinetuneOptions):
             raise FeatxError(f"give one --modality, or one per model ({n_models}), got {len(self.modality)}")
 
     def as_dict(self) -> dict:
-        """The run's settings as JSON values (training sizes as written: "0.5", "200", "1.0")."""
+        """The run's settings as JSON values (training sizes as written: "0.5", "200", "1.0"; train_sizes_run
+        those trained, with the full training part added when it was not given)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_RUN_SETTINGS}
         return dict(out, pooling=self.pooling, train_sizes=[str(s) for s in self.train_sizes],
+                    train_sizes_run=[str(s) for s in self.sizes_run],
                     save_model=self.save_model, progress=self.progress)
 
 
 @dataclass
 class FinetuneResult:
     """What `finetune` wrote: the tidy rows, the output folder, the saved model folder (or None), per-run
-    training histories (done.json dicts)."""
+    training histories (done.json dicts) and the notes on what differs from what was asked (as meta.json's,
+    less the protocol's standing note)."""
     rows: pd.DataFrame
     out: str
     model_path: object = None
     runs: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
 
 @dataclass
@@ -262,12 +280,12 @@ def _open_output(out, config, settings):
 
 
 def _plan(inputs: _Inputs, settings) -> list:
-    """[(seed, size, test split name, [Run per fold])] in sweep order; sizes are checked against every
-    training part before anything trains."""
+    """[(seed, size, test split name, [Run per fold])] in sweep order, over the sizes run (the full training
+    part added when not given); sizes are checked against every training part before anything trains."""
     labels, plan = inputs.items.labels, []
     for seed in settings.seeds:
         folds, test_name = make_folds(labels, inputs.items.splits, inputs.task, settings.folds, seed)
-        for size in settings.train_sizes:
+        for size in settings.sizes_run:
             runs = []
             for k, (train, dev, test) in enumerate(folds):
                 fit = np.asarray(subsample(train, labels, inputs.task, size, seed))
@@ -338,7 +356,7 @@ def _write_meta(out, inputs: _Inputs, settings, data: TrainingData, chance):
     meta = {**meta_head(inputs.task, chance), "caches": [], "encoders": encoders,
             "finetune": {k: v for k, v in config.items() if k != "models"}, "precision": data.precision,
             "device": data.device.type, "items": int(len(inputs.items.ids)), **provenance(resolved),
-            "notes": ["joint fine-tuning: early stopping and model selection on dev only"]}
+            "notes": ["joint fine-tuning: early stopping and model selection on dev only"] + settings.notes}
     write_meta(meta, os.path.join(out, "meta.json"))
 
 
@@ -377,4 +395,4 @@ def finetune(manifest, models, out, **settings) -> FinetuneResult:
     history = [dict(run=d["tag"], **h) for d in done_runs for h in d["history"]]
     pd.DataFrame(history).to_csv(os.path.join(out, "history.csv"), index=False)
     _write_meta(out, inputs, s, data, chance)
-    return FinetuneResult(table, out, model_path, done_runs)
+    return FinetuneResult(table, out, model_path, done_runs, s.notes)

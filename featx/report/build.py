@@ -13,6 +13,7 @@ from featx.report.cka import cache_cka, summary_cka
 from featx.report.html import Section, write_html, write_markdown
 from featx.probing.results import METRIC_LABELS, load_results
 from featx.report.results import FINETUNE_COLUMN, SCORE_COLUMNS, findings, summary_table
+from featx.settings import parse_train_size
 
 TITLE = "featx layer-wise report"
 # Up to this many caches, every pair gets its layer-by-layer CKA figure unless pairs are named.
@@ -63,13 +64,13 @@ def _result_sections(res, fig_dir, pngs, relative_depth):
         # A `featx finetune` folder: whole-model scores only, no layer axis to plot them on.
         sections.append(Section(f"{res.name}: fine-tuned model", level=2, paragraphs=[
             f"Task: {res.meta.get('task', 'unknown')}; no per-layer scores in these results. The fine-tuned "
-            f"models' {res.eval_split} scores at the full training size (epoch chosen on dev) are in the "
+            f"models' {res.eval_split} scores at {_headline_size(res)} (epoch chosen on dev) are in the "
             f"summary table."]))
     else:
         sections.append(Section(
             f"{res.name}: score against layer", level=2, figures=layer_figs,
-            paragraphs=[f"Task: {res.meta.get('task', 'unknown')}; scores on the {res.eval_split} split at the "
-                        f"full training size; primary metric {METRIC_LABELS.get(primary, primary)}. Stars mark the "
+            paragraphs=[f"Task: {res.meta.get('task', 'unknown')}; scores on the {res.eval_split} split at "
+                        f"{_headline_size(res)}; primary metric {METRIC_LABELS.get(primary, primary)}. Stars mark the "
                         f"layer chosen on {res.selection_split}; the dashed grey line is the chance / majority "
                         "baseline" + ("; x is relative depth (layer / output layer)." if relative_depth else ".")]))
     fig = plots.plot_layer_weights(res)
@@ -82,10 +83,24 @@ def _result_sections(res, fig_dir, pngs, relative_depth):
         sections.append(Section(
             f"{res.name}: low-resource learning curves", level=3,
             paragraphs=[f"{METRIC_LABELS.get(primary, primary)} against training labels ({sizes}); the best "
-                        f"and output layers are those chosen at the full training size."],
+                        f"and output layers are those chosen at {_headline_size(res)}."],
             figures=[(_save(fig, fig_dir, f"{res.name}_learning_{primary}", pngs),
                       f"{res.name}: learning curves ({METRIC_LABELS.get(primary, primary)})")]))
     return sections
+
+
+def _is_full(size) -> bool:
+    try:
+        return parse_train_size(size).is_full
+    except FeatxError:
+        return False
+
+
+def _headline_size(res) -> str:
+    """'the full training size', or for results without a full-training-part run (a `featx finetune` folder
+    written before finetune added it) the size the headline rows really have: 'training size 0.5 (12 labels)'."""
+    size = res.full_train_size
+    return "the full training size" if _is_full(size) else f"training size {_size_text(res, size)}"
 
 
 def _size_text(res, size):
@@ -189,7 +204,9 @@ def _summary_sections(results):
         "the fusion method are chosen on dev; 'best minus output' is positive when the best layer is better "
         "than the output layer (for MAE, when it is lower). "
         + ("'fine-tuned' is the jointly fine-tuned model's score, each run's epoch chosen on dev. "
-           if finetune else "") + "'–' means not run."])
+           if finetune else "") + "'–' means not run."
+        + "".join(f" {r.name}: no run at the full training part; its scores are at {_headline_size(r)}."
+                  for r in results if not _is_full(r.full_train_size))])
     appendix = Section("All metrics", paragraphs=["The summary table for every metric."])
     for r in results:
         name = r.name if len(results) > 1 else None

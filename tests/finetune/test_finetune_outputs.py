@@ -105,6 +105,39 @@ def test_meta_is_strict_json_with_command_settings_and_versions(tmp_path, tiny_b
     assert trained_on["train_size"] == "1.0" and trained_on["train_items"] == 18
 
 
+def test_the_full_training_part_is_added_when_not_asked_for_and_heads_the_report(tmp_path, tiny_bert, capsys):
+    """--train-sizes 0.5 alone: the full training part (1.0) is trained too, with a note, so that the score the
+    report shows "at the full training part" is one made with the whole training part (as `featx probe`)."""
+    from featx.probing.results import load_results
+    from featx.report.results import FINETUNE_COLUMN, summary_table
+
+    manifest = planted_manifest(tmp_path / "data", n=20, broken=False)
+    out = tmp_path / "ft"
+    assert main(["finetune", manifest, "--model", tiny_bert, "--out", str(out), "--epochs", "1", "--train-sizes",
+                 "0.5", "--lr", "1e-3", "--batch-size", "8", "--dropout", "0", "-q"]) == 0
+    err = capsys.readouterr().err
+    note = "the full training part (1.0) was added to the training sizes: the headline uses it"
+    assert f"featx finetune: {note}" in err.splitlines(), err
+    meta = strict_json(out / "meta.json")
+    assert note in meta["notes"]
+    assert meta["settings"]["train_sizes"] == ["0.5"] and meta["settings"]["train_sizes_run"] == ["0.5", "1.0"]
+
+    table = pd.read_csv(out / "results.csv", dtype={"train_size": str})
+    labels = dict(zip(table["train_size"], table["train_labels"]))
+    assert set(labels) == {"0.5", "1.0"} and labels["0.5"] < labels["1.0"]
+    assert sorted(os.listdir(out / "runs")) == ["n0.5-s0-f0", "n1.0-s0-f0"]
+    trained_on = json.loads((out / "model" / "config.json").read_text())["trained_on"]
+    assert trained_on["train_size"] == "1.0"
+
+    # The report's fine-tuned score is the full training part's test score, not the 0.5 run's.
+    res = load_results(str(out))
+    assert res.full_train_size == "1.0"
+    metric = res.primary_metric
+    full = table[(table["train_size"] == "1.0") & (table["split"] == "test") & (table["metric"] == metric)]
+    shown = summary_table(res, [metric])[FINETUNE_COLUMN].dropna()
+    assert len(full) == 1 and shown.tolist() == pytest.approx(full["value"].tolist())
+
+
 def test_a_count_larger_than_the_training_part_is_a_one_line_error(tmp_path, tiny_bert, capsys):
     manifest = planted_manifest(tmp_path / "data", n=20, broken=False)
     rc = main(["finetune", manifest, "--model", tiny_bert, "--out", str(tmp_path / "out"), "--train-sizes",

@@ -351,6 +351,23 @@ def test_report_lists_finetune_rows_beside_probe_rows(finetuned, tiny_bert, tmp_
     assert table["fine-tuned"].tolist() == [pytest.approx(acc)] and table["best layer"].isna().all()
 
 
+def test_a_finetune_folder_without_the_full_training_part_is_labelled_with_its_size(finetuned, tmp_path):
+    """A finetune folder written before finetune added the full training part (1.0) holds only the sizes asked
+    for: the report names the size its scores really have, never "the full training part"."""
+    old = tmp_path / "ft"
+    shutil.copytree(finetuned, old)
+    rows = pd.read_csv(old / "results.csv", dtype={"train_size": str})
+    rows[rows["train_size"] == "0.5"].to_csv(old / "results.csv", index=False)
+    if (old / "results.parquet").exists():
+        (old / "results.parquet").unlink()
+    n = int(rows.loc[rows["train_size"] == "0.5", "train_labels"].iloc[0])
+    build_report([str(old)], str(tmp_path / "report"), cka=False)
+    text = (tmp_path / "report" / "summary.md").read_text()
+    assert f"ft: no run at the full training part; its scores are at training size 0.5 ({n} labels)." in text
+    assert "scores at the full training size" not in text
+    assert f"test scores at training size 0.5 ({n} labels) (epoch chosen on dev)" in text
+
+
 def test_single_probe_folder_report_has_no_finetune_column(mosi):
     res, paths = mosi
     assert list(summary_table(res).columns) == SUMMARY_COLUMNS and not res.has_finetune
