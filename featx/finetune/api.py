@@ -25,7 +25,7 @@ from featx.finetune.data import decode_items
 from featx.finetune.loop import Run, TrainingData, train_run
 from featx.finetune.model import HeadSettings
 from featx.naming import display_names, last_name
-from featx.probing.results import FoldScores, best_layer, load_results, meta_head, write_results
+from featx.probing.results import FULL_PART_ADDED, FoldScores, best_layer, load_results, meta_head, write_results
 from featx.probing.splits import make_folds, subsample
 from featx.runinfo import provenance, read_json, strict_json, write_json, write_meta
 from featx.settings import FinetuneSettings as FinetuneOptions
@@ -40,8 +40,6 @@ RESUME_KEYS = ("models", "modalities", "layers", "train_blocks", "head", "task",
 ADDED_RESUME_KEYS = ("modalities",)
 # The whole training part: the headline size, added to the training sizes when not asked for (as `featx probe`).
 FULL = TrainSize("fraction", 1.0)
-# Meta.json's note when FULL was added.
-FULL_ADDED = "the full training part (1.0) was added to the training sizes: the headline uses it"
 # Options of the command line that are not settings of a run (inputs, output and what is printed).
 NOT_RUN_SETTINGS = ("manifest", "model", "out", "pool", "no_save_model", "json", "quiet")
 
@@ -89,7 +87,7 @@ class FinetuneSettings(FinetuneOptions):
     @property
     def notes(self) -> list:
         """What the run does that was not asked for, for meta.json's notes and stderr."""
-        return [] if any(t.is_full for t in self.train_sizes) else [FULL_ADDED]
+        return [] if any(t.is_full for t in self.train_sizes) else [FULL_PART_ADDED]
 
     @property
     def head_settings(self) -> HeadSettings:

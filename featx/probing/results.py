@@ -27,6 +27,9 @@ WEIGHT_COLUMNS = ["encoder", "modality", "seed", "layer", "weight", "train_size"
 BEST_COLUMNS = ["encoder", "modality", "pooling", "layer_probe", "metric", "split", "train_size", "selected_on",
                 "best_dev_layer", "best_layer_score", "output_layer", "output_layer_score", "weighted_probe",
                 "weighted_score", "fusion_method", "fusion_probe", "fusion_score"]
+# The note of a probe, fuse or finetune run that was not asked for the whole training part: it is added, since
+# the headline (best_layers.csv, the report's summary) is always at the full training part.
+FULL_PART_ADDED = "the full training part (1.0) was added to the training sizes: the headline uses it"
 # Column names best_layers.csv had before BEST_COLUMNS.
 _OLD_BEST = {"best_layer": "best_dev_layer", "best_value": "best_layer_score",
              "output_layer_value": "output_layer_score", "weighted_value": "weighted_score",

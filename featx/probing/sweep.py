@@ -25,7 +25,8 @@ from featx.probing.data import load_cache
 from featx.probing.estimators import infer_task
 from featx.probing.fusion import EarlyFusion, GatedFusion, LateFusion, WeightedLayerProbe, align_by_id
 from featx.probing.registry import get_probe, make_probe
-from featx.probing.results import WEIGHT_COLUMNS, FoldScores, best_layer_table, meta_head, write_results
+from featx.probing.results import (FULL_PART_ADDED, WEIGHT_COLUMNS, FoldScores, best_layer_table, meta_head,
+                                   write_results)
 from featx.probing.splits import fold_count, make_folds, subsample
 from featx.runinfo import provenance, write_meta
 from featx.settings import ProbeSettings, TrainSize
@@ -431,7 +432,7 @@ def run_meta(datas, aligned, task, s, df) -> dict:
     notes += [f"{name}: {n} labelled item(s) with no split were left out of training and scoring"
               for name, n in meta["unsplit"].items() if n]
     if not any(t.is_full for t in s.train_sizes):
-        notes.append("the full training part (1.0) was added to the training sizes: the headline uses it")
+        notes.append(FULL_PART_ADDED)
     if s.save_classifier and not get_probe(s.probe).linear:  # Classifier.from_sweep saves linear weights only
         notes.append(f"the saved classifiers are linear probes ({s.probe} has no linear weights to save): featx "
                      f"predict's scores are theirs, not the {s.probe} scores of the tables")
