@@ -241,12 +241,12 @@ def texts(value) -> list:
 
 
 def distinct_paths(value) -> list:
-    """texts(value) where no file is named twice (also under two spellings of its path)."""
+    """texts(value) where no file or folder is named twice (also under two spellings of its path)."""
     paths, seen = texts(value), {}
     for p in paths:
         key = os.path.realpath(p)
         if key in seen:
-            raise FeatxError(f"{p} is given twice (as {seen[key]}); give each file once")
+            raise FeatxError(f"{p} is given twice (as {seen[key]}); give each once")
         seen[key] = p
     return paths
 
@@ -732,7 +732,7 @@ def parse_cka_pairs(value):
 class ReportSettings(Settings):
     """`featx report`: layer-wise plots, CKA heatmaps and a summary table as HTML + Markdown."""
     results: list = option([], "results folders written by featx probe, fuse or finetune; several share one page",
-                           texts, positional=True, many=True, path=True, required=True, metavar="RESULTS")
+                           distinct_paths, positional=True, many=True, path=True, required=True, metavar="RESULTS")
     out: str = option(None, "output folder: report.html, summary.md, figures/*.png", path=True, required=True)
     relative_depth: bool = option(False, "plot layers as relative depth (layer / output layer)", flag=True)
     no_cka: bool = option(False, "skip the CKA heatmaps", flag=True)

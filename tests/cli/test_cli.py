@@ -309,3 +309,11 @@ def test_a_known_column_written_in_other_case_is_named_when_extracting(tmp_path,
     manifest.write_text("id,text,label,split\na,hello,1,train\nb,world,2,test\n", encoding="utf-8")
     code, _, err = _run(capsys, "extract", manifest, "--model", tiny_bert, "--out", tmp_path / "cache2", "-q")
     assert code == 0 and "kept as metadata" not in err, err
+
+
+def test_report_refuses_one_results_folder_given_twice(tmp_path, capsys):
+    # `featx report r r` labelled both copies "r" and their figures overwrote each other
+    (tmp_path / "r").mkdir()
+    code, _, err = _run(capsys, "report", tmp_path / "r", str(tmp_path / "r") + "/", "--out", tmp_path / "rep")
+    assert code == 1 and "given twice" in _one_line(err)
+    assert not (tmp_path / "rep").exists()
