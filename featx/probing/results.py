@@ -231,6 +231,12 @@ class Results:
         full = [s for s in sizes if _is_full_label(s)]
         return full[0] if full else max(sizes, key=self.labels_of)
 
+    @property
+    def headline_is_full(self) -> bool:
+        """Whether the headline rows (full_train_size) are at the whole training part; False for older runs
+        without one, whose headline is at the size with the most training labels."""
+        return _is_full_label(self.full_train_size)
+
     def labels_of(self, size):
         """The number of training labels behind a train_size label (mean over rows), or the size's number."""
         n = self.rows.loc[self.rows["train_size"] == size, "train_labels"].mean()

@@ -13,7 +13,6 @@ from featx.report.cka import cache_cka, summary_cka
 from featx.report.html import Section, write_html, write_markdown
 from featx.probing.results import METRIC_LABELS, load_results
 from featx.report.results import FINETUNE_COLUMN, SCORE_COLUMNS, findings, summary_table
-from featx.settings import parse_train_size
 
 TITLE = "featx layer-wise report"
 # Up to this many caches, every pair gets its layer-by-layer CKA figure unless pairs are named.
@@ -89,18 +88,12 @@ def _result_sections(res, fig_dir, pngs, relative_depth):
     return sections
 
 
-def _is_full(size) -> bool:
-    try:
-        return parse_train_size(size).is_full
-    except FeatxError:
-        return False
-
-
 def _headline_size(res) -> str:
     """'the full training size', or for results without a full-training-part run (a `featx finetune` folder
     written before finetune added it) the size the headline rows really have: 'training size 0.5 (12 labels)'."""
-    size = res.full_train_size
-    return "the full training size" if _is_full(size) else f"training size {_size_text(res, size)}"
+    if res.headline_is_full:
+        return "the full training size"
+    return f"training size {_size_text(res, res.full_train_size)}"
 
 
 def _size_text(res, size):
@@ -206,7 +199,7 @@ def _summary_sections(results):
         + ("'fine-tuned' is the jointly fine-tuned model's score, each run's epoch chosen on dev. "
            if finetune else "") + "'–' means not run."
         + "".join(f" {r.name}: no run at the full training part; its scores are at {_headline_size(r)}."
-                  for r in results if not _is_full(r.full_train_size))])
+                  for r in results if not r.headline_is_full)])
     appendix = Section("All metrics", paragraphs=["The summary table for every metric."])
     for r in results:
         name = r.name if len(results) > 1 else None
