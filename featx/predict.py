@@ -78,12 +78,22 @@ def extraction_options(block, path, device, precision=None) -> dict:
 
     A recorded precision this device cannot run (bf16/fp16 autocast on a CPU) is a one-line FeatxError unless
     `precision` is given: other numbers than those it was trained on are the user's choice, not predict's. A given
-    precision other than the recorded one is said in one line on stderr."""
+    precision other than the recorded one is said in one line on stderr, as is a JPEG decoder other than the
+    recorded one (nvJPEG recorded, predict on a CPU)."""
     import sys
 
     from featx.device import resolve_device, resolve_precision
+    from featx.encoders.image import JPEG_DECODERS
 
     options = dict(block.get("extraction") or {"dtype": "float32"})
+    decoder = options.pop("image_decode", None)  # recorded as the decoder; extract's option says where it runs
+    if decoder is not None and decoder != JPEG_DECODERS["workers"]:
+        options["image_decode"] = "device"
+        here = JPEG_DECODERS[resolve_device(device).split(":")[0]]
+        if here != decoder:
+            print(f"featx predict: {block['encoder']}: JPEGs are decoded with {here} here; the classifier was "
+                  f"trained on features of JPEGs decoded with {decoder} (pixels may differ by a level)",
+                  file=sys.stderr)
     recorded = options.get("precision")
     if precision is not None:
         options["precision"] = precision

@@ -18,6 +18,7 @@ MAX_IMAGE_PIXELS = 100_000_000   # 10,000 x 10,000: about 300 MB once decoded to
 # How images become pixel values: batched-torch (workers decode to uint8; the checkpoint's torchvision processor
 # runs on whole batches on the model's device) or processor (the checkpoint's processor per image, in the workers)
 IMAGE_PREPROCESS = ("batched-torch", "processor")
+IMAGE_DECODES = ("workers", "device")  # where JPEGs are decoded (featx.encoders.image)
 AUDIO_ATTENTIONS = ("sdpa", "eager")  # WavLM's attention: torch's fused SDPA (the default) or transformers' own
 DEVICES = ("auto", "cpu", "cuda")
 # bf16 / fp16: autocast over fp32 weights; bf16-weights: the whole model in bf16 (weights and activations, as
@@ -596,6 +597,10 @@ class ExtractSettings(Settings):
                                    "torchvision processor resizes and normalises whole batches on the device) or "
                                    "processor (the checkpoint's processor per image, in the workers); stored with the "
                                    "cache", one_of("image preprocessing", *IMAGE_PREPROCESS))
+    image_decode: str = option("workers", "images: where JPEGs are decoded: workers (Pillow, in the decoding "
+                               "workers) or device (the model's device decodes whole batches: nvJPEG on CUDA; other "
+                               "files still in the workers); batched-torch only; stored with the cache",
+                               one_of("image decoding", *IMAGE_DECODES))
     overwrite: bool = option(False, "start again over an existing cache", flag=True)
     quiet: bool = option(False, **_QUIET)
 
@@ -605,7 +610,8 @@ class ExtractSettings(Settings):
                  "max_batch_seconds", "max_audio_seconds", "fps", "num_workers", "trust_remote_code", "overwrite",
                  "audio_attention")
         return dict({n: getattr(self, n) for n in names}, pool=self.pool, progress=not self.quiet,
-                    max_image_pixels=self.max_image_pixels, image_preprocess=self.image_preprocess)
+                    max_image_pixels=self.max_image_pixels, image_preprocess=self.image_preprocess,
+                    image_decode=self.image_decode)
 
 
 @dataclass

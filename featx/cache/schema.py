@@ -44,8 +44,9 @@ ATTR_TYPES = {"model": str, "modality": str, "num_layers": int, "hidden_size": i
               "poolings": str, "featx_version": str, "format_version": str, "layer_widths": str}
 LAYER_WIDTHS = "layer_widths"
 # Settings recorded only since featx offered a choice, and what a cache made before then ran: a cache that lacks
-# one resumes under that value (--image-preprocess processor, --audio-attention eager), and only under it.
-ATTRS_BEFORE_RECORDED = {"image_preprocess": "processor", "audio_attention": "eager"}
+# one resumes under that value (--image-preprocess processor, --audio-attention eager, JPEGs decoded with Pillow),
+# and only under it.
+ATTRS_BEFORE_RECORDED = {"image_preprocess": "processor", "audio_attention": "eager", "image_decode": "pil"}
 SETTING_TYPES = (str, bool, int, float)  # the caller's other attributes
 
 PARTS_SUFFIX, SETTINGS_FILE, LOCK_FILE = ".parts", "settings.json", "lock"

@@ -4,6 +4,7 @@ Every failure is a MediaError with a one-line reason; the pipeline records it fo
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -57,13 +58,15 @@ def load_text(text) -> str:
     return str(text).strip()
 
 
-def load_image(path, max_pixels=MAX_IMAGE_PIXELS, shortest_side=0):
+def load_image(path, max_pixels=MAX_IMAGE_PIXELS, shortest_side=0, jpeg_bytes=False):
     """An RGB PIL image; MediaError for a missing or undecodable file, or one over `max_pixels` pixels (checked
     from the header, before decoding; None or 0: no budget).
 
     shortest_side: the shortest side the encoder's processor resizes to; a JPEG at least twice as large on
     both sides is decoded at a reduced scale (Pillow's draft: 1/2, 1/4 or 1/8) that keeps its shortest side
     at least 2 x shortest_side, so the processor still downscales it.
+    jpeg_bytes: a JPEG that a GPU decoder takes (see gpu_jpeg) is not decoded: its file's bytes come back as a
+    (N,) uint8 array, for the model's device to decode (the header and the pixel budget are still checked).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -72,19 +75,35 @@ def load_image(path, max_pixels=MAX_IMAGE_PIXELS, shortest_side=0):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
-            with Image.open(path) as im:
-                if shortest_side and im.format == "JPEG":
-                    _draft(im, 2 * int(shortest_side))
+            source = path
+            if jpeg_bytes:
+                with open(path, "rb") as f:
+                    data = f.read()
+                source = io.BytesIO(data)
+            with Image.open(source) as im:
                 width, height = im.size
                 if max_pixels and width * height > max_pixels:
                     raise MediaError(f"image {name} is {width}x{height} = {width * height / 1e6:.1f} Mpx, over "
                                      f"the budget of {max_pixels / 1e6:g} Mpx (max_image_pixels)")
+                if jpeg_bytes and gpu_jpeg(im, data):
+                    return np.frombuffer(data, np.uint8).copy()  # writable: it crosses in a shared block
+                if shortest_side and im.format == "JPEG":
+                    _draft(im, 2 * int(shortest_side))
                 im.load()
                 return im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise MediaError(f"image {name} is too large to decode: {first_line(e)}")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"cannot decode image {name}: {first_line(e)}")
+
+
+def gpu_jpeg(im, data) -> bool:
+    """Whether the opened image `im` (its file's bytes `data`) is a JPEG that nvJPEG's batched decoder takes
+    whole: baseline (not progressive), 8-bit, grayscale or YCbCr colour, and ending with the end-of-image
+    marker. Anything else (PNG, CMYK, progressive, a truncated or padded file) is decoded with Pillow, which
+    also fails a damaged file as an item, where a GPU decoder may fill the missing part silently."""
+    return (im.format == "JPEG" and im.mode in ("RGB", "L") and not im.info.get("progressive")
+            and not im.info.get("progression") and im.bits == 8 and data[-2:] == b"\xff\xd9")
 
 
 def _draft(im, side):

@@ -121,6 +121,11 @@ class Encoder:
         """Audio encoders: (n,) int64 encoder positions (num_frames) of inputs of `sizes` samples."""
         return np.array([self.num_frames(s) for s in sizes], np.int64)
 
+    def admit(self, inputs, batch_size):
+        """Per group, in the main process, before batching: [(item index, input)] -> (inputs, failures [(item
+        index, one-line reason)]). Image encoders decode JPEGs on the device here; the inputs as they are."""
+        return inputs, []
+
     def collate(self, feats) -> dict:
         """Tensors for a batch of preprocessed inputs (padding as the processor pads): CPU tensors made with
         host_tensor, or device tensors where the encoder preprocesses whole batches on its device."""

@@ -6,6 +6,11 @@ batch on the model's device; and "processor", the same processor called per imag
 On the CPU the two give equal pixel values (to float rounding). On CUDA, torchvision resizes uint8 images in
 float and rounds back, where the CPU kernel works in integers: a pixel may differ by one uint8 level (1/255
 before normalisation; at most 1.5e-2 after CLIP's, measured on an H200 over JPEGs of 333x500 to 1280x720).
+
+Where JPEGs are decoded (`image_decode`, a cache setting too; batched-torch only): "workers", with Pillow in the
+DataLoader workers; or "device": the workers hand over the file's bytes and the model's device decodes each group's
+JPEGs in batches (`torchvision.io.decode_jpeg`: nvJPEG on CUDA, its libjpeg-turbo in the main process on the CPU),
+and Pillow in the workers decodes the rest (PNG, progressive or CMYK JPEGs, see featx.data.media.gpu_jpeg).
 """
 from __future__ import annotations
 
@@ -13,7 +18,18 @@ import numpy as np
 import torch
 
 from featx.encoders.base import Encoder, from_pretrained, model_loader
-from featx.settings import IMAGE_PREPROCESS, one_of
+from featx.errors import first_line
+from featx.settings import IMAGE_DECODES, IMAGE_PREPROCESS, one_of
+
+
+def _pil_rgb(data) -> np.ndarray:
+    """(H, W, 3) uint8 of a JPEG file's bytes (a uint8 tensor), decoded with Pillow: for one the device refuses."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+        return rgb_array(im.convert("RGB"))
 
 
 class _Pixels:
@@ -26,12 +42,27 @@ class _Pixels:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+JPEG_DECODERS = {"workers": "pil", "cpu": "torchvision", "cuda": "nvjpeg"}  # the cache's image_decode attribute
+
+
 def rgb_array(image) -> np.ndarray:
     """(H, W, 3) uint8 of an RGB PIL image or array: what workers hand over on the "batched-torch" path."""
     a = np.asarray(image)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"expected an RGB image, got an array of shape {a.shape} and dtype {a.dtype}")
     return a
+
+
+def rgb_array_or_jpeg(image) -> np.ndarray:
+    """rgb_array, with a JPEG file's bytes ((N,) uint8, for the device to decode) handed over as they are."""
+    if isinstance(image, np.ndarray) and image.ndim == 1 and image.dtype == np.uint8:
+        return image
+    return rgb_array(image)
+
+
+def _encoded(x) -> bool:
+    """Whether an input is a JPEG file's bytes ((N,) uint8) rather than decoded pixels."""
+    return x.ndim == 1
 
 
 def _pinned(image) -> bool:
@@ -55,7 +86,7 @@ class ImageEncoder(Encoder):
     modality = "image"
 
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32",
-                 image_preprocess="batched-torch", **_):
+                 image_preprocess="batched-torch", image_decode="workers", **_):
         super().__init__(name, config=config, device=device, trust_remote_code=trust_remote_code,
                          precision=precision)
         from transformers import AutoImageProcessor
@@ -70,14 +101,22 @@ class ImageEncoder(Encoder):
         size = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None)
         # transformers 5 resizes with torchvision when it is installed (featx[vision]; about half the CPU time
         # per image) and with PIL otherwise; the two round differently, so the class is a setting of the cache.
+        self.decode_on_device = self.decode_path(image_decode, self.image_preprocess) == "device"
         self.attrs = {"image_size": str(dict(size)) if size else "", "image_processor": type(self.processor).__name__,
-                      "image_preprocess": self.image_preprocess}
+                      "image_preprocess": self.image_preprocess,
+                      "image_decode": self.jpeg_decoder(self.decode_on_device, self.device.type)}
         if type(self.processor).__name__.endswith("Pil") and not is_torchvision_available():
             self.advice.append("torchvision is not installed, so images are resized with PIL; install featx[vision] "
                                "(torchvision) for about 2x faster image preprocessing")
         elif image_preprocess != self.image_preprocess and not self._own_inputs():
             self.advice.append(f"{type(self.processor).__name__} has no torchvision backend, so images are "
                                "preprocessed one by one with it (image_preprocess processor)")
+        if image_decode == "device" and not self.decode_on_device:
+            self.advice.append("JPEGs are decoded in the workers: decoding on the device needs the batched-torch "
+                               "image preprocessing")
+        elif self.decode_on_device and self.device.type == "cpu":
+            self.advice.append("image_decode device on the CPU decodes JPEGs in the main process, one by one; it is "
+                               "meant for CUDA (nvJPEG), and the workers decode faster on a CPU")
 
     @classmethod
     def _own_inputs(cls) -> bool:
@@ -94,6 +133,18 @@ class ImageEncoder(Encoder):
             return "processor"
         return "batched-torch"
 
+    @staticmethod
+    def decode_path(wanted, preprocess_path) -> str:
+        """Where JPEGs are decoded when `wanted` (featx.settings.IMAGE_DECODES) is asked for: on the device only
+        on the batched-torch path (the processor path makes pixels in the workers)."""
+        wanted = one_of("image decoding", *IMAGE_DECODES)(wanted)
+        return "device" if wanted == "device" and preprocess_path == "batched-torch" else "workers"
+
+    @staticmethod
+    def jpeg_decoder(on_device, device_type) -> str:
+        """The cache's image_decode attribute: which decoder made the pixels of JPEGs (JPEG_DECODERS)."""
+        return JPEG_DECODERS[device_type if on_device else "workers"]
+
     @classmethod
     def preprocess_path(cls, name, wanted, trust_remote_code=False) -> str:
         """The image_preprocess path (the cache attribute) an encoder of this class runs for checkpoint `name`
@@ -108,9 +159,57 @@ class ImageEncoder(Encoder):
                                                             trust_remote_code=trust_remote_code))
 
     def preprocessor(self):
-        """Per image, in the workers: uint8 (H, W, 3) on the batched-torch path, pixel values (3, S, S) on the
-        processor path."""
-        return rgb_array if self.image_preprocess == "batched-torch" else _Pixels(self.processor)
+        """Per image, in the workers: uint8 (H, W, 3) on the batched-torch path (or a JPEG file's bytes, when the
+        device decodes them), pixel values (3, S, S) on the processor path."""
+        if self.image_preprocess != "batched-torch":
+            return _Pixels(self.processor)
+        return rgb_array_or_jpeg if self.decode_on_device else rgb_array
+
+    def admit(self, inputs, batch_size):
+        """Per group, in the main process, before batching: when the device decodes JPEGs, every input becomes its
+        (3, S, S) pixel values on the device, made batch_size images at a time (so that at most one batch of
+        decoded images is held), and an image no decoder takes fails as an item. (inputs, failures
+        [(item, reason)]); the inputs as they are otherwise."""
+        if not self.decode_on_device or not any(_encoded(x) for _, x in inputs):
+            return inputs, []
+        out, failures = [], []
+        for lo in range(0, len(inputs), max(1, batch_size)):
+            part = inputs[lo:lo + batch_size]
+            images, bad = self._decoded([x for _, x in part])
+            failures += [(part[k][0], reason) for k, reason in bad.items()]
+            kept = [k for k in range(len(part)) if k not in bad]
+            if kept:
+                pixels = self.pixels_of([images[k] for k in kept])
+                out += [(part[k][0], pixels[j]) for j, k in enumerate(kept)]
+        return out, failures
+
+    def _decoded(self, images):
+        """The JPEG bytes among `images` decoded on the device ((3, H, W) uint8), in one batched call; when it
+        fails, one by one, and an image the device cannot decode is decoded with Pillow. (images, {position:
+        reason}) for those neither decodes."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        at = [k for k, x in enumerate(images) if _encoded(x)]
+        out, bad = list(images), {}
+        if not at:
+            return out, bad
+        data = [torch.as_tensor(images[k]) for k in at]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            decoded = []
+            for k, one in zip(at, data):
+                try:
+                    decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    try:
+                        decoded.append(_pil_rgb(one))
+                    except Exception as e:  # noqa: BLE001 - any decoder error fails the item alone
+                        decoded.append(None)
+                        bad[k] = f"cannot decode the JPEG: {first_line(e)}"
+        for k, image in zip(at, decoded):
+            out[k] = image
+        return out, bad
 
     def shortest_side(self) -> int:
         """The largest side, in pixels, the processor resizes or crops to (0 when it does not say): an image
@@ -123,22 +222,29 @@ class ImageEncoder(Encoder):
 
     def collate(self, feats):
         """{"pixel_values": (B, 3, S, S)}: stacked on the host (processor path), or, on the batched-torch path,
-        the checkpoint's processor run over the whole batch of uint8 images on the model's device."""
+        the checkpoint's processor run over the whole batch of uint8 images on the model's device (stacked there
+        when `admit` already made them)."""
+        if self.decode_on_device and all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in feats):
+            return {"pixel_values": torch.stack(list(feats))}
         if self.image_preprocess == "batched-torch":
             return {"pixel_values": self.pixels_of(feats)}
         out = self.host_tensor((len(feats), *feats[0].shape), feats[0].dtype)
         return {"pixel_values": torch.stack(list(feats), out=out)}
 
     def pixels_of(self, images) -> torch.Tensor:
-        """(B, 3, S, S) float32 pixel values on the model's device for B uint8 (H_b, W_b, 3) images: images of
-        one size are stacked on the host (pinned on CUDA), copied in one transfer and made channels-first there;
-        then the checkpoint's own torchvision processor resizes, crops and normalises them in batches. Images
-        already in pinned memory (the DataLoader's pin thread put them there) are copied to the device one by
-        one, asynchronously, without the stack on the host."""
+        """(B, 3, S, S) float32 pixel values on the model's device for B uint8 (H_b, W_b, 3) host arrays (or
+        (3, H_b, W_b) tensors already on the device): images of one size are stacked on the host (pinned on CUDA),
+        copied in one transfer and made channels-first there; then the checkpoint's own torchvision processor
+        resizes, crops and normalises them in batches. Images already in pinned memory (the DataLoader's pin
+        thread put them there) are copied to the device one by one, asynchronously, without the stack on the
+        host."""
         groups = {}
-        for b, a in enumerate(images):
-            groups.setdefault(tuple(a.shape), []).append(b)
         chw = [None] * len(images)
+        for b, a in enumerate(images):
+            if isinstance(a, torch.Tensor):  # (3, H, W), decoded by `admit` on the device
+                chw[b] = a
+            else:
+                groups.setdefault(tuple(a.shape), []).append(b)
         for shape, members in groups.items():
             if self.device.type == "cuda" and all(_pinned(images[b]) for b in members):
                 batch = self._copied((len(members), *shape), [images[b] for b in members])

@@ -145,6 +145,8 @@ class Runner:
         enc = self.encoder
         inputs = [(i, x) for i, xs in items for x in xs]
         failures = [(i, "the item decoded to no input") for i, xs in items if not len(xs)]
+        inputs, bad = enc.admit(inputs, self.batch_size)  # images: JPEGs decoded on the device
+        failures += bad
         if enc.modality == "audio":  # too short for the conv feature encoder: fail the item, not the batch
             frames = enc.frames_of([x.shape[0] for _, x in inputs])
             short = {i for (i, _), f in zip(inputs, frames) if f < 1}

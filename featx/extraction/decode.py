@@ -31,15 +31,17 @@ class Decoder:
     With `preprocess` (the encoder's preprocessor) each input is also made into model inputs. Holds no
     model, so it runs in DataLoader workers. max_image_pixels: images over it fail (None: no budget);
     shortest_side: the processor's image side, for decoding large JPEGs at a reduced scale (0: never).
+    jpeg_bytes: hand over the bytes of the JPEGs a GPU decoder takes instead of decoding them (the model's device
+    decodes them, featx.encoders.image).
     clip_frames: a native video encoder's frame count (modality "video": one clip per item).
     """
 
     def __init__(self, modality, column, sample_rate=None, max_audio_seconds=30.0, fps=3.0, preprocess=None, *,
-                 max_image_pixels=MAX_IMAGE_PIXELS, shortest_side=0, clip_frames=0):
+                 max_image_pixels=MAX_IMAGE_PIXELS, shortest_side=0, jpeg_bytes=False, clip_frames=0):
         self.modality, self.column, self.clip_frames = modality, column, clip_frames
         self.sample_rate, self.max_audio_seconds, self.fps = sample_rate, max_audio_seconds, fps
         self.preprocess = preprocess
-        self.max_image_pixels, self.shortest_side = max_image_pixels, shortest_side
+        self.max_image_pixels, self.shortest_side, self.jpeg_bytes = max_image_pixels, shortest_side, jpeg_bytes
 
     def __call__(self, row) -> list:
         """The row's inputs, decoded and (with `preprocess`) made into model inputs; MediaError when none."""
@@ -92,7 +94,7 @@ class Decoder:
 
             return list(video_frames(src, fps=self.fps, start=start, end=end)[0])
         if self.modality == "image":
-            return [load_image(src, self.max_image_pixels, self.shortest_side)]
+            return [load_image(src, self.max_image_pixels, self.shortest_side, self.jpeg_bytes)]
         if self.modality == "video":  # a native video encoder: one clip of its frame count, (F, H, W, 3) uint8
             from featx.data.video import video_clip
 

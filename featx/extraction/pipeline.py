@@ -70,6 +70,7 @@ class ResolvedSettings:
     num_workers: int
     max_image_pixels: int | None
     image_preprocess: str       # batched-torch | processor (featx.settings.IMAGE_PREPROCESS)
+    image_decode: str           # workers | device (featx.settings.IMAGE_DECODES)
     trust_remote_code: bool
     overwrite: bool
     progress: bool
@@ -90,7 +91,7 @@ class ResolvedSettings:
                    max_batch_tokens=options.max_batch_tokens, max_batch_seconds=max_batch_seconds,
                    num_workers=default_workers(device) if options.num_workers is None else options.num_workers,
                    max_image_pixels=options.max_image_pixels or None, image_preprocess=options.image_preprocess,
-                   trust_remote_code=options.trust_remote_code,
+                   image_decode=options.image_decode, trust_remote_code=options.trust_remote_code,
                    overwrite=options.overwrite, progress=not options.quiet,
                    group_size=int(group_size) if group_size else None)
 
@@ -171,7 +172,8 @@ def extract(manifest, models, out, *, progress=True, group_size=None, summary=Tr
     with more pixels fail as items, before they are decoded (0 or None: no budget). image_preprocess:
     batched-torch (workers only decode images to uint8; the checkpoint's torchvision processor resizes and
     normalises each batch on the device) or processor (the checkpoint's processor per image in the workers);
-    stored with the cache.
+    stored with the cache. image_decode: workers (Pillow decodes JPEGs in the workers) or device (the model's
+    device decodes them in batches: nvJPEG on CUDA; batched-torch only); stored with the cache.
     Returns an ExtractResult; re-running resumes (done items are skipped, failed ones retried). A model
     whose cache is already complete with these settings is not loaded. summary: print each model's line (done,
     failed, pending -> the cache; the failed items) to stderr (a caller that reports them itself: False; see
@@ -330,6 +332,10 @@ def _known_attrs(job, settings) -> dict:
         known = getattr(job.family.adapter_class(), "preprocess_path", None)
         attrs["image_preprocess"] = (known(job.model, settings.image_preprocess, settings.trust_remote_code)
                                      if known else settings.image_preprocess)
+        decoder = getattr(job.family.adapter_class(), "jpeg_decoder", None)
+        if decoder and job.column != "video":  # video frames come from the video decoder
+            on_device = job.family.adapter_class().decode_path(settings.image_decode, attrs["image_preprocess"])
+            attrs["image_decode"] = decoder(on_device == "device", torch.device(settings.device).type)
     if settings.seq:
         attrs["seq_stride"] = int(settings.seq_stride)
     if job.modality == "text" and settings.max_length:
@@ -342,7 +348,8 @@ def _run_model(job, data, settings):
     torchrun the merged cache's summary (shown by rank 0)."""
     from featx.cache import CacheWriter
 
-    options = {"image_preprocess": settings.image_preprocess} if job.modality == "image" else {}
+    options = ({"image_preprocess": settings.image_preprocess, "image_decode": settings.image_decode}
+               if job.modality == "image" else {})
     options.update({"audio_attention": settings.audio_attention} if job.modality == "audio" else {})
     encoder = load_encoder(job.model, config=job.config, device=settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
@@ -390,6 +397,7 @@ def _decoder(encoder, job, settings) -> Decoder:
     return Decoder(encoder.modality, job.column, getattr(encoder, "sample_rate", None),
                    _window_seconds(encoder, settings.max_audio_seconds), settings.fps,
                    preprocess=encoder.preprocessor(), max_image_pixels=settings.max_image_pixels, shortest_side=side,
+                   jpeg_bytes=getattr(encoder, "decode_on_device", False) and job.column != "video",
                    clip_frames=getattr(encoder, "clip_frames", 0))
 
 

@@ -26,7 +26,7 @@ FORMAT = "featx-classifier/1"
 # stored as the cache attribute of the same name (dtype: the cache's storage dtype). A file without the record
 # (saved before it was kept) predicts as it did then: float32, default settings.
 EXTRACTION_SETTINGS = ("precision", "dtype", "max_length", "max_audio_seconds", "fps", "image_preprocess",
-                       "audio_attention")
+                       "audio_attention", "image_decode")
 
 
 class Classifier:
@@ -163,6 +163,7 @@ def extraction_settings(cache_path) -> dict:
     with open_cache(cache_path) as cache:
         attrs, modality, dtype = dict(cache.attrs), cache.modality, cache.dtype
     before = {"image_preprocess": "image", "audio_attention": "audio"}   # the modality whose caches record each
+    # (image_decode: not video frames, which caches of modality image hold too; such a classifier decodes as before)
     out = {"dtype": str(dtype)}
     for key in EXTRACTION_SETTINGS:
         if key in attrs and key != "dtype":

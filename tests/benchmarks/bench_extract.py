@@ -310,7 +310,7 @@ def measure_featx(manifest, model_dir, out, args, kind):
     with _timed_loads(loads), _timed_closes(closes):
         res = extract(manifest, [model_dir], out, pool=args.pool, batch_size=args.batch_size[kind], device=args.device,
                       dtype=args.dtype, precision=args.precision, num_workers=args.num_workers, progress=False,
-                      overwrite=True, group_size=args.group_size,
+                      overwrite=True, group_size=args.group_size, image_decode=args.image_decode,
                       max_batch_tokens=args.max_batch_tokens, max_batch_seconds=args.max_batch_seconds)
     _sync(args.device)
     total, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
@@ -938,6 +938,8 @@ def parse_args(argv=None):
     p.add_argument("--pool", default="mean", help="featx poolings stored in (b)")
     p.add_argument("--group-size", type=int, default=None, help="featx's items per group in (b) (default: featx's)")
     p.add_argument("--precision", default="auto", help="featx --precision, in (a) and (b): auto, bf16, bf16-weights, ...")
+    p.add_argument("--image-decode", default="workers", choices=["workers", "device"],
+                   help="featx --image-decode in (b): JPEGs decoded by Pillow in the workers, or on the device (nvJPEG)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="cache dtype in (b)")
     p.add_argument("--text-tokens", type=int, default=None, help="texts of exactly this many tokens (e.g. 128)")
     p.add_argument("--text-words", default="5,120", help="min,max words per text when --text-tokens is not given")

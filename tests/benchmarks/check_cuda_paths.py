@@ -3,7 +3,9 @@
 against the checkpoint's processor per image on the CPU (pixel values, and the hidden states of a CLIP vision
 tower at 224 px in fp32). The tolerance is one uint8 level per pixel (1/255 before normalisation): CUDA's
 resize runs in float and rounds back to uint8 where the CPU kernel works in integers (on the CPU the two paths
-are equal to 1e-5, tests/extraction/test_host_paths.py).
+are equal to 1e-5, tests/extraction/test_host_paths.py). Then JPEGs decoded on the GPU (image_decode device:
+nvJPEG) against Pillow's decode of the whole image: the decoded uint8 pixels, the pixel values after the processor,
+the hidden states, and an extract with workers where a PNG and a bogus JPEG ride along (the bogus one fails alone).
 
 Run: PYTHONPATH=. python tests/benchmarks/check_cuda_paths.py [--n 48]
 """
@@ -84,7 +86,74 @@ def main():
         workers_diff = float(np.abs(ca.pooled("mean").astype(np.float32) - cb.pooled("mean")).max())
     print(f"pinned sources, per-image copies: pixel values {'equal' if same_pinned else 'DIFFERENT'}; extract with "
           f"4 workers (pin thread) vs none, fp32 on CUDA, float16 cache: max abs diff {workers_diff:.2e}")
-    return 0 if levels <= 1.0 + 1e-3 and same_pinned and workers_diff <= 1e-3 else 1
+    ok = levels <= 1.0 + 1e-3 and same_pinned and workers_diff <= 1e-3
+    return 0 if check_nvjpeg(root, paths, cpu) and ok else 1
+
+
+def check_nvjpeg(root, paths, cpu):
+    """JPEGs decoded by nvJPEG (image_decode device) against Pillow's decode of the whole image (the checkpoint's
+    processor on the CPU); an extract with 4 workers where a PNG and a bogus JPEG ride along."""
+    import time
+
+    import pandas as pd
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from featx import extract
+    from featx.cache import open_cache
+    from featx.data.media import load_image
+    from featx.encoders import load_encoder
+
+    dev = load_encoder(root, device="cuda", image_decode="device")
+    assert dev.decode_on_device and dev.attrs["image_decode"] == "nvjpeg", dev.attrs
+    data = [torch.frombuffer(bytearray(open(p, "rb").read()), dtype=torch.uint8) for p in paths]
+    pil = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+    raw = [np.abs(d.permute(1, 2, 0).cpu().numpy().astype(np.int16) - q.astype(np.int16)) for d, q in zip(decoded, pil)]
+    raw_max, raw_mean = max(int(r.max()) for r in raw), float(np.mean([r.mean() for r in raw]))
+    torch.cuda.synchronize()
+    for _ in range(2):  # decode rate alone, the batch of them at once (warm, second round timed)
+        t = time.perf_counter()
+        decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+        torch.cuda.synchronize()
+        rate = len(data) / (time.perf_counter() - t)
+    inputs = [(k, load_image(p, jpeg_bytes=True)) for k, p in enumerate(paths)]
+    admitted, failures = dev.admit(inputs, batch_size=16)
+    got = torch.stack([x for _, x in admitted])
+    want = torch.stack([cpu.preprocessor()(Image.fromarray(q)) for q in pil])
+    std = torch.tensor(cpu.processor.image_std, dtype=torch.float32)[None, :, None, None]
+    levels = ((got.float().cpu() - want).abs() * std * 255)
+    with torch.no_grad():
+        hg, _ = dev.forward({"pixel_values": got})
+        hc, _ = cpu.forward({"pixel_values": want})
+    rel = max(((a.float().cpu() - b).abs().max() / b.abs().max()).item() for a, b in zip(hg, hc))
+    print(f"nvJPEG vs Pillow, {len(paths)} JPEGs: decoded uint8 max abs diff {raw_max} levels (mean {raw_mean:.3f}); "
+          f"decode alone {rate:.0f} images/s; pixel values after the processor max {levels.max().item():.2f} levels "
+          f"({100 * (levels > 0.5).float().mean().item():.2f}% differ by a level or more); hidden states (fp32) max "
+          f"abs diff / max abs value {100 * rel:.3f}%; admit failures {failures}")
+    png, bogus = os.path.join(root, "x.png"), os.path.join(root, "bogus.jpg")
+    Image.open(paths[0]).save(png)
+    broken = bytearray(open(paths[1], "rb").read())
+    at = broken.find(b"\xff\xc4")
+    for k in range(at + 5, at + 25):
+        broken[k] = 0xFF if k % 2 else 0x00
+    open(bogus, "wb").write(bytes(broken))
+    manifest = os.path.join(root, "m2.csv")
+    every = paths + [png, bogus]
+    pd.DataFrame({"id": [f"i{k}" for k in range(len(every))], "image": every}).to_csv(manifest, index=False)
+    kw = dict(device="cuda", precision="fp32", batch_size=8, group_size=32, progress=False, overwrite=True,
+              num_workers=4, image_decode="device")
+    res = extract(manifest, [root], os.path.join(root, "nv"), summary=False, **kw)
+    with open_cache(res.paths[0]) as c:
+        failed = [i for i, d in zip(c.ids, c.done) if not d]
+        stored = c.pooled("mean")[:len(paths)]
+        attr = c.attrs["image_decode"]
+    with torch.no_grad():
+        mean_cpu = torch.stack([h.mean(1) for h in hc], 1).numpy()
+    ext = float(np.abs(stored - mean_cpu).max() / np.abs(mean_cpu).max())
+    print(f"extract, image_decode device, 4 workers: image_decode={attr}; failed {failed} (want only the bogus "
+          f"JPEG, i{len(every) - 1}); stored means vs the CPU processor's forward: max abs diff / max {100 * ext:.3f}%")
+    return failed == [f"i{len(every) - 1}"] and attr == "nvjpeg" and not failures and rel < 0.05 and ext < 0.05
 
 
 if __name__ == "__main__":

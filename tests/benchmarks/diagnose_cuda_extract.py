@@ -102,7 +102,7 @@ def precision(kind, model_dir, device):
     return out
 
 
-def run_extract(kind, root, n, out, model_dir, device):
+def run_extract(kind, root, n, out, model_dir, device, image_decode="workers"):
     import pandas as pd
 
     from featx.extraction.pipeline import extract
@@ -116,7 +116,7 @@ def run_extract(kind, root, n, out, model_dir, device):
     if kind != "text":
         df[kind] = [os.path.join(os.path.dirname(manifest), p) for p in df[kind]]
         df.to_csv(few, index=False)
-    return lambda precision: extract(few, [model_dir], out, device=device,
+    return lambda precision: extract(few, [model_dir], out, device=device, image_decode=image_decode,
                                      batch_size=BATCH[kind], precision=precision, progress=False, overwrite=True)
 
 
@@ -252,6 +252,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--size", default="large", help="the models bench_extract.py built (tiny: a CPU smoke test)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--image-decode", default="workers", help="featx's --image-decode for images")
     ap.add_argument("--n", default=None, help="items per kind for syncs and timeline (text=N,...; default %s)" % N)
     args = ap.parse_args()
     steps = args.steps.split(",") if args.device == "cuda" else [x for x in args.steps.split(",")
@@ -267,7 +268,8 @@ def main():
         if "precision" in steps:
             r["precision"] = precision(kind, model_dir, args.device)
             print(f"[{kind}] precision {json.dumps(r['precision'])}", flush=True)
-        run = run_extract(kind, args.root, n[kind], os.path.join(args.root, "diagnose"), model_dir, args.device)
+        run = run_extract(kind, args.root, n[kind], os.path.join(args.root, "diagnose"), model_dir, args.device,
+                          args.image_decode)
         run(args.precision)  # warm-up: workers, CUDA context, cudnn autotuning
         for step, measure, what in (("syncs", syncs, "host waits for the GPU, by place"),
                                     ("timeline", timeline, "GPU timeline"), ("host", host, "main thread, seconds")):
