@@ -95,6 +95,7 @@ class ImageEncoder(Encoder):
         self.processor = from_pretrained(AutoImageProcessor, name, "image processor",
                                          trust_remote_code=trust_remote_code)
         self._copy_stream = None  # CUDA: the stream pinned images cross to the device on (_copied)
+        self._decode_stream = None  # CUDA: the current stream while the device decodes JPEGs (_decode_jpegs)
         self._finish_load(from_pretrained(model_loader(self.model_class), name, "weights",
                                           trust_remote_code=trust_remote_code, **self.weights_kwargs()))
         self.image_preprocess = self._preprocess_path(image_preprocess, self.processor)
@@ -187,20 +188,18 @@ class ImageEncoder(Encoder):
         """The JPEG bytes among `images` decoded on the device ((3, H, W) uint8), in one batched call; when it
         fails, one by one, and an image the device cannot decode is decoded with Pillow. (images, {position:
         reason}) for those neither decodes."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         at = [k for k, x in enumerate(images) if _encoded(x)]
         out, bad = list(images), {}
         if not at:
             return out, bad
         data = [torch.as_tensor(images[k]) for k in at]
         try:
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            decoded = self._decode_jpegs(data)
         except RuntimeError:
             decoded = []
             for k, one in zip(at, data):
                 try:
-                    decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
+                    decoded += self._decode_jpegs([one])
                 except RuntimeError:
                     try:
                         decoded.append(_pil_rgb(one))
@@ -210,6 +209,29 @@ class ImageEncoder(Encoder):
         for k, image in zip(at, decoded):
             out[k] = image
         return out, bad
+
+    def _decode_jpegs(self, data):
+        """[(3, H, W) uint8 on the device] of JPEG files' bytes (CPU uint8 tensors), decoded in one call.
+
+        On CUDA, torchvision's decoder writes on a stream of its own into memory allocated on the current stream,
+        and makes the current stream wait for it, but does not wait for the current stream first: memory freed
+        there by work still queued (the group before, on the model's stream) could be written while that work
+        reads it. So the call runs with a decoding stream of featx's own as the current one, the model's stream
+        waits for it, and each image is marked as used on the model's stream (its memory is not reused before
+        that stream is done with it)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if self.device.type != "cuda":
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        compute = torch.cuda.current_stream(self.device)
+        if self._decode_stream is None or self._decode_stream.device != self.device:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        compute.wait_stream(self._decode_stream)
+        for image in decoded:
+            image.record_stream(compute)
+        return decoded
 
     def shortest_side(self) -> int:
         """The largest side, in pixels, the processor resizes or crops to (0 when it does not say): an image
