@@ -164,9 +164,11 @@ def timeline(run, precision):
 
 def host(run, precision):
     """Seconds of the main thread in each stage of one extract (see the module doc)."""
+    from featx.encoders import image
     from featx.extraction import batching, pipeline
 
     spent = collections.Counter()
+    first = []
 
     def timed(owner, name, key):
         inner = getattr(owner, name)
@@ -185,7 +187,25 @@ def host(run, precision):
              (batching.Launched, "wait", timed(batching.Launched, "wait", "of finish: waiting for the device")),
              (batching.Runner, "run_batch", timed(batching.Runner, "run_batch", "of start: run_batch")),
              (pipeline._WriteThread, "put", timed(pipeline._WriteThread, "put", "writer hand-off")),
-             (pipeline, "_run", timed(pipeline, "_run", "_run (all)"))]
+             (pipeline, "_run", timed(pipeline, "_run", "_run (all)")),
+             (image.ImageEncoder, "admit", timed(image.ImageEncoder, "admit", "of start: admit (JPEGs on the device)")),
+             (image.ImageEncoder, "_decode_jpegs", timed(image.ImageEncoder, "_decode_jpegs",
+                                                         "of admit: decode_jpeg")),
+             (image.ImageEncoder, "pixels_of", timed(image.ImageEncoder, "pixels_of", "pixels_of (processor)")),
+             (pipeline, "unpack_chunk", timed(pipeline, "unpack_chunk", "unpack_chunk")),
+             (pipeline, "_start_group", timed(pipeline, "_start_group", "_start_group"))]
+    inner_run, inner_start = saved[5][2], saved[-1][2]
+
+    def run_noting(*a, **k):  # when the first group starts, from the start of _run
+        first.append(time.perf_counter())
+        return inner_run(*a, **k)
+
+    def start_noting(*a, **k):
+        if len(first) == 1:
+            first.append(time.perf_counter())
+        return inner_start(*a, **k)
+    pipeline._run, pipeline._start_group = (lambda *a, **k: _timed_call(spent, "_run (all)", run_noting, a, k),
+                                            lambda *a, **k: _timed_call(spent, "_start_group", start_noting, a, k))
     try:
         t = time.perf_counter()
         run(precision)
@@ -197,7 +217,17 @@ def host(run, precision):
     out["rest of _run (decoded items, start)"] = round(spent["_run (all)"] - spent["start (collate, launch)"]
                                                        - spent["finish (fetch values)"] - spent["writer hand-off"], 3)
     out["extract (all, closing included)"] = round(total, 3)
+    if len(first) == 2:
+        out["first group started, after the start of _run"] = round(first[1] - first[0], 3)
     return out
+
+
+def _timed_call(spent, key, fn, a, k):
+    t = time.perf_counter()
+    try:
+        return fn(*a, **k)
+    finally:
+        spent[key] += time.perf_counter() - t
 
 
 FORK_PROBE = r"""

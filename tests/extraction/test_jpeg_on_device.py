@@ -161,3 +161,39 @@ def test_predict_decodes_as_the_training_cache_did_and_says_when_it_cannot(capsy
     block = {"encoder": "m", "extraction": {"dtype": "float16", "image_decode": "pil"}}
     assert "image_decode" not in extraction_options(block, "clf.safetensors", "cpu")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("where", ["forward", "decoding"])
+def test_ctrl_c_keeps_the_groups_already_forwarded_and_a_resume_completes(files, tiny_clip_vision, tmp_path,
+                                                                         monkeypatch, where):
+    # 12 images in groups of 4 (batches of 2); Ctrl-C in the forward of the 4th batch (main thread), or in the
+    # admitting thread while it decodes the 4th batch of JPEGs on the device (raised in the main thread from there)
+    from featx.encoders.image import ImageEncoder
+    from featx.extraction.batching import Runner
+    names = ["small", "gray", "baseline", "progressive", "png", "small"] * 2
+    rows = [{"id": f"x{k}", "image": files[n]} for k, n in enumerate(names)]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    kw = dict(dtype="float32", batch_size=2, device="cpu", progress=False, group_size=4, image_decode="device")
+    whole = extract(str(tmp_path / "m.csv"), [tiny_clip_vision], tmp_path / "whole", **kw).paths[0]
+    owner, name = (Runner, "run_batch") if where == "forward" else (ImageEncoder, "_decode_jpegs")
+    real, calls = getattr(owner, name), []
+
+    def ctrl_c(self, arg):
+        calls.append(len(arg))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, arg)
+    monkeypatch.setattr(owner, name, ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        extract(str(tmp_path / "m.csv"), [tiny_clip_vision], tmp_path / "c", **kw)
+    monkeypatch.setattr(owner, name, real)
+    cache = tmp_path / "c" / whole.split("/")[-1]
+    with open_cache(cache) as c:
+        kept = int(c.done.sum())
+    assert 2 <= kept < 12  # what was forwarded before it is written
+    again = extract(str(tmp_path / "m.csv"), [tiny_clip_vision], tmp_path / "c", **kw)
+    assert again.caches[0]["done"] == 12
+    with open_cache(cache) as c, open_cache(whole) as w:
+        assert c.done.all()
+        for p in c.poolings:
+            assert np.abs(c.pooled(p) - w.pooled(p)).max() <= HIDDEN_TOL
