@@ -348,8 +348,9 @@ def _run_model(job, data, settings):
     torchrun the merged cache's summary (shown by rank 0)."""
     from featx.cache import CacheWriter
 
-    options = ({"image_preprocess": settings.image_preprocess, "image_decode": settings.image_decode}
-               if job.modality == "image" else {})
+    frames = job.column == "video"  # video frames come from the video decoder: no JPEG to decode
+    options = ({"image_preprocess": settings.image_preprocess,
+                "image_decode": "workers" if frames else settings.image_decode} if job.modality == "image" else {})
     options.update({"audio_attention": settings.audio_attention} if job.modality == "audio" else {})
     encoder = load_encoder(job.model, config=job.config, device=settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
@@ -362,6 +363,8 @@ def _run_model(job, data, settings):
         print(f"featx extract: {job.model}: {job.family.name} encoders support the poolings "
               f"{','.join(job.family.poolings)}; storing {','.join(pools)} {instead}", file=sys.stderr)
     attrs = {**_known_attrs(job, settings), "featx_version": __version__, **encoder.attrs}
+    if frames:
+        attrs.pop("image_decode", None)
     dist = Distributed.current()
     if dist:
         dist.prepare_final(job.path, settings.overwrite)

@@ -197,3 +197,17 @@ def test_ctrl_c_keeps_the_groups_already_forwarded_and_a_resume_completes(files,
         assert c.done.all()
         for p in c.poolings:
             assert np.abs(c.pooled(p) - w.pooled(p)).max() <= HIDDEN_TOL
+
+
+def test_video_frames_are_never_jpegs_and_record_no_jpeg_decoder(tmp_path, tiny_clip_vision):
+    from featx.data.video import build_tiny_video
+    build_tiny_video(str(tmp_path / "a.mkv"), seconds=1.0, fps=10)
+    pd.DataFrame({"id": ["a"], "video": ["a.mkv"]}).to_csv(tmp_path / "m.csv", index=False)
+    kw = dict(dtype="float32", device="cpu", progress=False)
+    a = extract(tmp_path / "m.csv", [tiny_clip_vision], tmp_path / "a", **kw)
+    b = extract(tmp_path / "m.csv", [tiny_clip_vision], tmp_path / "b", image_decode="device", **kw)
+    with open_cache(a.paths[0]) as ca, open_cache(b.paths[0]) as cb:
+        assert "image_decode" not in ca.attrs and "image_decode" not in cb.attrs
+        assert ca.done.all() and np.abs(ca.pooled("mean") - cb.pooled("mean")).max() == 0
+    again = extract(tmp_path / "m.csv", [tiny_clip_vision], tmp_path / "a", image_decode="device", **kw)
+    assert again.caches[0]["done"] == 1  # the same cache: nothing refused, nothing redone
