@@ -71,6 +71,10 @@ class Encoder:
     modality = ""
     layer_widths = None
     sequences = True  # False: no per-position sequence (--seq is refused before any work), e.g. CNN stages
+    # True: collate copies decoded inputs lying in pinned memory straight to the device (images), so on CUDA the
+    # DataLoader's pin thread pins the workers' chunks; False: collate copies them into a batch on the host anyway
+    # (padding texts and audio), and pinning each chunk first would only copy it once more
+    pinned_inputs = False
     model_class = "AutoModel"  # what loads the weights: a transformers class name or a class with from_pretrained
 
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32"):

@@ -84,6 +84,7 @@ def torchvision_processor(processor) -> bool:
 
 class ImageEncoder(Encoder):
     modality = "image"
+    pinned_inputs = True  # pixels_of copies pinned images to the device one by one (see Encoder)
 
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32",
                  image_preprocess="batched-torch", image_decode="workers", **_):

@@ -478,9 +478,7 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     else:
         chunk = max(1, min(256, int(group_size)) if workers else int(group_size))
     prefetch = max(2, math.ceil(2 * group_size / (chunk * workers))) if workers else None
-    # On CUDA the DataLoader's pin thread receives the workers' chunks and copies their arrays to pinned memory,
-    # off the main thread (PackedChunk.pin_memory); images then cross to the device with no host-side stack.
-    pin = bool(workers) and str(settings.device).startswith("cuda")
+    pin = pins_chunks(runner.encoder, workers, settings.device)
     loader = torch.utils.data.DataLoader(DecodedItems(rows, todo, decoder), batch_size=chunk, shuffle=False,
                                          num_workers=workers, collate_fn=pack_chunk if workers else keep_chunk,
                                          pin_memory=pin,
@@ -536,6 +534,14 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
 
 
 _DONE = object()
+
+
+def pins_chunks(encoder, workers, device) -> bool:
+    """Whether the DataLoader's pin thread copies the workers' chunks to pinned memory: on CUDA, with workers, for
+    an encoder whose collate reads pinned inputs straight (images: they then cross to the device with no
+    host-side stack, off the main thread, PackedChunk.pin_memory). Texts and audio are padded into a pinned batch
+    by collate anyway: pinning their chunks first only copied every waveform once more, in one thread."""
+    return bool(workers) and str(device).startswith("cuda") and encoder.pinned_inputs
 
 
 def admitted(chunks, encoder, batch_size, packed):

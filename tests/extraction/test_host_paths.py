@@ -388,3 +388,13 @@ def test_default_group_sizes_by_modality(tiny_bert, tiny_wavlm, tiny_clip_vision
     # texts without --seq: as many as fit the part's bytes, at most TEXT_GROUP_MAX; with --seq, 8 batches
     assert default_group_size("text", Runner(text, ["mean"], batch_size=16), False) == TEXT_GROUP_MAX
     assert default_group_size("text", Runner(text, ["mean"], batch_size=16), True) == 128
+
+
+def test_only_chunks_of_images_are_pinned_on_cuda(tiny_bert, tiny_wavlm, tiny_clip_vision):
+    # images cross to the device straight from pinned chunks; texts and audio are padded into a pinned batch by
+    # collate anyway, so their chunks are not pinned first (a copy of every waveform, in the pin thread)
+    from featx.extraction.pipeline import pins_chunks
+    image, audio, text = (load_encoder(m) for m in (tiny_clip_vision, tiny_wavlm, tiny_bert))
+    assert pins_chunks(image, 4, "cuda") and pins_chunks(image, 4, "cuda:1")
+    assert not any(pins_chunks(e, 4, "cuda") for e in (audio, text))
+    assert not pins_chunks(image, 0, "cuda") and not pins_chunks(image, 4, "cpu")
