@@ -98,10 +98,14 @@ def parse_train_sizes(value) -> list:
 
 
 def parse_seeds(value) -> list:
-    """An int n >= 1 means seeds 0..n-1; a list (or "3,7") names the seeds."""
+    """An int n >= 1 means seeds 0..n-1; a list (or "3,7") names the seeds, each once (a repeat is refused: it
+    would not run twice)."""
     if isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value):
         seeds = _whole_numbers(value, f"seeds must be whole numbers, not {value!r}", "give at least one seed")
-        return list(dict.fromkeys(seeds))
+        again = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+        if again is not None:
+            raise FeatxError(f"--seeds names seed {again} twice ({','.join(map(str, seeds))}); name each seed once")
+        return seeds
     try:
         n = int(str(value).strip())
     except ValueError:

@@ -76,6 +76,28 @@ def test_seeds_zero_is_refused_everywhere():
         ProbeSettings(caches=["a.h5"], out="o", seeds=0)   # the Python API validates the same way
 
 
+def test_a_repeated_seed_is_refused_in_one_line_everywhere(tmp_path, capsys):
+    """`--seeds 3,3` ran seed 3 once, silently: the run had fewer seeds than the user named."""
+    from featx.cli.main import main
+
+    for cls, extra in ((ProbeSettings, {"caches": ["a.h5"], "out": "o"}),
+                       (FuseSettings, {"caches": ["a.h5"], "out": "o"}),
+                       (FinetuneSettings, {"manifest": "m", "model": ["x"], "out": "o"})):
+        with pytest.raises(FeatxError) as e:
+            build_settings(cls, dict(extra, seeds="3,7,3"))
+        assert _one_line(e) == "--seeds: names seed 3 twice (3,7,3); name each seed once"
+    with pytest.raises(FeatxError, match="seed 1 twice"):
+        ProbeSettings(caches=["a.h5"], out="o", seeds=[1, 1])   # the Python API validates the same way
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("caches: [a.h5]\nout: o\nseeds: [0, 0]\n")
+    with pytest.raises(FeatxError, match="seeds: names seed 0 twice"):
+        build_settings(ProbeSettings, {}, recipe=str(recipe))
+    capsys.readouterr()
+    assert main(["probe", "a.h5", "--out", str(tmp_path / "o"), "--seeds", "3,3"]) == 1
+    assert capsys.readouterr().err == "featx probe: error: --seeds: names seed 3 twice (3,3); name each seed once\n"
+    assert ProbeSettings(caches=["a.h5"], out="o", seeds="3,7").seeds == [3, 7]
+
+
 def test_renamed_recipe_keys_say_their_new_name(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("caches: [a.h5]\nout: o\nmethod: early,late\n")

@@ -30,9 +30,35 @@ PROBE_EXIT_STATUS = """exit status:
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line and exit 1 (2 means "some items failed" in featx)."""
 
+    _given = ()  # the arguments of the parse under way
+
     def error(self, message):
+        unknown = self._unknown(self._given)
+        if unknown and message.startswith("the following arguments are required"):
+            message = self._unknown_message(unknown)  # `featx info --nope`: the option first, then what is missing
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(1)
+
+    def _unknown(self, args) -> list:
+        """The options in `args` that this parser does not know (negative numbers are values)."""
+        return [a for a in args if a.startswith("-") and len(a) > 1 and a.split("=")[0] not in
+                self._option_string_actions and not self._negative_number_matcher.match(a)]
+
+    @staticmethod
+    def _unknown_message(options) -> str:
+        return f"unknown option{'s' if len(options) > 1 else ''} {' '.join(options)}"
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, but arguments this parser does not know are an error of its own (`featx probe: error:
+        unknown option --nope`): a subcommand's parser hands them up, and the top parser named no subcommand."""
+        self._given = list(sys.argv[1:] if args is None else args)
+        parsed, extra = super().parse_known_args(args, namespace)
+        options = [a for a in extra if a.startswith("-")]
+        if options:
+            self.error(self._unknown_message(options))
+        if extra:
+            self.error(f"unexpected argument{'s' if len(extra) > 1 else ''} {' '.join(extra)}")
+        return parsed, extra
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -35,12 +35,40 @@ def quiet_libraries():
 
 
 def from_pretrained(loader, name, what, **kwargs):
-    """`loader.from_pretrained(name)` under quiet_libraries(), and a one-line FeatxError on failure."""
+    """`loader.from_pretrained(name)` under quiet_libraries(), and a one-line FeatxError on failure.
+
+    what "weights": a model's weights, which must all be in the checkpoint: transformers initialises the ones it
+    lacks at random (and only logs them), so such a load is refused in one line (complete_weights). The model
+    is returned alone, or with transformers' loading info when the call asks for output_loading_info."""
+    weights = what == "weights"
+    wants_info = kwargs.get("output_loading_info", False)
+    if weights:
+        kwargs["output_loading_info"] = True
     with quiet_libraries():
         try:
-            return loader.from_pretrained(name, **kwargs)
+            loaded = loader.from_pretrained(name, **kwargs)
         except Exception as e:
             raise FeatxError(f"cannot load the {what} of model {name!r}: {first_line(e)[:200]}")
+    if not weights:
+        return loaded
+    model, info = loaded
+    complete_weights(name, model, info.get("missing_keys", ()))
+    return (model, info) if wants_info else model
+
+
+# Modules whose weights never reach the hidden states featx reads: a base checkpoint saved from a task model
+# (e.g. RoBERTa's from RobertaForMaskedLM) has none for its pooler, and transformers leaves it random.
+UNUSED_MODULES = ("pooler",)
+
+
+def complete_weights(name, model, missing) -> None:
+    """One-line FeatxError naming checkpoint `name` and a few of the weights it lacks (`missing`: transformers'
+    missing_keys, without the ones its model class expects to be missing), other than UNUSED_MODULES'."""
+    missing = sorted(k for k in missing if not set(k.split(".")) & set(UNUSED_MODULES))
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FeatxError(f"model {name!r} lacks {len(missing)} weights of its {type(model).__name__} ({shown}): "
+                         "transformers would initialise them at random; give a complete checkpoint")
 
 
 def model_loader(model_class):

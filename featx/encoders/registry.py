@@ -270,8 +270,18 @@ def load_config(name, trust_remote_code=False):
             raise FeatxError(_folder_config_error(str(name), trust_remote_code) or
                              f"cannot load model {name!r}: the folder has no usable config.json "
                              f"({first_line(e)[:160]})")
-        raise FeatxError(f"cannot load model {name!r}: check the hub id or folder; featx found no local copy and "
-                         "the hub is unreachable or offline (download it while online, or pass a local folder)")
+        raise FeatxError(_not_found(str(name)))
+
+
+def _not_found(name) -> str:
+    """Why model `name`, a valid hub id that is no existing folder, could not be loaded: a name whose first part
+    is a local folder ("mymodels/bert" where mymodels/ exists) was meant as a folder; otherwise it is either."""
+    head, _, tail = name.partition("/")
+    if tail and os.path.isdir(head):
+        return (f"model folder {name!r} does not exist (the folder {head!r} has no {tail!r}), and no hub model of "
+                "that id could be loaded either")
+    return (f"cannot load model {name!r}: no folder of that name exists, and as a hub id featx found no local copy "
+            "and the hub is unreachable or offline (download it while online, or pass a local folder)")
 
 
 def load_encoder(name, *, config=None, device="cpu", trust_remote_code=False, precision="fp32", modality=None,

@@ -19,7 +19,6 @@ import torch
 
 from featx.encoders.base import Encoder, from_pretrained, model_loader
 from featx.encoders.pooling import spatial_means
-from featx.errors import FeatxError
 
 
 class _Samples:
@@ -61,14 +60,10 @@ class SpeechEncoder(Encoder):
     def _load_weights(self, name, trust_remote_code):
         kwargs = {"trust_remote_code": trust_remote_code, **self.weights_kwargs()}
         if self.weights_prefix:
-            kwargs.update(key_mapping={self.weights_prefix: ""}, output_loading_info=True)
-        loaded = from_pretrained(self.loader(), name, "weights", **kwargs)
+            kwargs.update(key_mapping={self.weights_prefix: ""})
+        model = from_pretrained(self.loader(), name, "weights", **kwargs)  # refused when it lacks weights
         if not self.weights_prefix:
-            return loaded
-        model, info = loaded
-        if info.get("missing_keys"):
-            raise FeatxError(f"model {name!r} lacks {len(info['missing_keys'])} weights of its "
-                             f"{type(model).__name__} (e.g. {sorted(info['missing_keys'])[0]})")
+            return model
         # transformers would save the tower with the loading regex "reversed" into its keys ("?encoder.conv1.bias");
         # saved, it is a model of its own (a fine-tuned encoder), under its own keys
         model.__dict__.pop("_weight_conversions", None)

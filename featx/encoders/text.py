@@ -52,6 +52,13 @@ def position_table_size(model) -> int | None:
     return None
 
 
+def rotary_positions(model) -> bool:
+    """Whether `model` encodes positions with rotary embeddings (Llama, Qwen, ModernBERT, ...: a module of a
+    *Rotary* class). Such a model runs on past its config's max_position_embeddings, at positions it was
+    never trained on."""
+    return any("Rotary" in type(m).__name__ for m in model.modules())
+
+
 class TextEncoder(Encoder):
     modality = "text"
 
@@ -69,6 +76,11 @@ class TextEncoder(Encoder):
         if max_length and table and int(max_length) > table:
             raise FeatxError(f"{name}: max_length {int(max_length)} is more than the {table} positions the model "
                              f"embeds; give at most {table}, or leave max_length out (default {limit})")
+        trained = int(getattr(config, "max_position_embeddings", 0) or 0)
+        if max_length and not table and trained and int(max_length) > trained and rotary_positions(self.model):
+            raise FeatxError(f"{name}: max_length {int(max_length)} is more than the {trained} positions the model "
+                             "was trained on (max_position_embeddings; its rotary positions would run on past them, "
+                             f"untrained); give at most {trained}, or leave max_length out (default {limit})")
         self.max_length = int(max_length) if max_length else limit
         self.attrs = {"max_length": self.max_length}
 

@@ -127,7 +127,12 @@ class _XCLIPVisionTower:
             name, trust_remote_code=kwargs.get("trust_remote_code", False))
         if config.model_type == "xclip_vision_model":  # a vision tower saved alone (a fine-tuned encoder)
             return XCLIPVisionModel.from_pretrained(name, config=config, **kwargs)
-        return XCLIPModel.from_pretrained(name, config=config, **kwargs).vision_model
+        if not kwargs.get("output_loading_info"):
+            return XCLIPModel.from_pretrained(name, config=config, **kwargs).vision_model
+        model, info = XCLIPModel.from_pretrained(name, config=config, **kwargs)
+        tower = "vision_model."  # only the tower's own weights matter (the text tower is not run)
+        return model.vision_model, {**info, "missing_keys": {k[len(tower):] for k in info.get("missing_keys", ())
+                                                             if k.startswith(tower)}}
 
 
 class XCLIPVisionEncoder(VideoEncoder):

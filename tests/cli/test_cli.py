@@ -52,7 +52,8 @@ def caches(tmp_path):
 
 # ---------------------------------------------------------------- usage errors (issue 12 item 12)
 @pytest.mark.parametrize("args,expect", [
-    (["probe", "--bogus"], "unrecognized arguments: --bogus"),
+    (["probe", "--bogus"], "featx probe: error: unknown option --bogus"),
+    (["extract", "m.csv", "other.csv"], "featx extract: error: unexpected argument other.csv"),
     ([], "the following arguments are required: COMMAND"),
     (["fuse", "x.h5", "--method", "early"], "--method is now --fusion"),
     (["probe", "x.h5", "--layer", "3"], "--layer is now --fusion-layer"),
@@ -64,6 +65,21 @@ def test_usage_errors_exit_1_with_one_line(args, expect):
     assert r.returncode == 1, r.stderr
     line = _one_line(r.stderr)
     assert expect in line and "usage:" not in r.stderr
+
+
+def test_an_unknown_option_names_the_subcommand_it_was_given_to(capsys):
+    """`featx probe --nope` said `featx: error: unrecognized arguments: --nope`: the top parser reported what each
+    subcommand's parser handed up. Now the subcommand's parser refuses it, for every subcommand."""
+    commands = [[name] for name in build_parser()._subparsers._group_actions[0].choices] + [["manifest", "mmsa"]]
+    assert ["probe"] in commands and ["models"] in commands and len(commands) >= 10
+    for command in commands:
+        code, _, err = _run(capsys, *command, "--nope")
+        prog = " ".join(["featx", *command])
+        assert code == 1 and _one_line(err) == f"{prog}: error: unknown option --nope (see {prog} --help)", err
+    code, _, err = _run(capsys, "probe", "x.h5", "--nope", "3", "--zap=1")
+    assert code == 1 and "featx probe: error: unknown options --nope --zap=1 " in _one_line(err)
+    code, _, err = _run(capsys, "--nope", "probe")
+    assert code == 1 and _one_line(err).startswith("featx: error: unknown option --nope")
 
 
 def test_help_shows_every_default_and_every_option_has_help():

@@ -123,6 +123,36 @@ def test_roberta_without_a_tokenizer_limit_truncates_at_its_positions_not_at_its
         extract(str(path), [model], tmp_path / "out2", device="cpu", progress=False, num_workers=0, max_length=130)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3", "modernbert"])
+def test_a_max_length_past_a_rotary_models_trained_positions_is_refused_as_past_a_position_table(
+        checkpoints, manifest, tmp_path, name):
+    """Rotary positions run on past max_position_embeddings (128 here) without an error, at positions the model
+    never saw: featx took any --max-length silently. It is refused in one line, as BERT's past its position table
+    (test_roberta_without_a_tokenizer_limit_truncates_at_its_positions_not_at_its_table_rows), before any work;
+    up to the limit it runs, and T5's relative positions (no max_position_embeddings) take any length."""
+    from featx.cli.main import main
+
+    out = tmp_path / "out"
+    code = main(["extract", manifest, "--model", checkpoints[name], "--out", str(out), "--max-length", "129", "-q"])
+    assert code == 1 and not list(out.glob("*.h5"))
+    with pytest.raises(FeatxError, match="max_length 129 is more than the 128 positions the model was trained on"):
+        extract(manifest, [checkpoints[name]], out, device="cpu", progress=False, num_workers=0, max_length=129)
+    assert extract(manifest, [checkpoints[name]], out, device="cpu", progress=False, num_workers=0,
+                   max_length=128).failed == 0
+    assert extract(manifest, [checkpoints["t5-encoder"]], tmp_path / "t5", device="cpu", progress=False,
+                   num_workers=0, max_length=600).failed == 0
+
+
+def test_the_cli_refuses_it_in_one_line(checkpoints, manifest, tmp_path, capsys):
+    from featx.cli.main import main
+
+    capsys.readouterr()
+    assert main(["extract", manifest, "--model", checkpoints["llama"], "--out", str(tmp_path / "o"),
+                 "--max-length", "4096", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("featx extract: error: ") and "give at most 128" in err[0], err
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])  # Qwen's adapter is Llama's
 def test_decoder_lms_give_the_same_numbers_whatever_the_tokenizer_padding_side(checkpoints, manifest, tmp_path,
                                                                                  name):
