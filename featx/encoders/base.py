@@ -56,9 +56,11 @@ def from_pretrained(loader, name, what, **kwargs):
     return (model, info) if wants_info else model
 
 
-# Modules whose weights never reach the hidden states featx reads: a base checkpoint saved from a task model
-# (e.g. RoBERTa's from RobertaForMaskedLM) has none for its pooler, and transformers leaves it random.
-UNUSED_MODULES = ("pooler",)
+# Weights that never reach the hidden states featx reads: a base checkpoint saved from a task model (e.g. RoBERTa's
+# from RobertaForMaskedLM) has none for its pooler, and transformers leaves it random; the embedding that replaces
+# masked inputs in pre-training (wav2vec2-family masked_spec_embed, ViT-family mask_token) is used only when a
+# mask is given, which featx never gives.
+UNUSED_MODULES = ("pooler", "masked_spec_embed", "mask_token")
 
 
 def complete_weights(name, model, missing) -> None:

@@ -63,6 +63,15 @@ def test_a_pooler_the_checkpoint_lacks_is_not_refused(tmp_path, tiny_bert):
     assert load_encoder(no_pooler).num_layers == 3
 
 
+def test_a_masking_embedding_the_checkpoint_lacks_is_not_refused(tmp_path, tiny_wavlm):
+    """wav2vec2-family masked_spec_embed replaces masked frames in pre-training only; featx never masks."""
+    from featx.encoders import load_encoder
+
+    plain, dropped = _without(tiny_wavlm, tmp_path / "wavlm-no-mask", lambda k: k.endswith("masked_spec_embed"))
+    assert dropped == ["masked_spec_embed"]
+    assert load_encoder(plain).num_layers == load_encoder(tiny_wavlm).num_layers
+
+
 @pytest.mark.parametrize("family,drop", [
     ("clip-vision", lambda k: "vision_model.encoder.layers.0." in k),  # the tower of a full CLIP checkpoint
     ("wav2vec2", lambda k: "encoder.layers.1.feed_forward" in k),
