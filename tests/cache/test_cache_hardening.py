@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from featx.cache import CacheWriter, check_settings, describe, is_complete, open_cache, pending_items, read_layer
+from featx.cache import writer as cache_writer
 from featx.cli.main import main
 from featx.data.manifest import read_manifest
 from featx.errors import FeatxError
@@ -131,6 +132,18 @@ def test_free_space_is_checked_before_consolidating(tmp_path, monkeypatch):
     assert len(w.todo) == 0
     w.close()
     assert_values(path, must_be_done=range(40))
+
+
+def test_the_guarded_file_reads_past_its_end_as_zeros(tmp_path):
+    """Past the end of the file being consolidated lie the writes dropped after an error, which HDF5 may read back:
+    h5py's file-object driver leaves what a short read did not fill unset, and HDF5, taking that garbage for
+    strings, crashed on a full disk (depending on the heap's layout)."""
+    guard = cache_writer._GuardedFile(str(tmp_path / "f.tmp"))
+    guard.write(b"abc")
+    guard.seek(1)
+    buf = bytearray(b"\xff" * 8)
+    assert guard.readinto(memoryview(buf)) == 8 and bytes(buf) == b"bc" + bytes(6)
+    guard.close()
 
 
 # ---------------------------------------------------------------- damaged parts, settings, foreign files (item 10)
