@@ -1,6 +1,8 @@
 """The cache against hostile names, damaged and crafted files and a full disk: one line each, nothing lost."""
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -144,6 +146,29 @@ def test_the_guarded_file_reads_past_its_end_as_zeros(tmp_path):
     buf = bytearray(b"\xff" * 8)
     assert guard.readinto(memoryview(buf)) == 8 and bytes(buf) == b"bc" + bytes(6)
     guard.close()
+
+
+@pytest.mark.parametrize("code, error", [(errno.ENOSPC, "no space left in {folder} while writing c.h5.tmp"),
+                                         (errno.EIO, "Input/output error")])
+def test_an_error_of_the_early_sync_is_raised_and_nothing_is_lost(tmp_path, monkeypatch, code, error):
+    """A sync failing in the background thread that writes the new file to the disk while it is built (a full disk
+    or a failing one) fails the consolidation: no .tmp, every part kept; the next close consolidates them."""
+    path = str(tmp_path / "c.h5")
+    w = CacheWriter(path, **writer_args(40))
+    w.write(list(range(40)), *batch(list(range(40))))
+
+    def failing(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(cache_writer, "_datasync", failing)
+    with pytest.raises((FeatxError, OSError), match=re.escape(error.format(folder=tmp_path))):
+        w.close()
+    assert not os.path.exists(path) and _leftovers(tmp_path) == [] and len(os.listdir(path + ".parts")) == 3
+    monkeypatch.undo()
+    w = CacheWriter(path, **writer_args(40))
+    assert len(w.todo) == 0
+    w.close()
+    assert_values(path, must_be_done=range(40))
 
 
 # ---------------------------------------------------------------- damaged parts, settings, foreign files (item 10)
