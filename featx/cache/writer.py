@@ -432,9 +432,9 @@ class _GuardedFile:
         return self.f.tell()
 
     def readinto(self, buf):
-        """Fill buf from the file; what lies past its end reads as zeros, as HDF5's own driver reads it: h5py's
-        leaves it unset, and past the end lie the writes dropped after an error, which HDF5 may read back (it
-        took garbage there for strings and crashed, on a full disk, in 7 of 12 heap layouts)."""
+        """Fill buf from the file; what lies past its end reads as zeros, as HDF5's own driver reads it. h5py's
+        leaves it unset, and past the end lie the writes dropped after an error, which HDF5 may read back: it
+        took the garbage there for strings and crashed on a full disk."""
         view = memoryview(buf).cast("B")
         n = self.f.readinto(view) or 0
         if n < len(view):
