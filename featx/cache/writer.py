@@ -13,7 +13,9 @@ import collections
 import errno
 import json
 import os
+import queue
 import shutil
+import threading
 
 import h5py
 import numpy as np
@@ -37,6 +39,7 @@ BLOCK_BYTES = 64 << 20  # about the values a block of consolidation holds (all p
 CHECK_BYTES = 4 << 20  # bytes of scratch per block when looking for non-finite values
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FULL_TEXT = ("No space left", "errno = 28", "File too large", "errno = 27", "Disk quota", "errno = 122")
+_datasync = getattr(os, "fdatasync", os.fsync)  # no fdatasync on macOS
 
 
 # ---------------------------------------------------------------- small helpers
@@ -375,13 +378,48 @@ def _check_room(out_path, header, state):
     return folder, needed
 
 
+class _EarlySync:
+    """Writes a file's data to the disk (fdatasync) in a background thread while the caller writes on, so that
+    the fsync before the file's rename finds little left to write (420 MB on a 2-core VM: that fsync 0.17 s ->
+    0.01 s). Durability stays the fsync's: this only starts the disk earlier. start() asks for a sync of what is
+    written by the time it runs (one request waits at most: it covers all later ones); stop() ends the thread
+    after the syncs asked for. `error`: the first OSError of a sync, for the caller to raise (the fsync of
+    another descriptor may not report an error that a sync here has already reported)."""
+
+    def __init__(self, fd):
+        self.fd, self.error = fd, None
+        self._requests = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._run, name="featx-early-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while self._requests.get():  # None: stop
+            if self.error is None:
+                try:
+                    _datasync(self.fd)
+                except OSError as e:
+                    self.error = e
+
+    def start(self):
+        try:
+            self._requests.put_nowait(True)
+        except queue.Full:
+            pass
+
+    def stop(self):
+        self._requests.put(None)
+        self._thread.join()
+
+
 class _GuardedFile:
     """A binary file for h5py whose writes never fail in HDF5's eyes: the first OSError is kept in `error` and
     later writes are dropped, so HDF5 can always close its handles (after a failed write inside HDF5 they
-    cannot be closed and crash the process at exit); the caller then deletes the file."""
+    cannot be closed and crash the process at exit); the caller then deletes the file. early_sync: each
+    check() also starts writing what is written so far to the disk in the background (_EarlySync)."""
 
-    def __init__(self, path):
+    def __init__(self, path, early_sync=False):
         self.f, self.error = open(path, "w+b", buffering=0), None  # unbuffered: a seek never writes
+        self.early = _EarlySync(self.f.fileno()) if early_sync else None
 
     def seek(self, pos, whence=0):
         try:
@@ -394,7 +432,14 @@ class _GuardedFile:
         return self.f.tell()
 
     def readinto(self, buf):
-        return self.f.readinto(buf)
+        """Fill buf from the file; what lies past its end reads as zeros, as HDF5's own driver reads it. h5py's
+        leaves it unset, and past the end lie the writes dropped after an error, which HDF5 may read back: it
+        took the garbage there for strings and crashed on a full disk."""
+        view = memoryview(buf).cast("B")
+        n = self.f.readinto(view) or 0
+        if n < len(view):
+            view[n:] = bytes(len(view) - n)
+        return len(view)
 
     def read(self, n=-1):
         return self.f.read(n)
@@ -422,24 +467,32 @@ class _GuardedFile:
             self.error = self.error or e
 
     def check(self):
-        """Raise the first write error, if any."""
+        """Raise the first write error (or error of the early sync), if any; else start an early sync."""
+        if self.early is not None:
+            self.error = self.error or self.early.error
         if self.error is not None:
             raise self.error
+        if self.early is not None:
+            self.early.start()
 
     def close(self):
+        """Close the file, after the early sync's thread has ended (check() then raises its error)."""
+        if self.early is not None:
+            self.early.stop()
         self.f.close()
 
 
-def _write_hdf5(tmp, fill, **file_options):
-    """Make the HDF5 file `tmp` with fill(file, check) (check() raises a write error as soon as one happened)
-    and close it. On any error every handle is closed and tmp removed before the error is raised."""
-    guard, f = _GuardedFile(tmp), None
+def _write_hdf5(tmp, fill, early_sync=False, **file_options):
+    """Make the HDF5 file `tmp` with fill(file, check) (check() raises a write error as soon as one happened;
+    early_sync: and starts writing the file so far to the disk, see _GuardedFile) and close it. On any error
+    every handle is closed and tmp removed before the error is raised."""
+    guard, f = _GuardedFile(tmp, early_sync), None
     try:
         f = h5py.File(guard, "w", **file_options)
         fill(f, guard.check)
         f.close()
-        guard.check()
         guard.close()
+        guard.check()
     except BaseException:
         if f is not None and f.id.valid:
             f.close()  # cannot fail on a write: the guard drops them
@@ -463,13 +516,15 @@ def consolidate(out_path, sources, state, header):
     # Without sequences every block is whole chunks, written once: no chunk cache, so each goes straight through
     # the checksum filter to the file instead of via the cache (840 MB on a 2-core CPU: copy 2.0 s -> 1.9 s).
     cache = max(16 << 20, 4 * L * schema.chunk_rows(D, dtype) * D * np.dtype(dtype).itemsize) if header["seq"] else 0
+    # The Fletcher-32 checksums (about 40% of the copy) stay HDF5's: a vectorised numpy one, with read_direct_chunk
+    # or write_direct_chunk, is slower (0.28 s per 420 MB against HDF5's 0.2 s, each way, on a 2-core CPU).
     src = _Sources(sources)
 
     def fill(out, check):
         _copy_values(*_create_layout(out, header, state), src, state, header, check)
 
     try:
-        _write_hdf5(tmp, fill, rdcc_nbytes=cache, rdcc_nslots=100003, rdcc_w0=1.0)
+        _write_hdf5(tmp, fill, early_sync=True, rdcc_nbytes=cache, rdcc_nslots=100003, rdcc_w0=1.0)
         _publish(tmp, out_path)
     except OSError as e:
         _remove(tmp)

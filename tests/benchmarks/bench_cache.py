@@ -19,6 +19,10 @@ after the consolidation and write changes of session 6 (close: copy + fsync/rena
   n=16384, parts of 128, longest-first:    close 13.8 -> 4.6 s (copy 11.9 -> 2.8)
   n=4096, parts of 1024, longest-first, --seq (1-7 positions):  writes 0.76 -> 0.68 s/part, close 49 -> 4.8 s
 Removing the parts (0.55-2.1 s for 840 MB, varying) is I/O wait of the file system's online discard.
+Session 9, the new file written to the disk while it is built (writer._EarlySync), n=8192, parts of 1024,
+longest-first, medians of 6 paired runs on the loaded 2-core VM: close 2.21 -> 1.77 s, fsync+rename 0.18 ->
+0.01 s (the sync of the last block now ends inside the copy). About 40% of the copy is HDF5's Fletcher-32 (on
+reading the parts and on writing the file, ~0.2 s per 420 MB each, measured with perf).
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """The cache against hostile names, damaged and crafted files and a full disk: one line each, nothing lost."""
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import pandas as pd
 import pytest
 
 from featx.cache import CacheWriter, check_settings, describe, is_complete, open_cache, pending_items, read_layer
+from featx.cache import writer as cache_writer
 from featx.cli.main import main
 from featx.data.manifest import read_manifest
 from featx.errors import FeatxError
@@ -126,6 +129,41 @@ def test_free_space_is_checked_before_consolidating(tmp_path, monkeypatch):
     with pytest.raises(FeatxError, match=f"no space left in {tmp_path} to consolidate c.h5: it needs about"):
         w.close()
     assert not os.path.exists(path) and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    w = CacheWriter(path, **writer_args(40))
+    assert len(w.todo) == 0
+    w.close()
+    assert_values(path, must_be_done=range(40))
+
+
+def test_the_guarded_file_reads_past_its_end_as_zeros(tmp_path):
+    """Past the end of the file being consolidated lie the writes dropped after an error, which HDF5 may read back:
+    h5py's file-object driver leaves what a short read did not fill unset, and HDF5, taking that garbage for
+    strings, crashed on a full disk (depending on the heap's layout)."""
+    guard = cache_writer._GuardedFile(str(tmp_path / "f.tmp"))
+    guard.write(b"abc")
+    guard.seek(1)
+    buf = bytearray(b"\xff" * 8)
+    assert guard.readinto(memoryview(buf)) == 8 and bytes(buf) == b"bc" + bytes(6)
+    guard.close()
+
+
+@pytest.mark.parametrize("code, error", [(errno.ENOSPC, "no space left in {folder} while writing c.h5.tmp"),
+                                         (errno.EIO, "Input/output error")])
+def test_an_error_of_the_early_sync_is_raised_and_nothing_is_lost(tmp_path, monkeypatch, code, error):
+    """A sync failing in the background thread that writes the new file to the disk while it is built (a full disk
+    or a failing one) fails the consolidation: no .tmp, every part kept; the next close consolidates them."""
+    path = str(tmp_path / "c.h5")
+    w = CacheWriter(path, **writer_args(40))
+    w.write(list(range(40)), *batch(list(range(40))))
+
+    def failing(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(cache_writer, "_datasync", failing)
+    with pytest.raises((FeatxError, OSError), match=re.escape(error.format(folder=tmp_path))):
+        w.close()
+    assert not os.path.exists(path) and _leftovers(tmp_path) == [] and len(os.listdir(path + ".parts")) == 3
     monkeypatch.undo()
     w = CacheWriter(path, **writer_args(40))
     assert len(w.todo) == 0

@@ -1,5 +1,7 @@
 """Consolidation and part layout on real HDF5 files: parts chunked in whole items, and the final file holding
 exactly the values written whatever the order of the parts, the block size and the number of open sources."""
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -171,3 +173,23 @@ def test_parts_of_h5pys_chunk_shapes_consolidate_alike(tmp_path, monkeypatch):
     w.write(order[18:], *batch(order[18:]))
     w.close()
     assert_same_file(path, ref)
+
+
+def test_the_new_file_is_written_to_the_disk_while_it_is_built(tmp_path, monkeypatch):
+    """Each block of consolidation starts a sync of the .tmp in the background (so that the fsync before the
+    rename has little left): syncs of the .tmp's descriptor while it is unnamed, the final file still absent."""
+    small_blocks(monkeypatch)
+    path = str(tmp_path / "c.h5")
+    seen = []
+    sync = cache_writer._datasync
+
+    def spy(fd):
+        seen.append((os.path.samestat(os.fstat(fd), os.stat(path + ".tmp")), os.path.exists(path)))
+        sync(fd)
+
+    monkeypatch.setattr(cache_writer, "_datasync", spy)
+    write_all(path, 30)
+    assert seen and set(seen) == {(True, False)}, seen
+    with h5py.File(path, "r") as f:  # h5py reads it with its own checksum check
+        assert f["pooled/mean"].fletcher32 and f["pooled/mean"][()].shape == (30, L, D)
+    assert_values(path, must_be_done=range(30))
