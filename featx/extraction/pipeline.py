@@ -489,13 +489,6 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     group, sizes = [], group_sizes(runner.batch_size, group_size, ramp=bool(workers) or threaded)
     size = next(sizes)
     chunks = decoded_ahead(loader, math.ceil(group_size / chunk)) if threaded else iter(loader)
-    # JPEGs decoded on the device: a thread of this process decodes (and preprocesses) them a batch at a time,
-    # ahead of this one, which only launches forwards: waiting for the decoder here (it waits for the kernels of
-    # the forwards it shares the GPU with) left the GPU idle about 0.3 ms per image (an H200, ViT-L/14).
-    admitting = getattr(runner.encoder, "decode_on_device", False)
-    if admitting:
-        chunks = decoded_ahead(admitted(chunks, runner.encoder, runner.batch_size, workers),
-                               max(1, math.ceil(group_size / runner.batch_size)))
     # Group k+1 is queued on the device before group k's values are fetched (the wait for k, in _finish_group,
     # comes while k+1 runs): with k+1 decoded in time, the device does not wait for the host between groups.
     queued = []  # groups on the device, not yet handed to the writer, oldest first
@@ -510,7 +503,7 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
 
     try:
         for items in chunks:
-            for item in unpack_chunk(items) if workers and not admitting else items:
+            for item in unpack_chunk(items) if workers else items:
                 group.append(item)
                 if len(group) >= size:
                     hand(_start_group(runner, group, bar.update))
@@ -526,8 +519,8 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
             out.put(_finish_group(runner, started))
         raise
     finally:
-        if threaded or admitting:
-            chunks.close()  # stops the decoding (and admitting) threads
+        if threaded:
+            chunks.close()  # stops the decoding thread
         out.finish()
         bar.close()
     out.raise_error()
@@ -542,29 +535,6 @@ def pins_chunks(encoder, workers, device) -> bool:
     host-side stack, off the main thread, PackedChunk.pin_memory). Texts and audio are padded into a pinned batch
     by collate anyway: pinning their chunks first only copied every waveform once more, in one thread."""
     return bool(workers) and str(device).startswith("cuda") and encoder.pinned_inputs
-
-
-def admitted(chunks, encoder, batch_size, packed):
-    """The decoded items of `chunks` ([(index, inputs | None, reason | None)] lists, or PackedChunks when `packed`)
-    in lists of about batch_size items whose inputs `encoder.admit` has made (JPEGs decoded on the device); an item
-    it fails has no inputs and its reason. Run it in a thread of its own (decoded_ahead)."""
-    def admit(items):
-        ok = [(i, x) for i, inputs, _ in items if inputs is not None for x in inputs]
-        done, failures = encoder.admit(ok, batch_size)
-        inputs, reasons = {}, dict(failures)
-        for i, x in done:
-            inputs.setdefault(i, []).append(x)
-        return [(i, inputs[i], None) if i in inputs else (i, None, why or reasons.get(i, "the item decoded to no input"))
-                for i, _, why in items]
-
-    pending = []
-    for chunk in chunks:
-        pending += unpack_chunk(chunk) if packed else chunk
-        if len(pending) >= batch_size:
-            yield admit(pending)
-            pending = []
-    if pending:
-        yield admit(pending)
 
 
 def decoded_ahead(chunks, depth):

@@ -166,8 +166,8 @@ def test_predict_decodes_as_the_training_cache_did_and_says_when_it_cannot(capsy
 @pytest.mark.parametrize("where", ["forward", "decoding"])
 def test_ctrl_c_keeps_the_groups_already_forwarded_and_a_resume_completes(files, tiny_clip_vision, tmp_path,
                                                                          monkeypatch, where):
-    # 12 images in groups of 4 (batches of 2); Ctrl-C in the forward of the 4th batch (main thread), or in the
-    # admitting thread while it decodes the 4th batch of JPEGs on the device (raised in the main thread from there)
+    # 12 images in groups of 4 (batches of 2); Ctrl-C in the forward of the 4th batch, or while the device decodes
+    # the 4th batch of JPEGs (a group's, before its forwards are queued)
     from featx.encoders.image import ImageEncoder
     from featx.extraction.batching import Runner
     names = ["small", "gray", "baseline", "progressive", "png", "small"] * 2
