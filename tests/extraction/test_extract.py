@@ -616,3 +616,27 @@ def test_a_pooling_the_family_lacks_is_never_swapped_without_a_word(tiny_bert, t
     assert err.count("storing mean instead of last") == 2
     extract(media, [tiny_bert], tmp_path / "p", pool=["last", "mean"], device="cpu", progress=False)
     assert "storing mean only" in capsys.readouterr().err
+
+
+def test_groups_featx_sizes_start_at_one_batch_and_hold_about_group_seconds_of_work(tiny_bert, tmp_path, monkeypatch):
+    # a kill -9 loses the group in flight: featx's own group sizes start at one batch of the longest items (texts
+    # tokenized inline too) and, once the pace is known, hold about GROUP_SECONDS of work (here 0: one batch each)
+    import featx.extraction.pipeline as pipeline
+    from featx.extraction.batching import Runner
+    path, sizes = _texts(tmp_path, n=60), []
+    start = Runner.start
+    monkeypatch.setattr(Runner, "start", lambda self, items, done=None: sizes.append(len(items))
+                        or start(self, items, done))
+    kw = dict(dtype="float32", device="cpu", batch_size=4, progress=False)
+    whole = extract(path, [tiny_bert], tmp_path / "a", **kw).paths[0]
+    assert sizes == [4, 8, 16, 32]  # ramped from one batch, doubling (the default group of these is 1,024)
+    sizes.clear()
+    monkeypatch.setattr(pipeline, "GROUP_SECONDS", 0.0)
+    paced = extract(path, [tiny_bert], tmp_path / "b", **kw).paths[0]
+    assert sizes[0] == 4 and set(sizes[2:]) == {4} and sum(sizes) == 60  # capped at one batch once paced
+    with open_cache(whole) as a, open_cache(paced) as b:
+        assert a.done.all() and b.done.all()
+        np.testing.assert_allclose(a.layer(a.num_layers - 1), b.layer(b.num_layers - 1), atol=1e-5)
+    sizes.clear()
+    extract(path, [tiny_bert], tmp_path / "c", group_size=20, **kw)  # a caller's group size is kept as it is
+    assert sizes == [20, 20, 20]
