@@ -220,6 +220,18 @@ def one_of(what, *allowed):
     return parse
 
 
+def one_pooling(command):
+    """A parser for the one pooling `command` reads per run; a list of them (what extract's --pool takes) is
+    refused saying so."""
+    def parse(value) -> str:
+        v = str(_plain(value, "one pooling")).strip()
+        if "," in v:
+            raise FeatxError(f"{command} takes one pooling per run, not {value!r}: run it once per pooling (featx "
+                             "extract's --pool takes a list: a cache stores several)")
+        return one_of("pooling", *POOLINGS)(v)
+    return parse
+
+
 def boolean(value) -> bool:
     """true/false (YAML booleans, or the words true, false, yes, no, on, off, 1, 0)."""
     if isinstance(value, bool):
@@ -629,7 +641,8 @@ class ProbeSettings(Settings):
     probe: str = option("linear", "linear (ridge or logistic by task), ridge, logistic, mlp, batched (all layers "
                         "at once in torch), or a registered probe", parse_probe)
     layers: object = option("all", "all, or layer indices: 3,7,-1", parse_layers)
-    pool: str = option("mean", "pooling stored in the cache: mean, cls or last", one_of("pooling", *POOLINGS))
+    pool: str = option("mean", "pooling stored in the cache, one per run: mean, cls or last",
+                       one_pooling("featx probe"))
     seeds: list = option(1, "a count n (seeds 0..n-1) or a list of seeds: 3,7", parse_seeds)
     train_sizes: list = option("1.0", "fractions of the training part (<= 1) or numbers of labels (> 1): "
                                "50,200,1.0", parse_train_sizes)
@@ -682,7 +695,8 @@ class FinetuneSettings(Settings):
                             "audio or video", parse_towers)
     head: str = option("concat", "fusion head: concat or gated", one_of("head", *HEADS))
     task: str = option("auto", "auto (from the labels), regression or classification", one_of("task", *TASKS))
-    pool: str = option("mean", "concat head: pooling of each branch, mean, cls or last", one_of("pooling", *POOLINGS))
+    pool: str = option("mean", "concat head: pooling of each branch, mean, cls or last",
+                       one_pooling("featx finetune"))
     proj_size: int = option(32, "concat head: per-modality projection size", integer(1))
     hidden_size: int = option(128, "head MLP / gated fusion size", integer(1))
     heads: int = option(4, "attention heads of the head", integer(1))

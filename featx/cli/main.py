@@ -220,7 +220,10 @@ def _run_probe(cls, args):
                       file=sys.stderr)
     for note in meta.get("notes") or ():  # what differs from what was asked: fewer folds, a training size added,
         print(f"featx {args.command}: {note}", file=sys.stderr)  # items with no split left out
-    print_table(_summary_of_probe(s.out), s.json, f"featx {args.command}: results in {s.out}")
+    table = _summary_of_probe(s.out)
+    if not s.json and "layers_probed" in table and (table["layers_probed"].astype(str) == "all").all():
+        table = table.drop(columns="layers_probed")   # said only when some encoder's layers were a subset
+    print_table(table, s.json, f"featx {args.command}: results in {s.out}")
     return 0
 
 

@@ -19,7 +19,8 @@ MISSING_LABELS = frozenset({"", "n/a", "na", "nan", "none", "null", "-"})
 @dataclass
 class CacheData:
     """One cache's done, labelled items: X (N, L', W) for `layers`, ids (N,), y (N,) float64 or str,
-    splits (N,) canonical names or None; unlabeled: how many done items had no label (left out); failed and
+    splits (N,) canonical names or None; unlabeled: how many done items had no label (left out; their ids in
+    unlabeled_ids); failed and
     pending: how many items are not done in the cache (left out): failed at extraction (an error is recorded),
     or never extracted (no error recorded, e.g. a merged cache's missing part).
     layer_widths: each chosen layer's width when the cache's layers differ in width (a CNN's stages), else
@@ -40,6 +41,8 @@ class CacheData:
     layer_widths: list = None
     failed: int = 0
     pending: int = 0
+    unlabeled_ids: tuple = ()   # the ids of the done items left out for want of a label
+
 
     def width(self, j) -> int:
         """The number of features of the j-th chosen layer (X[:, j])."""
@@ -141,8 +144,9 @@ def load_cache(path, pool="mean", layers="all", need_labels=True, task="auto") -
         splits = None if c.splits is None else _splits(np.asarray(c.splits)[done], path)
         model, modality, hidden = str(c.model), str(c.modality), int(c.hidden_size)
         widths = None if c.layer_widths is None else [c.width(layer) for layer in chosen]
+    unlabeled_ids = tuple(ids[~keep].tolist())
     if not keep.all():
         X, ids, y = X[keep], ids[keep], y[keep]
         splits = None if splits is None else splits[keep]
     return CacheData(str(path), model, modality, L, hidden, chosen, X, ids, y, splits, int((~keep).sum()),
-                     display_name(model), widths, failed, pending)
+                     display_name(model), widths, failed, pending, unlabeled_ids)

@@ -22,11 +22,13 @@ COLUMNS = ["encoder", "modality", "num_layers", "layer", "pooling", "probe", "me
 WEIGHT_COLUMNS = ["encoder", "modality", "seed", "layer", "weight", "train_size", "method"]
 # best_layers.csv: per (encoder, modality, metric), scores on `split` (test, or cv without a test split) at the
 # full training part; the best layer and the fusion method are chosen on `selected_on` (dev) by the primary metric.
+# layers_probed: "all", or the layers probed (e.g. "0,3" under --layers 0,3): the best layer is the best of those,
+# the weighted sum is over those, and an output layer not among them has no score.
 # What made each score, as results.csv names it: pooling; layer_probe (best_layer_score, output_layer_score, e.g.
 # ridge-batched), weighted_probe (weighted_score, e.g. weighted-linear), fusion_probe (fusion_score, e.g. concat-ridge).
 BEST_COLUMNS = ["encoder", "modality", "pooling", "layer_probe", "metric", "split", "train_size", "selected_on",
-                "best_dev_layer", "best_layer_score", "output_layer", "output_layer_score", "weighted_probe",
-                "weighted_score", "fusion_method", "fusion_probe", "fusion_score"]
+                "layers_probed", "best_dev_layer", "best_layer_score", "output_layer", "output_layer_score",
+                "weighted_probe", "weighted_score", "fusion_method", "fusion_probe", "fusion_score"]
 # The note of a probe, fuse or finetune run that was not asked for the whole training part: it is added, since
 # the headline (best_layers.csv, the report's summary) is always at the full training part.
 FULL_PART_ADDED = "the full training part (1.0) was added to the training sizes: the headline uses it"
@@ -91,6 +93,16 @@ def eval_split_of(rows) -> str:
     return next((s for s in ("test", "cv", "dev") if s in splits), sorted(splits)[0] if splits else "test")
 
 
+def layers_probed_text(layers, num_layers) -> str:
+    """"all" when `layers` are every layer 0..num_layers-1 (or num_layers is unknown, <= 0), else the layers
+    probed, comma-joined in order ("0,3")."""
+    layers = sorted({int(k) for k in layers if int(k) >= 0})
+    # max(...): tables whose num_layers does not count the embedding output (layers 0..num_layers) are whole too
+    if int(num_layers) <= 0 or not layers or layers == list(range(max(int(num_layers), layers[-1] + 1))):
+        return "all"
+    return ",".join(map(str, layers))
+
+
 def best_layer_table(df, primary, higher_is_better=None, full_size="1.0"):
     """BEST_COLUMNS per (encoder, modality, metric) of a results table (COLUMNS): the layer best on dev by the
     `primary` metric (mean over seeds) at the full training part, its score on the evaluated split, the output
@@ -111,6 +123,7 @@ def best_layer_table(df, primary, higher_is_better=None, full_size="1.0"):
         if dev.dropna().empty:
             continue
         best = int((sign * dev).idxmax())
+        probed = layers_probed_text(g["layer"].unique(), g["num_layers"].iloc[0])
         weighted = full[(full["encoder"] == enc) & (full["modality"] == mod) & (full["method"] == "weighted")]
         made_by = dict(pooling=_names(g["pooling"]), layer_probe=_names(g["probe"]),
                        weighted_probe=_names(weighted["probe"]) or None,
@@ -119,7 +132,8 @@ def best_layer_table(df, primary, higher_is_better=None, full_size="1.0"):
             def val(method, layer):
                 return float(mean.get((enc, mod, method, layer, test_split, metric), np.nan))
             out.append(dict(encoder=enc, modality=mod, **made_by, metric=metric, split=test_split, train_size=full_size,
-                            selected_on=select, best_dev_layer=best, best_layer_score=val("layer", best),
+                            selected_on=select, layers_probed=probed, best_dev_layer=best,
+                            best_layer_score=val("layer", best),
                             output_layer=last, output_layer_score=val("layer", last),
                             weighted_score=val("weighted", -1), fusion_method=fusion_method,
                             fusion_score=float(fusion_value.get(metric, np.nan))))
@@ -216,12 +230,24 @@ class Results:
                        else os.path.join(self.path, p))
         return out
 
-    def last_layer(self, encoder, modality):
-        """Index of the output layer of an encoder: the deepest layer probed."""
+    def _layer_rows(self, encoder, modality):
         r = self.rows
         # Only probe rows: a fine-tuned model's row carries its cut layer, which need not be the deepest probed.
-        return int(r[(r["encoder"] == encoder) & (r["modality"] == modality) & (r["method"] == "layer")
-                     & (r["layer"] >= 0)]["layer"].max())
+        return r[(r["encoder"] == encoder) & (r["modality"] == modality) & (r["method"] == "layer")
+                 & (r["layer"] >= 0)]
+
+    def last_layer(self, encoder, modality):
+        """Index of the output layer of an encoder: num_layers - 1 (as best_layers.csv's output_layer), or the
+        deepest layer probed where that is deeper or num_layers is unknown. Under --layers it need not have
+        been probed."""
+        g = self._layer_rows(encoder, modality)
+        return int(max(g["layer"].max(), g["num_layers"].max() - 1))
+
+    def layers_probed(self, encoder, modality) -> str:
+        """"all", or the layers of the encoder that were probed ("0,3" under --layers 0,3): see
+        layers_probed_text."""
+        g = self._layer_rows(encoder, modality)
+        return layers_probed_text(g["layer"].unique(), g["num_layers"].max()) if len(g) else "all"
 
     @property
     def full_train_size(self):

@@ -29,7 +29,7 @@ from featx.probing.results import (FULL_PART_ADDED, WEIGHT_COLUMNS, FoldScores, 
                                    write_results)
 from featx.probing.splits import fold_count, make_folds, subsample
 from featx.runinfo import provenance, write_meta
-from featx.settings import ProbeSettings, TrainSize
+from featx.settings import ProbeSettings, TrainSize, dashed
 
 FULL = TrainSize("fraction", 1.0)
 SWEEP_KEYS = ("probe", "layers", "pool", "seeds", "train_sizes", "folds", "weighted", "fusion", "fusion_layer",
@@ -48,6 +48,7 @@ class SweepSettings(ProbeSettings):
     def __post_init__(self):
         super().__post_init__()
         get_probe(self.probe)
+        self.collapsed = {}   # {size not run: (the size run in its place, its numbers of labels)}: run_probe's
 
     @classmethod
     def of(cls, caches, out, progress=True, **options) -> "SweepSettings":
@@ -56,8 +57,10 @@ class SweepSettings(ProbeSettings):
 
     @property
     def sizes_run(self) -> list:
-        """The training sizes fitted: those given, plus the full training part (the headline) if absent."""
-        return self.train_sizes if any(t.is_full for t in self.train_sizes) else self.train_sizes + [FULL]
+        """The training sizes fitted: those given, plus the full training part (the headline) if absent, less
+        those that come to the numbers of labels of another (collapsed; see collapsed_sizes)."""
+        sizes = self.train_sizes if any(t.is_full for t in self.train_sizes) else self.train_sizes + [FULL]
+        return [t for t in sizes if t not in self.collapsed]
 
     def to_json(self) -> dict:
         out = {k: getattr(self, k) for k in SWEEP_KEYS}
@@ -91,10 +94,16 @@ def run_probe(caches, out, progress=True, **options):
     s = SweepSettings.of(caches, out, progress, **options)
     datas = load_caches(s.caches, s)
     task = resolve_task(datas, s.task)
+    if task == "classification":
+        check_classes(datas)
     if s.fusion and len(datas) < 2:
         raise FeatxError("fusion needs at least two caches (one per modality)")
+    unused_fusion_options(s)
     aligned = align(datas, s.missing) if s.fusion else None
+    if aligned is None and len(datas) > 1:
+        warn_split_disagreement(datas)
     check_sizes(datas, task, s, aligned)
+    s.collapsed = collapsed_sizes(datas, aligned, task, s)
     os.makedirs(out, exist_ok=True)
     rows, weight_rows = _sweep_all(datas, aligned, task, s, not s.quiet)
     df = write_results(rows, out)
@@ -142,6 +151,89 @@ def resolve_task(datas, forced="auto") -> str:
         raise FeatxError(f"the caches' labels disagree on the task ({', '.join(sorted(tasks))}); "
                          "set task to regression or classification")
     return tasks.pop()
+
+
+def check_classes(datas):
+    """Classification needs labels that are classes: a cache whose labelled items hold more distinct labels than
+    half their number (continuous scores, or ids, made one class per item) is a one-line error naming the
+    count."""
+    for d in datas:
+        n, k = len(d.y), len(np.unique(np.asarray(d.y).astype(str)))
+        if k > n / 2:
+            raise FeatxError(f"{d.path}: classification needs labels that are classes, but its {n} labelled items "
+                             f"hold {k} distinct labels (more than half of them, so most classes would have one "
+                             "item): continuous labels are regression (--task regression)")
+
+
+# Options that only fusion reads, with their defaults.
+_FUSION_OPTIONS = (("fusion_layer", "best"), ("missing", "intersect"), ("late_rule", "mean"))
+
+
+def unused_fusion_options(s):
+    """One warning line naming the fusion options given (not at their default) that no fusion reads: no fusion
+    runs, or --late-rule without late fusion."""
+    unused = [(k, getattr(s, k)) for k, default in _FUSION_OPTIONS if getattr(s, k) != default
+              and (not s.fusion or (k == "late_rule" and "late" not in s.fusion))]
+    if unused:
+        given = ", ".join(f"--{dashed(k)} {v}" for k, v in unused)
+        why = "no fusion runs (give --fusion, or run featx fuse)" if not s.fusion else "no late fusion runs"
+        warnings.warn(f"{given} ignored: {why}")
+
+
+def collapsed_sizes(datas, aligned, task, s) -> dict:
+    """{size: (size run instead, numbers of labels)}: the training sizes that take the same number of training
+    labels as another in every fold of every seed, of every cache (and of fusion's items); a fit on them would
+    repeat the other's (same labels drawn, same seed). The full training part is the one kept, else the size
+    given first; each collapse is one note in meta.json."""
+    units = [(d.y, d.splits) for d in datas]
+    if aligned is not None:
+        idx, d = aligned["index"][0], datas[0]
+        units.append((d.y[idx], None if d.splits is None else d.splits[idx]))
+    n_train = [len(train) for y, splits in units for seed in s.seeds
+               for train, _, _ in make_folds(y, splits, task, s.folds, seed)[0]]
+    groups = {}
+    for size in s.sizes_run:
+        groups.setdefault(tuple(size.labels(n) for n in n_train), []).append(size)
+    out = {}
+    for key, sizes in groups.items():
+        kept = next((t for t in sizes if t.is_full), sizes[0])
+        out.update({t: (kept, sorted(set(key))) for t in sizes if t != kept})
+    return out
+
+
+def collapse_note(size, kept, labels) -> str:
+    counts = "/".join(map(str, labels))
+    return (f"training sizes {kept} and {size} both come to {counts} training label(s), so {size} was not run "
+            f"(its fits would repeat those of {kept})")
+
+
+def _split_names(splits, idx):
+    return np.full(len(idx), "", dtype=object) if splits is None else np.asarray(splits, dtype=object)[idx]
+
+
+def split_disagreement(a, b, ids, idx_a, idx_b):
+    """None, or one line saying how many of the shared `ids` caches a and b (CacheData) put in different splits,
+    with the first as an example."""
+    sa, sb = _split_names(a.splits, idx_a), _split_names(b.splits, idx_b)
+    differ = np.flatnonzero(sa != sb)
+    if not differ.size:
+        return None
+    k = differ[0]
+    name = lambda v: repr(v) if v else "no split"   # noqa: E731
+    return (f"{b.path}: splits differ from {a.path} for {differ.size} of the {len(ids)} ids they share (e.g. item "
+            f"{str(ids[k])!r}: {name(sb[k])} here, {name(sa[k])} there)")
+
+
+def warn_split_disagreement(datas):
+    """Probing caches without fusing them: one warning per pair of caches that put shared ids in different
+    splits (their rows in one table are then trained and scored on different items)."""
+    first = datas[0]
+    for d in datas[1:]:
+        ids, index, _ = align_by_id([first.ids, d.ids])
+        line = split_disagreement(first, d, ids, index[0], index[1]) if len(ids) else None
+        if line:
+            warnings.warn(f"{line}: their rows are trained and scored on different items; extract both from one "
+                          "manifest")
 
 
 def check_sizes(datas, task, s, aligned=None):
@@ -290,23 +382,41 @@ def same_items(datas, aligned):
 
 
 def align(datas, missing):
-    """{"ids", "index" (M, K), "missing" {modality: [ids]}}: the labelled items every cache shares. The warning
-    and the error for items missing from a modality also say how many of each cache's items failed at extraction
-    (or are pending), since those are among the missing ones."""
+    """{"ids", "index" (M, K), "missing" {modality: [ids]}, "unlabeled" {modality: [ids]}}: the labelled items
+    every cache shares. An id a cache holds without a label is not missing from it: it is counted apart
+    (unlabeled) and does not trip missing="error". The warning and the error for items missing from a modality
+    also say how many of each cache's items failed at extraction (or are pending), since those are among the
+    missing ones. Caches whose labels or splits differ for the same ids are a one-line error (fusion's folds are
+    the first cache's split: its score would otherwise depend on the caches' order)."""
     not_done = {d.modality: d.failed + d.pending for d in datas if d.failed + d.pending}
     why = f" (items not done at extraction per modality: {not_done})" if not_done else ""
-    try:
-        ids, index, report = align_by_id([d.ids for d in datas], [d.modality for d in datas], missing)
-    except FeatxError as e:
-        raise FeatxError(f"{e}{why}") from None
-    if any(report.values()):
-        lost = {k: len(v) for k, v in report.items() if v}
-        warnings.warn(f"fusion uses the {len(ids)} items present in every cache; missing per modality: {lost}{why}")
+    if missing not in ("intersect", "error"):
+        raise FeatxError(f"unknown missing-item rule {missing!r}: use intersect or error")
+    ids, index, report = align_by_id([d.ids for d in datas], [d.modality for d in datas], "intersect")
+    # An id a cache holds without a label is not missing from it: it is left out for want of a label.
+    held = {d.modality: set(d.unlabeled_ids) for d in datas}
+    unlabeled = {k: [i for i in v if i in held[k]] for k, v in report.items()}
+    absent = {k: [i for i in v if i not in held[k]] for k, v in report.items()}
+    lost = {k: len(v) for k, v in absent.items() if v}
+    if missing == "error" and lost:
+        raise FeatxError(f"items missing from some modalities (counts {lost}); use missing='intersect' to fuse the "
+                         f"shared items only{why}")
+    parts = [f"missing per modality: {lost}{why}"] if lost else []
+    no_label = {k: len(v) for k, v in unlabeled.items() if v}
+    if no_label:
+        parts.append(f"held without a label per modality: {no_label}")
+    if parts:
+        warnings.warn(f"fusion uses the {len(ids)} labelled items present in every cache; " + "; ".join(parts))
     y0 = datas[0].y[index[0]]
     for d, idx in zip(datas[1:], index[1:]):
         if not np.array_equal(np.asarray(d.y[idx]).astype(str), np.asarray(y0).astype(str)):
             raise FeatxError(f"{d.path}: labels differ from {datas[0].path} for the same ids")
-    return {"ids": ids, "index": index, "missing": report}
+        # fusion's folds are the first cache's splits: caches that disagree would train fusion on other items
+        # than their own rows (and its score would depend on the caches' order)
+        line = split_disagreement(datas[0], d, ids, index[0], idx)
+        if line:
+            raise FeatxError(f"{line}; extract both from one manifest")
+    return {"ids": ids, "index": index, "missing": absent, "unlabeled": {k: v for k, v in unlabeled.items() if v}}
 
 
 def fuse(datas, aligned, task, s, seed, size, kept=None, tick=lambda n: None) -> SweepOutput:
@@ -433,6 +543,7 @@ def run_meta(datas, aligned, task, s, df) -> dict:
               for name, n in meta["unsplit"].items() if n]
     if not any(t.is_full for t in s.train_sizes):
         notes.append(FULL_PART_ADDED)
+    notes += [collapse_note(size, kept, labels) for size, (kept, labels) in s.collapsed.items()]
     if s.save_classifier and not get_probe(s.probe).linear:  # Classifier.from_sweep saves linear weights only
         notes.append(f"the saved classifiers are linear probes ({s.probe} has no linear weights to save): featx "
                      f"predict's scores are theirs, not the {s.probe} scores of the tables")
@@ -440,5 +551,6 @@ def run_meta(datas, aligned, task, s, df) -> dict:
         meta["notes"] = notes
     if aligned is not None:
         meta["fusion"] = {"items": len(aligned["ids"]), "missing": dict(aligned["missing"]),
+                          "unlabeled": dict(aligned.get("unlabeled", {})),
                           "rule": "intersect: items missing from any modality are left out of fusion and listed here"}
     return meta

@@ -12,7 +12,7 @@ from featx.naming import cache_names, display_names, slug
 from featx.report.cka import cache_cka, summary_cka
 from featx.report.html import Section, write_html, write_markdown
 from featx.probing.results import METRIC_LABELS, load_results
-from featx.report.results import FINETUNE_COLUMN, SCORE_COLUMNS, findings, summary_table
+from featx.report.results import FINETUNE_COLUMN, LAYERS_COLUMN, SCORE_COLUMNS, findings, summary_table
 
 TITLE = "featx layer-wise report"
 # Up to this many caches, every pair gets its layer-by-layer CKA figure unless pairs are named.
@@ -26,6 +26,8 @@ def _fmt(table, results_name=None):
         out[col] = out[col].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
     out["fusion method"] = out["fusion method"].map(lambda v: "–" if pd.isna(v) else str(v))
     out["best layer"] = out["best layer"].map(lambda v: "–" if pd.isna(v) else str(int(v)))
+    if LAYERS_COLUMN in out.columns:   # fine-tuned rows have no layers probed
+        out[LAYERS_COLUMN] = out[LAYERS_COLUMN].map(lambda v: "–" if pd.isna(v) else str(v))
     out["metric"] = out["metric"].map(lambda m: METRIC_LABELS.get(m, m))
     if results_name is not None:
         out.insert(0, "results", results_name)
@@ -206,10 +208,25 @@ def _summary_sections(results):
         summary.tables.append(_fmt(summary_table(r, r.metrics[:2], finetune), name))  # for MSA: MAE and Corr
         summary.bullets += [f"{r.name}: {s}" if name else s for s in findings(r)]
         appendix.tables.append(_fmt(summary_table(r, r.metrics, finetune), name))
+    if any(LAYERS_COLUMN in t.columns for t in summary.tables):
+        summary.paragraphs[0] += (f" '{LAYERS_COLUMN}': the layers probed where they were not all of an encoder's "
+                                  "(featx probe --layers); its best layer is the best of those, its weighted sum "
+                                  "is over those, and an output layer outside them has no score ('–').")
     if len(results) > 1:
-        summary.tables = [pd.concat(summary.tables, ignore_index=True)]
-        appendix.tables = [pd.concat(appendix.tables, ignore_index=True)]
+        summary.tables = [_concat(summary.tables)]
+        appendix.tables = [_concat(appendix.tables)]
     return summary, appendix
+
+
+def _concat(tables):
+    """One table of several results folders' (a folder without a 'layers probed' column probed all layers)."""
+    out = pd.concat(tables, ignore_index=True)
+    if LAYERS_COLUMN in out.columns:
+        out[LAYERS_COLUMN] = out[LAYERS_COLUMN].fillna("all")
+        cols = [c for c in out.columns if c != LAYERS_COLUMN]
+        cols.insert(cols.index("best layer") + 1, LAYERS_COLUMN)
+        out = out[cols]
+    return out
 
 
 def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(), cka=True, debiased=True,

@@ -77,7 +77,9 @@ def _draw_layer_curves(ax, res, metric, curves, relative_depth, detailed):
         best = best_layer(res, enc, mod, metric)
         label = with_modality(short_name(enc), mod) + (f" {probe}/{pooling}" if several else "")
         if detailed and best is not None:
-            label += f": best layer {best} of {last}"
+            probed = res.layers_probed(enc, mod)
+            label += f": best layer {best} of {last}" if probed == "all" else \
+                f": best layer {best} of layers {probed} (probed)"
         ax.plot(x, g["mean"], marker="o", ms=4, lw=1.8, color=color, label=label)
         if g["count"].max() > 1:
             ax.fill_between(x, g["mean"] - g["std"], g["mean"] + g["std"], color=color, alpha=0.18, lw=0)

@@ -41,7 +41,8 @@ def learning_curves(res, metric):
 
     Returns a DataFrame with columns encoder, modality, line (a readable label), train_size (as written),
     labels (the number of training labels: train_labels, or the size's number in older tables), mean, std, count;
-    rows in increasing number of labels.
+    rows in increasing number of labels; a size whose point repeats another's (same labels, same score) is left
+    out.
     """
     r = res.rows
     r = r[(r["metric"] == metric) & (r["split"] == res.eval_split)]
@@ -65,6 +66,9 @@ def learning_curves(res, metric):
     keys = GROUP + ["line", "train_size"]
     out = pd.concat(parts).groupby(keys, sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
     out.insert(len(keys), "labels", out["train_size"].map(res.labels_of))
+    # sizes that came to the same labels (0.01 and 0.05 of 36 items: 2 each) in tables written before probe ran
+    # them once: the same point, drawn once
+    out = out[~out.duplicated(GROUP + ["line", "labels", "mean"])]
     order = out.groupby(GROUP + ["line"], sort=False).ngroup()
     return out.assign(_o=order).sort_values(["_o", "labels"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
@@ -85,6 +89,9 @@ SUMMARY_COLUMNS = ["encoder", "modality", "metric", "best layer", "best-layer sc
 # The columns of SUMMARY_COLUMNS that hold scores.
 SCORE_COLUMNS = ["best-layer score", "output-layer score", "best minus output", "weighted sum", "fusion"]
 FINETUNE_COLUMN = "fine-tuned"
+# After "best layer" when an encoder's layers were a subset (--layers): the layers its best layer and weighted sum
+# are over ("all" for the others).
+LAYERS_COLUMN = "layers probed"
 
 
 def _finetune_label(res, encoder, probe, layer):
@@ -118,7 +125,8 @@ def summary_table(res, metrics=None, finetune=None):
     metrics: the metrics to keep (default: the primary one). finetune: add the 'fine-tuned' column and one
     row per fine-tuned model (default: only when the results hold finetune rows). Returns a DataFrame with
     SUMMARY_COLUMNS (+ 'fine-tuned'); 'best minus output' is signed so that a positive number means the best
-    layer is better.
+    layer is better. When some encoder's layers were a subset (`featx probe --layers`), a 'layers probed' column
+    after 'best layer' says which ('all' for the others, '–' for rows without layers).
     """
     metrics = [res.primary_metric] if metrics is None else list(metrics)
     finetune = res.has_finetune if finetune is None else bool(finetune)
@@ -134,6 +142,11 @@ def summary_table(res, metrics=None, finetune=None):
                         "best minus output": sign * (b["best_layer_score"] - b["output_layer_score"]) + 0.0,
                         "weighted sum": b["weighted_score"], "fusion method": method.astype(object),
                         "fusion": b["fusion_score"]})
+    probed = [res.layers_probed(e, m) if pd.notna(k) else "–" for e, m, k in zip(out["encoder"], out["modality"],
+                                                                                out["best layer"])]
+    if any(p not in ("all", "–") for p in probed):
+        out.insert(out.columns.get_loc("best layer") + 1, LAYERS_COLUMN, pd.Series(probed, index=out.index,
+                                                                                   dtype=object))
     if finetune:
         out[FINETUNE_COLUMN] = np.nan
         ft = finetune_table(res, metrics)
@@ -149,8 +162,29 @@ def _by(gain):
     return f"{'better' if gain >= 0 else 'worse'} by {abs(gain):.3f}"
 
 
+def _selection_score(res, row):
+    """The primary metric of an encoder's best layer on the split it was chosen on (dev), mean over seeds, at the
+    headline training size; NaN where the rows have none."""
+    r = res.rows
+    hit = r[(r["encoder"] == row["encoder"]) & (r["modality"] == row["modality"]) & (r["method"] == "layer")
+            & (r["layer"] == int(row["best layer"])) & (r["split"] == res.selection_split)
+            & (r["metric"] == res.primary_metric) & (r["train_size"] == res.full_train_size)]["value"]
+    return float(hit.mean()) if len(hit) else np.nan
+
+
+def best_single(res, rows):
+    """The row of `rows` (summary_table records with a best layer) whose best layer scores best on the selection
+    split (dev) by the primary metric, as the best layers and the fusion method are chosen; never on test.
+    Rows without a dev score are chosen from only when none has one."""
+    sign = 1.0 if res.higher_is_better(res.primary_metric) else -1.0
+    scored = [(sign * _selection_score(res, r), k) for k, r in enumerate(rows)]
+    finite = [(v, k) for v, k in scored if np.isfinite(v)]
+    return rows[max(finite)[1]] if finite else rows[0]
+
+
 def findings(res, metric=None):
-    """Plain sentences on the metric (default: primary): best intermediate vs output layer, and what fusion adds."""
+    """Plain sentences on the metric (default: primary): best intermediate vs output layer, and what fusion adds
+    against the single encoder best on dev (its score on the evaluated split)."""
     metric = metric or res.primary_metric
     rows = summary_table(res, [metric]).to_dict("records")
     name = METRIC_LABELS.get(metric, metric)
@@ -159,18 +193,25 @@ def findings(res, metric=None):
     out = []
     for r in single:
         gain = r["best minus output"]
+        probed = res.layers_probed(r["encoder"], r["modality"])
+        of = "" if probed == "all" else f" (of the layers probed: {probed})"
+        last = res.last_layer(r["encoder"], r["modality"])
         if pd.isna(gain):
+            if probed != "all" and pd.isna(r["output-layer score"]):
+                out.append(f"{r['encoder']}: layer {r['best layer']} is the best on dev of the layers probed "
+                           f"({probed}), {name} {r['best-layer score']:.3f}; the output layer ({last}) was not "
+                           "probed.")
             continue
-        if int(r["best layer"]) == res.last_layer(r["encoder"], r["modality"]):
-            out.append(f"{r['encoder']}: the layer chosen on dev is the output layer ({r['best layer']}), "
+        if int(r["best layer"]) == last:
+            out.append(f"{r['encoder']}: the layer chosen on dev{of} is the output layer ({r['best layer']}), "
                        f"{name} {r['best-layer score']:.3f}.")
             continue
         if round(gain, 3) == 0:
-            out.append(f"{r['encoder']}: layer {r['best layer']} ties with the output layer on {name} "
+            out.append(f"{r['encoder']}: layer {r['best layer']}{of} ties with the output layer on {name} "
                        f"({r['best-layer score']:.3f} vs {r['output-layer score']:.3f}).")
             continue
         verdict = "beats" if gain > 0 else "trails"
-        out.append(f"{r['encoder']}: layer {r['best layer']} {verdict} the output layer on {name} "
+        out.append(f"{r['encoder']}: layer {r['best layer']}{of} {verdict} the output layer on {name} "
                    f"({r['best-layer score']:.3f} vs {r['output-layer score']:.3f}, {_by(gain)}).")
     fused = {}  # value -> label; probe runs repeat the chosen fusion's value on every encoder's row
     for r in rows:
@@ -179,9 +220,10 @@ def findings(res, metric=None):
             label = r["encoder"] if pd.isna(r["best-layer score"]) else "the fused model"
             fused.setdefault(r["fusion"], f"{label}: {how}" if how and label != "the fused model" else how or label)
     if single:
-        top = max(single, key=lambda r: sign * r["best-layer score"])
+        top = best_single(res, single)
         for value, label in fused.items():
             gain = sign * (value - top["best-layer score"])
             out.append(f"Fusion ({label}) reaches {name} {value:.3f}, against {top['best-layer score']:.3f} "
-                       f"for the best single encoder ({top['encoder']}, layer {top['best layer']}), {_by(gain)}.")
+                       f"for the best single encoder on {res.selection_split} ({top['encoder']}, layer "
+                       f"{top['best layer']}), {_by(gain)}.")
     return out

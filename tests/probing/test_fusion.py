@@ -1,6 +1,7 @@
 """Layer-weighted sum and fusion: s3prl-style init, planted multimodal data where fusion beats each
 modality, explicit handling of items missing from a modality, Ando's gated model over sequences."""
 import json
+import os
 import warnings
 
 import numpy as np
@@ -152,3 +153,55 @@ def test_caches_that_share_no_or_too_few_items_are_one_line_before_any_fit(tmp_p
     assert main(["fuse", b, c, "--out", str(out), "--probe", "batched", "-q"]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "fusion of the 3 items the caches share" in err[0] and not out.exists(), err
+
+
+def _one_error(capsys):
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_caches_whose_splits_disagree_are_refused_for_fusion_in_either_order(tmp_path, capsys):
+    """Two caches of the same ids and labels whose manifests swapped train and test: fuse ran, and its score
+    depended on the caches' order (fusion took the first cache's split) while each encoder's row was trained on
+    its own split. Labels that disagree were refused; splits are now refused the same way, in one line naming an
+    example id and both splits. probe (no fusion) warns in one line: its rows are on different items."""
+    from featx.cli.main import main
+
+    X, y = planted(n=60, num_layers=3, dim=6, k=1)
+    ids = [f"u{i}" for i in range(60)]
+    splits = np.asarray(["train", "train", "train", "dev", "test"] * 12, dtype=object)
+    swapped = np.asarray([{"train": "test", "test": "train"}.get(s, s) for s in splits], dtype=object)
+    a = write_cache(tmp_path / "a.h5", X, ids, y, splits, model="toy/a", modality="audio")
+    b = write_cache(tmp_path / "b.h5", X, ids, y, swapped, model="toy/b", modality="text")
+    for first, second in ((a, b), (b, a)):
+        out = tmp_path / f"fused-{os.path.basename(first)}"
+        assert main(["fuse", first, second, "--out", str(out), "--probe", "batched", "-q"]) == 1
+        line = _one_error(capsys)
+        assert "splits differ" in line and "48 of the 60 ids" in line and "item 'u0'" in line, line
+        assert ("'test' here, 'train' there" if first == a else "'train' here, 'test' there") in line, line
+        assert not out.exists()
+    assert main(["probe", a, b, "--out", str(tmp_path / "probed"), "--probe", "batched", "-q"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "splits differ" in line]
+    assert len(err) == 1 and "trained and scored on different items" in err[0], err
+
+
+def test_items_held_without_a_label_are_not_called_missing(tmp_path):
+    """A cache holding every item, five without a label, was reported as "missing per modality: {'text': 5}"."""
+    X, y = planted(n=60, num_layers=3, dim=6, k=1)
+    ids, splits = [f"c{i}" for i in range(60)], standard_splits(60)
+    labels = np.asarray(y, dtype=np.float64).copy()
+    labels[[1, 8, 20, 33, 41]] = np.nan
+    a = write_cache(tmp_path / "a.h5", X, ids, y, splits, model="toy/audio", modality="audio")
+    b = write_cache(tmp_path / "b.h5", X, ids, labels, splits, model="toy/text", modality="text")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_probe([a, b], tmp_path / "out", probe="batched", fusion=["early"], progress=False)
+    said = [str(w.message) for w in caught if "fusion uses" in str(w.message)]
+    assert said == ["fusion uses the 55 labelled items present in every cache; held without a label per modality: "
+                    "{'text': 5}"], said
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["fusion"]["missing"] == {"audio": [], "text": []}
+    assert meta["fusion"]["unlabeled"] == {"text": ["c1", "c20", "c33", "c41", "c8"]}
+    # --missing error is about missing items: items without a label do not trip it
+    run_probe([a, b], tmp_path / "strict", probe="batched", fusion=["early"], missing="error", progress=False)

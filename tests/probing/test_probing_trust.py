@@ -371,3 +371,90 @@ def test_the_probe_command_says_when_the_full_training_part_was_added(tmp_path, 
     assert "featx probe: the full training part (1.0) was added to the training sizes: the headline uses it" in err
     assert main(["probe", str(path), "--out", str(tmp_path / "out2"), "--probe", "ridge", "-q"]) == 0
     assert capsys.readouterr().err == ""  # nothing to say when everything is as asked
+
+
+def test_classification_of_labels_that_cannot_be_classes_is_one_line(tmp_path, capsys):
+    """--task classification on continuous labels made one class per item and reported F1 0.000 with exit 0."""
+    from featx.cli.main import main
+
+    X, _ = planted(n=60, num_layers=3, dim=6, k=1)
+    y = np.random.default_rng(0).normal(size=60)
+    path = write_cache(tmp_path / "c.h5", X, _ids(60), y, standard_splits(60))
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "--task", "classification", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "60 labelled items hold 60 distinct labels" in err[0] and "regression" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fusion_options_without_fusion_are_said_to_be_ignored(tmp_path, capsys):
+    from featx.cli.main import main
+
+    X, y = planted(n=60, num_layers=3, dim=6, k=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(60), y, standard_splits(60))
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "--probe", "batched", "--fusion-layer", "7",
+                 "-q"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["featx probe: --fusion-layer 7 ignored: no fusion runs (give --fusion, or run featx fuse)"], err
+
+
+def test_training_sizes_that_come_to_the_same_labels_are_said_and_run_once(tmp_path, capsys):
+    """0.01 and 0.05 of 36 training items both became 2 labels: run twice, plotted at the same x, not a word."""
+    from featx.cli.main import main
+    from featx.report.results import learning_curves
+
+    X, y = planted(n=60, num_layers=3, dim=6, k=1)
+    splits = np.asarray(["train", "train", "train", "dev", "test"] * 12, dtype=object)   # 36 training items
+    path = write_cache(tmp_path / "c.h5", X, _ids(60), y, splits)
+    out = tmp_path / "out"
+    assert main(["probe", path, "--out", str(out), "--probe", "batched", "--train-sizes", "0.01,0.05,0.5,1.0",
+                 "-q"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["featx probe: training sizes 0.01 and 0.05 both come to 2 training label(s), so 0.05 was not run "
+                   "(its fits would repeat those of 0.01)"], err
+    meta = _strict(out / "meta.json")
+    assert meta["train_labels"] == {"0.01": 2.0, "0.5": 18.0, "1.0": 36.0}
+    assert meta["settings"]["train_sizes_run"] == ["0.01", "0.5", "1.0"]
+    curves = learning_curves(load_results(out), "mae")
+    assert not curves.duplicated(["encoder", "modality", "line", "labels"]).any()
+    assert sorted(curves["labels"].unique()) == [2.0, 18.0, 36.0]
+
+
+def test_probe_takes_one_pooling_and_says_so(tmp_path, capsys):
+    from featx.cli.main import main
+
+    X, y = planted(n=60, num_layers=3, dim=6, k=1)
+    path = write_cache(tmp_path / "c.h5", X, _ids(60), y, standard_splits(60))
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "--pool", "cls,mean", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "featx probe takes one pooling per run, not 'cls,mean'" in err[0], err
+
+
+def test_a_layer_subset_is_said_with_the_scores_it_made(tmp_path, capsys):
+    """--layers 0,3 of 7: "best layer 3", "weighted sum" and "output layer –" read as the best of all 7 layers and
+    the all-layer weighted sum; the console table, best_layers.csv and the report now say which layers."""
+    from featx.cli.main import main
+    from featx.report import build_report
+    from featx.report.results import findings, summary_table
+
+    X, y = planted(n=90, num_layers=7, dim=6, k=3)
+    path = write_cache(tmp_path / "c.h5", X, _ids(90), y, standard_splits(90))
+    out = tmp_path / "out"
+    assert main(["probe", path, "--out", str(out), "--probe", "batched", "--layers", "0,3", "--weighted", "-q"]) == 0
+    head, row = capsys.readouterr().out.strip().splitlines()[:2]
+    cells = dict(zip(head.split(), row.split()))
+    assert cells["layers_probed"] == "0,3" and cells["best_dev_layer"] == "3" and cells["output_layer"] == "6"
+    best = pd.read_csv(out / "best_layers.csv", dtype={"layers_probed": str})
+    assert set(best.layers_probed) == {"0,3"}
+    res = load_results(out)
+    table = summary_table(res)
+    assert list(table.columns[3:5]) == ["best layer", "layers probed"] and table["layers probed"].iloc[0] == "0,3"
+    said = findings(res)
+    assert any(s.startswith("toy/encoder: layer 3 is the best on dev of the layers probed (0,3)")
+               and "the output layer (6) was not probed" in s for s in said), said
+    md = open(build_report([str(out)], str(tmp_path / "rep"), cka=False)["md"], encoding="utf-8").read()
+    assert "| layers probed |" in md and "| 3 | 0,3 |" in md
+    # all layers: the console says nothing of it; the file says "all"
+    assert main(["probe", path, "--out", str(tmp_path / "all"), "--probe", "batched", "-q"]) == 0
+    assert "layers_probed" not in capsys.readouterr().out
+    assert set(pd.read_csv(tmp_path / "all" / "best_layers.csv").layers_probed) == {"all"}
+    assert "layers probed" not in summary_table(load_results(tmp_path / "all")).columns

@@ -95,7 +95,7 @@ def test_summary_numbers_come_from_best_layers(mosi):
                for s in said)
     assert [s for s in said if s.startswith("Fusion")] == [
         f"Fusion (V+A+T) reaches MAE {fused['fusion']:.3f}, against {bert['best_value']:.3f} for the best single "
-        f"encoder (bert-base-uncased, layer {int(bert['best_layer'])}), better by "
+        f"encoder on dev (bert-base-uncased, layer {int(bert['best_layer'])}), better by "
         f"{bert['best_value'] - fused['fusion']:.3f}."]
     # Probe runs repeat the chosen fusion's value on each encoder's row: still one sentence.
     repeated = dataclasses.replace(res, best_layers=res.best_layers.assign(
@@ -459,3 +459,46 @@ def test_a_best_layer_that_is_the_output_layer_is_said_so(mosi):
     mine = [s for s in said if s.startswith("bert-base-uncased:")]
     assert mine == [f"bert-base-uncased: the layer chosen on dev is the output layer ({last}), MAE "
                     f"{b.loc[bert & (b['metric'] == 'mae'), 'output_layer_score'].iloc[0]:.3f}."]
+
+
+def test_fusion_is_compared_with_the_single_encoder_best_on_dev_not_on_test(tmp_path):
+    """The fusion sentence took "the best single encoder" by its test score (tiny-wavlm, test MAE 0.769) although
+    MiniLM was best on dev (0.684 vs 0.768): selection on test. Now the encoder is chosen on dev, as its layer and
+    the fusion method are, and its test score is the one compared."""
+    rows = []
+    for enc, mod, dev, test in (("enc-a", "text", (1.3, 1.0), (1.4, 1.2)), ("enc-b", "audio", (1.4, 1.1), (1.5, 0.8))):
+        for layer in range(2):
+            for split, value in (("dev", dev[layer]), ("test", test[layer])):
+                rows.append(dict(encoder=enc, modality=mod, num_layers=2, layer=layer, pooling="mean", probe="ridge",
+                                 method="layer", train_size="1.0", train_labels=30.0, seed=0, split=split,
+                                 metric="mae", value=value))
+    for split, value in (("dev", 0.9), ("test", 1.0)):
+        rows.append(dict(encoder="enc-a+enc-b", modality="text+audio", num_layers=-1, layer=-1, pooling="mean",
+                         probe="concat-ridge", method="fusion-early", train_size="1.0", train_labels=30.0, seed=0,
+                         split=split, metric="mae", value=value))
+    folder = tmp_path / "res"
+    folder.mkdir()
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+    (folder / "meta.json").write_text('{"task": "regression", "primary_metric": "mae", "higher_is_better": false}')
+    said = [s for s in findings(load_results(folder)) if s.startswith("Fusion")]
+    assert said == ["Fusion (early fusion, chosen on dev) reaches MAE 1.000, against 1.200 for the best single encoder "
+                    "on dev (enc-a, layer 1), better by 0.200."], said
+
+
+def test_sizes_that_came_to_the_same_labels_are_one_point_of_the_learning_curve(tmp_path):
+    """Tables written before probe ran such sizes once hold 0.01 and 0.05 both at 2 labels with the same scores:
+    drawn once, not twice at the same x."""
+    from featx.report.results import learning_curves
+
+    rows = []
+    for size, labels in (("0.01", 2.0), ("0.05", 2.0), ("1.0", 36.0)):
+        for layer in range(2):
+            for split in ("dev", "test"):
+                rows.append(dict(encoder="e", modality="text", num_layers=2, layer=layer, pooling="mean",
+                                 probe="ridge", method="layer", train_size=size, train_labels=labels, seed=0,
+                                 split=split, metric="mae", value=1.0 + layer / 10 + (labels < 3)))
+    folder = tmp_path / "res"
+    folder.mkdir()
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+    lc = learning_curves(load_results(folder), "mae")
+    assert sorted(lc["labels"]) == [2.0, 2.0, 36.0, 36.0] and list(lc["train_size"]).count("0.05") == 0
