@@ -14,8 +14,7 @@ from featx.settings import build_settings, dashed
 # What is true after Ctrl-C (exit 130), per command: said in --help's exit status and in the one line printed.
 INTERRUPTED = {
     "extract": "run the same command again to resume: the items done are kept",
-    "finetune": "run the same command with --resume (in place of --overwrite) to continue from the last finished "
-                "epoch; without it the command refuses the folder",
+    "finetune": "run the same command with --resume (not --overwrite): it continues from the last finished epoch",
     "probe": "probe keeps no partial results and does not resume: run the same command again to start over",
     "fuse": "fuse keeps no partial results and does not resume: run the same command again to start over",
     "predict": "run the same command again: with --cache-dir its extraction resumes, without one it starts over",
