@@ -1,7 +1,8 @@
 """Names shown to users and used in file names: an encoder's short display name and the one slug rule.
 
-A hub id is shown as given ("org/bert-base"); a local folder by its last component ("text"), with parent
-folders added when two encoders would otherwise share a name. The full path stays in meta.json and caches.
+A hub id is shown as given ("org/bert-base"); a local folder by its last component ("text"), or its last two
+when the last one names no model ("minilm/model", "bert/checkpoint-500"), with parent folders added when two
+encoders would otherwise share a name. The full path stays in meta.json and caches.
 """
 from __future__ import annotations
 
@@ -41,12 +42,21 @@ def _parts(model):
     return [p for p in re.split(r"[/\\]+", text) if p not in ("", ".")]
 
 
+# Last components of a local model folder that say what it is, not which model: shown with their parent folder.
+GENERIC_FOLDERS = re.compile(r"(model|models|checkpoint|checkpoints|ckpt|final|best|latest|last|output|outputs|"
+                             r"weights|pretrained|hf|huggingface|export|saved_model|snapshot|main|"
+                             r"(checkpoint|ckpt|epoch|step)[-_]?\d+|[0-9a-f]{40})", re.IGNORECASE)
+
+
 def display_name(model, depth=1) -> str:
-    """A short name for an encoder: the hub id as given, or the last `depth` components of a local folder."""
+    """A short name for an encoder: the hub id as given, or the last `depth` components of a local folder (at
+    least two when the last one is a GENERIC_FOLDERS name: ".../minilm_l6/model" -> "minilm_l6/model")."""
     text = str(model)
     if not is_local(text):
         return text
     parts = _parts(text)
+    if len(parts) > 1 and GENERIC_FOLDERS.fullmatch(parts[-1]):
+        depth = max(depth, 2)
     return "/".join(parts[-depth:]) if parts else text
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
 import pandas as pd
 
 from featx.errors import FeatxError
@@ -11,13 +12,15 @@ from featx.errors import FeatxError
 
 def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch_size=16,
             progress=True, precision=None) -> pd.DataFrame:
-    """DataFrame(id, prediction) for the manifest's items.
+    """DataFrame(id, prediction, [p_CLASS per class,] error) for the manifest's items: a classifier's class
+    probabilities (columns p_<class>, in its class order), and the reason an item has no prediction (error, empty
+    for the others).
 
     classifier: a `.safetensors` file saved by `featx probe --save-classifier` (its encoders are run by
     `featx extract` into `cache_dir`, a temporary folder when None, with the extraction settings of the caches
     it was trained on, then the probe is applied), or the `model/` folder saved by `featx finetune`. Items that
-    fail to decode get an empty prediction and are named on stderr. Writes `out` (CSV, or Parquet for .parquet)
-    when given.
+    fail to decode get an empty prediction and their reason in `error`, and are named on stderr. Writes `out`
+    (CSV, or Parquet for .parquet) when given.
     precision: a probe's extraction precision (featx extract's --precision); None: the one its training cache
     was made with (a FeatxError when this device cannot run it: bf16 or fp16 autocast on a CPU), or auto for a
     file that does not record it. Given with a fine-tuned model: a FeatxError (it predicts in fp32).
@@ -47,7 +50,7 @@ _PREDICT_ADVICE = ("predict extracts with the classifier's model, pooling and ex
 
 
 def _predict_probe(manifest, path, cache_dir, device, batch_size, progress, precision):
-    from featx.probing.classifier import Classifier
+    from featx.probing.classifier import Classifier, prediction_table
     from featx.extraction.pipeline import extract, print_summary
     from featx.data.manifest import read_manifest
 
@@ -67,9 +70,28 @@ def _predict_probe(manifest, path, cache_dir, device, batch_size, progress, prec
                 for entry in res.caches:
                     print_summary(entry, where="a temporary folder, removed after the predictions")
             caches.append(_cache_of(res.paths, block))
-        got_ids, pred = clf.predict_cache(caches)
-    got = pd.Series(list(pred), index=list(got_ids), dtype=object)
-    return pd.DataFrame({"id": ids, "prediction": ids.map(got)})
+        got_ids, inputs = clf.cache_inputs(caches)
+        pred = clf.predict(inputs) if len(got_ids) else []
+        proba = clf.predict_proba(inputs) if clf.task == "classification" and len(got_ids) else None
+        reasons = _not_done(caches, clf.blocks)
+    return prediction_table(ids, got_ids, pred, clf.classes if clf.task == "classification" else None, proba,
+                            reasons)
+
+
+def _not_done(caches, blocks) -> dict:
+    """{id: why} of the items not done in some cache (its `error`, or "not extracted"), the modality named when
+    the classifier has several blocks."""
+    from featx.cache import open_cache
+
+    reasons = {}
+    for path, block in zip(caches, blocks):
+        with open_cache(path) as cache:
+            for i in np.flatnonzero(~cache.done):
+                why = str(cache.error[i]) or "not extracted"
+                why = f"{block['modality']}: {why}" if len(blocks) > 1 else why
+                item = str(cache.ids[i])
+                reasons[item] = f"{reasons[item]}; {why}" if item in reasons else why
+    return reasons
 
 
 def extraction_options(block, path, device, precision=None) -> dict:

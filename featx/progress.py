@@ -8,6 +8,11 @@ import time
 LINE_INTERVAL_S = 10.0
 
 
+def plural(unit) -> str:
+    """'item' -> 'items', 'batch' -> 'batches'."""
+    return unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 class LineProgress:
     """tqdm's update / set_postfix / close, written as one plain line at most every `interval` seconds."""
 
@@ -31,7 +36,8 @@ class LineProgress:
     def _line(self, end=""):
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         post = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{share}{end}{post}", file=self.file, flush=True)
+        unit = self.unit if self.total == 1 else plural(self.unit)
+        print(f"{self.desc}: {self.n}/{self.total} {unit}{share}{end}{post}", file=self.file, flush=True)
 
     def close(self):
         if self.n:

@@ -14,8 +14,8 @@ import os
 import sys
 import warnings
 
-from featx.cli.options import EXIT_STATUS, PROBE_EXIT_STATUS, HelpFormatter, Parser, add_settings, aligned, \
-    print_table, registered_probe, settings_from
+from featx.cli.options import HelpFormatter, Parser, add_settings, aligned, exit_status, interrupted, print_table, \
+    probe_exit_status, registered_probe, settings_from
 from featx.errors import FeatxError
 from featx.settings import (DemoSettings, ExtractSettings, FinetuneSettings, FuseSettings, MmsaSettings,
                             ModelsSettings, PredictSettings, ProbeSettings, ReportSettings, check_out_dir,
@@ -23,9 +23,10 @@ from featx.settings import (DemoSettings, ExtractSettings, FinetuneSettings, Fus
 from featx.version import __version__
 
 
-def _command(sub, name, cls, help_text, recipe=True, exit_status=EXIT_STATUS):
-    """A sub-command whose options are the fields of settings class `cls`; its --help ends with `exit_status`."""
-    p = sub.add_parser(name, help=help_text, description=f"{help_text}.\n\n{exit_status}",
+def _command(sub, name, cls, help_text, recipe=True, status=None):
+    """A sub-command whose options are the fields of settings class `cls`; its --help ends with `status` (default:
+    exit_status(name))."""
+    p = sub.add_parser(name, help=help_text, description=f"{help_text}.\n\n{status or exit_status(name)}",
                        formatter_class=HelpFormatter)
     add_settings(p, cls, recipe=recipe)
     return p
@@ -148,7 +149,8 @@ def _manifest(sub):
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
     m = formats.add_parser("mmsa", help="MMSA label.csv (CMU-MOSI, MOSEI, CH-SIMS) with Raw/<video_id>/<clip_id>.mp4",
                            description="Rows whose video is missing are left out, listed in OUT.missing.txt, "
-                                       "and the exit status is 2 (0 with --allow-missing).\n\n" + EXIT_STATUS,
+                                       "and the exit status is 2 (0 with --allow-missing).\n\n"
+                                       + exit_status("manifest"),
                            formatter_class=HelpFormatter)
     add_settings(m, MmsaSettings, recipe=False)
 
@@ -223,19 +225,19 @@ def _run_probe(cls, args):
     table = _summary_of_probe(s.out)
     if not s.json and "layers_probed" in table and (table["layers_probed"].astype(str) == "all").all():
         table = table.drop(columns="layers_probed")   # said only when some encoder's layers were a subset
-    print_table(table, s.json, f"featx {args.command}: results in {s.out}")
+    print_table(table, s.json, f"featx {args.command}: results in {os.path.normpath(s.out)}")
     return 0
 
 
 def _probe(sub):
     p = _command(sub, "probe", ProbeSettings, "fit a probe per layer of each cache; dev selects, test reports",
-                 exit_status=PROBE_EXIT_STATUS)
+                 status=probe_exit_status("probe"))
     p.set_defaults(func=lambda args: _run_probe(ProbeSettings, args))
 
 
 def _fuse(sub):
     p = _command(sub, "fuse", FuseSettings, "probe each modality's layers, then fuse the modalities",
-                 exit_status=PROBE_EXIT_STATUS)
+                 status=probe_exit_status("fuse"))
     p.set_defaults(func=lambda args: _run_probe(FuseSettings, args))
 
 
@@ -244,7 +246,7 @@ def _summary_of_finetune(out):
     """The test-split rows of out/results.csv, averaged over seeds: one row per training size."""
     import pandas as pd
 
-    table = pd.read_csv(os.path.join(out, "results.csv"))
+    table = pd.read_csv(os.path.join(out, "results.csv"), dtype={"train_size": str})  # as given, as probe's
     test = table[table["split"].isin(["test", "cv"])]
     keys = ["encoder", "modality", "train_size", "split"]
     return test.groupby(keys + ["metric"], sort=False)["value"].mean().unstack("metric").reset_index()
@@ -262,8 +264,8 @@ def _finetune(sub):
         result = finetune(s.manifest, s.model, s.out, **s.kwargs())
         for note in result.notes:  # what differs from what was asked: a training size added
             print(f"featx finetune: {note}", file=sys.stderr)
-        status = f"featx finetune: results in {result.out}" + (f"; model in {result.model_path}"
-                                                               if result.model_path else "")
+        status = f"featx finetune: results in {os.path.normpath(result.out)}" + (
+            f"; model in {os.path.normpath(result.model_path)}" if result.model_path else "")
         print_table(_summary_of_finetune(result.out), s.json, status)
         return 0
 
@@ -335,7 +337,7 @@ COMMANDS = [_extract, _info, _models, _manifest, _report, _probe, _fuse, _finetu
 
 
 def build_parser():
-    parser = Parser(prog="featx", description=__doc__ + "\n" + EXIT_STATUS, formatter_class=HelpFormatter,
+    parser = Parser(prog="featx", description=__doc__ + "\n" + exit_status(), formatter_class=HelpFormatter,
                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"featx {__version__}",
                         help="print featx's version and exit")
@@ -359,6 +361,21 @@ def _featx_warning(command, show):
     return showwarning
 
 
+def _after_interrupt(command, argv=None) -> str:
+    """What to do after Ctrl-C (options.INTERRUPTED); for finetune, the command line that continues the run
+    (`argv`: main's arguments, None: sys.argv)."""
+    if command != "finetune":
+        return interrupted(command)
+    import shlex
+
+    from featx.runinfo import command_line
+
+    given = command_line() if argv is None else ["featx", *argv]
+    again = [a for a in given if a != "--overwrite"]   # --overwrite would start the run again
+    again += [] if "--resume" in again else ["--resume"]
+    return f"to continue from the last finished epoch, run: {shlex.join(again)}"
+
+
 def main(argv=None):
     """Run one featx command; returns its exit status (0 done, 1 usage error, 2 some items failed, 130 interrupted,
     141 stdout closed by its reader)."""
@@ -380,5 +397,5 @@ def main(argv=None):
         print(f"featx {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"featx {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"featx {args.command}: interrupted; {_after_interrupt(args.command, argv)}", file=sys.stderr)
         return 130

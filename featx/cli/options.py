@@ -11,20 +11,43 @@ from dataclasses import MISSING, fields
 from featx.errors import FeatxError
 from featx.settings import build_settings, dashed
 
-EXIT_STATUS = """exit status:
+# What is true after Ctrl-C (exit 130), per command: said in --help's exit status and in the one line printed.
+INTERRUPTED = {
+    "extract": "run the same command again to resume: the items done are kept",
+    "finetune": "run the same command with --resume (not --overwrite): it continues from the last finished epoch",
+    "probe": "probe keeps no partial results and does not resume: run the same command again to start over",
+    "fuse": "fuse keeps no partial results and does not resume: run the same command again to start over",
+    "predict": "run the same command again: with --cache-dir its extraction resumes, without one it starts over",
+    "demo": "run the same command again: its extraction resumes, the probes and the report start over",
+}
+RUN_AGAIN = "run the same command again (it starts over)"
+
+
+def interrupted(command) -> str:
+    """What to do after `command` was interrupted (Ctrl-C), as one phrase."""
+    return INTERRUPTED.get(command, RUN_AGAIN)
+
+
+def exit_status(command=None) -> str:
+    """--help's exit-status section of `command` (None: featx's own --help, every command)."""
+    again = interrupted(command) if command else "run the same command again (extract resumes, finetune " \
+        "with --resume, probe and fuse start over)"
+    return f"""exit status:
   0    done
   1    a usage or configuration error: one line on stderr, nothing done
   2    done, but some items failed: each is listed with its reason
-  130  interrupted: run the same command again to resume"""
+  130  interrupted: {again}"""
+
 
 # probe and fuse have no per-item failures of their own: items that failed at extraction were reported (exit 2)
 # by featx extract; here they, like items without a label or a split, are left out, counted on stderr and in
 # meta.json, and the run is done (0). A bad label value is a data error of the whole run (1).
-PROBE_EXIT_STATUS = """exit status:
+def probe_exit_status(command) -> str:
+    return f"""exit status:
   0    done; items left out (failed at extraction, pending, without a label, with no split) are
        counted on stderr (a line per cache and reason) and in meta.json
   1    a usage, configuration or data error (e.g. a non-finite label): one line on stderr
-  130  interrupted: run the same command again (the sweep starts over)"""
+  130  interrupted: {interrupted(command)}"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -141,12 +164,22 @@ def print_table(table, as_json, status):
     """A summary table on stdout (JSON with null for missing values when as_json); `status` says where the
     results are (stdout, or stderr under --json so stdout stays pure JSON)."""
     if as_json:
+        if "train_size" in table:   # a number in JSON, as written in the results table: 1.0, 0.25, 200
+            table = table.assign(train_size=[_as_number(v) for v in table["train_size"]])
         print(json.dumps(json.loads(table.to_json(orient="records", double_precision=6)), indent=1, allow_nan=False))
         print(status, file=sys.stderr)
         return
     if len(table):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="–"))
     print(status)
+
+
+def _as_number(text):
+    """A training size as the results table writes it ("1.0", "200") as the JSON number it reads as."""
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return text
 
 
 def aligned(rows) -> str:

@@ -58,6 +58,13 @@ def load_text(text) -> str:
     return str(text).strip()
 
 
+def _mpx(pixels) -> str:
+    """A pixel count in megapixels, exactly (4800 -> "0.0048", 100020001 -> "100.020001", 1e8 -> "100")."""
+    from decimal import Decimal
+
+    return format(Decimal(int(pixels)).scaleb(-6).normalize(), "f")
+
+
 def load_image(path, max_pixels=MAX_IMAGE_PIXELS, shortest_side=0, jpeg_bytes=False):
     """An RGB PIL image; MediaError for a missing or undecodable file, or one over `max_pixels` pixels (checked
     from the header, before decoding; None or 0: no budget).
@@ -83,8 +90,8 @@ def load_image(path, max_pixels=MAX_IMAGE_PIXELS, shortest_side=0, jpeg_bytes=Fa
             with Image.open(source) as im:
                 width, height = im.size
                 if max_pixels and width * height > max_pixels:
-                    raise MediaError(f"image {name} is {width}x{height} = {width * height / 1e6:.1f} Mpx, over "
-                                     f"the budget of {max_pixels / 1e6:g} Mpx (max_image_pixels)")
+                    raise MediaError(f"image {name} is {width}x{height} = {_mpx(width * height)} Mpx, over "
+                                     f"the budget of {_mpx(max_pixels)} Mpx (max_image_pixels)")
                 if jpeg_bytes and gpu_jpeg(im, data):
                     return np.frombuffer(data, np.uint8).copy()  # writable: it crosses in a shared block
                 if shortest_side and im.format == "JPEG":

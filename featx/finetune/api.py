@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -25,7 +26,8 @@ from featx.finetune.data import decode_items
 from featx.finetune.loop import Run, TrainingData, train_run
 from featx.finetune.model import HeadSettings
 from featx.naming import display_names, last_name
-from featx.probing.results import FULL_PART_ADDED, FoldScores, best_layer, load_results, meta_head, write_results
+from featx.probing.results import (FULL_PART_ADDED, FoldScores, best_layer, clear_earlier_outputs, earlier_outputs,
+                                   load_results, meta_head, said_removed, write_results)
 from featx.probing.splits import make_folds, subsample
 from featx.runinfo import provenance, read_json, strict_json, write_json, write_meta
 from featx.settings import FinetuneSettings as FinetuneOptions
@@ -226,7 +228,7 @@ def _prepare(manifest, models, settings, device) -> _Inputs:
     """Load the models' configs and encoders, decode the labelled items, settle the task and cut layers."""
     from featx.data.manifest import read_manifest, source_column
     from featx.encoders import load_config, load_encoder
-    from featx.probing.estimators import infer_task
+    from featx.probing.estimators import infer_task, inferred_task_note
 
     df = read_manifest(manifest)
     name = os.path.basename(os.fspath(manifest))
@@ -241,6 +243,9 @@ def _prepare(manifest, models, settings, device) -> _Inputs:
     if len(items.ids) < 4:
         raise FeatxError(f"only {len(items.ids)} usable labelled items; fine-tuning needs more")
     task = infer_task(items.labels) if settings.task == "auto" else settings.task
+    note = inferred_task_note(items.labels) if settings.task == "auto" else None
+    if note and settings.progress:
+        warnings.warn(note)   # one line: the command line prints it as "featx finetune: task: ..."
     labels = items.labels
     items.labels = labels.astype(np.float64) if task == "regression" else labels.astype(str).astype(object)
     classes = sorted(set(items.labels.tolist())) if task == "classification" else None
@@ -257,22 +262,41 @@ def _run_config(inputs: _Inputs, settings) -> dict:
     return {k: resolved[k] if k in resolved else s[k] for k in RESUME_KEYS}
 
 
+def _check_output(out, settings) -> list:
+    """The earlier outputs in `out` (featx.probing.results.earlier_outputs); a FeatxError, before any model
+    loads, when they are another run's without overwrite, or a finetune run's without resume or overwrite."""
+    earlier = earlier_outputs(out)
+    if not earlier or settings.overwrite:
+        return earlier
+    if not os.path.exists(os.path.join(out, "finetune.json")):
+        raise FeatxError(f"{out} holds the outputs of an earlier featx run ({said_removed(earlier)})"
+                         f"{', not a finetune run to resume' if settings.resume else ''}: pass --overwrite to "
+                         "replace them, or give another --out")
+    if not settings.resume:
+        raise FeatxError(f"{out} already holds a finetune run: pass --resume to continue it or --overwrite "
+                         "to start again")
+    return earlier
+
+
 def _open_output(out, config, settings):
-    """Create `out` for a new run, or check that a resumed one has the same settings."""
+    """Create `out` for a new run, or check that a resumed one has the same settings. An earlier run's outputs
+    (featx.probing.results.earlier_outputs; a finetune run's runs/ and model/ too) are refused, or removed with
+    overwrite, so that the folder holds only this run's."""
     runs_dir, cfg_path = os.path.join(out, "runs"), os.path.join(out, "finetune.json")
-    if os.path.exists(cfg_path):
-        if settings.overwrite:
+    earlier = _check_output(out, settings)
+    if settings.overwrite and earlier:
+        if os.path.exists(cfg_path):
             shutil.rmtree(runs_dir, ignore_errors=True)
             shutil.rmtree(os.path.join(out, "model"), ignore_errors=True)
-        elif not settings.resume:
-            raise FeatxError(f"{out} already holds a finetune run: pass --resume to continue it or --overwrite "
-                             "to start again")
-        else:
-            old = read_json(cfg_path)
-            changed = [k for k in RESUME_KEYS if (k in old or k not in ADDED_RESUME_KEYS)
-                       and json.dumps(strict_json(old.get(k))) != json.dumps(strict_json(config.get(k)))]
-            if changed:
-                raise FeatxError(f"cannot resume {out}: settings differ from the run there ({', '.join(changed)})")
+            earlier += ["runs/", "model/"]
+        clear_earlier_outputs(out)
+        warnings.warn(f"--overwrite: removed the earlier run's outputs in {out}: {said_removed(earlier)}")
+    elif os.path.exists(cfg_path):   # resume (_check_output refused the rest)
+        old = read_json(cfg_path)
+        changed = [k for k in RESUME_KEYS if (k in old or k not in ADDED_RESUME_KEYS)
+                   and json.dumps(strict_json(old.get(k))) != json.dumps(strict_json(config.get(k)))]
+        if changed:
+            raise FeatxError(f"cannot resume {out}: settings differ from the run there ({', '.join(changed)})")
     os.makedirs(runs_dir, exist_ok=True)
     write_json(cfg_path, config)
 
@@ -375,6 +399,7 @@ def finetune(manifest, models, out, **settings) -> FinetuneResult:
     s.per_model(len(models))
     device = torch.device(resolve_device(s.device))
     precision = resolve_precision(s.precision, device, TRAINING_PRECISIONS)
+    _check_output(os.fspath(out), s)
     inputs = _prepare(manifest, models, s, device)
     plan = _plan(inputs, s)
     out = os.fspath(out)

@@ -27,11 +27,13 @@ class DecodedItems:
 
     ids: (N,) ids. labels: (N,) labels or None. splits: (N,) train | dev | test | "" or None.
     inputs: one list of N decoded inputs (text, PIL image, waveform) per encoder.
+    failed: {id: why} of the items that could not be decoded.
     """
     ids: np.ndarray
     labels: object
     splits: object
     inputs: list
+    failed: dict = None
 
 
 def item_input(encoder, decoded, max_audio_seconds):
@@ -96,7 +98,8 @@ def decode_items(df, encoders, columns, max_audio_seconds, fps=3.0, labelled=Tru
     keep = np.asarray(keep, dtype=np.int64)
     kept_labels = None if labels is None else labels[keep]
     kept_splits = None if splits is None else np.asarray([canonical_split(s) for s in splits[keep]], dtype=object)
-    return DecodedItems(df["id"].to_numpy(dtype=object)[keep], kept_labels, kept_splits, inputs)
+    return DecodedItems(df["id"].to_numpy(dtype=object)[keep], kept_labels, kept_splits, inputs,
+                        {str(item): why for item, why in failed})
 
 
 def batch_inputs(encoders, items: DecodedItems, idx) -> list:
@@ -132,6 +135,10 @@ class TargetCoding:
             lookup = {c: i for i, c in enumerate(self.classes)}
             return torch.tensor([lookup[v] for v in y], dtype=torch.long)
         return torch.tensor((np.asarray(y, np.float64) - self.mean) / self.std, dtype=torch.float32)
+
+    def probabilities(self, out) -> np.ndarray:
+        """(N, C) outputs (logits) -> (N, C) class probabilities (softmax; the training loss's), classes in order."""
+        return torch.softmax(out.float(), dim=1).cpu().numpy().astype(np.float64)
 
     def decode(self, out) -> np.ndarray:
         """(N, C) outputs -> (N,) class labels (object) or values in the label's units (float64)."""

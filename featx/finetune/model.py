@@ -188,12 +188,20 @@ def make_head(settings: HeadSettings, dims, out_dim) -> nn.Module:
 def predict(model, batches, coding, device, precision):
     """(N,) predictions (labels, or values in the label's units) of `model` in eval mode for an iterable of
     prepared batches (one dict per branch each); `coding` (featx.finetune.data.TargetCoding) decodes them."""
+    out = predict_outputs(model, batches, device, precision)
+    return coding.decode(out) if out is not None else coding.empty()
+
+
+@torch.no_grad()
+def predict_outputs(model, batches, device, precision):
+    """(N, out_dim) float32 outputs of `model` in eval mode (logits for classes) for prepared batches; None
+    when there are none."""
     model.eval()
     outs = []
     for inputs in batches:
         with autocast(device, precision):
             outs.append(model(inputs).float())
-    return coding.decode(torch.cat(outs)) if outs else coding.empty()
+    return torch.cat(outs) if outs else None
 
 
 def build_model(encoders, layers, train_blocks, head: HeadSettings, out_dim) -> JointModel:

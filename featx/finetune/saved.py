@@ -26,7 +26,7 @@ from featx.errors import FeatxError, first_line
 from featx.finetune.checkpoints import load_tensors, save_tensors
 from featx.finetune.data import DecodedItems, TargetCoding, batches, decode_items
 from featx.runinfo import read_json, write_json
-from featx.finetune.model import HeadSettings, build_model, kept_blocks, predict
+from featx.finetune.model import HeadSettings, build_model, kept_blocks, predict, predict_outputs
 from featx.settings import FinetuneSettings, integer, number, one_of, optional
 
 FORMAT = "featx-finetune/2"
@@ -84,21 +84,31 @@ class FinetunedModel:
         return predict(self.model, batches(self.encoders, items, idx, batch_size), self.coding, self.device, "fp32")
 
     def predict_manifest(self, manifest, batch_size=16) -> pd.DataFrame:
-        """DataFrame(id, prediction) for every item of the manifest; items that cannot be decoded are named on
-        stderr and get a missing prediction."""
+        """DataFrame(id, prediction, [p_<class> per class,] error) for every item of the manifest (featx.predict's
+        columns): items that cannot be decoded are named on stderr and get a missing prediction and their reason
+        in `error`; a classifier's class probabilities are the softmax of its outputs."""
         from featx.data.manifest import read_manifest, source_column
+        from featx.probing.classifier import prediction_table
 
         df = read_manifest(manifest)
         columns = [source_column(df, e.modality, os.path.basename(os.fspath(manifest))) for e in self.encoders]
         items = decode_items(df, self.encoders, columns, self.config["max_audio_seconds"], labelled=False,
                              what="predict")
-        pred = self.predict(items.inputs, batch_size) if len(items.ids) else []
-        out = pd.DataFrame({"id": df["id"].astype(str)})
-        got = pd.Series(list(pred), index=list(items.ids), dtype=object)
-        out["prediction"] = out["id"].map(got)
+        out = self.outputs(items.inputs, batch_size) if len(items.ids) else None
+        pred = self.coding.decode(out) if out is not None else []
+        classes = self.classes_ if self.task == "classification" else None
+        proba = self.coding.probabilities(out) if classes is not None and out is not None else None
+        table = prediction_table(df["id"].astype(str), [str(i) for i in items.ids], pred, classes, proba,
+                                 items.failed)
         if self.task == "regression":
-            out["prediction"] = out["prediction"].astype(float)
-        return out
+            table["prediction"] = table["prediction"].astype(float)
+        return table
+
+    def outputs(self, inputs, batch_size=16):
+        """(N, C) float32 outputs (logits for classes, standardised values for regression) of decoded inputs."""
+        items = DecodedItems(np.arange(len(inputs[0])), None, None, inputs)
+        idx = np.arange(len(inputs[0]))
+        return predict_outputs(self.model, batches(self.encoders, items, idx, batch_size), self.device, "fp32")
 
 
 def _read_config(path):

@@ -13,6 +13,7 @@ import os
 import warnings
 
 import numpy as np
+import pandas as pd
 
 from featx.errors import FeatxError, first_line
 from featx.probing.data import load_cache
@@ -142,8 +143,26 @@ class Classifier:
         idx = (out[:, 0] > 0).astype(int) if out.shape[1] == 1 else np.argmax(out, axis=1)
         return self.classes[idx]
 
+    def predict_proba(self, inputs):
+        """(N, C) class probabilities, columns in the order of `classes`, from per-block pooled layers: the saved
+        logistic probe's (a softmax of its logits; with one logit, sigmoid for the second class), as scikit-learn's
+        LogisticRegression.predict_proba. FeatxError for a regression probe."""
+        if self.task != "classification":
+            raise FeatxError("a regression probe has no class probabilities")
+        out = self.features(inputs) @ self.arrays["coef"].T + self.arrays["intercept"]
+        if out.shape[1] == 1:
+            out = np.concatenate([np.zeros_like(out), out], axis=1)   # sigmoid(z) = softmax([0, z])[1]
+        out = np.exp(out - out.max(axis=1, keepdims=True))
+        return out / out.sum(axis=1, keepdims=True)
+
     def predict_cache(self, caches):
         """(ids (N,), predictions (N,)) for cache paths, one per block, aligned by id (shared items only)."""
+        ids, inputs = self.cache_inputs(caches)
+        return ids, self.predict(inputs)
+
+    def cache_inputs(self, caches):
+        """(ids (N,), per-block pooled layers (N, L_b, D_b)) of cache paths, one per block, aligned by id (the items
+        done in every cache), as predict and predict_proba take them."""
         if len(caches) != len(self.blocks):
             raise FeatxError(f"the classifier needs {len(self.blocks)} cache(s), one per encoder; got {len(caches)}")
         datas = [load_cache(p, blk["pooling"], blk["layers"], need_labels=False) for p, blk in zip(caches, self.blocks)]
@@ -151,7 +170,26 @@ class Classifier:
             if d.X.shape[2] != blk["hidden_size"]:
                 raise FeatxError(f"{d.path}: hidden size {d.X.shape[2]} but the classifier expects {blk['hidden_size']}")
         ids, index, _ = align_by_id([d.ids for d in datas], [d.modality for d in datas])
-        return ids, self.predict([d.X[i] for d, i in zip(datas, index)])
+        return ids, [d.X[i] for d, i in zip(datas, index)]
+
+
+def prediction_table(ids, got_ids, pred, classes=None, proba=None, reasons=None) -> pd.DataFrame:
+    """predict's DataFrame: id, prediction, p_<class> per class (classes given; proba (len(got_ids), C)), error.
+    ids: the manifest's ids (Series of str); got_ids (K,) the predicted ones; reasons: {id: why} of the others."""
+    ids = ids.reset_index(drop=True)
+    got = pd.Series(list(pred), index=list(got_ids), dtype=object)
+    table = pd.DataFrame({"id": ids, "prediction": ids.map(got)})
+    if classes is not None:
+        for c, column in zip(classes, np.zeros((0, len(classes))).T if proba is None else np.asarray(proba).T):
+            table[f"p_{class_name(c)}"] = ids.map(pd.Series(column, index=list(got_ids), dtype=np.float64))
+    reasons = reasons or {}
+    table["error"] = ["" if i in got.index else reasons.get(i) or "no prediction" for i in ids]
+    return table
+
+
+def class_name(c) -> str:
+    """A class as its probability column names it: 'pos', and 0/1 labels (read as numbers) as '0', '1'."""
+    return f"{c:g}" if isinstance(c, (float, np.floating)) else str(c)
 
 
 def extraction_settings(cache_path) -> dict:

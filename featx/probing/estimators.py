@@ -49,6 +49,21 @@ def infer_task(y) -> str:
     return "regression"
 
 
+def inferred_task_note(y):
+    """For numeric labels, infer_task's choice and why, in one phrase with the --task that overrides it ("0/1 is
+    a flag, 1/2 are numbers" is featx's rule, not the labels'); None for string or boolean labels (classes)."""
+    y = np.asarray(y)
+    if y.dtype.kind in "OUSb":
+        return None
+    values = np.unique(y[~np.isnan(y.astype(np.float64))])
+    shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if values.size > 5 else "")
+    if infer_task(y) == "classification":
+        return (f"task: classification ({values.size} class(es): numeric labels whose only values are 0 and 1 are "
+                "taken as classes; give --task regression to fit them as numbers)")
+    return (f"task: regression ({values.size} distinct numeric label values: {shown}; only labels that are all 0 "
+            "or 1 are taken as classes: give --task classification to take these as classes)")
+
+
 def as_layers(X) -> np.ndarray:
     """(N, L, D) float32 from (N, L, D) or (N, D) (one layer)."""
     X = np.asarray(X)

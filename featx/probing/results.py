@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -67,6 +68,49 @@ def size_label(value) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "1.0"
     return str(parse_train_size(value))
+
+
+# The files featx writes into a run's --out folder, by name: probe / fuse (results, best_layers.csv,
+# layer_weights.csv, meta.json, classifier__NAME.safetensors), finetune (history.csv, finetune.json) and a report
+# written there (featx.report.build: report.html, summary.md, figures/*.png). A new run removes an earlier run's
+# (clear_earlier_outputs), never another file, so that the folder holds only its own outputs.
+RUN_FILES = ("results.csv", "results.parquet", "best_layers.csv", "layer_weights.csv", "meta.json", "history.csv",
+             "finetune.json", "report.html", "summary.md")
+CLASSIFIER_FILE = re.compile(r"classifier__.+\.safetensors")
+FIGURES = "figures"
+
+
+def earlier_outputs(out) -> list:
+    """The files of `out` that a featx run writes (RUN_FILES, their .tmp, classifier__*.safetensors,
+    figures/*.png), as paths relative to `out`, sorted; [] when `out` does not exist."""
+    if not os.path.isdir(out):
+        return []
+    names = [n for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))
+             and (n in RUN_FILES or n.endswith(".tmp") and n[:-4] in RUN_FILES or CLASSIFIER_FILE.fullmatch(n))]
+    figures = os.path.join(out, FIGURES)
+    if os.path.isdir(figures):
+        names += [os.path.join(FIGURES, n) for n in os.listdir(figures)
+                  if n.endswith(".png") and os.path.isfile(os.path.join(figures, n))]
+    return sorted(names)
+
+
+def clear_earlier_outputs(out) -> list:
+    """Remove earlier_outputs(out) (and figures/ when that leaves it empty); returns what was removed."""
+    removed = earlier_outputs(out)
+    for name in removed:
+        os.remove(os.path.join(out, name))
+    figures = os.path.join(out, FIGURES)
+    if any(n.startswith(FIGURES + os.sep) for n in removed) and not os.listdir(figures):
+        os.rmdir(figures)
+    return removed
+
+
+def said_removed(removed, most=6) -> str:
+    """'classifier__a.safetensors, report.html, results.csv and 3 more': the files of an earlier run, those a run
+    always writes anew (the results tables, meta.json) last, for the stderr line that says they were removed."""
+    removed = sorted(removed, key=lambda name: (name in RUN_FILES[:5], name))
+    shown = ", ".join(removed[:most])
+    return shown + (f" and {len(removed) - most} more" if len(removed) > most else "")
 
 
 def write_results(rows, out):

@@ -22,11 +22,11 @@ from featx.errors import FeatxError
 from featx.naming import cache_names, slug
 from featx.probing.classifier import Classifier
 from featx.probing.data import load_cache
-from featx.probing.estimators import infer_task
+from featx.probing.estimators import infer_task, inferred_task_note
 from featx.probing.fusion import EarlyFusion, GatedFusion, LateFusion, WeightedLayerProbe, align_by_id
 from featx.probing.registry import get_probe, make_probe
-from featx.probing.results import (FULL_PART_ADDED, WEIGHT_COLUMNS, FoldScores, best_layer_table, meta_head,
-                                   write_results)
+from featx.probing.results import (FULL_PART_ADDED, WEIGHT_COLUMNS, FoldScores, best_layer_table,
+                                   clear_earlier_outputs, meta_head, said_removed, write_results)
 from featx.probing.splits import fold_count, make_folds, subsample
 from featx.runinfo import provenance, write_meta
 from featx.settings import ProbeSettings, TrainSize, dashed
@@ -88,14 +88,19 @@ def run_probe(caches, out, progress=True, **options):
     numbers of labels (whole numbers > 1). weighted: also fit the layer-weighted sum. fusion: any of early,
     late, gated. fusion_layer: best | weighted | an index. missing: intersect | error.
     task: auto | regression | classification. See SweepSettings.
-    Writes results.csv / .parquet, best_layers.csv, layer_weights.csv, meta.json (and classifier__NAME.safetensors
-    with save_classifier). Returns the results DataFrame; its attrs["meta"] is what meta.json holds.
+    Writes results.csv / .parquet, best_layers.csv, layer_weights.csv (and classifier__NAME.safetensors with
+    save_classifier), meta.json last; an earlier run's outputs in `out` (featx.probing.results.earlier_outputs) are
+    removed once the sweep is done, and said in a warning. Returns the results DataFrame; its attrs["meta"] is what
+    meta.json holds.
     """
     s = SweepSettings.of(caches, out, progress, **options)
     datas = load_caches(s.caches, s)
     task = resolve_task(datas, s.task)
     if task == "classification":
         check_classes(datas)
+    note = inferred_task_note(datas[0].y) if s.task == "auto" else None
+    if note and not s.quiet:
+        warnings.warn(note)   # one line: the command line prints it as "featx probe: task: ..."
     if s.fusion and len(datas) < 2:
         raise FeatxError("fusion needs at least two caches (one per modality)")
     unused_fusion_options(s)
@@ -104,18 +109,32 @@ def run_probe(caches, out, progress=True, **options):
         warn_split_disagreement(datas)
     check_sizes(datas, task, s, aligned)
     s.collapsed = collapsed_sizes(datas, aligned, task, s)
+    check_out(out)
     os.makedirs(out, exist_ok=True)
     rows, weight_rows = _sweep_all(datas, aligned, task, s, not s.quiet)
+    # Only now, with every fit done: an interrupted sweep leaves an earlier run's outputs whole, never mixed.
+    removed = clear_earlier_outputs(out)
+    if removed:
+        warnings.warn(f"{os.path.normpath(out)} held an earlier run's outputs, removed so that it holds only this "
+                      f"run's: {said_removed(removed)}")
     df = write_results(rows, out)
     pd.DataFrame(weight_rows, columns=WEIGHT_COLUMNS).to_csv(os.path.join(out, "layer_weights.csv"), index=False)
     best = best_layer_table(df, metrics.PRIMARY[task])
     best.to_csv(os.path.join(out, "best_layers.csv"), index=False)
     meta = run_meta(datas, aligned, task, s, df)
-    write_meta(meta, os.path.join(out, "meta.json"))
     if s.save_classifier:
         save_classifiers(datas, best, task, s, out)
+    write_meta(meta, os.path.join(out, "meta.json"))   # last: a folder with meta.json holds a finished run
     df.attrs["meta"] = meta
     return df
+
+
+def check_out(out):
+    """A probe's --out may hold an earlier probe's outputs (replaced once the sweep is done), not a finetune run
+    (its checkpoints and saved model are not probe's to remove): a one-line FeatxError."""
+    if os.path.exists(os.path.join(out, "finetune.json")):
+        raise FeatxError(f"{out} holds a finetune run (finetune.json, runs/, model/), which probe does not replace: "
+                         "give another --out")
 
 
 def save_classifiers(datas, best, task, s, out):

@@ -254,8 +254,14 @@ def test_line_progress_writes_lines_without_carriage_returns():
     bar.set_postfix(loss="0.1")
     bar.close()
     lines = buf.getvalue().splitlines()
-    assert "\r" not in buf.getvalue() and lines[0] == "extract: 1/4 item (25%)" and lines[-1].startswith(
-        "extract: 4/4 item (100%) in ") and lines[-1].endswith("loss=0.1")
+    assert "\r" not in buf.getvalue() and lines[0] == "extract: 1/4 items (25%)" and lines[-1].startswith(
+        "extract: 4/4 items (100%) in ") and lines[-1].endswith("loss=0.1")   # not "4/4 item"
+    for total, said in ((1, "e: 1/1 batch (100%) in "), (3, "e: 3/3 batches (100%) in ")):
+        buf = io.StringIO()
+        bar = LineProgress(total, "e", "batch", buf, interval=0)
+        bar.update(total)
+        bar.close()
+        assert buf.getvalue().startswith(said)
     assert isinstance(progress_bar(3, "x", file=io.StringIO()), LineProgress)
     quiet = io.StringIO()
     progress_bar(3, "x", enabled=False, file=quiet).update(3)

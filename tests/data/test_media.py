@@ -35,3 +35,18 @@ def test_empty_file_is_zero_length_whatever_the_segment(tmp_path):
     for start, end in ((None, None), (0.5, 1.0)):
         with pytest.raises(MediaError, match="zero-length audio"):
             load_audio(str(tmp_path / "e.wav"), 16000, start=start, end=end)
+
+
+@pytest.mark.parametrize("size, budget, said", [((80, 60), 2000, "80x60 = 0.0048 Mpx, over the budget of 0.002 Mpx"),
+                                                ((1001, 1000), 10 ** 6, "1001x1000 = 1.001 Mpx, over the budget of "
+                                                                        "1 Mpx")])
+def test_an_image_over_the_pixel_budget_is_said_with_its_exact_size_and_budget(tmp_path, size, budget, said):
+    from PIL import Image
+
+    from featx.data.media import load_image
+
+    Image.new("RGB", size).save(tmp_path / "img.png")
+    with pytest.raises(MediaError) as err:
+        load_image(str(tmp_path / "img.png"), max_pixels=budget)
+    assert said in str(err.value)   # not "= 0.0 Mpx, over the budget of 0.002 Mpx"
+    assert load_image(str(tmp_path / "img.png"), max_pixels=size[0] * size[1]).size == size   # at the budget: read

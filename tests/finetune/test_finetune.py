@@ -192,8 +192,15 @@ def test_saved_model_predicts_what_was_scored(trained):
 
     manifest, result, _ = trained
     pred, err = run_quiet(load_finetuned(result.model_path).predict_manifest, manifest)
-    assert list(pred.columns) == ["id", "prediction"] and len(pred) == 61
+    probabilities = ["p_both", "p_none", "p_one"]
+    assert list(pred.columns) == ["id", "prediction", *probabilities, "error"] and len(pred) == 61
     assert pred.set_index("id")["prediction"].isna()["broken"] and "skipping broken" in err
+    broken = pred.set_index("id").loc["broken"]   # the reason it has no prediction, not only on stderr
+    assert broken["error"] and broken["error"] in err and np.isnan(broken["p_one"])
+    done = pred[pred["id"] != "broken"]
+    p = done[probabilities].to_numpy(float)
+    assert (done["error"] == "").all() and np.allclose(p.sum(1), 1.0)
+    assert list(np.array(["both", "none", "one"])[p.argmax(1)]) == list(done["prediction"])
     test = result.runs[0]["test"]
     got = pred.set_index("id").loc[test["ids"], "prediction"].tolist()
     assert got == test["pred"]

@@ -97,3 +97,27 @@ def test_damaged_classifier_is_one_line_naming_the_file(tmp_path, case):
     with pytest.raises(FeatxError) as e:
         Classifier.load(path)
     assert path in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("n_classes, probe", [(2, "logistic"), (3, "logistic"), (3, "batched")])
+def test_class_probabilities_are_those_of_the_logistic_probe_it_saved(n_classes, probe):
+    """predict_proba of a saved probe = scikit-learn's LogisticRegression.predict_proba of the fit it was saved
+    from (two classes: one logit, sigmoid; more: softmax)."""
+    from _synthetic import planted
+    from featx.probing.registry import make_probe
+
+    X, _ = planted(n=150, num_layers=3, dim=6, k=1, task="classification", seed=2)
+    y = np.asarray(["a", "b", "c"][:n_classes])[np.arange(150) % n_classes]
+    X[:, 1, 0] += np.arange(150) % n_classes   # layer 1 tells the classes apart, not perfectly
+    est = make_probe(probe, 0, "cpu").set_params(task="classification").fit(X[:100], y[:100], X[100:], y[100:])
+    block = {"encoder": "/m/t", "name": "t", "modality": "text", "pooling": "mean", "layers": [1], "hidden_size": 6,
+             "num_layers": 3}
+    clf = Classifier.from_linear("classification", block, est.linear_params(1), est.classes_)
+    got = clf.predict_proba([X[100:, 1:2]])
+    assert got.shape == (50, n_classes)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-12)
+    assert list(clf.classes[got.argmax(1)]) == list(clf.predict([X[100:, 1:2]]))
+    if probe == "logistic":
+        np.testing.assert_allclose(got, est.estimators_[1].predict_proba(X[100:, 1]), atol=1e-6)  # float32 X
+    with pytest.raises(FeatxError, match="regression"):
+        _classifier("regression").predict_proba([X[:3, 1:2, :4]])
