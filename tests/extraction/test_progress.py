@@ -145,7 +145,7 @@ def test_featx_warnings_on_the_command_line_are_featx_lines(tmp_path):
     caches = _planted_caches(tmp_path, task="regression", modalities=("text", "image"), drop=3)
     code, err = _featx(["fuse", *caches, "--out", tmp_path / "out", "--fusion", "early", "--quiet"], tmp_path)
     assert code == 0, err
-    assert _foreign(err, []) == [] and "featx fuse: fusion uses the 57 items" in err, err
+    assert _foreign(err, []) == [] and "featx fuse: fusion uses the 57 labelled items" in err, err
 
 
 def test_finetune_stderr_holds_only_featx_lines(tmp_path, tiny_bert):
