@@ -37,6 +37,25 @@ def is_local(model) -> bool:
             or os.path.exists(text))
 
 
+def resolve_model(model) -> str:
+    """The identity a cache and a classifier record for a model: a local folder (one that exists, or a path that
+    is_local calls one: absolute, or starting with ./ ../ ~) as its absolute, normalised path, so that the same
+    folder typed two ways is one model and a relative path means the same folder from any working folder; a hub
+    id as given."""
+    text = str(model)
+    expanded = os.path.expanduser(text)
+    if os.path.isdir(expanded) or is_local(text):
+        return os.path.abspath(expanded)
+    return text
+
+
+def same_model(recorded, now) -> bool:
+    """Whether the model `recorded` in a cache is the model `now` (resolve_model's): equal, or the same folder
+    once resolved. A relative folder recorded by a featx that stored what was typed is resolved against the
+    current folder (where it was typed is not known)."""
+    return str(recorded) == str(now) or resolve_model(recorded) == resolve_model(now)
+
+
 def _parts(model):
     text = os.path.normpath(os.path.expanduser(str(model).rstrip("/\\")))
     return [p for p in re.split(r"[/\\]+", text) if p not in ("", ".")]

@@ -61,6 +61,7 @@ def _predict_probe(manifest, path, cache_dir, device, batch_size, progress, prec
         folder = os.fspath(cache_dir) if cache_dir else tmp
         caches = []
         for block, options in zip(clf.blocks, settings):
+            _say_relative(block["encoder"])
             try:
                 res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], device=device,
                               batch_size=batch_size, progress=progress, summary=bool(cache_dir), **options)
@@ -92,6 +93,17 @@ def _not_done(caches, blocks) -> dict:
                 item = str(cache.ids[i])
                 reasons[item] = f"{reasons[item]}; {why}" if item in reasons else why
     return reasons
+
+
+def _say_relative(encoder):
+    """One line on stderr when a classifier names its model by a relative folder (a cache of an earlier featx
+    recorded the path as typed): it is read from the current folder, which may not be where it was trained."""
+    import sys
+
+    if not os.path.isabs(os.path.expanduser(encoder)) and os.path.isdir(encoder):
+        print(f"featx predict: the classifier names its model by the relative path {encoder!r} (recorded by an "
+              f"earlier featx); using the folder {os.path.abspath(encoder)}: check that it is the model it was "
+              "trained with", file=sys.stderr)
 
 
 def extraction_options(block, path, device, precision=None) -> dict:

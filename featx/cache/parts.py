@@ -12,8 +12,9 @@ import h5py
 import numpy as np
 
 from featx.cache import schema
-from featx.cache.reader import check_dataset, open_file, reading, seq_offsets
+from featx.cache.reader import check_dataset, fingerprints, open_file, reading, seq_offsets
 from featx.errors import FeatxError, first_line
+from featx.naming import resolve_model, same_model
 
 KNOWN_SUFFIXES = (schema.TMP_SUFFIX, schema.BAD_SUFFIX)
 
@@ -74,7 +75,11 @@ def settings_diff(old, new):
     keys = sorted(set(old["attrs"]) | set(new["attrs"]), key=lambda k: (k not in ("model", "modality"), k))
     for k in keys:
         a, b = old["attrs"].get(k, schema.ATTRS_BEFORE_RECORDED.get(k)), new["attrs"].get(k)
-        if a != b:
+        if k == "model" and isinstance(a, str) and isinstance(b, str):
+            if not same_model(a, b):  # a folder is one model however it is typed (featx.naming.resolve_model)
+                here = resolve_model(a)
+                diffs.append(f"model {a!r}{f' (from here {here!r})' if here != a else ''} (now {b!r})")
+        elif a != b:
             diffs.append(f"{k} {a!r} (now {b!r})")
     for k in ("num_layers", "hidden_size", "dtype", "seq"):
         if new[k] is not None and old[k] != new[k]:
@@ -107,16 +112,16 @@ def read_settings(path):
 
 # ---------------------------------------------------------------- which file holds each item
 def final_record(header):
-    """(indices, ids, done, error, rows, seq lengths) of a consolidated file, one entry per item."""
+    """(indices, ids, done, error, rows, seq lengths, fingerprints) of a consolidated file, one entry per item."""
     n, done = len(header["ids"]), header["done"].astype(bool)
     lengths = np.zeros(n, np.int64)
     if header["seq"]:
         lengths[done] = np.diff(header["offsets"])[done]
-    return np.arange(n), header["ids"], done, header["error"], np.arange(n), lengths
+    return np.arange(n), header["ids"], done, header["error"], np.arange(n), lengths, header["fingerprints"]
 
 
 def read_part(path, settings, ids=None, verify=False):
-    """(indices, ids, done, error, rows, seq lengths) of one part file, checked against the schema and
+    """(indices, ids, done, error, rows, seq lengths, fingerprints) of one part file, checked against the schema and
     `settings` (its layout); rows: where each done item's arrays sit in the part. verify: also read its
     arrays, so that a failed checksum shows. Raises FeatxError naming what is wrong."""
     n, L, D, dtype = settings["n_items"], settings["num_layers"], settings["hidden_size"], settings["dtype"]
@@ -127,6 +132,7 @@ def read_part(path, settings, ids=None, verify=False):
             done = check_dataset(f, schema.DONE, path, (B,), "bool")[:]
             part_ids = check_dataset(f, schema.IDS, path, (B,), "str").asstr()[:].astype(object)
             error = check_dataset(f, schema.ERROR, path, (B,), "str").asstr()[:].astype(object)
+            prints = fingerprints(f, path, B)
         if len(idx) and (idx.min() < 0 or idx.max() >= n or len(np.unique(idx)) != len(idx)):
             raise FeatxError(f"{path}: indices outside 0..{n - 1} or repeated")
         if ids is not None and (ids[idx] != part_ids).any():
@@ -141,7 +147,7 @@ def read_part(path, settings, ids=None, verify=False):
         for ds in arrays if verify else ():
             with reading(path, ds.name.lstrip("/")):
                 ds[()]
-    return idx, part_ids, done, error, np.cumsum(done) - 1, lengths
+    return idx, part_ids, done, error, np.cumsum(done) - 1, lengths, prints
 
 
 def check_parts(path, settings, ids=None):
@@ -155,23 +161,32 @@ def check_parts(path, settings, ids=None):
     return good, bad
 
 
-def scan(records, n):
+def scan(records, n, current=None):
     """Which source holds each item: the last one that has it done. A failure counts only where none has.
 
-    records: one (indices, ids, done, error, rows, seq lengths) per source (final_record, read_part).
+    records: one (indices, ids, done, error, rows, seq lengths, fingerprints) per source (final_record, read_part).
+    current: None, or the (N,) uint64 fingerprints of the items' sources now: a value computed from another
+    source (a recorded fingerprint, not 0, that differs) does not count as done.
     Returns a namespace of (N,) arrays: src (index into records, -1 if not done), row, seq_len, done, error,
-    ids (None where no source names the item).
+    fp (the fingerprint recorded with the value taken, 0 if none), stale (not done, but done in some source from
+    another source than today's), ids (None where no source names the item).
     """
     s = types.SimpleNamespace(src=np.full(n, -1, np.int32), row=np.zeros(n, np.int64),
                               seq_len=np.zeros(n, np.int64), error=np.full(n, "", object),
-                              ids=np.full(n, None, object))
-    for k, (idx, ids, done, error, rows, lengths) in enumerate(records):
+                              ids=np.full(n, None, object), fp=np.zeros(n, np.uint64), stale=np.zeros(n, bool))
+    for k, (idx, ids, done, error, rows, lengths, prints) in enumerate(records):
         s.ids[idx] = ids
         failed = ~done & (error != "")
         s.error[idx[failed]] = error[failed]
+        if current is not None:
+            old = done & (prints != 0) & (prints != current[idx])
+            s.stale[idx[old]] = True
+            done = done & ~old
         s.src[idx[done]], s.row[idx[done]], s.seq_len[idx[done]] = k, rows[done], lengths[done]
+        s.fp[idx[done]] = prints[done]
     s.done = s.src >= 0
     s.error[s.done] = ""  # a success anywhere beats a failure anywhere
+    s.stale &= ~s.done
     return s
 
 

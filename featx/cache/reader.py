@@ -174,6 +174,16 @@ def _labels(f, path, n):
         return ds[:].astype(np.float64)
 
 
+def fingerprints(f, path, n):
+    """(n,) uint64: the fingerprint dataset of a file or part (each item's source when it was computed), zeros
+    (not known) where the file has none."""
+    if schema.FINGERPRINT not in f:
+        return np.zeros(n, np.uint64)
+    ds = check_dataset(f, schema.FINGERPRINT, path, (n,), "int")
+    with reading(path, schema.FINGERPRINT):
+        return ds[:].astype(np.uint64)
+
+
 def seq_offsets(f, path, n, num_layers, hidden_size, dtype):
     """(n+1,) int64 offsets of seq/data, checked to start at 0, never decrease and end at its length."""
     data = f.get(schema.SEQ_DATA)
@@ -190,7 +200,7 @@ def seq_offsets(f, path, n, num_layers, hidden_size, dtype):
 def read_header(f, path):
     """Everything of a consolidated file but the arrays of features, as plain Python / numpy, validated.
 
-    Returns {ids (N,), done (N,) bool, error (N,), attrs, version, poolings, num_layers, hidden_size, dtype,
+    Returns {ids (N,), done (N,) bool, error (N,), fingerprints (N,) uint64 (zeros in a file without them), attrs, version, poolings, num_layers, hidden_size, dtype,
     layer_widths (L ints, or None when every layer is hidden_size wide), seq (bool), offsets (N+1,) or None,
     labels (N,) or None, splits (N,) or None, meta {column: (N,)}}.
     """
@@ -208,7 +218,8 @@ def read_header(f, path):
     seq = schema.SEQ in f
     widths = attrs.get(schema.LAYER_WIDTHS)
     widths = None if widths is None else schema.parse_widths(widths, L, D, path)
-    return {"ids": ids, "done": done, "error": error, "attrs": attrs, "version": version,
+    return {"ids": ids, "done": done, "error": error, "fingerprints": fingerprints(f, path, n),
+            "attrs": attrs, "version": version,
             "poolings": poolings, "num_layers": L, "hidden_size": D, "dtype": dtype, "seq": seq,
             "layer_widths": widths,
             "offsets": seq_offsets(f, path, n, L, D, dtype) if seq else None, "labels": _labels(f, path, n),
@@ -259,7 +270,8 @@ class Cache:
 
     Attributes: path, attrs (dict), model, modality, num_layers (L), hidden_size (D: the widest layer's width),
     layer_widths (L ints, or None when every layer is D wide), poolings (list), dtype, has_seq, ids (N,) str, done (N,) bool, error (N,) str, labels (N,) float64|str or None,
-    splits (N,) str or None, meta {column: (N,) str}, format_version.
+    splits (N,) str or None, meta {column: (N,) str}, format_version, fingerprints (N,) uint64 (each done item's
+    source when it was computed; 0: not known).
     Raises FeatxError if the file is missing, not a featx cache or not of the schema; warns if unmerged parts exist.
     """
 
@@ -275,6 +287,7 @@ class Cache:
         self.ids, self.labels, self.splits, self.meta = h["ids"], h["labels"], h["splits"], h["meta"]
         self.done, self.error, self._offsets = h["done"].astype(bool), h["error"], h["offsets"]
         self.layer_widths = h["layer_widths"]
+        self.fingerprints = h["fingerprints"]
 
     def width(self, layer) -> int:
         """The number of features of `layer` (its stored values beyond it are zero padding)."""

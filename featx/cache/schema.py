@@ -5,6 +5,9 @@ A consolidated cache (one HDF5 file per manifest x encoder) holds, for N items, 
   pooled/<pooling> (N, L, D) float16|float32, zeros where not done, chunked (rows, 1, D) so one layer reads fast
   seq/data (T_total, L, D) and seq/offsets (N+1,) int64, optional: item i is data[offsets[i]:offsets[i+1]]
   label (N,) float64|str, split (N,) str, optional
+  fingerprint (N,) uint64, optional: a hash of each done item's source when it was computed (its text, or its
+      file's path, size and mtime; see featx.extraction.pipeline.source_fingerprints), 0 where none is known (not
+      done, or computed before featx recorded them); a source that no longer has it is computed again
   meta/<k> (N,) str for k = 0, 1, ...: metadata columns, named by meta's attribute `columns` (a JSON list),
       so any column name round-trips ("a/b", "."); files of format 1.0 without the attribute name them by key
   root attrs: model, modality, num_layers, hidden_size, dtype, poolings (comma-separated), featx_version,
@@ -14,7 +17,8 @@ A consolidated cache (one HDF5 file per manifest x encoder) holds, for N items, 
 Numeric datasets carry HDF5 Fletcher-32 checksums (HDF5 allows no filter on variable-length strings).
 
 A part file (one per written batch, in `<path>.parts/part-NNNNNNNN.h5`) holds B items:
-  indices (B,) int64 manifest indices, ids, done, error (B,), and for its K done items only
+  indices (B,) int64 manifest indices, ids, done, error (B,), fingerprint (B,) uint64 (optional), and for its K
+  done items only
   pooled/<pooling> (K, L, D) and seq/offsets (K+1,), seq/data (T, L, D), the arrays chunked in whole items
   (part_chunks; files written before that carry h5py's chunk shapes, read alike).
 The parts folder also holds settings.json (what must match to resume) and the writer's lock file.
@@ -34,6 +38,7 @@ DTYPES = ("float16", "float32")
 STR = h5py.string_dtype()
 
 IDS, DONE, ERROR, LABEL, SPLIT, INDICES = "ids", "done", "error", "label", "split", "indices"
+FINGERPRINT = "fingerprint"  # (N,) uint64, 0: not known
 POOLED, SEQ, META = "pooled", "seq", "meta"
 SEQ_DATA, SEQ_OFFSETS = "seq/data", "seq/offsets"
 META_COLUMNS = "columns"  # attribute of the meta group

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import shutil
+import sys
 import threading
 
 import h5py
@@ -30,7 +31,7 @@ try:
 except ImportError:  # no advisory locks on Windows: one writer per cache is then up to the user
     fcntl = None
 
-__all__ = ["CacheWriter", "is_complete", "pending_items", "consolidate"]
+__all__ = ["CacheWriter", "is_complete", "pending_items", "consolidate", "update_columns"]
 
 OPEN_SOURCES = 256  # files kept open at once while consolidating (parts can number thousands), at most a
 # quarter of the process's file limit: a block of items reads from every part that holds one of them; each
@@ -99,6 +100,18 @@ def _is_missing(v):
 
 def _strings(values):
     return np.array(["" if _is_missing(v) else str(v) for v in values], dtype=object)
+
+
+def _differing(old, new) -> int:
+    """How many values of a stored column (labels or splits; None: none) differ from the given one's: all of
+    them where one is None or one is numeric and the other text; NaN equals NaN."""
+    if old is None and new is None:
+        return 0
+    if old is None or new is None or (old.dtype == object) != (new.dtype == object) or len(old) != len(new):
+        return len(new if old is None else old)
+    if old.dtype == object:
+        return int((old != new).sum())
+    return int((~((old == new) | (np.isnan(old) & np.isnan(new)))).sum())
 
 
 def _labels_array(labels):
@@ -211,6 +224,8 @@ def _create_layout(out, header, state):
     schema.create_strings(out, schema.IDS, header["ids"])
     schema.create(out, schema.DONE, data=state.done)
     schema.create_strings(out, schema.ERROR, state.error)
+    if header.get("fingerprints") or state.fp.any():
+        schema.create(out, schema.FINGERPRINT, data=state.fp)
     labels = header["labels"]
     if labels is not None:
         if labels.dtype == object:
@@ -558,13 +573,14 @@ def _refuse(stored, want, where, attrs_given_only):
 
 
 def pending_items(path, ids, *, attrs, poolings, dtype="float16", seq=False, num_layers=None, hidden_size=None,
-                  attrs_given_only=False):
+                  attrs_given_only=False, fingerprints=None):
     """(K,) int64 manifest indices a CacheWriter with these settings would still have to compute (pending and
     failed items), read without writing anything, so that a caller can skip loading a model.
 
     num_layers, hidden_size: None when not known yet (not compared). attrs_given_only: compare only the
-    attributes in `attrs` (a caller that knows some of them before loading a model). Raises FeatxError like
-    CacheWriter when the cache was made with other settings.
+    attributes in `attrs` (a caller that knows some of them before loading a model). fingerprints: None, or the
+    (N,) uint64 fingerprints of the items' sources now (CacheWriter's): an item computed from another source is
+    pending. Raises FeatxError like CacheWriter when the cache was made with other settings.
     """
     path, ids = os.fspath(path), _strings(ids)
     check_settings(path, ids, attrs=attrs, poolings=poolings, dtype=dtype, seq=seq, num_layers=num_layers,
@@ -576,7 +592,15 @@ def pending_items(path, ids, *, attrs, poolings, dtype="float16", seq=False, num
         records.append(parts.final_record(h))
     if stored is not None:
         records += [record for _, record in parts.check_parts(path, stored, ids)[0]]
-    return np.flatnonzero(~parts.scan(records, len(ids)).done).astype(np.int64)
+    current = None if fingerprints is None else _fingerprints(fingerprints, len(ids))
+    return np.flatnonzero(~parts.scan(records, len(ids), current).done).astype(np.int64)
+
+
+def _fingerprints(values, n):
+    a = np.asarray(values, dtype=np.uint64).reshape(-1)
+    if len(a) != n:
+        raise ValueError(f"fingerprints has {len(a)} values for {n} ids")
+    return a
 
 
 def check_settings(path, ids, *, attrs, poolings, dtype="float16", seq=False, num_layers=None, hidden_size=None,
@@ -612,6 +636,24 @@ def is_complete(path, ids, **settings) -> bool:
         return False   # the writer reports what is wrong with the file
 
 
+def update_columns(path, ids, *, labels=None, splits=None, meta=None) -> bool:
+    """Give the consolidated cache `path` the labels, splits and metadata of the manifest (ids: its N ids, those
+    of the cache) when its labels or splits differ from them, through the crash-safe consolidation of a
+    CacheWriter with the file's own settings (it says on stderr how many differ); nothing is written otherwise.
+    Returns whether the file was rewritten. For a complete cache, whose next run has no item to compute."""
+    path = os.fspath(path)
+    f, h = open_validated(path)
+    f.close()
+    if not (_differing(h["labels"], None if labels is None else _labels_array(labels))
+            or _differing(h["splits"], None if splits is None else _strings(splits))):
+        return False
+    attrs = {k: v for k, v in h["attrs"].items() if k not in schema.OWN_ATTRS}
+    CacheWriter(path, ids=ids, attrs=attrs, poolings=h["poolings"], num_layers=h["num_layers"],
+                hidden_size=h["hidden_size"], dtype=h["dtype"], seq=h["seq"], labels=labels, splits=splits,
+                meta=meta, layer_widths=h["layer_widths"]).close()
+    return True
+
+
 # ---------------------------------------------------------------- writer
 class CacheWriter:
     """Writes a cache crash-safely and resumably; `close()` consolidates it into one file (see the module doc).
@@ -621,12 +663,18 @@ class CacheWriter:
     dtype: "float16" or "float32" storage. seq: also store per-position sequences. labels, splits: N values
     or None. meta: {column: N values} stored as str (any column name). overwrite: delete an existing cache and
     its parts first. layer_widths: None, or each layer's width when layers differ (the encoder's layer_widths;
-    values are then zero-padded to hidden_size and the widths stored as the layer_widths attribute). `todo` holds the (K,) int64 manifest indices not done at open (pending and failed ones).
+    values are then zero-padded to hidden_size and the widths stored as the layer_widths attribute).
+    fingerprints: None, or (N,) uint64 hashes of the items' sources now (0: not known), recorded with each item
+    computed: an item stored from another source (a recorded fingerprint that differs) is computed again, and
+    said so in one line on stderr; one stored without a fingerprint is not compared.
+    Labels and splits are not features: the consolidated file takes this writer's, also when no item is left
+    to compute (`close` then rewrites it), with one line on stderr saying how many differ from those stored.
+    `todo` holds the (K,) int64 manifest indices not done at open (pending, failed and changed ones).
     Raises FeatxError when an existing cache or parts folder was made with other settings or ids.
     """
 
     def __init__(self, path, *, ids, attrs, poolings, num_layers, hidden_size, dtype="float16", seq=False,
-                 labels=None, splits=None, meta=None, overwrite=False, layer_widths=None):
+                 labels=None, splits=None, meta=None, overwrite=False, layer_widths=None, fingerprints=None):
         self.path = os.fspath(path)
         self.ids = _strings(ids)
         n = len(self.ids)
@@ -655,8 +703,10 @@ class CacheWriter:
                         "num_layers": self.num_layers, "hidden_size": self.hidden_size, "dtype": self.dtype,
                         "seq": self.seq, "labels": None if labels is None else _labels_array(labels),
                         "splits": None if splits is None else _strings(splits),
-                        "meta": {str(k): _strings(v) for k, v in (meta or {}).items()}}
-        self._result, self._closed = None, False
+                        "meta": {str(k): _strings(v) for k, v in (meta or {}).items()},
+                        "fingerprints": fingerprints is not None}
+        self._prints = None if fingerprints is None else _fingerprints(fingerprints, n)
+        self._result, self._closed, self._rewrite = None, False, False
         self._settings = parts.resume_settings(self.attrs, self.poolings, self.dtype, self.seq, self.num_layers,
                                                self.hidden_size, self.ids)
         self._open(overwrite)
@@ -731,6 +781,7 @@ class CacheWriter:
             f.close()
             self.refuse(parts.file_settings(h), self._settings, self.path)
             records.append(parts.final_record(h))
+            self._rewrite = self._columns_changed(h)
         good, bad = parts.check_parts(self.path, self._settings, self.ids)
         records += [record for _, record in good]
         for p, reason in bad:
@@ -739,9 +790,27 @@ class CacheWriter:
             with open(settings_file + schema.TMP_SUFFIX, "w", encoding="utf-8") as f:
                 json.dump(self._settings, f)
             _publish(settings_file + schema.TMP_SUFFIX, settings_file)
-        self.todo = np.flatnonzero(~parts.scan(records, len(self.ids)).done).astype(np.int64)
+        state = parts.scan(records, len(self.ids), self._prints)
+        self.todo = np.flatnonzero(~state.done).astype(np.int64)
+        if state.stale.any():
+            stale = np.flatnonzero(state.stale)
+            what = f"the manifest's {self.attrs['source_column']}" if "source_column" in self.attrs else "the source"
+            print(f"featx: {self.path}: {what} of {len(stale)} item(s) changed since the cache was made, e.g. id "
+                  f"{self.ids[stale[0]]}; extracting them again", file=sys.stderr)
         counters = [schema.part_counter(os.path.basename(p)) for p, _ in good + bad]
         self._next_part = 1 + max(counters, default=0)
+
+    def _columns_changed(self, h) -> bool:
+        """Whether the labels or splits of the consolidated file (header h) differ from this writer's; one line on
+        stderr for each that does."""
+        changed = False
+        for what, key in (("labels", "labels"), ("splits", "splits")):
+            k = _differing(h[key], self._header[key])
+            if k:
+                print(f"featx: {self.path}: the manifest's {what} of {k} of {len(self.ids)} items differ from those "
+                      f"the cache held; it now holds the manifest's", file=sys.stderr)
+                changed = True
+        return changed
 
     @staticmethod
     def refuse(old, new, where):
@@ -850,6 +919,8 @@ class CacheWriter:
             schema.create_strings(f, schema.IDS, self.ids[idx])
             schema.create(f, schema.DONE, data=done)
             schema.create_strings(f, schema.ERROR, error)
+            if self._prints is not None:
+                schema.create(f, schema.FINGERPRINT, data=self._prints[idx])
             for p, a in pooled.items():
                 schema.create(f, schema.pooled_name(p), data=a, chunks=chunks(a))
             if seqs is not None:
@@ -882,8 +953,8 @@ class CacheWriter:
                 f.close()
                 records, sources = [parts.final_record(h)], [self.path]
             records += [parts.read_part(p, self._settings) for p in found]
-            state = parts.scan(records, len(self.ids))
-            if found or not os.path.exists(self.path):
+            state = parts.scan(records, len(self.ids), self._prints)
+            if found or self._rewrite or not os.path.exists(self.path):
                 consolidate(self.path, sources + found, state, self._header)
             parts.remove_parts(self.path)  # everything is in the final file now
             self._result = parts.counts(state, self.path)

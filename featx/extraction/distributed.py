@@ -64,18 +64,23 @@ class Distributed:
             os.remove(path)
         self.td.barrier()
 
-    def my_todo(self, todo, path):
-        """This rank's share of `todo`, less what an earlier run's final file already holds."""
+    def my_todo(self, todo, path, fingerprints=None):
+        """This rank's share of `todo`, less what an earlier run's final file already holds (computed from the
+        items' sources now: `fingerprints`, see featx.cache.schema; None: not compared)."""
         todo = todo[todo % self.world == self.rank]
         if os.path.exists(path):
             from featx.cache import open_cache
 
             with open_cache(path) as c:
-                todo = todo[~c.done[todo]]
+                done = c.done
+                if fingerprints is not None:
+                    done = done & ((c.fingerprints == 0) | (c.fingerprints == fingerprints))
+                todo = todo[~done[todo]]
         return todo
 
-    def merge(self, path):
-        """Rank 0 merges the shards (and an earlier final file) into `path`; returns its done/failed/pending."""
+    def merge(self, path, fingerprints=None):
+        """Rank 0 merges the shards (and an earlier final file) into `path`, a value computed from another source
+        than today's (`fingerprints`) left out; returns its done/failed/pending."""
         from featx.cache import merge_caches, open_cache
 
         self.td.barrier()
@@ -86,7 +91,7 @@ class Distributed:
                 raise FeatxError(f"shard(s) missing, not merged: {', '.join(map(os.path.basename, missing))}; "
                                  "run the same command again to finish them")
             sources = ([path] if os.path.exists(path) else []) + shards
-            merge_caches(sources, path)
+            merge_caches(sources, path, fingerprints)
             for p in shards:
                 os.remove(p)
         self.td.barrier()

@@ -25,7 +25,7 @@ from featx.errors import FeatxError, first_line
 from featx.extraction.batching import Interrupted, Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
 from featx.extraction.distributed import Distributed, has_shards
-from featx.naming import last_name, model_slug
+from featx.naming import last_name, model_slug, resolve_model
 from featx.settings import ExtractSettings
 from featx.version import __version__
 
@@ -131,6 +131,42 @@ class _Manifest:
     labels: object
     splits: object
     meta: dict
+    prints: dict = field(default_factory=dict)  # column -> its source_fingerprints, computed once
+
+    def fingerprints(self, column) -> np.ndarray:
+        if column not in self.prints:
+            self.prints[column] = source_fingerprints(self.rows, column)
+        return self.prints[column]
+
+
+def source_fingerprints(rows, column) -> np.ndarray:
+    """(N,) uint64: a hash of each row's source in `column`, recorded in the cache with the item's values so
+    that a source changed since (same id, another text or file) is computed again: a text as the encoder reads
+    it (stripped), a file by its path, size and modification time (and a segment's start and end). Never 0,
+    which stands for "not known"."""
+    import hashlib
+
+    import pandas as pd
+
+    def text(v):
+        return "" if v is None or (not isinstance(v, (list, np.ndarray)) and pd.isna(v)) else str(v)
+
+    out = np.empty(len(rows), np.uint64)
+    for k, row in enumerate(rows):
+        src = text(row.get(column))
+        if column == "text":
+            key = "text\0" + src.strip()
+        else:
+            try:
+                st = os.stat(src) if src else None
+                found = f"{st.st_size}\0{st.st_mtime_ns}" if st else "none"
+            except OSError:
+                found = "missing"
+            segment = "" if column == "image" else f"\0{text(row.get('start'))}\0{text(row.get('end'))}"
+            key = f"file\0{src}\0{found}{segment}"
+        h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+        out[k] = h or 1
+    return out
 
 
 _MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".ndjson", ".parquet", ".pq")
@@ -162,7 +198,8 @@ def default_workers(device) -> int:
 def extract(manifest, models, out, *, progress=True, group_size=None, summary=True, **options) -> ExtractResult:
     """Cache the hidden states of every layer of every item for each model; one HDF5 file per model.
 
-    manifest: path of a CSV/JSONL/Parquet manifest. models: hub ids or local folders. out: folder.
+    manifest: path of a CSV/JSONL/Parquet manifest. models: hub ids or local folders (a folder is recorded as its
+    absolute path, featx.naming.resolve_model). out: folder.
     options: those of featx.settings.ExtractSettings (`featx extract`'s, with their defaults), e.g.
     pool: poolings out of ('mean', 'cls', 'last'); each family stores only those it supports (Family.poolings:
     no cls for audio or SigLIP, which have no class token; last for decoder LMs).
@@ -193,6 +230,9 @@ def extract(manifest, models, out, *, progress=True, group_size=None, summary=Tr
     settings = ResolvedSettings.of(parsed, group_size)
     if not models:
         raise FeatxError("give at least one --model")
+    # A local folder is recorded (cache attribute `model`, and from it a saved classifier) as its absolute path:
+    # typed relative, it would name another folder, or nothing, from another working folder.
+    models = [resolve_model(m) for m in models]
     df = read_manifest(manifest)  # a bad manifest is named first, then a bad model: both before any item is read
     configs = [load_config(m, settings.trust_remote_code) for m in models]
     jobs = [job for m, c in zip(models, configs) for job in _jobs_of(m, c, df, manifest, out)]
@@ -242,7 +282,7 @@ def _run_jobs(jobs, data, out, settings, announce=True) -> ExtractResult:
     job's cache is checked against the settings first, so that a clash stops the run before any model loads."""
     for job in jobs:
         _check_settings(job, data.ids, settings)
-    finished = [_finished(job, data.ids, settings) for job in jobs]  # decided before any model loads
+    finished = [_finished(job, data, settings) for job in jobs]  # decided before any model loads
     if any(summary is None for summary in finished):
         os.makedirs(out, exist_ok=True)
     entries = []  # per job: (a summary, or a _Closing that gives one once closed; print it)
@@ -303,16 +343,25 @@ def _check_settings(job, ids, settings):
         check_settings(path, ids, parts_folder=folder, **known)
 
 
-def _finished(job, ids, settings):
-    """The cache's summary when it already holds every item done with these settings (then the model need
-    not load, nor anything be written); None when there is work left or anything to check with the model."""
-    from featx.cache import is_complete
+def _finished(job, data, settings):
+    """The cache's summary when it already holds every item done with these settings, each from its source as
+    the manifest gives it now (then the model need not load, nor any value be written: labels or splits that
+    differ from the manifest's are rewritten, by rank 0 under torchrun); None when there is work left or
+    anything to check with the model."""
+    from featx.cache import is_complete, update_columns
 
     if settings.overwrite or has_shards(job.path) or not os.path.isfile(job.path):
         return None
+    ids = data.ids
     done = is_complete(job.path, ids, attrs=_known_attrs(job, settings), poolings=_poolings(job, settings),
-                       dtype=settings.dtype, seq=settings.seq, attrs_given_only=True)
-    return {"done": len(ids), "failed": 0, "pending": 0} if done else None
+                       dtype=settings.dtype, seq=settings.seq, attrs_given_only=True,
+                       fingerprints=data.fingerprints(job.column))
+    if not done:
+        return None
+    dist = Distributed.current()
+    if not dist or dist.rank == 0:
+        update_columns(job.path, ids, labels=data.labels, splits=data.splits, meta=data.meta)
+    return {"done": len(ids), "failed": 0, "pending": 0}
 
 
 def _poolings(job, settings) -> list:
@@ -376,8 +425,9 @@ def _run_model(job, data, settings):
     writer = CacheWriter(dist.shard_path(job.path) if dist else job.path, ids=data.ids, attrs=attrs,
                          poolings=pools, num_layers=encoder.num_layers, hidden_size=encoder.hidden_size,
                          dtype=settings.dtype, seq=settings.seq, labels=data.labels, splits=data.splits,
-                         meta=data.meta, overwrite=settings.overwrite, layer_widths=encoder.layer_widths)
-    todo = dist.my_todo(writer.todo, job.path) if dist else writer.todo
+                         meta=data.meta, overwrite=settings.overwrite, layer_widths=encoder.layer_widths,
+                         fingerprints=data.fingerprints(job.column))
+    todo = dist.my_todo(writer.todo, job.path, data.fingerprints(job.column)) if dist else writer.todo
     decoder = _decoder(encoder, job, settings)
     try:
         _run(writer, longest_first(todo, data.rows, decoder), _runner(encoder, job, pools, settings), decoder,
@@ -387,7 +437,7 @@ def _run_model(job, data, settings):
         raise
     if dist:
         writer.close()
-        return dist.merge(job.path), dist.rank == 0
+        return dist.merge(job.path, data.fingerprints(job.column)), dist.rank == 0
     # Closing the cache (a copy of all it holds, an fsync, removing the parts: seconds for large caches)
     # overlaps the next model's load and run; h5py lets go of the GIL for its I/O.
     return _Closing(writer, job.model, job.path), True
