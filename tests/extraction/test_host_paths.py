@@ -81,18 +81,22 @@ def test_both_paths_store_the_same_hidden_states_and_a_resume_with_the_other_is_
     assert again.caches[0]["done"] == 6
 
 
-def test_image_preprocess_is_one_option_for_the_command_line_recipes_and_python(tmp_path, capsys):
-    assert ExtractSettings(manifest="m.csv", model=["x"], out="o").image_preprocess == "batched-torch"
+@pytest.mark.parametrize("name, default, value, bad, choices", [
+    ("image_preprocess", "batched-torch", "processor", "pil", "image preprocessing 'pil'; choose from batched-torch, processor"),
+    ("image_decode", "workers", "device", "gpu", "image decoding 'gpu'; choose from workers, device")])
+def test_the_image_options_are_one_option_each_for_the_command_line_recipes_and_python(tmp_path, capsys, name, default,
+                                                                                      value, bad, choices):
+    flag = name.replace("_", "-")
+    assert getattr(ExtractSettings(manifest="m.csv", model=["x"], out="o"), name) == default
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("manifest: m.csv\nmodel: [x]\nout: o\nimage-preprocess: processor\n")
+    recipe.write_text(f"manifest: m.csv\nmodel: [x]\nout: o\n{flag}: {value}\n")
     settings = build_settings(ExtractSettings, recipe=str(recipe))
-    assert settings.image_preprocess == "processor" and settings.kwargs()["image_preprocess"] == "processor"
-    with pytest.raises(FeatxError, match="unknown image preprocessing 'pil'; choose from batched-torch, processor"):
-        build_settings(ExtractSettings, given={"manifest": "m.csv", "model": ["x"], "out": "o",
-                                               "image_preprocess": "pil"})
+    assert getattr(settings, name) == value and settings.kwargs()[name] == value
+    with pytest.raises(FeatxError, match=f"unknown {choices}"):
+        build_settings(ExtractSettings, given={"manifest": "m.csv", "model": ["x"], "out": "o", name: bad})
     from featx.cli.main import main
     assert main(["extract", "--help"]) == 0
-    assert "--image-preprocess IMAGE_PREPROCESS" in capsys.readouterr().out
+    assert f"--{flag} {name.upper()}" in capsys.readouterr().out
 
 
 class _OwnPixels(ImageEncoder):

@@ -14,7 +14,6 @@ from featx.data.media import load_image
 from featx.encoders import load_encoder
 from featx.errors import FeatxError, MediaError
 from featx.predict import extraction_options
-from featx.settings import ExtractSettings, build_settings
 
 PIXEL_TOL = 1e-5  # the same libjpeg-turbo decode on both sides; the processor's kernels as on the batched path
 HIDDEN_TOL = 1e-5
@@ -138,19 +137,6 @@ def test_the_decoder_is_a_setting_of_the_cache(files, tiny_clip_vision, tmp_path
     c = extract(manifest, [tiny_clip_vision], tmp_path / "c", image_preprocess="processor", image_decode="device", **kw)
     with open_cache(c.paths[0]) as cache:
         assert cache.attrs["image_decode"] == "pil"
-
-
-def test_image_decode_is_one_option_for_the_command_line_recipes_and_python(tmp_path, capsys):
-    assert ExtractSettings(manifest="m.csv", model=["x"], out="o").image_decode == "workers"
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("manifest: m.csv\nmodel: [x]\nout: o\nimage-decode: device\n")
-    settings = build_settings(ExtractSettings, recipe=str(recipe))
-    assert settings.image_decode == "device" and settings.kwargs()["image_decode"] == "device"
-    with pytest.raises(FeatxError, match="unknown image decoding 'gpu'; choose from workers, device"):
-        build_settings(ExtractSettings, given={"manifest": "m.csv", "model": ["x"], "out": "o", "image_decode": "gpu"})
-    from featx.cli.main import main
-    assert main(["extract", "--help"]) == 0
-    assert "--image-decode IMAGE_DECODE" in capsys.readouterr().out
 
 
 def test_predict_decodes_as_the_training_cache_did_and_says_when_it_cannot(capsys):
