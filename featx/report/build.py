@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 
 import pandas as pd
 
@@ -274,5 +275,20 @@ def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(),
 
     html_path = write_html(os.path.join(out, "report.html"), TITLE, sections, all_notes, meta_lines)
     md_path = write_markdown(os.path.join(out, "summary.md"), TITLE, sections, all_notes, meta_lines)
+    _remove_stale_figures(fig_dir, pngs)
     return {"html": html_path, "md": md_path, "pngs": pngs}
+
+
+def _remove_stale_figures(fig_dir, pngs):
+    """Remove the figures/*.png that this report did not write: an earlier report's into the same --out (of other
+    results, encoders or caches), which would otherwise sit beside this one's as if they were its own; said in one
+    warning. Files other than PNGs are left alone."""
+    written = {os.path.abspath(p) for p in pngs}
+    stale = sorted(n for n in os.listdir(fig_dir) if n.endswith(".png")
+                   and os.path.isfile(os.path.join(fig_dir, n)) and os.path.abspath(os.path.join(fig_dir, n)) not in written)
+    for n in stale:
+        os.remove(os.path.join(fig_dir, n))
+    if stale:
+        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        warnings.warn(f"{fig_dir} held {len(stale)} figure(s) of an earlier report, removed: {shown}")
 

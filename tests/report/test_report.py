@@ -502,3 +502,18 @@ def test_sizes_that_came_to_the_same_labels_are_one_point_of_the_learning_curve(
     pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
     lc = learning_curves(load_results(folder), "mae")
     assert sorted(lc["labels"]) == [2.0, 2.0, 36.0, 36.0] and list(lc["train_size"]).count("0.05") == 0
+
+
+def test_a_report_written_again_into_its_folder_keeps_only_its_own_figures(tmp_path):
+    # two results folders, then one: the second report's figures/ held the first's figures of the other folder
+    dirs = [make_results_dir(str(tmp_path / name), task="classification", train_sizes=(1.0,), fusion=False,
+                             weights=False, encoders=[("bert", "text", 2, 1, peak)], seed=seed)
+            for name, peak, seed in (("one", 0.5, 0), ("two", 0.6, 1))]
+    out = tmp_path / "out"
+    first = build_report(dirs, str(out), cka=False)
+    (out / "figures" / "notes.txt").write_text("mine")
+    assert any("two" in os.path.basename(p) for p in first["pngs"])
+    with pytest.warns(UserWarning, match="figure\\(s\\) of an earlier report, removed"):
+        second = build_report(dirs[:1], str(out), cka=False)
+    assert sorted(os.listdir(out / "figures")) == sorted([os.path.basename(p) for p in second["pngs"]] + ["notes.txt"])
+    assert not any("two" in n for n in os.listdir(out / "figures"))
