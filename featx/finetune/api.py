@@ -264,7 +264,11 @@ def _run_config(inputs: _Inputs, settings) -> dict:
 
 def _check_output(out, settings) -> list:
     """The earlier outputs in `out` (featx.probing.results.earlier_outputs); a FeatxError, before any model
-    loads, when they are another run's without overwrite, or a finetune run's without resume or overwrite."""
+    loads, when they are another run's without overwrite, or a finetune run's without resume or overwrite, or when
+    resume and overwrite are both given (overwrite would delete the checkpoints that resume asks to continue)."""
+    if settings.resume and settings.overwrite:
+        raise FeatxError("--resume continues a run and --overwrite starts it again: give one of them (a recipe's "
+                         "overwrite: true counts as --overwrite)")
     earlier = earlier_outputs(out)
     if not earlier or settings.overwrite:
         return earlier

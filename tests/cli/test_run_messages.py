@@ -92,6 +92,19 @@ def test_finetune_refuses_an_earlier_runs_out_unless_overwrite_which_removes_onl
     assert "--overwrite: removed the earlier run's outputs" in err and "best_layers.csv" in err
 
 
+def test_finetune_refuses_resume_with_overwrite_even_from_a_recipe(tmp_path, tiny_bert, capsys):
+    # --overwrite would delete the checkpoints --resume asks to continue (a recipe's overwrite: true, followed by
+    # the --resume command printed after Ctrl-C, started the run again)
+    manifest = _text_manifest(tmp_path / "data")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("overwrite: true\nepochs: 1\n")
+    for extra in (["--overwrite"], ["--recipe", recipe]):
+        code, _, err = _run(capsys, "finetune", manifest, "--model", tiny_bert, "--out", tmp_path / "out", "--resume",
+                            "--device", "cpu", "-q", *extra)
+        assert code == 1 and "--resume continues a run and --overwrite starts it again" in err, err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------ item 7: Ctrl-C
 def test_ctrl_c_in_finetune_gives_the_command_that_resumes_it(tmp_path, tiny_bert):
     manifest = _text_manifest(tmp_path / "data", n=40)
