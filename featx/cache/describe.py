@@ -93,7 +93,8 @@ def inspect(path, verify=True) -> dict:
     if exists:
         s, final = _final(path, verify)
     elif settings is not None:
-        s, final = {**settings, "format_version": schema.FORMAT_VERSION, "checksums": "not checked"}, None
+        # a killed run's parts alone: check_parts reads each in full, checksums checked (--no-verify too)
+        s, final = {**settings, "format_version": schema.FORMAT_VERSION, "checksums": "verified"}, None
     else:
         if settings_problem:
             raise FeatxError(f"{path}: no cache yet, and its parts folder's {settings_problem}; "

@@ -27,6 +27,7 @@ def test_info_shows_a_killed_runs_progress_and_lists_a_folder(tmp_path, capsys):
     assert main(["info", str(killed)]) == 0
     text = capsys.readouterr().out
     assert "items      40: 40 done, 0 failed, 0 pending" in text and "unmerged   5 parts" in text
+    assert "(checksums: verified)" in text  # every part is read in full to count it (it said "not checked")
     assert main(["info", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert text.index(done) < text.index(str(killed)) and "notes.txt" not in text
