@@ -128,6 +128,10 @@ def add_settings(parser, cls, recipe=True):
         flags = ["-q", "--quiet"] if f.name == "quiet" else [f"--{dashed(f.name)}"]
         if meta["flag"]:
             parser.add_argument(*flags, dest=f.name, action="store_true", **kw)
+            if recipe and f.name != "quiet" and not f.name.startswith("no_") and not meta["cli_only"]:
+                # turns off a flag a recipe turns on (the command line wins); not listed, the README says it
+                parser.add_argument(f"--no-{dashed(f.name)}", dest=f.name, action="store_false",
+                                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif meta["many"]:
             parser.add_argument(*flags, dest=f.name, action="append", metavar=meta["metavar"] or f.name.upper(), **kw)
         else:

@@ -138,6 +138,21 @@ def test_command_line_values_win_over_the_recipe_even_when_they_equal_the_defaul
     assert {"fusion-early", "fusion-late", "fusion-gated"} <= set(res.method)
 
 
+def test_a_flag_a_recipe_turns_on_is_turned_off_on_the_command_line(tmp_path, caches, capsys):
+    recipe = tmp_path / "probe.yaml"
+    recipe.write_text("caches: [caches/m__text.h5]\nout: res\nseeds: 1\nweighted: true\n")
+    methods = []
+    for extra in ([], ["--no-weighted"]):
+        code, _, err = _run(capsys, "probe", "--recipe", recipe, "--quiet", *extra)
+        assert code == 0, err
+        methods.append(set(pd.read_csv(tmp_path / "res" / "results.csv").method))
+    assert any("weighted" in m for m in methods[0]) and not any("weighted" in m for m in methods[1]), methods
+    code, out, _ = _run(capsys, "probe", "--help")
+    assert "--no-weighted" not in out  # not listed; the README says it
+    code, _, err = _run(capsys, "extract", "m.csv", "--no-trust-remote-code")  # a flag a recipe cannot set
+    assert code == 1 and "unknown option --no-trust-remote-code" in err, err
+
+
 def test_probe_accepts_the_repos_mosi_recipe(tmp_path, caches, capsys):
     (tmp_path / "probe").mkdir()
     shutil.copy(os.path.join(REPO, "probe", "mosi.yaml"), tmp_path / "probe" / "mosi.yaml")
