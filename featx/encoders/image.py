@@ -22,6 +22,20 @@ from featx.errors import first_line
 from featx.settings import IMAGE_DECODES, IMAGE_PREPROCESS, one_of
 
 
+def _decode_batches(inputs, batch_size):
+    """[(item, input)] in runs of at most batch_size inputs and about DECODE_BYTES of JPEG bytes (one at least)."""
+    part, size = [], 0
+    for item in inputs:
+        n = item[1].nbytes if _encoded(item[1]) else 0
+        if part and (len(part) == batch_size or size + n > DECODE_BYTES):
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += n
+    if part:
+        yield part
+
+
 def _pil_rgb(data) -> np.ndarray:
     """(H, W, 3) uint8 of a JPEG file's bytes (a uint8 tensor), decoded with Pillow: for one the device refuses."""
     import io
@@ -43,6 +57,9 @@ class _Pixels:
 
 
 JPEG_DECODERS = {"workers": "pil", "cpu": "torchvision", "cuda": "nvjpeg"}  # the cache's image_decode attribute
+# JPEG bytes decoded on the device in one call at most (with batch_size images at most): decoded, about ten times
+# as much, so that a batch of large photos (12 Mpx: 4 MB each, 36 MB decoded) does not fill the GPU at once
+DECODE_BYTES = 64 << 20
 
 
 def rgb_array(image) -> np.ndarray:
@@ -169,14 +186,13 @@ class ImageEncoder(Encoder):
 
     def admit(self, inputs, batch_size):
         """Per group, in the main process, before batching: when the device decodes JPEGs, every input becomes its
-        (3, S, S) pixel values on the device, made batch_size images at a time (so that at most one batch of
-        decoded images is held), and an image no decoder takes fails as an item. (inputs, failures
-        [(item, reason)]); the inputs as they are otherwise."""
+        (3, S, S) pixel values on the device, made batch_size images (and DECODE_BYTES of JPEG) at a time, so that
+        at most that many decoded images are held, and an image no decoder takes fails as an item. (inputs,
+        failures [(item, reason)]); the inputs as they are otherwise."""
         if not self.decode_on_device or not any(_encoded(x) for _, x in inputs):
             return inputs, []
         out, failures = [], []
-        for lo in range(0, len(inputs), max(1, batch_size)):
-            part = inputs[lo:lo + batch_size]
+        for part in _decode_batches(inputs, max(1, batch_size)):
             images, bad = self._decoded([x for _, x in part])
             failures += [(part[k][0], reason) for k, reason in bad.items()]
             kept = [k for k in range(len(part)) if k not in bad]

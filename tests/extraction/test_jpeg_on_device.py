@@ -197,3 +197,18 @@ def test_video_frames_are_never_jpegs_and_record_no_jpeg_decoder(tmp_path, tiny_
         assert ca.done.all() and np.abs(ca.pooled("mean") - cb.pooled("mean")).max() == 0
     again = extract(tmp_path / "m.csv", [tiny_clip_vision], tmp_path / "a", image_decode="device", **kw)
     assert again.caches[0]["done"] == 1  # the same cache: nothing refused, nothing redone
+
+
+def test_jpegs_are_decoded_a_bounded_number_of_bytes_at_a_time(files, on_device, monkeypatch):
+    # large photos: a batch's decoded images could fill the GPU at once; calls hold about DECODE_BYTES of JPEG
+    import featx.encoders.image as image
+    inputs = [(k, load_image(files[n], jpeg_bytes=True)) for k, n in enumerate(["baseline", "small", "gray"] * 2)]
+    want, _ = on_device.admit(inputs, batch_size=8)
+    calls, real = [], image.ImageEncoder._decode_jpegs
+    monkeypatch.setattr(image.ImageEncoder, "_decode_jpegs", lambda self, data: calls.append(len(data))
+                        or real(self, data))
+    monkeypatch.setattr(image, "DECODE_BYTES", inputs[0][1].nbytes + 1)  # the largest file and no other
+    got, failures = on_device.admit(inputs, batch_size=8)
+    assert failures == [] and sum(calls) == 6 and max(calls) <= 2 and calls[0] == 1  # never the whole batch
+    assert [i for i, _ in got] == [i for i, _ in want]
+    assert max((a - b).abs().max().item() for (_, a), (_, b) in zip(got, want)) <= PIXEL_TOL
