@@ -794,7 +794,10 @@ class CacheWriter:
         self.todo = np.flatnonzero(~state.done).astype(np.int64)
         if state.stale.any():
             stale = np.flatnonzero(state.stale)
-            what = f"the manifest's {self.attrs['source_column']}" if "source_column" in self.attrs else "the source"
+            column = self.attrs.get("source_column")
+            what = ("the manifest's text" if column == "text" else
+                    f"the {column} file (its path from the manifest, size or modification time)" if column else
+                    "the source")
             print(f"featx: {self.path}: {what} of {len(stale)} item(s) changed since the cache was made, e.g. id "
                   f"{self.ids[stale[0]]}; extracting them again", file=sys.stderr)
         counters = [schema.part_counter(os.path.basename(p)) for p, _ in good + bad]

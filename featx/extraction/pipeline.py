@@ -132,18 +132,20 @@ class _Manifest:
     splits: object
     meta: dict
     prints: dict = field(default_factory=dict)  # column -> its source_fingerprints, computed once
+    base: str = ""  # the manifest's folder, which its relative paths start from
 
     def fingerprints(self, column) -> np.ndarray:
         if column not in self.prints:
-            self.prints[column] = source_fingerprints(self.rows, column)
+            self.prints[column] = source_fingerprints(self.rows, column, self.base)
         return self.prints[column]
 
 
-def source_fingerprints(rows, column) -> np.ndarray:
+def source_fingerprints(rows, column, base="") -> np.ndarray:
     """(N,) uint64: a hash of each row's source in `column`, recorded in the cache with the item's values so
     that a source changed since (same id, another text or file) is computed again: a text as the encoder reads
-    it (stripped), a file by its path, size and modification time (and a segment's start and end). Never 0,
-    which stands for "not known"."""
+    it (stripped), a file by its path from `base` (the manifest's folder: a data set moved with its manifest keeps
+    its fingerprints), size and modification time (and a segment's start and end). Never 0, which stands for
+    "not known"."""
     import hashlib
 
     import pandas as pd
@@ -163,7 +165,11 @@ def source_fingerprints(rows, column) -> np.ndarray:
             except OSError:
                 found = "missing"
             segment = "" if column == "image" else f"\0{text(row.get('start'))}\0{text(row.get('end'))}"
-            key = f"file\0{src}\0{found}{segment}"
+            try:
+                where = os.path.relpath(src, base) if base and src and os.path.isabs(src) else src
+            except ValueError:  # another drive (Windows)
+                where = src
+            key = f"file\0{where}\0{found}{segment}"
         h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
         out[k] = h or 1
     return out
@@ -241,7 +247,8 @@ def extract(manifest, models, out, *, progress=True, group_size=None, summary=Tr
             raise FeatxError(f"{job.model}: --seq is not supported for {job.family.name} models (its layers differ "
                              "in width and in positions, so there is no per-position sequence); leave --seq out")
     labels, splits, meta = labels_and_splits(df)
-    data = _Manifest(df.to_dict("records"), df["id"].tolist(), labels, splits, meta)
+    data = _Manifest(df.to_dict("records"), df["id"].tolist(), labels, splits, meta,
+                     base=os.path.dirname(os.path.abspath(manifest)))
     return _run_jobs(jobs, data, out, settings, announce=summary)
 
 

@@ -179,12 +179,32 @@ def test_a_changed_image_file_is_extracted_again(tmp_path, tiny_clip_vision, cap
     write_png(tmp_path / "i2.png", seed=7, size=(50, 40))
     capsys.readouterr()
     extract(manifest, [tiny_clip_vision], tmp_path / "c", progress=False)
-    assert "the manifest's image of 1 item(s) changed since the cache was made, e.g. id c" in capsys.readouterr().err
+    assert ("the image file (its path from the manifest, size or modification time) of 1 item(s) changed since the "
+            "cache was made, e.g. id c") in capsys.readouterr().err
     got, _ = _mean(path)
     np.testing.assert_array_equal(got[:2], old[:2])
     extract(manifest, [tiny_clip_vision], tmp_path / "f", progress=False, overwrite=True)
     np.testing.assert_array_equal(got, _mean(str(tmp_path / "f" / "m__tiny-clip-vision.h5"))[0])
     assert not np.array_equal(got[2], old[2])
+
+
+def test_a_data_set_moved_with_its_manifest_is_not_extracted_again(tmp_path, tiny_clip_vision, capsys):
+    """Files are fingerprinted by their path from the manifest's folder: moving the folder (mv keeps each file's
+    size and modification time) leaves every item done; a trial saw all of them extracted again."""
+    import shutil
+
+    from conftest import write_png
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(3):
+        write_png(data / f"i{k}.png", seed=k)
+    pd.DataFrame({"id": ["a", "b", "c"], "image": ["i0.png", "i1.png", "i2.png"]}).to_csv(data / "m.csv", index=False)
+    extract(str(data / "m.csv"), [tiny_clip_vision], tmp_path / "c", progress=False)
+    shutil.move(str(data), str(tmp_path / "moved"))
+    capsys.readouterr()
+    res = extract(str(tmp_path / "moved" / "m.csv"), [tiny_clip_vision], tmp_path / "c", progress=False)
+    assert res.caches[0]["done"] == 3 and "changed since the cache was made" not in capsys.readouterr().err
 
 
 def test_a_changed_item_whose_new_source_fails_keeps_no_old_value(tmp_path, tiny_bert, capsys):
