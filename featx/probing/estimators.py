@@ -60,8 +60,10 @@ def inferred_task_note(y):
     if infer_task(y) == "classification":
         return (f"task: classification ({values.size} class(es): numeric labels whose only values are 0 and 1 are "
                 "taken as classes; give --task regression to fit them as numbers)")
+    hint = ("give --task classification to take these as classes" if 2 * values.size <= np.isfinite(y).sum()
+            else "too many distinct values to be classes")  # more than half the labels: classification refuses them
     return (f"task: regression ({values.size} distinct numeric label values: {shown}; only labels that are all 0 "
-            "or 1 are taken as classes: give --task classification to take these as classes)")
+            f"or 1 are taken as classes: {hint})")
 
 
 def as_layers(X) -> np.ndarray:

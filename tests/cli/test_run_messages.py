@@ -242,3 +242,10 @@ def test_predict_gives_the_reason_of_each_missing_prediction_and_class_probabili
     p = ok[["p_neg", "p_pos"]].to_numpy(float)
     np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-12)
     assert list(np.array(["neg", "pos"])[p.argmax(1)]) == list(ok["prediction"])
+
+
+def test_the_task_line_does_not_suggest_classes_that_classification_refuses(tmp_path, capsys):
+    # 120 distinct numeric labels: --task classification refuses them (more classes than half the labels)
+    labels = np.arange(120, dtype=float)
+    code, _, err = _run(capsys, "probe", _cache(tmp_path / "c.h5", labels=labels), "--out", tmp_path / "o")
+    assert code == 0 and "too many distinct values to be classes" in err and "give --task classification" not in err
