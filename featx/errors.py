@@ -1,4 +1,5 @@
 """Errors featx raises for usage and configuration mistakes (printed as one line by the CLI)."""
+import re
 
 
 class FeatxError(Exception):
@@ -13,6 +14,8 @@ class MediaError(Exception):
 
 
 def first_line(err) -> str:
-    """The first line of an exception's message, or its type name when the message is empty."""
+    """The first line of an exception's message, or its type name when the message is empty; an in-memory file's
+    repr in it (Pillow names the file object it was given, with its address) is "the file", so that the reason
+    recorded for an item is the same from run to run."""
     lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", lines[0]) if lines else type(err).__name__
