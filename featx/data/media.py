@@ -4,7 +4,6 @@ Every failure is a MediaError with a one-line reason; the pipeline records it fo
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import stat
@@ -82,12 +81,10 @@ def load_image(path, max_pixels=MAX_IMAGE_PIXELS, shortest_side=0, jpeg_bytes=Fa
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
-            source = path
-            if jpeg_bytes:
+            if jpeg_bytes:  # read whole; Pillow still opens the path, so that its errors name the file
                 with open(path, "rb") as f:
                     data = f.read()
-                source = io.BytesIO(data)
-            with Image.open(source) as im:
+            with Image.open(path) as im:
                 width, height = im.size
                 if max_pixels and width * height > max_pixels:
                     raise MediaError(f"image {name} is {width}x{height} = {_mpx(width * height)} Mpx, over "

@@ -218,7 +218,7 @@ def test_a_decode_error_names_no_memory_address(tmp_path):
     # Pillow names the in-memory file it was given (<_io.BytesIO object at 0x...>): the recorded reason differed
     # from run to run
     fake = tmp_path / "fake.jpg"
-    fake.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg at all \xff\xd9")
+    fake.write_bytes(b"not an image at all")
     with pytest.raises(MediaError) as e:
         load_image(str(fake), jpeg_bytes=True)
     assert "0x" not in str(e.value) and "fake.jpg" in str(e.value), str(e.value)
