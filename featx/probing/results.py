@@ -74,10 +74,19 @@ def size_label(value) -> str:
 # layer_weights.csv, meta.json, classifier__NAME.safetensors), finetune (history.csv, finetune.json) and a report
 # written there (featx.report.build: report.html, summary.md, figures/*.png). A new run removes an earlier run's
 # (clear_earlier_outputs), never another file, so that the folder holds only its own outputs.
+REPORT_HTML, REPORT_MD, FIGURES = "report.html", "summary.md", "figures"  # a report's files (featx.report.build)
 RUN_FILES = ("results.csv", "results.parquet", "best_layers.csv", "layer_weights.csv", "meta.json", "history.csv",
-             "finetune.json", "report.html", "summary.md")
+             "finetune.json", REPORT_HTML, REPORT_MD)
 CLASSIFIER_FILE = re.compile(r"classifier__.+\.safetensors")
-FIGURES = "figures"
+
+
+def figure_files(out) -> list:
+    """The figures/*.png of `out` (a report's figures), as paths relative to `out`, sorted."""
+    figures = os.path.join(out, FIGURES)
+    if not os.path.isdir(figures):
+        return []
+    return sorted(os.path.join(FIGURES, n) for n in os.listdir(figures)
+                  if n.endswith(".png") and os.path.isfile(os.path.join(figures, n)))
 
 
 def earlier_outputs(out) -> list:
@@ -87,11 +96,7 @@ def earlier_outputs(out) -> list:
         return []
     names = [n for n in os.listdir(out) if os.path.isfile(os.path.join(out, n))
              and (n in RUN_FILES or n.endswith(".tmp") and n[:-4] in RUN_FILES or CLASSIFIER_FILE.fullmatch(n))]
-    figures = os.path.join(out, FIGURES)
-    if os.path.isdir(figures):
-        names += [os.path.join(FIGURES, n) for n in os.listdir(figures)
-                  if n.endswith(".png") and os.path.isfile(os.path.join(figures, n))]
-    return sorted(names)
+    return sorted(names + figure_files(out))
 
 
 def clear_earlier_outputs(out) -> list:

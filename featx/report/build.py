@@ -12,7 +12,7 @@ from featx.report import plots
 from featx.naming import cache_names, display_names, slug
 from featx.report.cka import cache_cka, summary_cka
 from featx.report.html import Section, write_html, write_markdown
-from featx.probing.results import METRIC_LABELS, load_results
+from featx.probing.results import FIGURES, METRIC_LABELS, REPORT_HTML, REPORT_MD, figure_files, load_results
 from featx.report.results import FINETUNE_COLUMN, LAYERS_COLUMN, SCORE_COLUMNS, findings, summary_table
 
 TITLE = "featx layer-wise report"
@@ -250,7 +250,7 @@ def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(),
         raise FeatxError("featx report needs at least one results directory")
     results = _unique_names([load_results(d) for d in results_dirs])
     out = os.path.abspath(str(out))
-    fig_dir = os.path.join(out, "figures")
+    fig_dir = os.path.join(out, FIGURES)
     os.makedirs(fig_dir, exist_ok=True)
 
     all_notes = [str(n) for n in notes]
@@ -273,22 +273,23 @@ def build_report(results_dirs, out, caches=None, relative_depth=False, notes=(),
                 "No caches given (--cache) or listed in meta.json; CKA skipped."]))
     sections.append(appendix)
 
-    html_path = write_html(os.path.join(out, "report.html"), TITLE, sections, all_notes, meta_lines)
-    md_path = write_markdown(os.path.join(out, "summary.md"), TITLE, sections, all_notes, meta_lines)
-    _remove_stale_figures(fig_dir, pngs)
+    html_path = write_html(os.path.join(out, REPORT_HTML), TITLE, sections, all_notes, meta_lines)
+    md_path = write_markdown(os.path.join(out, REPORT_MD), TITLE, sections, all_notes, meta_lines)
+    _remove_stale_figures(out, pngs)
     return {"html": html_path, "md": md_path, "pngs": pngs}
 
 
-def _remove_stale_figures(fig_dir, pngs):
-    """Remove the figures/*.png that this report did not write: an earlier report's into the same --out (of other
-    results, encoders or caches), which would otherwise sit beside this one's as if they were its own; said in one
-    warning. Files other than PNGs are left alone."""
+def _remove_stale_figures(out, pngs):
+    """Remove the figures/*.png of `out` (featx.probing.results.figure_files) that this report did not write: an
+    earlier report's into the same --out (of other results, encoders or caches), which would otherwise sit beside
+    this one's as if they were its own; said in one warning. Files other than PNGs are left alone."""
     written = {os.path.abspath(p) for p in pngs}
-    stale = sorted(n for n in os.listdir(fig_dir) if n.endswith(".png")
-                   and os.path.isfile(os.path.join(fig_dir, n)) and os.path.abspath(os.path.join(fig_dir, n)) not in written)
-    for n in stale:
-        os.remove(os.path.join(fig_dir, n))
+    stale = [f for f in figure_files(out) if os.path.abspath(os.path.join(out, f)) not in written]
+    for f in stale:
+        os.remove(os.path.join(out, f))
     if stale:
-        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
-        warnings.warn(f"{fig_dir} held {len(stale)} figure(s) of an earlier report, removed: {shown}")
+        names = [os.path.basename(f) for f in stale]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(f"{os.path.join(out, FIGURES)} held {len(stale)} figure(s) of an earlier report, removed: "
+                      f"{shown}")
 
