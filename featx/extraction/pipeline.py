@@ -390,13 +390,13 @@ def _known_attrs(job, settings) -> dict:
         attrs.update(num_frames=clip_frames(job.config), clip_sampling=CLIP_SAMPLING)
     if job.modality == "image":  # which path made the pixels (they may round differently on CUDA): a setting;
         # the one the encoder runs (SigLIP 2, or a processor without torchvision: processor), from its processor
-        known = getattr(job.family.adapter_class(), "preprocess_path", None)
+        adapter = job.family.adapter_class()
+        known = getattr(adapter, "preprocess_path", None)
         attrs["image_preprocess"] = (known(job.model, settings.image_preprocess, settings.trust_remote_code)
                                      if known else settings.image_preprocess)
-        decoder = getattr(job.family.adapter_class(), "jpeg_decoder", None)
-        if decoder and job.column != "video":  # video frames come from the video decoder
-            on_device = job.family.adapter_class().decode_path(settings.image_decode, attrs["image_preprocess"])
-            attrs["image_decode"] = decoder(on_device == "device", torch.device(settings.device).type)
+        if hasattr(adapter, "jpeg_decoder") and job.column != "video":  # video frames: the video decoder's
+            on_device = adapter.decode_path(settings.image_decode, attrs["image_preprocess"]) == "device"
+            attrs["image_decode"] = adapter.jpeg_decoder(on_device, torch.device(settings.device).type)
     if settings.seq:
         attrs["seq_stride"] = int(settings.seq_stride)
     if job.modality == "text" and settings.max_length:
