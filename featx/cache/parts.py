@@ -13,6 +13,7 @@ import numpy as np
 
 from featx.cache import schema
 from featx.cache.reader import check_dataset, fingerprints, open_file, reading, seq_offsets
+from featx.checkpoint import MODEL_FINGERPRINT, fingerprint_diff
 from featx.errors import FeatxError, first_line
 from featx.naming import resolve_model, same_model
 
@@ -70,13 +71,20 @@ def file_settings(header):
 
 
 def settings_diff(old, new):
-    """One short phrase per setting that differs, e.g. "model 'a' (now 'b')"; a None in `new` matches anything."""
+    """One short phrase per setting that differs, e.g. "model 'a' (now 'b')"; a None in `new` matches anything.
+    model_fingerprint is compared only when both have one, and two model paths with the same one are one model."""
     diffs = []
     keys = sorted(set(old["attrs"]) | set(new["attrs"]), key=lambda k: (k not in ("model", "modality"), k))
+    prints = old["attrs"].get(MODEL_FINGERPRINT), new["attrs"].get(MODEL_FINGERPRINT)
     for k in keys:
         a, b = old["attrs"].get(k, schema.ATTRS_BEFORE_RECORDED.get(k)), new["attrs"].get(k)
-        if k == "model" and isinstance(a, str) and isinstance(b, str):
-            if not same_model(a, b):  # a folder is one model however it is typed (featx.naming.resolve_model)
+        if k == MODEL_FINGERPRINT:  # the same folder's weights; not compared when either is not known
+            if a is not None and b is not None and a != b:
+                diffs.append(f"model weights: {fingerprint_diff(a, b)}")
+        elif k == "model" and isinstance(a, str) and isinstance(b, str):
+            if not same_model(a, b) and not (None not in prints and prints[0] == prints[1]):
+                # a folder is one model however it is typed (featx.naming.resolve_model), or wherever it is
+                # moved or copied to (the same weights' fingerprint, featx.checkpoint)
                 here = resolve_model(a)
                 diffs.append(f"model {a!r}{f' (from here {here!r})' if here != a else ''} (now {b!r})")
         elif a != b:

@@ -11,7 +11,9 @@ A consolidated cache (one HDF5 file per manifest x encoder) holds, for N items, 
   meta/<k> (N,) str for k = 0, 1, ...: metadata columns, named by meta's attribute `columns` (a JSON list),
       so any column name round-trips ("a/b", "."); files of format 1.0 without the attribute name them by key
   root attrs: model, modality, num_layers, hidden_size, dtype, poolings (comma-separated), featx_version,
-      format_version, and the caller's settings (str, bool, int or float);
+      format_version, and the caller's settings (str, bool, int or float), among them model_fingerprint (which
+      weights, featx.checkpoint; absent in caches made before featx recorded it, and compared only when both
+      sides have it: the same fingerprint is the same model under another path);
       layer_widths (comma-separated, L ints, the widest = D) only when layers differ in width (a CNN's stages):
       layer l's values are its first layer_widths[l] features, zero-padded to D; readers cut the padding off
 Numeric datasets carry HDF5 Fletcher-32 checksums (HDF5 allows no filter on variable-length strings).

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from featx.checkpoint import MODEL_FINGERPRINT, model_fingerprint
 from featx.data.manifest import labels_and_splits, read_manifest, source_column
 from featx.data.video import CLIP_SAMPLING
 from featx.device import resolve_device, resolve_precision
@@ -401,6 +402,9 @@ def _known_attrs(job, settings) -> dict:
         attrs["seq_stride"] = int(settings.seq_stride)
     if job.modality == "text" and settings.max_length:
         attrs["max_length"] = int(settings.max_length)
+    fingerprint = model_fingerprint(job.model)  # which weights (featx.checkpoint); None: not on disk yet
+    if fingerprint is not None:
+        attrs[MODEL_FINGERPRINT] = fingerprint
     return attrs
 
 
