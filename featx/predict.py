@@ -7,11 +7,12 @@ import tempfile
 import numpy as np
 import pandas as pd
 
+from featx.checkpoint import MODEL_FINGERPRINT
 from featx.errors import FeatxError
 
 
 def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch_size=16,
-            progress=True, precision=None) -> pd.DataFrame:
+            progress=True, precision=None, models=None) -> pd.DataFrame:
     """DataFrame(id, prediction, [p_CLASS per class,] error) for the manifest's items: a classifier's class
     probabilities (columns p_<class>, in its class order), and the reason an item has no prediction (error, empty
     for the others).
@@ -24,18 +25,27 @@ def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch
     precision: a probe's extraction precision (featx extract's --precision); None: the one its training cache
     was made with (a FeatxError when this device cannot run it: bf16 or fp16 autocast on a CPU), or auto for a
     file that does not record it. Given with a fine-tuned model: a FeatxError (it predicts in fp32).
+    models: None, or a probe's encoders where they are now (hub ids or local folders), one per encoder the
+    classifier names, in its order (featx predict's --model): in place of the recorded ones, for a model folder
+    moved, copied or shared. Each is checked to be the checkpoint the classifier was trained on (the fingerprint
+    of its weights, featx.checkpoint): another one is a FeatxError naming what differs; a file saved before featx
+    recorded the fingerprint is used with a line on stderr saying that it could not be checked. Given with a
+    fine-tuned model: a FeatxError (its model/ folder holds its encoders).
     """
     path = os.fspath(classifier)
     if os.path.isdir(path) and precision is not None:
         raise FeatxError(f"{path}: --precision is for a probe's classifier; a fine-tuned model predicts in fp32 "
                          "with its saved weights")
+    if os.path.isdir(path) and models:
+        raise FeatxError(f"{path}: --model is for a probe's classifier; a fine-tuned model/ folder holds its "
+                         "encoders' weights")
     if os.path.isdir(path):
         from featx.finetune import load_finetuned
 
         from featx.device import resolve_device
         result = load_finetuned(path, device=resolve_device(device)).predict_manifest(manifest, batch_size)
     elif os.path.isfile(path):
-        result = _predict_probe(manifest, path, cache_dir, device, batch_size, progress, precision)
+        result = _predict_probe(manifest, path, cache_dir, device, batch_size, progress, precision, models)
     else:
         raise FeatxError(f"classifier not found: {path}")
     if out:
@@ -49,21 +59,22 @@ _PREDICT_ADVICE = ("predict extracts with the classifier's model, pooling and ex
                    "--cache-dir (or none: a temporary folder)")
 
 
-def _predict_probe(manifest, path, cache_dir, device, batch_size, progress, precision):
-    from featx.probing.classifier import Classifier, prediction_table
+def _predict_probe(manifest, path, cache_dir, device, batch_size, progress, precision, models=None):
+    from featx.probing.classifier import Classifier, prediction_table, recorded_fingerprint
     from featx.extraction.pipeline import extract, print_summary
     from featx.data.manifest import read_manifest
 
     clf = Classifier.load(path)
     settings = [extraction_options(block, path, device, precision) for block in clf.blocks]
+    chosen = [model_for(block, given, path) for block, given in zip(clf.blocks, given_models(clf.blocks, models))]
     ids = read_manifest(manifest)["id"].astype(str)
     with tempfile.TemporaryDirectory(prefix="featx-predict-") as tmp:
         folder = os.fspath(cache_dir) if cache_dir else tmp
         caches = []
-        for block, options in zip(clf.blocks, settings):
-            _say_relative(block["encoder"])
+        for block, options, (model, checked) in zip(clf.blocks, settings, chosen):
+            _say_relative(model)
             try:
-                res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], device=device,
+                res = extract(manifest, [model], folder, pool=[block["pooling"]], device=device,
                               batch_size=batch_size, progress=progress, summary=bool(cache_dir), **options)
             except FeatxError as e:   # extract's advice names its --overwrite, which predict does not have
                 raise FeatxError(str(e).replace(_EXTRACT_ADVICE, _PREDICT_ADVICE)) from None
@@ -71,12 +82,71 @@ def _predict_probe(manifest, path, cache_dir, device, batch_size, progress, prec
                 for entry in res.caches:
                     print_summary(entry, where="a temporary folder, removed after the predictions")
             caches.append(_cache_of(res.paths, block))
+            if not checked:   # a hub model not on disk before the extraction: its cache records what ran
+                _check_weights(block, model, recorded_fingerprint(caches[-1]), path, model != block["encoder"])
         got_ids, inputs = clf.cache_inputs(caches)
         pred = clf.predict(inputs) if len(got_ids) else []
         proba = clf.predict_proba(inputs) if clf.task == "classification" and len(got_ids) else None
         reasons = _not_done(caches, clf.blocks)
     return prediction_table(ids, got_ids, pred, clf.classes if clf.task == "classification" else None, proba,
                             reasons)
+
+
+def given_models(blocks, models) -> list:
+    """Per block, the model given in place of its recorded encoder (None: the recorded one): `models` names
+    the classifier's distinct encoders in the order of its blocks (a model whose two towers are two blocks,
+    once); FeatxError when their number differs."""
+    if not models:
+        return [None] * len(blocks)
+    recorded = list(dict.fromkeys(block["encoder"] for block in blocks))
+    if len(models) != len(recorded):
+        raise FeatxError(f"the classifier was trained on {len(recorded)} encoder(s) ({', '.join(recorded)}): give "
+                         f"--model once for each, in that order (got {len(models)})")
+    now = dict(zip(recorded, (os.fspath(m) for m in models)))
+    return [now[block["encoder"]] for block in blocks]
+
+
+def model_for(block, given, path):
+    """(the model predict runs for a classifier block, whether its weights were checked): `given` (--model), or
+    the recorded encoder, which must still exist when it is a local folder. A model whose fingerprint differs
+    from the recorded one is a FeatxError; (model, False) when the model's files are not on disk yet (a hub id
+    not downloaded), to be checked on the cache the extraction makes."""
+    from featx.checkpoint import model_fingerprint
+    from featx.naming import is_local, resolve_model
+
+    recorded = block["encoder"]
+    if given is None:
+        if is_local(recorded) and not os.path.exists(os.path.expanduser(recorded)):
+            raise FeatxError(f"{path}: the classifier's model folder {recorded!r} does not exist (moved, or saved "
+                             "on another machine?): give the folder where that model is now with --model PATH; "
+                             "it is checked to be the checkpoint the classifier was trained on")
+        model = recorded
+    else:
+        model = resolve_model(given)
+    now = model_fingerprint(model)
+    if now is not None or block.get(MODEL_FINGERPRINT) is None:
+        _check_weights(block, model, now, path, given is not None)
+        return model, True
+    return model, False
+
+
+def _check_weights(block, model, now, path, substituted):
+    """FeatxError when fingerprint `now` of `model` is not the one the classifier recorded; a line on stderr when
+    a model given in the encoder's place cannot be checked (no fingerprint on one side)."""
+    import sys
+
+    from featx.checkpoint import fingerprint_diff
+
+    recorded = block.get(MODEL_FINGERPRINT)
+    if recorded is not None and now is not None and now != recorded:
+        trained = "" if model == block["encoder"] else f" ({block['encoder']})"
+        raise FeatxError(f"{path}: {model} is not the checkpoint the classifier was trained on{trained}: "
+                         f"{fingerprint_diff(recorded, now)}")
+    if substituted and (recorded is None or now is None):
+        why = ("the classifier records no fingerprint of its model's weights (saved by an earlier featx)"
+               if recorded is None else f"the weights of {model} are not on disk to fingerprint")
+        print(f"featx predict: {why}: cannot check that {model} is the checkpoint it was trained on "
+              f"({block['encoder']}); its predictions are wrong if it is not", file=sys.stderr)
 
 
 def _not_done(caches, blocks) -> dict:

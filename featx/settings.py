@@ -786,6 +786,10 @@ class PredictSettings(Settings):
                       default_text="print CSV on stdout")
     cache_dir: str = option(None, "keep the extracted caches here", optional(text), path=True,
                             default_text="a temporary folder")
+    model: list = option(None, "a probe's model where it is now (hub id or local folder), in place of the one the "
+                         "classifier records (a folder moved, copied or shared); repeat once per encoder of the "
+                         "classifier, in its order; refused unless it is the same checkpoint (its weights' "
+                         "fingerprint)", texts, many=True, model=True, default_text="the recorded one")
     device: str = option("auto", "auto, cpu, cuda or cuda:N", parse_device)
     batch_size: int = option(16, "most inputs per forward", integer(1))
     precision: str = option(None, "a probe's extraction precision, as featx extract's: auto, fp32, bf16, fp16 or "

@@ -181,3 +181,116 @@ def test_precision_with_a_fine_tuned_model_is_refused_not_ignored(tmp_path, medi
     assert main(["predict", media, "--classifier", str(tmp_path / "model"), "--precision", "fp16"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--precision is for a probe's classifier" in err[0]
+
+
+def _moved_model_classifier(tmp_path, media, tiny_bert):
+    """(classifier, its predictions as a DataFrame, the model folder it was trained on, moved elsewhere): a probe
+    trained on a copy of tiny-bert in tmp_path/project/models, which is then moved to tmp_path/moved."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_bert, project / "models" / "tiny-bert")
+    _, saved = _train(project, media, str(project / "models" / "tiny-bert"), "--dtype", "float32")
+    before = tmp_path / "before.csv"
+    assert main(["predict", media, "--classifier", saved, "--out", str(before), "-q"]) == 0
+    moved = tmp_path / "moved" / "tiny-bert"
+    moved.parent.mkdir()
+    shutil.move(str(project / "models" / "tiny-bert"), moved)
+    return saved, pd.read_csv(before), str(project / "models" / "tiny-bert"), str(moved)
+
+
+def test_a_moved_model_folder_is_given_with_model_and_predicts_the_same(tmp_path, media, tiny_bert, capsys):
+    """The trial's case: the project's model folder moved after the probe. predict said only that the recorded
+    folder does not exist; now it says to give --model, and --model with the folder where it is now gives the
+    same predictions, checked to be the same checkpoint."""
+    from featx.probing.classifier import Classifier
+
+    saved, before, old, moved = _moved_model_classifier(tmp_path, media, tiny_bert)
+    assert Classifier.load(saved).blocks[0]["model_fingerprint"].startswith("config=")
+    capsys.readouterr()
+    assert main(["predict", media, "--classifier", saved, "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and old in err[0] and "does not exist" in err[0] and "--model" in err[0], err
+    out = tmp_path / "after.csv"
+    assert main(["predict", media, "--classifier", saved, "--model", moved, "--out", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "cannot check" not in err, err
+    after = pd.read_csv(out)
+    assert before["prediction"].notna().all()
+    pd.testing.assert_frame_equal(after, before)
+
+
+def test_another_checkpoint_given_with_model_is_refused_naming_what_differs(tmp_path, media, tiny_bert, capsys):
+    """A checkpoint of the same config and file sizes but another random initialisation is not the one the
+    classifier was trained on: refused in one line before anything is extracted (its numbers would be silently
+    wrong); one of another size says that its config and weight files differ."""
+    from featx.demo.tiny import build_tiny_bert
+
+    saved, _, _, _ = _moved_model_classifier(tmp_path, media, tiny_bert)
+    other = build_tiny_bert(str(tmp_path / "other" / "tiny-bert"), seed=1)
+    capsys.readouterr()
+    assert main(["predict", media, "--classifier", saved, "--model", other, "--cache-dir", str(tmp_path / "pc"),
+                 "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and other in err[0] and "is not the checkpoint the classifier was trained on" in err[0]
+    assert "its weights differ" in err[0] and "config" not in err[0].split(": ", 2)[-1], err
+    assert not os.path.exists(tmp_path / "pc")
+    wider = build_tiny_bert(str(tmp_path / "wider" / "tiny-bert"), hidden_size=48)
+    assert main(["predict", media, "--classifier", saved, "--model", wider, "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json differs" in err[0] and "weight files differ" in err[0], err
+
+
+def test_a_model_given_for_a_classifier_without_fingerprint_is_used_with_a_warning(tmp_path, media, tiny_bert,
+                                                                                   capsys):
+    """A classifier saved before featx recorded its model's fingerprint: a model given with --model is used (as
+    the user asked) with one line saying it could not be checked; its predictions are those of that model."""
+    from featx.probing.classifier import Classifier
+
+    saved, before, _, moved = _moved_model_classifier(tmp_path, media, tiny_bert)
+    clf = Classifier.load(saved)
+    del clf.blocks[0]["model_fingerprint"]
+    old = clf.save(str(tmp_path / "old.safetensors"))
+    capsys.readouterr()
+    out = tmp_path / "p.csv"
+    assert main(["predict", media, "--classifier", old, "--model", moved, "--out", str(out), "-q"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "cannot check" in line]
+    assert len(err) == 1 and "records no fingerprint" in err[0] and moved in err[0], err
+    pd.testing.assert_frame_equal(pd.read_csv(out), before)
+
+
+def test_model_is_given_once_per_encoder_and_not_for_a_fine_tuned_model(tmp_path, media, tiny_bert, capsys):
+    saved, _, _, moved = _moved_model_classifier(tmp_path, media, tiny_bert)
+    capsys.readouterr()
+    assert main(["predict", media, "--classifier", saved, "--model", moved, "--model", moved, "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 encoder(s)" in err[0] and "once for each" in err[0] and "(got 2)" in err[0], err
+    (tmp_path / "model").mkdir()
+    assert main(["predict", media, "--classifier", str(tmp_path / "model"), "--model", moved]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model is for a probe's classifier" in err[0], err
+
+
+def test_a_cache_dir_made_before_the_model_moved_is_resumed_with_model(tmp_path, media, tiny_bert, capsys):
+    """predict --cache-dir keeps its caches; after the model folder moves, --model with the new folder reuses
+    the cache (the same checkpoint's fingerprint), where it refused it as made with another model."""
+    import shutil
+
+    from featx.cache import open_cache
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_bert, project / "tiny-bert")
+    _, saved = _train(project, media, str(project / "tiny-bert"), "--dtype", "float32")
+    pc = tmp_path / "pc"
+    assert main(["predict", media, "--classifier", saved, "--cache-dir", str(pc), "--out",
+                 str(tmp_path / "a.csv"), "-q"]) == 0
+    cache = pc / "manifest__tiny-bert.h5"
+    stamp = os.stat(cache).st_mtime_ns
+    shutil.move(str(project / "tiny-bert"), tmp_path / "tiny-bert")
+    capsys.readouterr()
+    assert main(["predict", media, "--classifier", saved, "--model", str(tmp_path / "tiny-bert"), "--cache-dir",
+                 str(pc), "--out", str(tmp_path / "b.csv"), "-q"]) == 0, capsys.readouterr().err
+    assert os.stat(cache).st_mtime_ns == stamp   # complete: not written again
+    with open_cache(str(cache)) as c:
+        assert c.done.all()
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b.csv"), pd.read_csv(tmp_path / "a.csv"))

@@ -319,7 +319,8 @@ def _predict(sub):
 
         with contextlib.redirect_stderr(_AsPredict(sys.stderr)):
             result = predict(s.manifest, s.classifier, out=s.out, cache_dir=s.cache_dir, device=s.device,
-                             batch_size=s.batch_size, progress=not s.quiet, precision=s.precision)
+                             batch_size=s.batch_size, progress=not s.quiet, precision=s.precision,
+                             models=s.model)
         missing = int(result["prediction"].isna().sum())
         if s.out:
             print(f"featx predict: {len(result) - missing} predictions written to {s.out}"

@@ -1,6 +1,6 @@
-"""A trained probe saved without pickle: safetensors arrays + a JSON header (encoder reference, layers,
-pooling, the extraction settings of the cache it was trained on, task, classes). Loading reads arrays and JSON
-only; no code runs.
+"""A trained probe saved without pickle: safetensors arrays + a JSON header (encoder reference and a
+fingerprint of its weights, layers, pooling, the extraction settings of the cache it was trained on, task,
+classes). Loading reads arrays and JSON only; no code runs.
 
 Model: for each encoder block b, features f_b = sum_l w_bl * (x_bl - mean_bl) / scale_bl over its layers
 (one layer: w = [1]; the weighted sum: the learned softmax weights), blocks concatenated, then
@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from featx.checkpoint import MODEL_FINGERPRINT
 from featx.errors import FeatxError, first_line
 from featx.probing.data import load_cache
 from featx.probing.fusion import align_by_id
@@ -32,7 +33,8 @@ EXTRACTION_SETTINGS = ("precision", "dtype", "max_length", "max_audio_seconds", 
 
 class Classifier:
     """blocks: list of {"encoder", "modality", "pooling", "layers": [int], "hidden_size", "extraction": {setting:
-    value} (EXTRACTION_SETTINGS; optional)}; arrays: per block b mean_b / scale_b (L_b, D_b) and weights_b (L_b,),
+    value} (EXTRACTION_SETTINGS; optional), "model_fingerprint": the training cache's fingerprint of the encoder's
+    weights (featx.checkpoint; optional: not in files saved before featx recorded it)}; arrays: per block b mean_b / scale_b (L_b, D_b) and weights_b (L_b,),
     and coef (C', sum D_b), intercept (C',)."""
 
     def __init__(self, task, blocks, arrays, classes=None, settings=None):
@@ -75,6 +77,9 @@ class Classifier:
         block = {"encoder": encoder, "name": data.name or data.encoder, "modality": data.modality,
                  "pooling": settings.pool, "layers": [layer], "hidden_size": width,
                  "num_layers": data.num_layers, "extraction": extraction_settings(data.path)}
+        fingerprint = recorded_fingerprint(data.path)
+        if fingerprint is not None:  # which weights; predict checks a model given in the encoder's place against it
+            block[MODEL_FINGERPRINT] = fingerprint
         record = {"probe": probe, "sweep_probe": settings.probe, "folds": settings.folds, "fold": 0,
                   "folds_run": len(folds), "seed": seed, "device": settings.device, "train_size": "1.0",
                   "train_labels": int(len(train)), "test_split": test_split, "selected_on": "dev",
@@ -212,6 +217,16 @@ def extraction_settings(cache_path) -> dict:
     return out
 
 
+def recorded_fingerprint(cache_path):
+    """The fingerprint of the weights a cache was extracted with (featx.checkpoint), or None for a cache made before
+    featx recorded it."""
+    from featx.cache import open_cache
+
+    with open_cache(cache_path) as cache:
+        value = cache.attrs.get(MODEL_FINGERPRINT)
+    return None if value is None else str(value)
+
+
 def _read(path):
     """(header dict, {name: array}) of a classifier file; one line for anything that is not one."""
     from safetensors import SafetensorError, safe_open
@@ -253,6 +268,8 @@ def _block_shape(block, bad):
     for key in ("encoder", "pooling"):
         if not isinstance(block.get(key), str):
             bad(f"block without {key}")
+    if not isinstance(block.get(MODEL_FINGERPRINT, ""), str):
+        bad(f"block {block.get('encoder')!r} records a model fingerprint that is not a string")
     extraction = block.get("extraction", {})
     if not isinstance(extraction, dict):
         bad(f"block {block.get('encoder')!r} has extraction settings that are not a mapping")
