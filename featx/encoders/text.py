@@ -31,11 +31,14 @@ class _Tokenize:
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
         lengths = np.fromiter(map(len, enc["input_ids"]), np.int64, len(texts))
         ends = np.cumsum(lengths)
-        total, cuts = int(ends[-1]), ends[:-1]
+        total = int(ends[-1])
         if any(sum(map(len, v)) != total for v in enc.values()):  # a key not one value per token: item by item
             return [self(t) for t in texts]
-        views = {k: np.split(np.fromiter(itertools.chain.from_iterable(v), np.int64, total), cuts)
-                 for k, v in enc.items()}
+        spans = list(zip([0, *ends[:-1].tolist()], ends.tolist()))  # slices: a quarter of np.split's time
+        views = {}
+        for k, v in enc.items():
+            flat = np.fromiter(itertools.chain.from_iterable(v), np.int64, total)
+            views[k] = [flat[a:b] for a, b in spans]
         return [dict(zip(views, row)) for row in zip(*views.values())]
 
 
