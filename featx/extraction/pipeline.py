@@ -7,6 +7,7 @@ items are sharded over the ranks (featx.extraction.distributed).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -530,19 +531,21 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     group_size = settings.group_size or default_group_size(decoder.modality, runner, settings.seq)
     workers = settings.num_workers
     # Without workers, images, video and audio decode in a thread of this process beside the forward: PIL's, PyAV's
-    # and libsndfile's decoders and numpy's loops let go of the GIL. Texts tokenize inline: the fast tokenizer's
-    # batch call runs on a thread pool of its own over all the cores, and beside the forward it slowed both
-    # (a 2-core CPU, tiny models, best of 9 interleaved runs: 4,000 texts 3.05 s inline, 3.17 s in the thread;
-    # 480 audio files 2.72 s inline, 2.63 s in the thread; best of 5: 100 JPEGs 0.49 s inline, 0.43 s in the
-    # thread. The machine's noise was about 10%: the audio gain is within it).
-    threaded = not workers and decoder.modality != "text"
+    # and libsndfile's decoders and numpy's loops let go of the GIL. Texts tokenize there too when the forward
+    # leaves a CPU to it (tokenize_beside), one thread each: the fast tokenizer's batch call lets go of the GIL.
+    # Otherwise they tokenize inline, where the tokenizer's own thread pool has all the cores between forwards:
+    # beside a forward that holds every core it slowed both (a 2-core CPU, tiny models, best of 9 interleaved
+    # runs: 4,000 texts 3.05 s inline, 3.17 s in the thread; 480 audio files 2.72 s inline, 2.63 s in the thread;
+    # best of 5: 100 JPEGs 0.49 s inline, 0.43 s in the thread. The machine's noise was about 10%: the audio gain
+    # is within it).
+    threaded = not workers and (decoder.modality != "text" or tokenize_beside(settings.device))
     # Workers (or the decoding thread) hand over lists of up to 16 decoded items, texts up to 256 (one batch call
     # of the tokenizer each; a text is small); inline, a chunk of texts is a whole group. About two groups in
     # flight keep the forward fed without holding thousands of decoded images in memory.
     if decoder.modality != "text":
         chunk = max(1, min(16, int(group_size)))
     else:
-        chunk = max(1, min(256, int(group_size)) if workers else int(group_size))
+        chunk = max(1, min(256, int(group_size)) if workers or threaded else int(group_size))
     prefetch = max(2, math.ceil(2 * group_size / (chunk * workers))) if workers else None
     pin = pins_chunks(runner.encoder, workers, settings.device)
     loader = torch.utils.data.DataLoader(DecodedItems(rows, todo, decoder), batch_size=chunk, shuffle=False,
@@ -559,7 +562,9 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     group, sizes = [], group_sizes(runner.batch_size, group_size, ramp=bool(workers) or threaded or chosen)
     pace = _Pace(runner.batch_size) if chosen else None
     size = next(sizes)
-    chunks = decoded_ahead(loader, math.ceil(group_size / chunk)) if threaded else iter(loader)
+    chunks = decoded_ahead(loader, math.ceil(group_size / chunk),
+                           one_thread_tokenizer=decoder.modality == "text" and str(settings.device).startswith("cpu")
+                           ) if threaded else iter(loader)
     # Group k+1 is queued on the device before group k's values are fetched (the wait for k, in _finish_group,
     # comes while k+1 runs): with k+1 decoded in time, the device does not wait for the host between groups.
     queued = []  # groups on the device, not yet handed to the writer, oldest first
@@ -630,10 +635,38 @@ def pins_chunks(encoder, workers, device) -> bool:
     return bool(workers) and str(device).startswith("cuda") and encoder.pinned_inputs
 
 
-def decoded_ahead(chunks, depth):
+def tokenize_beside(device) -> bool:
+    """Whether texts tokenize in a thread beside the forward when there are no workers: on a GPU (the forward
+    hardly needs this process's CPU), or on the CPU when torch's intra-op threads leave one of this process's CPUs
+    free (OMP_NUM_THREADS=1 or torch.set_num_threads, as in a cluster job of several tasks): the tokenizer then
+    runs on that CPU (on one thread: _tokenizers_on_one_thread) while the forward runs on its own, instead of
+    between forwards."""
+    if not str(device).startswith("cpu"):
+        return True
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cpus
+
+
+@contextlib.contextmanager
+def _tokenizers_on_one_thread():
+    """Fast tokenizers' batch calls on the calling thread alone while inside (TOKENIZERS_PARALLELISM, read at each
+    call; restored after): beside the forward, their thread pool over all the cores would take the forward's."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def decoded_ahead(chunks, depth, one_thread_tokenizer=False):
     """The items of `chunks` (an iterable: the single-process DataLoader), in order, iterated in a thread of their
     own up to `depth` ahead, so that decoding overlaps the forward in this thread (PIL's, PyAV's and libsndfile's
-    decoders and numpy's loops let go of the GIL, as torch's kernels do). An error raised while iterating is
+    decoders, numpy's loops and fast tokenizers' batch calls let go of the GIL, as torch's kernels do). With
+    one_thread_tokenizer, fast tokenizers run on that thread alone meanwhile. An error raised while iterating is
     raised here; closing the generator (or leaving it by an exception) stops the thread after the chunk it
     decodes."""
     import queue
@@ -660,15 +693,16 @@ def decoded_ahead(chunks, depth):
             hand(_Raised(e))
 
     thread = threading.Thread(target=produce, name="featx-decode", daemon=True)
-    thread.start()
-    try:
-        while (x := ready.get()) is not _DONE:
-            if isinstance(x, _Raised):
-                raise x.error
-            yield x
-    finally:
-        stop.set()
-        thread.join(timeout=10.0)  # at most the chunk being decoded; a daemon, so a stuck decoder cannot hang exit
+    with _tokenizers_on_one_thread() if one_thread_tokenizer else contextlib.nullcontext():
+        thread.start()
+        try:
+            while (x := ready.get()) is not _DONE:
+                if isinstance(x, _Raised):
+                    raise x.error
+                yield x
+        finally:
+            stop.set()
+            thread.join(timeout=10.0)  # at most the chunk being decoded; a daemon, so a stuck decoder cannot hang exit
 
 
 class _Raised:

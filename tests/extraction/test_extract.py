@@ -506,6 +506,20 @@ def _texts(tmp_path, n=40):
     return path
 
 
+@pytest.fixture()
+def texts_inline():
+    """Torch's threads on every CPU, so that texts tokenize inline (featx.extraction.pipeline.tokenize_beside), in
+    groups of the sizes asked for; the suite runs torch on one thread, which puts them in the decoding thread."""
+    import os
+
+    from featx.extraction.pipeline import tokenize_beside
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    assert not tokenize_beside("cpu")
+    yield
+    torch.set_num_threads(before)
+
+
 def _ctrl_c_on_call(monkeypatch, owner, name, at, calls):
     """owner.name (a method of one argument) raises KeyboardInterrupt on its at-th call, as a Ctrl-C arriving
     there; calls gets the length of each call's argument. Returns the real method."""
@@ -557,7 +571,8 @@ def test_ctrl_c_during_a_group_writes_the_items_its_finished_batches_counted(tin
         np.testing.assert_allclose(c.layer(c.num_layers - 1), w.layer(w.num_layers - 1), atol=1e-5)
 
 
-def test_the_next_group_is_queued_on_the_device_before_the_last_one_is_fetched(tiny_bert, tmp_path, monkeypatch):
+def test_the_next_group_is_queued_on_the_device_before_the_last_one_is_fetched(tiny_bert, tmp_path, monkeypatch,
+                                                                               texts_inline):
     from featx.extraction.batching import Runner
     path, calls = _texts(tmp_path), []
     start, finish = Runner.start, Runner.finish
@@ -578,7 +593,8 @@ def test_the_next_group_is_queued_on_the_device_before_the_last_one_is_fetched(t
             np.testing.assert_allclose(a.layer(layer), b.layer(layer), atol=1e-6)
 
 
-def test_ctrl_c_while_decoding_writes_the_groups_already_on_the_device(tiny_bert, tmp_path, monkeypatch):
+def test_ctrl_c_while_decoding_writes_the_groups_already_on_the_device(tiny_bert, tmp_path, monkeypatch,
+                                                                       texts_inline):
     from featx.extraction.decode import DecodedItems
     path, counted = _texts(tmp_path), []
     # Ctrl-C while the third group of texts is tokenized: two groups were queued
@@ -589,6 +605,27 @@ def test_ctrl_c_while_decoding_writes_the_groups_already_on_the_device(tiny_bert
                 progress=False)
     with open_cache(next((tmp_path / "c").glob("*.h5"))) as c:
         assert c.done.sum() == 32 == sum(counted)  # both groups that were forwarded, as the progress bar said
+
+
+def test_ctrl_c_while_texts_tokenize_beside_the_forward_writes_the_groups_already_on_the_device(tiny_bert, tmp_path,
+                                                                                             monkeypatch):
+    # torch on one thread: texts tokenize in the decoding thread, in chunks of 16 (the group size); groups ramp
+    # 4, 8, 16 from one batch. Ctrl-C while the third chunk is tokenized: the 28 texts of the three groups started
+    # are written, the 4 decoded but not started are not
+    import featx.extraction.pipeline as pipeline
+    from featx.extraction.decode import DecodedItems
+    monkeypatch.setattr(pipeline, "tokenize_beside", lambda device: True)  # whatever this machine's CPU count
+    path, counted = _texts(tmp_path), []
+    _ctrl_c_on_call(monkeypatch, DecodedItems, "__getitems__", 3, [])
+    _counting_progress(monkeypatch, counted)
+    with pytest.raises(KeyboardInterrupt):
+        extract(path, [tiny_bert], tmp_path / "c", dtype="float32", device="cpu", batch_size=4, group_size=16,
+                progress=False)
+    with open_cache(next((tmp_path / "c").glob("*.h5"))) as c:
+        assert c.done.sum() == 28 == sum(counted)
+    again = extract(path, [tiny_bert], tmp_path / "c", dtype="float32", device="cpu", batch_size=4, group_size=16,
+                    progress=False)
+    assert (again.caches[0]["done"], again.caches[0]["failed"]) == (40, 0)  # the resume computes the rest
 
 
 class _Counting:
@@ -618,7 +655,8 @@ def test_a_pooling_the_family_lacks_is_never_swapped_without_a_word(tiny_bert, t
     assert "storing mean only" in capsys.readouterr().err
 
 
-def test_groups_featx_sizes_start_at_one_batch_and_hold_about_group_seconds_of_work(tiny_bert, tmp_path, monkeypatch):
+def test_groups_featx_sizes_start_at_one_batch_and_hold_about_group_seconds_of_work(tiny_bert, tmp_path, monkeypatch,
+                                                                                    texts_inline):
     # a kill -9 loses the group in flight: featx's own group sizes start at one batch of the longest items (texts
     # tokenized inline too) and, once the pace is known, hold about GROUP_SECONDS of work (here 0: one batch each)
     import featx.extraction.pipeline as pipeline

@@ -361,23 +361,61 @@ def test_leaving_the_loop_stops_the_decoding_thread():
     assert not _decode_threads()
 
 
-def test_without_workers_media_decode_in_the_decoding_thread_and_texts_inline(media, tiny_bert, tiny_clip_vision,
-                                                                               tiny_wavlm, tmp_path, monkeypatch):
+@pytest.mark.parametrize("torch_threads", ["all", 1])
+def test_without_workers_media_decode_in_the_decoding_thread_and_texts_where_a_cpu_is_free(
+        media, tiny_bert, tiny_clip_vision, tiny_wavlm, tmp_path, monkeypatch, torch_threads):
+    # texts tokenize in the decoding thread (their tokenizer on that thread alone) when torch's threads leave a
+    # CPU free, inline when the forward takes every CPU; the values stored are the same either way
+    import os
     import threading
 
-    threads = {}
+    from featx.extraction.pipeline import tokenize_beside
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if torch_threads == 1 and cpus < 2:
+        pytest.skip("one CPU: the forward always takes it")
+    threads, parallel = {}, set()
     decoded = Decoder.decoded
 
     def noting(self, row):  # the real decoder, noting the thread it runs in
         threads.setdefault(self.modality, set()).add(threading.current_thread().name)
+        if self.modality == "text":
+            parallel.add(os.environ.get("TOKENIZERS_PARALLELISM"))
         return decoded(self, row)
 
     monkeypatch.setattr(Decoder, "decoded", noting)
-    res = extract(media, [tiny_bert, tiny_clip_vision, tiny_wavlm], tmp_path / "c", device="cpu", num_workers=0,
-                  batch_size=2, group_size=4, max_audio_seconds=0.5, progress=False)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpus if torch_threads == "all" else 1)
+    try:
+        beside = tokenize_beside("cpu")
+        res = extract(media, [tiny_bert, tiny_clip_vision, tiny_wavlm], tmp_path / "c", device="cpu", num_workers=0,
+                      batch_size=2, group_size=4, max_audio_seconds=0.5, dtype="float32", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert beside == (torch_threads == 1)
     assert [(c["done"], c["failed"]) for c in res.caches] == [(8, 0)] * 3
-    assert threads == {"text": {"MainThread"}, "image": {"featx-decode"}, "audio": {"featx-decode"}}
+    text_thread = "featx-decode" if beside else "MainThread"
+    assert threads == {"text": {text_thread}, "image": {"featx-decode"}, "audio": {"featx-decode"}}
+    assert parallel == ({"false"} if beside else {None})  # one thread beside the forward; all cores inline
+    assert "TOKENIZERS_PARALLELISM" not in os.environ  # as it was before the run
     assert not _decode_threads()
+    texts = pd.read_csv(media).set_index("id")["text"]
+    with open_cache(res.paths[0]) as c:  # against one text at a time through the model, by transformers
+        ref = _plain_text_means(tiny_bert, [texts[i] for i in c.ids])
+        assert np.abs(c.pooled("mean") - ref).max() <= HIDDEN_TOL
+
+
+def _plain_text_means(model_dir, texts):
+    """(N, L+1, D): the mean of each layer's hidden states over each text's tokens, one text at a time, by
+    transformers alone."""
+    from transformers import AutoModel, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            hs = model(**tok([text], return_tensors="pt", truncation=True), output_hidden_states=True).hidden_states
+            out.append(torch.stack([h[0].mean(0) for h in hs]).numpy())
+    return np.stack(out)
 
 
 def test_default_group_sizes_by_modality(tiny_bert, tiny_wavlm, tiny_clip_vision):
