@@ -14,6 +14,8 @@ and Pillow in the workers decodes the rest (PNG, progressive or CMYK JPEGs, see 
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -240,15 +242,26 @@ class ImageEncoder(Encoder):
 
         if self.device.type != "cuda":
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        compute = torch.cuda.current_stream(self.device)
-        if self._decode_stream is None or self._decode_stream.device != self.device:
-            self._decode_stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._decode_stream):
+        with self._beside("_decode_stream") as compute:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        compute.wait_stream(self._decode_stream)
         for image in decoded:
             image.record_stream(compute)
         return decoded
+
+    @contextlib.contextmanager
+    def _beside(self, name):
+        """CUDA work queued inside runs on a stream of this encoder's own, attribute `name` (one per kind of work,
+        made once per device), as the current stream; the model's stream waits for it after. Yields the model's
+        stream, for record_stream of what the work made. (A current stream's device has its index; self.device
+        may be plain "cuda", which no stream's device equals.)"""
+        compute = torch.cuda.current_stream(self.device)
+        stream = getattr(self, name)
+        if stream is None or stream.device != compute.device:
+            stream = torch.cuda.Stream(compute.device)
+            setattr(self, name, stream)
+        with torch.cuda.stream(stream):
+            yield compute
+        compute.wait_stream(stream)
 
     def shortest_side(self) -> int:
         """The largest side, in pixels, the processor resizes or crops to (0 when it does not say): an image
@@ -301,14 +314,10 @@ class ImageEncoder(Encoder):
         """A (B, H, W, 3) uint8 device tensor of B pinned host images, copied on a stream of its own: the copies
         overlap the forward of the batch before, which the model's stream still runs (on that stream they would
         wait for it). The model's stream waits for them before it uses the tensor."""
-        compute = torch.cuda.current_stream(self.device)
-        if self._copy_stream is None or self._copy_stream.device != self.device:
-            self._copy_stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._copy_stream):
+        with self._beside("_copy_stream") as compute:
             batch = torch.empty(shape, dtype=torch.uint8, device=self.device)
             for j, image in enumerate(images):
                 batch[j].copy_(torch.as_tensor(image), non_blocking=True)
-        compute.wait_stream(self._copy_stream)
         batch.record_stream(compute)  # its memory is not reused before the model's stream is done with it
         return batch
 
