@@ -35,8 +35,11 @@ for audio, the conv feature encoder, whose FLOPs are counted per layer as 2 * ou
 For ViT-L/14 at 224 this gives about 162 GFLOPs per image.
 
 Run: python tests/benchmarks/bench_extract.py --size base --kinds text,image,audio --n 64 --json bench.json
-CPU ratios: python tests/benchmarks/bench_extract.py --size tiny --n text=4000,image=100,audio=48 --repeat 3
+CPU ratios: python tests/benchmarks/bench_extract.py --size tiny --n text=4000,image=100,audio=480 --repeat 3
             --threads 1 --skip-naive --readback-n 0
+            (audio=480: with 48 files of 0.3-1.5 s the whole run is about 0.25 s, and what featx does once per run,
+            about 50 ms of creating, syncing and renaming the cache's files and starting its threads, decides the
+            ratio instead of its pace)
 See --help. Standalone script (named bench_*.py so pytest does not collect it).
 """
 from __future__ import annotations
