@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from featx import extract
-from featx.cache import open_cache
+from featx.cache import describe, open_cache
 from featx.data.media import load_image
 from featx.encoders import load_encoder
 from featx.errors import FeatxError, MediaError
@@ -128,9 +128,13 @@ def test_extraction_decoding_on_the_device_stores_what_the_workers_path_stores(f
 def test_the_decoder_is_a_setting_of_the_cache(files, tiny_clip_vision, tmp_path):
     manifest = _manifest(files, tmp_path, ["small", "png"])
     kw = dict(dtype="float32", batch_size=2, device="cpu", progress=False)
-    extract(manifest, [tiny_clip_vision], tmp_path / "a", **kw)
-    with pytest.raises(FeatxError, match="image_decode 'pil' \\(now 'torchvision'\\)"):
+    first = extract(manifest, [tiny_clip_vision], tmp_path / "a", **kw)
+    # said in the option's words (a user typed workers / device, not pil / torchvision), the decoder besides
+    with pytest.raises(FeatxError) as refused:
         extract(manifest, [tiny_clip_vision], tmp_path / "a", image_decode="device", **kw)
+    assert ("different settings: --image-decode workers, decoded with pil (now --image-decode device, decoded with "
+            "torchvision); run with") in str(refused.value)
+    assert "image_decode=pil (--image-decode workers)" in describe(first.paths[0])   # featx info
     again = extract(manifest, [tiny_clip_vision], tmp_path / "a", **kw)
     assert again.caches[0]["done"] == 2
     # the processor path makes pixels in the workers: JPEGs are decoded there, said on stderr, recorded as such
