@@ -110,12 +110,18 @@ def clear_earlier_outputs(out) -> list:
     return removed
 
 
-def said_removed(removed, most=6) -> str:
-    """'classifier__a.safetensors, report.html, results.csv and 3 more': the files of an earlier run, those a run
-    always writes anew (the results tables, meta.json) last, for the stderr line that says they were removed."""
-    removed = sorted(removed, key=lambda name: (name in RUN_FILES[:5], name))
-    shown = ", ".join(removed[:most])
-    return shown + (f" and {len(removed) - most} more" if len(removed) > most else "")
+def said_removed(removed, most_figures=3) -> str:
+    """'classifier__a.safetensors, classifier__b.safetensors, report.html, ..., results.csv': every file of an
+    earlier run by name (a saved classifier above all), those a run always writes anew (the results tables,
+    meta.json) last; a report's figures by count and folder when there are more than `most_figures`, for the
+    stderr line that says they were removed."""
+    figures = [name for name in removed if name.startswith(FIGURES + os.sep)]
+    named = removed if len(figures) <= most_figures else [n for n in removed if n not in figures]
+    named = sorted(named, key=lambda name: (name in RUN_FILES[:5], name))
+    if len(named) < len(removed):
+        named.insert(next((k for k, n in enumerate(named) if n in RUN_FILES[:5]), len(named)),
+                     f"{len(figures)} figures ({FIGURES}/*.png)")
+    return ", ".join(named)
 
 
 def write_results(rows, out):
