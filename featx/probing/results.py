@@ -124,12 +124,19 @@ def said_removed(removed, most_figures=3) -> str:
     return ", ".join(named)
 
 
+def labels_count(counts) -> int:
+    """A number of training labels: the mean of `counts` (the folds', or the rows' of one training size) as a
+    whole number, as finetune rounds it."""
+    return int(round(float(np.mean(counts))))
+
+
 def write_results(rows, out):
     """The tidy results table (COLUMNS) of `rows` as out/results.csv and .parquet; returns the DataFrame.
-    train_size is written as given (str); train_labels is the number of training labels (mean over folds)."""
+    train_size is written as given (str); train_labels is the number of training labels (labels_count: the mean
+    over folds, a whole number)."""
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["train_size"] = [size_label(v) for v in df["train_size"]]
-    df = df.astype({"num_layers": int, "layer": int, "train_labels": float, "seed": int, "value": float})
+    df = df.astype({"num_layers": int, "layer": int, "train_labels": int, "seed": int, "value": float})
     df.to_csv(os.path.join(out, "results.csv"), index=False)
     df.to_parquet(os.path.join(out, "results.parquet"), index=False)
     return df
