@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import types
+import warnings
 
 import h5py
 import numpy as np
@@ -39,14 +39,13 @@ def foreign_files(path):
 
 
 def set_aside(file, reason):
-    """Rename a damaged or foreign file to <file>.bad, saying so on stderr; its items are then recomputed."""
+    """Rename a damaged or foreign file to <file>.bad, saying so in a warning; its items are then recomputed."""
     target = file + schema.BAD_SUFFIX
     k = 1
     while os.path.exists(target):
         target, k = f"{file}.{k}{schema.BAD_SUFFIX}", k + 1
     os.replace(file, target)
-    print(f"featx: {file}: {reason}; set aside as {os.path.basename(target)} (its items will be computed again)",
-          file=sys.stderr)
+    warnings.warn(f"{file}: {reason}; set aside as {os.path.basename(target)} (its items will be computed again)")
 
 
 # ---------------------------------------------------------------- settings

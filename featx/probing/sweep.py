@@ -9,7 +9,6 @@ is resolved per fold to a number of training labels (TrainSize.labels).
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -298,9 +297,9 @@ def _sweep_all(datas, aligned, task, s, progress):
         rows, weights = _sweep_runs(datas, aligned, task, s, progress)
     if unconverged:
         what = ", ".join(f"{n} {name}" for name, n in sorted(unconverged.items()))
-        print(f"featx: {sum(unconverged.values())} probe fit(s) stopped at their iteration limit before converging "
-              f"({what}); their scores may be below what the probe can reach: give more training labels or use "
-              "--probe batched", file=sys.stderr)
+        warnings.warn(f"{sum(unconverged.values())} probe fit(s) stopped at their iteration limit before converging "
+                      f"({what}); their scores may be below what the probe can reach: give more training labels or "
+                      "use --probe batched")
     return rows, weights
 
 
