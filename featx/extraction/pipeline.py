@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -256,7 +257,8 @@ def _jobs_of(model, config, df, manifest, out) -> list:
     """One job per tower of `model` whose column the manifest has (CLIP: its image tower for an image or video
     column, its text tower for a text column), the primary tower's cache named as before; FeatxError (one
     line) when the manifest has no column for any of them. A second tower that cannot run for this checkpoint
-    (its adapter's `unavailable(model)` says why, e.g. no tokenizer saved) is skipped with a one-line notice."""
+    (its adapter's `unavailable(model)` says why, e.g. no tokenizer saved) is skipped with a one-line warning that
+    names the column left out."""
     towers = families_of(config)
     name = os.path.basename(os.fspath(manifest))
     jobs, skipped = [], []
@@ -270,13 +272,13 @@ def _jobs_of(model, config, df, manifest, out) -> list:
         tower = None if family is towers[0] else family.modality
         why = tower and getattr(family.adapter_class(), "unavailable", lambda m: "")(model)
         if why:  # e.g. a CLIP checkpoint saved without a tokenizer: its image tower still runs
-            skipped.append(f"{model}: {why}")
+            skipped.append((column, why))
             continue
         jobs.append(_Job(str(model), config, family.modality, column, cache_path(manifest, model, out, tower)))
     if skipped and not jobs:
-        raise FeatxError(skipped[0])
-    for line in skipped:
-        print(f"featx extract: {line}", file=sys.stderr)
+        raise FeatxError(f"{model}: {skipped[0][1]}")
+    for column, why in skipped:  # said only for a column the manifest has: an image-only manifest asks no text
+        warnings.warn(f"{model}: the manifest's {column!r} column is not extracted ({why})")
     if not jobs:
         raise FeatxError(f"{name} has no column for any tower of {model} "
                          f"({', '.join(f.modality for f in towers)}): add a "
