@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import pandas as pd
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, OptionAdvice
 
 
 def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch_size=16,
@@ -63,8 +64,10 @@ def _predict_probe(manifest, path, cache_dir, device, batch_size, progress, prec
         for block, options in zip(clf.blocks, settings):
             _say_relative(block["encoder"])
             try:
-                res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], device=device,
-                              batch_size=batch_size, progress=progress, summary=bool(cache_dir), **options)
+                with warnings.catch_warnings():   # extract's options, e.g. --image-decode: predict takes the
+                    warnings.simplefilter("ignore", OptionAdvice)   # classifier's, the user has none to change
+                    res = extract(manifest, [block["encoder"]], folder, pool=[block["pooling"]], device=device,
+                                  batch_size=batch_size, progress=progress, summary=bool(cache_dir), **options)
             except FeatxError as e:   # extract's advice names its --overwrite, which predict does not have
                 raise FeatxError(str(e).replace(_EXTRACT_ADVICE, _PREDICT_ADVICE)) from None
             if not cache_dir:  # not the path of a cache that is gone once the predictions are made

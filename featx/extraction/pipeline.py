@@ -22,7 +22,7 @@ from featx.data.video import CLIP_SAMPLING
 from featx.device import resolve_device, resolve_precision
 from featx.encoders import families_of, family_of, load_config, load_encoder
 from featx.encoders.video import clip_frames
-from featx.errors import FeatxError, first_line
+from featx.errors import Advice, FeatxError, first_line
 from featx.extraction.batching import Interrupted, Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
 from featx.extraction.distributed import Distributed, has_shards
@@ -418,8 +418,9 @@ def _run_model(job, data, settings):
     encoder = load_encoder(job.model, config=job.config, device=settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
                            max_length=settings.max_length, modality=job.modality, **options)
-    for line in encoder.advice:
-        print(f"featx extract: {job.model}: {line}", file=sys.stderr)
+    if settings.progress:  # no advice under -q; a warning is said once per run ("featx COMMAND: ..." by the CLI)
+        for line in encoder.advice:
+            warnings.warn(f"{job.model}: {line}", type(line) if isinstance(line, Advice) else Advice)
     pools = _poolings(job, settings)
     if set(pools) != set(settings.poolings):  # some asked for are not the family's (none: mean instead)
         instead = "only" if set(pools) & set(settings.poolings) else f"instead of {','.join(settings.poolings)}"

@@ -153,6 +153,36 @@ def test_predict_decodes_as_the_training_cache_did_and_says_when_it_cannot(capsy
     assert capsys.readouterr().err == ""
 
 
+def test_the_advice_against_decoding_on_the_cpu_names_the_option_once_is_quiet_under_q_and_not_said_by_predict(
+        files, tiny_clip_vision, tmp_path, capsys):
+    # it said "image_decode device ... the workers decode faster" under -q on every run, and so did predict,
+    # which has no --image-decode (it decodes as the classifier's training cache did)
+    from featx.cli.main import main
+    names = ["small", "gray", "baseline", "progressive", "png"] * 3
+    rows = [{"id": f"x{k}", "image": files[n], "label": float(k % 4), "split": ["train", "train", "train", "dev",
+                                                                                "test"][k % 5]}
+            for k, n in enumerate(names)]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    run = ["extract", str(tmp_path / "m.csv"), "--model", tiny_clip_vision, "--device", "cpu", "--image-decode",
+           "device"]
+    assert main([*run, "--out", str(tmp_path / "a")]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "decodes JPEGs in the main process" in line]
+    assert said == [f"featx extract: {tiny_clip_vision}: --image-decode device on the CPU decodes JPEGs in the main "
+                    "process, one by one; it is meant for CUDA (nvJPEG): --image-decode workers decodes faster on a "
+                    "CPU"], said
+    assert main([*run, "--out", str(tmp_path / "b"), "-q"]) == 0
+    assert "JPEG" not in capsys.readouterr().err
+    cache = str(tmp_path / "a" / "m__tiny-clip-vision.h5")
+    assert main(["probe", cache, "--out", str(tmp_path / "res"), "--save-classifier", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m.csv"), "--classifier",
+                 str(tmp_path / "res" / "classifier__tiny-clip-vision.safetensors"), "--device", "cpu",
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "image-decode" not in err and "image_decode" not in err and "JPEG" not in err, err
+    assert pd.read_csv(tmp_path / "p.csv")["prediction"].notna().all()
+
+
 @pytest.mark.parametrize("where", ["forward", "decoding"])
 def test_ctrl_c_keeps_the_groups_already_forwarded_and_a_resume_completes(files, tiny_clip_vision, tmp_path,
                                                                          monkeypatch, where):
