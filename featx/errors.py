@@ -13,6 +13,16 @@ class MediaError(Exception):
     """
 
 
+class Advice(UserWarning):
+    """A line on how a run could go faster (a package to install, a setting to change): featx extract says it
+    once per run, not under -q."""
+
+
+class OptionAdvice(Advice):
+    """Advice that names an option of featx extract (e.g. --image-decode): a command that runs extract without
+    offering that option (featx predict) leaves it unsaid."""
+
+
 def first_line(err) -> str:
     """The first line of an exception's message, or its type name when the message is empty; an in-memory file's
     repr in it (Pillow names the file object it was given, with its address) is "the file", so that the reason

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import pandas as pd
 
 from featx.checkpoint import MODEL_FINGERPRINT
-from featx.errors import FeatxError
+from featx.errors import FeatxError, OptionAdvice
 
 
 def predict(manifest, classifier, out=None, cache_dir=None, device="auto", batch_size=16,
@@ -74,8 +75,10 @@ def _predict_probe(manifest, path, cache_dir, device, batch_size, progress, prec
         for block, options, (model, checked) in zip(clf.blocks, settings, chosen):
             _say_relative(model)
             try:
-                res = extract(manifest, [model], folder, pool=[block["pooling"]], device=device,
-                              batch_size=batch_size, progress=progress, summary=bool(cache_dir), **options)
+                with warnings.catch_warnings():   # extract's options, e.g. --image-decode: predict takes the
+                    warnings.simplefilter("ignore", OptionAdvice)   # classifier's, the user has none to change
+                    res = extract(manifest, [model], folder, pool=[block["pooling"]], device=device,
+                                  batch_size=batch_size, progress=progress, summary=bool(cache_dir), **options)
             except FeatxError as e:   # extract's advice names its --overwrite, which predict does not have
                 raise FeatxError(str(e).replace(_EXTRACT_ADVICE, _PREDICT_ADVICE)) from None
             if not cache_dir:  # not the path of a cache that is gone once the predictions are made

@@ -126,7 +126,9 @@ def inspect(path, verify=True) -> dict:
 def describe(path, verify=True) -> str:
     """Multi-line summary of a cache for `featx info` (see inspect); a killed run's parts count too."""
     d = inspect(path, verify)
-    other = ", ".join(f"{k}={v}" for k, v in d["settings"].items())
+    other = ", ".join(f"{k}={v}" + (f" (--image-decode {schema.IMAGE_DECODE_OPTIONS[v]})"   # the option that chose it
+                                     if k == "image_decode" and v in schema.IMAGE_DECODE_OPTIONS else "")
+                      for k, v in d["settings"].items())
     lines = [d["path"],
              f"  model      {d['model']} ({d['modality']})",
              f"  items      {d['items']}: {d['done']} done, {d['failed']} failed, {d['pending']} pending",

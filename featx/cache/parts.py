@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import types
+import warnings
 
 import h5py
 import numpy as np
@@ -40,14 +40,13 @@ def foreign_files(path):
 
 
 def set_aside(file, reason):
-    """Rename a damaged or foreign file to <file>.bad, saying so on stderr; its items are then recomputed."""
+    """Rename a damaged or foreign file to <file>.bad, saying so in a warning; its items are then recomputed."""
     target = file + schema.BAD_SUFFIX
     k = 1
     while os.path.exists(target):
         target, k = f"{file}.{k}{schema.BAD_SUFFIX}", k + 1
     os.replace(file, target)
-    print(f"featx: {file}: {reason}; set aside as {os.path.basename(target)} (its items will be computed again)",
-          file=sys.stderr)
+    warnings.warn(f"{file}: {reason}; set aside as {os.path.basename(target)} (its items will be computed again)")
 
 
 # ---------------------------------------------------------------- settings
@@ -87,8 +86,9 @@ def settings_diff(old, new):
                 # moved or copied to (the same weights' fingerprint, featx.checkpoint)
                 here = resolve_model(a)
                 diffs.append(f"model {a!r}{f' (from here {here!r})' if here != a else ''} (now {b!r})")
-        elif a != b:
-            diffs.append(f"{k} {a!r} (now {b!r})")
+        elif a != b:  # the decoder with the option a user gave: "--image-decode device, decoded with torchvision"
+            diffs.append(f"{schema.image_decode_words(a)} (now {schema.image_decode_words(b)})"
+                         if k == "image_decode" else f"{k} {a!r} (now {b!r})")
     for k in ("num_layers", "hidden_size", "dtype", "seq"):
         if new[k] is not None and old[k] != new[k]:
             diffs.append(f"{k} {old[k]!r} (now {new[k]!r})")

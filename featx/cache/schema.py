@@ -55,6 +55,18 @@ LAYER_WIDTHS = "layer_widths"
 # and only under it.
 ATTRS_BEFORE_RECORDED = {"image_preprocess": "processor", "audio_attention": "eager", "image_decode": "pil"}
 SETTING_TYPES = (str, bool, int, float)  # the caller's other attributes
+# The featx extract --image-decode value that records each JPEG decoder as the image_decode attribute (Pillow in
+# the workers; torchvision on a CPU or nvJPEG on CUDA, on the model's device): a user gave the option, not the name.
+IMAGE_DECODE_OPTIONS = {"pil": "workers", "torchvision": "device", "nvjpeg": "device"}
+
+
+def image_decode_words(decoder) -> str:
+    """A recorded JPEG decoder (the image_decode attribute) with the option that chose it: "--image-decode device,
+    decoded with torchvision"; an unknown value as 'value'."""
+    if decoder in IMAGE_DECODE_OPTIONS:
+        return f"--image-decode {IMAGE_DECODE_OPTIONS[decoder]}, decoded with {decoder}"
+    return f"image_decode {decoder!r}"
+
 
 PARTS_SUFFIX, SETTINGS_FILE, LOCK_FILE = ".parts", "settings.json", "lock"
 TMP_SUFFIX, BAD_SUFFIX = ".tmp", ".bad"

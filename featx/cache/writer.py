@@ -15,8 +15,8 @@ import json
 import os
 import queue
 import shutil
-import sys
 import threading
+import warnings
 
 import h5py
 import numpy as np
@@ -639,7 +639,7 @@ def is_complete(path, ids, **settings) -> bool:
 def update_columns(path, ids, *, labels=None, splits=None, meta=None) -> bool:
     """Give the consolidated cache `path` the labels, splits and metadata of the manifest (ids: its N ids, those
     of the cache) when its labels or splits differ from them, through the crash-safe consolidation of a
-    CacheWriter with the file's own settings (it says on stderr how many differ); nothing is written otherwise.
+    CacheWriter with the file's own settings (it warns how many differ); nothing is written otherwise.
     Returns whether the file was rewritten. For a complete cache, whose next run has no item to compute."""
     path = os.fspath(path)
     f, h = open_validated(path)
@@ -666,9 +666,10 @@ class CacheWriter:
     values are then zero-padded to hidden_size and the widths stored as the layer_widths attribute).
     fingerprints: None, or (N,) uint64 hashes of the items' sources now (0: not known), recorded with each item
     computed: an item stored from another source (a recorded fingerprint that differs) is computed again, and
-    said so in one line on stderr; one stored without a fingerprint is not compared.
+    said so in a warning (one line, `featx COMMAND: ...`, on the command line); one stored without a fingerprint
+    is not compared.
     Labels and splits are not features: the consolidated file takes this writer's, also when no item is left
-    to compute (`close` then rewrites it), with one line on stderr saying how many differ from those stored.
+    to compute (`close` then rewrites it), with a warning that says how many differ from those stored.
     `todo` holds the (K,) int64 manifest indices not done at open (pending, failed and changed ones).
     Raises FeatxError when an existing cache or parts folder was made with other settings or ids.
     """
@@ -798,20 +799,20 @@ class CacheWriter:
             what = ("the manifest's text" if column == "text" else
                     f"the {column} file (its path from the manifest, size or modification time)" if column else
                     "the source")
-            print(f"featx: {self.path}: {what} of {len(stale)} item(s) changed since the cache was made, e.g. id "
-                  f"{self.ids[stale[0]]}; extracting them again", file=sys.stderr)
+            warnings.warn(f"{self.path}: {what} of {len(stale)} item(s) changed since the cache was made, e.g. id "
+                          f"{self.ids[stale[0]]}; extracting them again")   # the CLI: "featx COMMAND: ..."
         counters = [schema.part_counter(os.path.basename(p)) for p, _ in good + bad]
         self._next_part = 1 + max(counters, default=0)
 
     def _columns_changed(self, h) -> bool:
-        """Whether the labels or splits of the consolidated file (header h) differ from this writer's; one line on
-        stderr for each that does."""
+        """Whether the labels or splits of the consolidated file (header h) differ from this writer's; a warning
+        for each that does."""
         changed = False
         for what, key in (("labels", "labels"), ("splits", "splits")):
             k = _differing(h[key], self._header[key])
             if k:
-                print(f"featx: {self.path}: the manifest's {what} of {k} of {len(self.ids)} items differ from those "
-                      f"the cache held; it now holds the manifest's", file=sys.stderr)
+                warnings.warn(f"{self.path}: the manifest's {what} of {k} of {len(self.ids)} items differ from "
+                              "those the cache held; it now holds the manifest's")
                 changed = True
         return changed
 

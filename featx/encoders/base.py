@@ -115,7 +115,9 @@ class Encoder:
         self.trust_remote_code = trust_remote_code
         self.model = None
         self.attrs = {}
-        self.advice = []  # lines a user can act on (e.g. a package that makes this encoder faster)
+        # lines a user can act on (e.g. a package that makes this encoder faster); a featx.errors.OptionAdvice
+        # for one that names an option of featx extract
+        self.advice = []
 
     def weights_kwargs(self) -> dict:
         """from_pretrained's keyword arguments for the precision's weights: dtype=torch.bfloat16 for bf16-weights

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from featx.encoders.base import Encoder, from_pretrained, model_loader
-from featx.errors import first_line
+from featx.errors import OptionAdvice, first_line
 from featx.settings import IMAGE_DECODES, IMAGE_PREPROCESS, one_of
 
 
@@ -136,8 +136,9 @@ class ImageEncoder(Encoder):
             self.advice.append("JPEGs are decoded in the workers: decoding on the device needs the batched-torch "
                                "image preprocessing")
         elif self.decode_on_device and self.device.type == "cpu":
-            self.advice.append("image_decode device on the CPU decodes JPEGs in the main process, one by one; it is "
-                               "meant for CUDA (nvJPEG), and the workers decode faster on a CPU")
+            self.advice.append(OptionAdvice("--image-decode device on the CPU decodes JPEGs in the main process, one "
+                                            "by one; it is meant for CUDA (nvJPEG): --image-decode workers decodes "
+                                            "faster on a CPU"))
 
     @classmethod
     def _own_inputs(cls) -> bool:

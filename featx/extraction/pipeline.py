@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from featx.data.video import CLIP_SAMPLING
 from featx.device import resolve_device, resolve_precision
 from featx.encoders import families_of, family_of, load_config, load_encoder
 from featx.encoders.video import clip_frames
-from featx.errors import FeatxError, first_line
+from featx.errors import Advice, FeatxError, first_line
 from featx.extraction.batching import Interrupted, Runner, longest_first
 from featx.extraction.decode import DecodedItems, Decoder, keep_chunk, pack_chunk, unpack_chunk
 from featx.extraction.distributed import Distributed, has_shards
@@ -258,7 +259,8 @@ def _jobs_of(model, config, df, manifest, out) -> list:
     """One job per tower of `model` whose column the manifest has (CLIP: its image tower for an image or video
     column, its text tower for a text column), the primary tower's cache named as before; FeatxError (one
     line) when the manifest has no column for any of them. A second tower that cannot run for this checkpoint
-    (its adapter's `unavailable(model)` says why, e.g. no tokenizer saved) is skipped with a one-line notice."""
+    (its adapter's `unavailable(model)` says why, e.g. no tokenizer saved) is skipped with a one-line warning that
+    names the column left out."""
     towers = families_of(config)
     name = os.path.basename(os.fspath(manifest))
     jobs, skipped = [], []
@@ -272,13 +274,13 @@ def _jobs_of(model, config, df, manifest, out) -> list:
         tower = None if family is towers[0] else family.modality
         why = tower and getattr(family.adapter_class(), "unavailable", lambda m: "")(model)
         if why:  # e.g. a CLIP checkpoint saved without a tokenizer: its image tower still runs
-            skipped.append(f"{model}: {why}")
+            skipped.append((column, why))
             continue
         jobs.append(_Job(str(model), config, family.modality, column, cache_path(manifest, model, out, tower)))
     if skipped and not jobs:
-        raise FeatxError(skipped[0])
-    for line in skipped:
-        print(f"featx extract: {line}", file=sys.stderr)
+        raise FeatxError(f"{model}: {skipped[0][1]}")
+    for column, why in skipped:  # said only for a column the manifest has: an image-only manifest asks no text
+        warnings.warn(f"{model}: the manifest's {column!r} column is not extracted ({why})")
     if not jobs:
         raise FeatxError(f"{name} has no column for any tower of {model} "
                          f"({', '.join(f.modality for f in towers)}): add a "
@@ -421,8 +423,9 @@ def _run_model(job, data, settings):
     encoder = load_encoder(job.model, config=job.config, device=settings.device,
                            trust_remote_code=settings.trust_remote_code, precision=settings.precision,
                            max_length=settings.max_length, modality=job.modality, **options)
-    for line in encoder.advice:
-        print(f"featx extract: {job.model}: {line}", file=sys.stderr)
+    if settings.progress:  # no advice under -q; a warning is said once per run ("featx COMMAND: ..." by the CLI)
+        for line in encoder.advice:
+            warnings.warn(f"{job.model}: {line}", type(line) if isinstance(line, Advice) else Advice)
     pools = _poolings(job, settings)
     if set(pools) != set(settings.poolings):  # some asked for are not the family's (none: mean instead)
         instead = "only" if set(pools) & set(settings.poolings) else f"instead of {','.join(settings.poolings)}"

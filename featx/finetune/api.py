@@ -27,7 +27,7 @@ from featx.finetune.loop import Run, TrainingData, train_run
 from featx.finetune.model import HeadSettings
 from featx.naming import display_names, last_name
 from featx.probing.results import (FULL_PART_ADDED, FoldScores, best_layer, clear_earlier_outputs, earlier_outputs,
-                                   load_results, meta_head, said_removed, write_results)
+                                   labels_count, load_results, meta_head, said_removed, write_results)
 from featx.probing.splits import make_folds, subsample
 from featx.runinfo import provenance, read_json, strict_json, write_json, write_meta
 from featx.settings import FinetuneSettings as FinetuneOptions
@@ -329,7 +329,7 @@ def _saved_run(plan):
 def _rows(base, seed, size, test_name, pooled: FoldScores, runs) -> list:
     """The tidy rows of one (seed, size): dev metrics averaged over folds, test metrics of the pooled folds."""
     dev_m, test_m = pooled.result()
-    b = dict(base, train_size=str(size), train_labels=int(round(np.mean([len(r.fit) for r in runs]))), seed=seed)
+    b = dict(base, train_size=str(size), train_labels=labels_count([len(r.fit) for r in runs]), seed=seed)
     rows = [dict(b, split="dev", metric=k, value=float(v)) for k, v in dev_m.items()]
     if sum(len(t) for t in pooled.test_true):
         rows += [dict(b, split=test_name, metric=k, value=float(v)) for k, v in test_m.items()]

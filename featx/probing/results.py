@@ -110,20 +110,33 @@ def clear_earlier_outputs(out) -> list:
     return removed
 
 
-def said_removed(removed, most=6) -> str:
-    """'classifier__a.safetensors, report.html, results.csv and 3 more': the files of an earlier run, those a run
-    always writes anew (the results tables, meta.json) last, for the stderr line that says they were removed."""
-    removed = sorted(removed, key=lambda name: (name in RUN_FILES[:5], name))
-    shown = ", ".join(removed[:most])
-    return shown + (f" and {len(removed) - most} more" if len(removed) > most else "")
+def said_removed(removed, most_figures=3) -> str:
+    """'classifier__a.safetensors, classifier__b.safetensors, report.html, ..., results.csv': every file of an
+    earlier run by name (a saved classifier above all), those a run always writes anew (the results tables,
+    meta.json) last; a report's figures by count and folder when there are more than `most_figures`, for the
+    stderr line that says they were removed."""
+    figures = [name for name in removed if name.startswith(FIGURES + os.sep)]
+    named = removed if len(figures) <= most_figures else [n for n in removed if n not in figures]
+    named = sorted(named, key=lambda name: (name in RUN_FILES[:5], name))
+    if len(named) < len(removed):
+        named.insert(next((k for k, n in enumerate(named) if n in RUN_FILES[:5]), len(named)),
+                     f"{len(figures)} figures ({FIGURES}/*.png)")
+    return ", ".join(named)
+
+
+def labels_count(counts) -> int:
+    """A number of training labels: the mean of `counts` (the folds', or the rows' of one training size) as a
+    whole number, as finetune rounds it."""
+    return int(round(float(np.mean(counts))))
 
 
 def write_results(rows, out):
     """The tidy results table (COLUMNS) of `rows` as out/results.csv and .parquet; returns the DataFrame.
-    train_size is written as given (str); train_labels is the number of training labels (mean over folds)."""
+    train_size is written as given (str); train_labels is the number of training labels (labels_count: the mean
+    over folds, a whole number)."""
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["train_size"] = [size_label(v) for v in df["train_size"]]
-    df = df.astype({"num_layers": int, "layer": int, "train_labels": float, "seed": int, "value": float})
+    df = df.astype({"num_layers": int, "layer": int, "train_labels": int, "seed": int, "value": float})
     df.to_csv(os.path.join(out, "results.csv"), index=False)
     df.to_parquet(os.path.join(out, "results.parquet"), index=False)
     return df

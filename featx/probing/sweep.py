@@ -9,7 +9,6 @@ is resolved per fold to a number of training labels (TrainSize.labels).
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,7 +25,8 @@ from featx.probing.estimators import infer_task, inferred_task_note
 from featx.probing.fusion import EarlyFusion, GatedFusion, LateFusion, WeightedLayerProbe, align_by_id
 from featx.probing.registry import get_probe, make_probe
 from featx.probing.results import (FULL_PART_ADDED, WEIGHT_COLUMNS, FoldScores, best_layer_table,
-                                   clear_earlier_outputs, meta_head, said_removed, write_results)
+                                   clear_earlier_outputs, labels_count, meta_head, said_removed,
+                                   write_results)
 from featx.probing.splits import fold_count, make_folds, subsample
 from featx.runinfo import provenance, write_meta
 from featx.settings import ProbeSettings, TrainSize, dashed
@@ -297,9 +297,9 @@ def _sweep_all(datas, aligned, task, s, progress):
         rows, weights = _sweep_runs(datas, aligned, task, s, progress)
     if unconverged:
         what = ", ".join(f"{n} {name}" for name, n in sorted(unconverged.items()))
-        print(f"featx: {sum(unconverged.values())} probe fit(s) stopped at their iteration limit before converging "
-              f"({what}); their scores may be below what the probe can reach: give more training labels or use "
-              "--probe batched", file=sys.stderr)
+        warnings.warn(f"{sum(unconverged.values())} probe fit(s) stopped at their iteration limit before converging "
+                      f"({what}); their scores may be below what the probe can reach: give more training labels or "
+                      "use --probe batched")
     return rows, weights
 
 
@@ -377,7 +377,7 @@ def sweep_cache(d, task, s, seed, size, keep=False, tick=lambda n: None) -> Swee
                                  train_size=str(size), method="weighted") for layer, v in zip(d.layers, w.weights_)]
         tick(1)
     base = dict(encoder=d.name, modality=d.modality, num_layers=d.num_layers, pooling=s.pool,
-                probe=get_probe(s.probe).label(task), train_size=str(size), train_labels=float(np.mean(n_labels)),
+                probe=get_probe(s.probe).label(task), train_size=str(size), train_labels=labels_count(n_labels),
                 seed=seed, method="layer")
     for layer, fold_scores in zip(d.layers, scores):
         dev_m, test_m = fold_scores.result()
@@ -462,7 +462,7 @@ def fuse(datas, aligned, task, s, seed, size, kept=None, tick=lambda n: None) ->
                                 for d, w in zip(datas, est.weights_) for layer, v in zip(d.layers, w)]
         tick(1)
     base = dict(encoder="+".join(d.name for d in datas), modality="+".join(d.modality for d in datas),
-                num_layers=-1, pooling=s.pool, train_size=str(size), train_labels=float(np.mean(n_labels)), seed=seed)
+                num_layers=-1, pooling=s.pool, train_size=str(size), train_labels=labels_count(n_labels), seed=seed)
     for method, fold_scores in scores.items():
         dev_m, test_m = fold_scores.result()
         b = dict(base, method=f"fusion-{method}", probe=_fusion_label(method, s, task))
@@ -553,7 +553,7 @@ def run_meta(datas, aligned, task, s, df) -> dict:
             "pending": {d.name: d.pending for d in datas},
             "unlabeled": {d.name: d.unlabeled for d in datas},
             "unsplit": {d.name: unsplit_items(d) for d in datas},
-            "train_labels": {str(k): float(v) for k, v in df.groupby("train_size")["train_labels"].mean().items()}}
+            "train_labels": {str(k): labels_count(v) for k, v in df.groupby("train_size")["train_labels"]}}
     notes = [f"{name}: {k} folds ran, not {s.folds} (the smallest class or label bin has only {k} items)"
              for name, k in folds_run.items() if k != 1 and k < s.folds]
     if s.fusion and s.fusion_layer == "best" and s.probe == "mlp":

@@ -67,6 +67,28 @@ def test_probe_into_an_earlier_runs_out_leaves_only_this_runs_outputs(tmp_path, 
     assert "classifier__toy-image.safetensors" in err and "report.html" in err
 
 
+def test_the_line_on_an_earlier_runs_removed_outputs_names_every_file_a_report_s_figures_by_count(tmp_path, capsys):
+    # it said "removed ...: classifier__a.safetensors, ... and 1 more": a saved classifier could be the hidden one
+    caches = [_cache(tmp_path / f"{m}.h5", model=f"toy/{m}", modality=m, seed=k)
+              for k, m in enumerate(["text", "image", "audio"])]
+    out = tmp_path / "res"
+    assert _run(capsys, "probe", *caches, "--out", out, "--save-classifier", "-q")[0] == 0
+    (out / "report.html").write_text("<html></html>")
+    (out / "summary.md").write_text("earlier")
+    (out / "figures").mkdir()
+    for k in range(5):
+        (out / "figures" / f"fig{k}.png").write_bytes(b"png")
+    earlier = sorted(os.listdir(out))
+    code, _, err = _run(capsys, "probe", caches[0], "--out", out, "-q")
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if "held an earlier run's outputs" in x)
+    named = line.split("only this run's: ", 1)[1].split(", ")
+    assert named == ["classifier__toy-audio.safetensors", "classifier__toy-image.safetensors",
+                     "classifier__toy-text.safetensors", "report.html", "summary.md", "5 figures (figures/*.png)",
+                     "best_layers.csv", "layer_weights.csv", "meta.json", "results.csv", "results.parquet"], line
+    assert set(earlier) - {"figures"} == set(named) - {"5 figures (figures/*.png)"}   # every file, none hidden
+
+
 def test_probe_refuses_a_folder_holding_a_finetune_run(tmp_path, capsys):
     (tmp_path / "ft").mkdir()
     (tmp_path / "ft" / "finetune.json").write_text("{}")

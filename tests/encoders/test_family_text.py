@@ -188,14 +188,25 @@ def test_a_left_padded_batch_without_position_ids_is_wrong_so_featx_pads_on_the_
     assert float((padded - single).abs().max()) > 1e-3
 
 
-def test_a_clip_without_a_tokenizer_runs_its_image_tower_only_and_says_so(tiny_clip, media, tmp_path, capsys):
-    res = extract(media, [tiny_clip], tmp_path / "out", device="cpu", progress=False)
-    assert len(res.paths) == 1 and not res.paths[0].endswith("__text.h5")
-    with open_cache(res.paths[0]) as c:
+def test_a_clip_without_a_tokenizer_runs_its_image_tower_only_and_says_so_for_a_text_column(tiny_clip, media,
+                                                                                             tmp_path, capsys):
+    from featx.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["extract", media, "--model", tiny_clip, "--out", str(out), "--device", "cpu", "-q"]) == 0
+    assert os.listdir(out) == ["manifest__tiny-clip.h5"]
+    with open_cache(out / "manifest__tiny-clip.h5") as c:
         assert c.modality == "image"
+    # the column left out named, with the command's name (it said "no tokenizer ...: its text tower cannot run"
+    # as if the run had asked for it)
+    assert (f"featx extract: {tiny_clip}: the manifest's 'text' column is not extracted (no tokenizer saved with the "
+            "checkpoint: its text tower cannot run)") in capsys.readouterr().err.splitlines()
+    # an image-only manifest asks nothing of the text tower: nothing said
+    image_only = os.path.join(os.path.dirname(media), "images.csv")
+    pd.read_csv(media).drop(columns=["text"]).to_csv(image_only, index=False)
+    assert main(["extract", image_only, "--model", tiny_clip, "--out", str(out), "--device", "cpu", "-q"]) == 0
     err = capsys.readouterr().err
-    assert "no tokenizer saved with the checkpoint: its text tower cannot run" in err
-    assert not any(n.endswith("__text.h5") for n in os.listdir(tmp_path / "out"))
+    assert "tokenizer" not in err and "text" not in err, err
 
 
 def test_a_text_only_manifest_for_a_clip_without_a_tokenizer_is_one_line(tiny_clip, manifest, tmp_path):

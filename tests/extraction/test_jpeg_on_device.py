@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from featx import extract
-from featx.cache import open_cache
+from featx.cache import describe, open_cache
 from featx.data.media import load_image
 from featx.encoders import load_encoder
 from featx.errors import FeatxError, MediaError
@@ -128,9 +128,13 @@ def test_extraction_decoding_on_the_device_stores_what_the_workers_path_stores(f
 def test_the_decoder_is_a_setting_of_the_cache(files, tiny_clip_vision, tmp_path):
     manifest = _manifest(files, tmp_path, ["small", "png"])
     kw = dict(dtype="float32", batch_size=2, device="cpu", progress=False)
-    extract(manifest, [tiny_clip_vision], tmp_path / "a", **kw)
-    with pytest.raises(FeatxError, match="image_decode 'pil' \\(now 'torchvision'\\)"):
+    first = extract(manifest, [tiny_clip_vision], tmp_path / "a", **kw)
+    # said in the option's words (a user typed workers / device, not pil / torchvision), the decoder besides
+    with pytest.raises(FeatxError) as refused:
         extract(manifest, [tiny_clip_vision], tmp_path / "a", image_decode="device", **kw)
+    assert ("different settings: --image-decode workers, decoded with pil (now --image-decode device, decoded with "
+            "torchvision); run with") in str(refused.value)
+    assert "image_decode=pil (--image-decode workers)" in describe(first.paths[0])   # featx info
     again = extract(manifest, [tiny_clip_vision], tmp_path / "a", **kw)
     assert again.caches[0]["done"] == 2
     # the processor path makes pixels in the workers: JPEGs are decoded there, said on stderr, recorded as such
@@ -147,6 +151,36 @@ def test_predict_decodes_as_the_training_cache_did_and_says_when_it_cannot(capsy
     block = {"encoder": "m", "extraction": {"dtype": "float16", "image_decode": "pil"}}
     assert "image_decode" not in extraction_options(block, "clf.safetensors", "cpu")
     assert capsys.readouterr().err == ""
+
+
+def test_the_advice_against_decoding_on_the_cpu_names_the_option_once_is_quiet_under_q_and_not_said_by_predict(
+        files, tiny_clip_vision, tmp_path, capsys):
+    # it said "image_decode device ... the workers decode faster" under -q on every run, and so did predict,
+    # which has no --image-decode (it decodes as the classifier's training cache did)
+    from featx.cli.main import main
+    names = ["small", "gray", "baseline", "progressive", "png"] * 3
+    rows = [{"id": f"x{k}", "image": files[n], "label": float(k % 4), "split": ["train", "train", "train", "dev",
+                                                                                "test"][k % 5]}
+            for k, n in enumerate(names)]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    run = ["extract", str(tmp_path / "m.csv"), "--model", tiny_clip_vision, "--device", "cpu", "--image-decode",
+           "device"]
+    assert main([*run, "--out", str(tmp_path / "a")]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "decodes JPEGs in the main process" in line]
+    assert said == [f"featx extract: {tiny_clip_vision}: --image-decode device on the CPU decodes JPEGs in the main "
+                    "process, one by one; it is meant for CUDA (nvJPEG): --image-decode workers decodes faster on a "
+                    "CPU"], said
+    assert main([*run, "--out", str(tmp_path / "b"), "-q"]) == 0
+    assert "JPEG" not in capsys.readouterr().err
+    cache = str(tmp_path / "a" / "m__tiny-clip-vision.h5")
+    assert main(["probe", cache, "--out", str(tmp_path / "res"), "--save-classifier", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m.csv"), "--classifier",
+                 str(tmp_path / "res" / "classifier__tiny-clip-vision.safetensors"), "--device", "cpu",
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "image-decode" not in err and "image_decode" not in err and "JPEG" not in err, err
+    assert pd.read_csv(tmp_path / "p.csv")["prediction"].notna().all()
 
 
 @pytest.mark.parametrize("where", ["forward", "decoding"])

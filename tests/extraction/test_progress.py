@@ -128,16 +128,17 @@ def _planted_caches(tmp_path, task="classification", n=60, modalities=("text",),
 def test_probe_fits_that_did_not_converge_are_named_in_one_featx_line(tmp_path, capsys, one_torch_thread):
     from featx.probing.estimators import LayerProbe
     from featx.probing.registry import register_probe
-    from featx.probing.sweep import run_probe
+    from featx.cli.main import main
 
     # a real logistic probe, stopped after one lbfgs iteration: scikit-learn warns that it did not converge
     register_probe("logistic-1-iteration", lambda seed, device: LayerProbe(probe="logistic", max_iter=1,
                                                                             random_state=seed))
     caches = _planted_caches(tmp_path)
-    run_probe(caches, tmp_path / "out", probe="logistic-1-iteration", progress=False)
+    assert main(["probe", *caches, "--out", str(tmp_path / "out"), "--probe", "logistic-1-iteration", "-q"]) == 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("featx: ") and "before converging" in lines[0], err
+    # with the command's name, as every other line (it said "featx: ...")
+    assert len(lines) == 1 and lines[0].startswith("featx probe: ") and "before converging" in lines[0], err
     assert "logistic" in lines[0] and "ConvergenceWarning" not in err, err
 
 

@@ -149,10 +149,12 @@ def test_texts_changed_under_the_same_ids_are_extracted_again(tmp_path, tiny_ber
     new = list(WORDS[:5])
     new[1], new[3] = "an entirely different sentence about cats", "and another one about dogs"
     _texts(tmp_path / "m.csv", new)
-    extract(manifest, [tiny_bert], tmp_path / "c", progress=False)
+    again = ["extract", manifest, "--model", tiny_bert, "--out", str(tmp_path / "c"), "-q"]
+    assert main(again) == 0
     err = capsys.readouterr().err
-    assert "the manifest's text of 2 item(s) changed since the cache was made, e.g. id t1; extracting them again" \
-        in err, err
+    # with the command's name, as every other line (it said "featx: ...")
+    assert (f"featx extract: {path}: the manifest's text of 2 item(s) changed since the cache was made, e.g. id t1; "
+            "extracting them again") in err.splitlines(), err
     got, done = _mean(path)
     fresh_manifest = _texts(tmp_path / "fresh.csv", new)
     extract(fresh_manifest, [tiny_bert], tmp_path / "f", progress=False)
@@ -161,11 +163,11 @@ def test_texts_changed_under_the_same_ids_are_extracted_again(tmp_path, tiny_ber
     np.testing.assert_array_equal(got, fresh)
     np.testing.assert_array_equal(got[[0, 2, 4]], old[[0, 2, 4]])
     assert not np.array_equal(got[1], old[1])
-    extract(manifest, [tiny_bert], tmp_path / "c", progress=False)  # now up to date: nothing said, nothing done
+    assert main(again) == 0  # now up to date: nothing said, nothing done
     assert "changed since" not in capsys.readouterr().err
 
 
-def test_a_changed_image_file_is_extracted_again(tmp_path, tiny_clip_vision, capsys):
+def test_a_changed_image_file_is_extracted_again(tmp_path, tiny_clip_vision):
     """An image file rewritten under the same name (its size and mtime change): computed again."""
     from conftest import write_png
 
@@ -178,10 +180,9 @@ def test_a_changed_image_file_is_extracted_again(tmp_path, tiny_clip_vision, cap
     path = str(tmp_path / "c" / "m__tiny-clip-vision.h5")
     old, _ = _mean(path)
     write_png(tmp_path / "i2.png", seed=7, size=(50, 40))
-    capsys.readouterr()
-    extract(manifest, [tiny_clip_vision], tmp_path / "c", progress=False)
-    assert ("the image file (its path from the manifest, size or modification time) of 1 item(s) changed since the "
-            "cache was made, e.g. id c") in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"the image file \(its path from the manifest, size or modification time\) "
+                                         r"of 1 item\(s\) changed since the cache was made, e.g. id c"):
+        extract(manifest, [tiny_clip_vision], tmp_path / "c", progress=False)
     got, _ = _mean(path)
     np.testing.assert_array_equal(got[:2], old[:2])
     extract(manifest, [tiny_clip_vision], tmp_path / "f", progress=False, overwrite=True)
@@ -189,7 +190,7 @@ def test_a_changed_image_file_is_extracted_again(tmp_path, tiny_clip_vision, cap
     assert not np.array_equal(got[2], old[2])
 
 
-def test_a_data_set_moved_with_its_manifest_is_not_extracted_again(tmp_path, tiny_clip_vision, capsys):
+def test_a_data_set_moved_with_its_manifest_is_not_extracted_again(tmp_path, tiny_clip_vision, recwarn):
     """Files are fingerprinted by their path from the manifest's folder: moving the folder (mv keeps each file's
     size and modification time) leaves every item done; a trial saw all of them extracted again."""
     import shutil
@@ -203,9 +204,9 @@ def test_a_data_set_moved_with_its_manifest_is_not_extracted_again(tmp_path, tin
     pd.DataFrame({"id": ["a", "b", "c"], "image": ["i0.png", "i1.png", "i2.png"]}).to_csv(data / "m.csv", index=False)
     extract(str(data / "m.csv"), [tiny_clip_vision], tmp_path / "c", progress=False)
     shutil.move(str(data), str(tmp_path / "moved"))
-    capsys.readouterr()
+    recwarn.clear()
     res = extract(str(tmp_path / "moved" / "m.csv"), [tiny_clip_vision], tmp_path / "c", progress=False)
-    assert res.caches[0]["done"] == 3 and "changed since the cache was made" not in capsys.readouterr().err
+    assert res.caches[0]["done"] == 3 and not [w for w in recwarn if "changed since" in str(w.message)]
 
 
 def test_a_changed_item_whose_new_source_fails_keeps_no_old_value(tmp_path, tiny_bert, capsys):
@@ -221,7 +222,7 @@ def test_a_changed_item_whose_new_source_fails_keeps_no_old_value(tmp_path, tiny
     capsys.readouterr()
 
 
-def test_a_cache_without_fingerprints_still_opens_and_resumes(tmp_path, tiny_bert, capsys):
+def test_a_cache_without_fingerprints_still_opens_and_resumes(tmp_path, tiny_bert, recwarn):
     """A cache of an earlier featx (no fingerprint dataset) with a failed item: it reads, resumes and finishes the
     item; its other items, whose sources are not known, are not compared (nor recomputed)."""
     manifest = _texts(tmp_path / "m.csv", [WORDS[0], "", WORDS[2]])
@@ -236,7 +237,7 @@ def test_a_cache_without_fingerprints_still_opens_and_resumes(tmp_path, tiny_ber
     res = extract(manifest, [tiny_bert], tmp_path / "c", progress=False)
     assert (res.caches[0]["done"], res.caches[0]["failed"]) == (3, 0)
     got, done = _mean(path)
-    assert done.all() and "changed since" not in capsys.readouterr().err
+    assert done.all() and not [w for w in recwarn if "changed since" in str(w.message)]
     np.testing.assert_array_equal(got[[0, 2]], old[[0, 2]])
     with open_cache(path) as c:  # the item computed now records its source; the others stay unknown
         assert c.fingerprints[1] != 0 and c.fingerprints[0] == 0 == c.fingerprints[2]
@@ -253,8 +254,11 @@ def test_predict_with_a_reused_cache_dir_predicts_the_new_texts(tmp_path, media,
     assert main(["predict", new, "--classifier", saved, "--cache-dir", str(tmp_path / "pc"), "--out",
                  str(tmp_path / "p1.csv"), "-q"]) == 0
     _texts(tmp_path / "new.csv", ["ok", "brilliant acting and a superb plot"])
+    capsys.readouterr()
     assert main(["predict", new, "--classifier", saved, "--cache-dir", str(tmp_path / "pc"), "--out",
                  str(tmp_path / "p2.csv"), "-q"]) == 0
+    assert (f"featx predict: {tmp_path / 'pc' / 'new__tiny-bert.h5'}: the manifest's text of 2 item(s) changed since "
+            "the cache was made, e.g. id t0; extracting them again") in capsys.readouterr().err.splitlines()
     assert main(["predict", new, "--classifier", saved, "--out", str(tmp_path / "p3.csv"), "-q"]) == 0
     p2, p3 = (pd.read_csv(tmp_path / f"p{k}.csv")["prediction"].to_numpy() for k in (2, 3))
     np.testing.assert_array_equal(p2, p3)
@@ -281,16 +285,17 @@ def test_corrected_labels_and_splits_reach_a_complete_cache(tmp_path, tiny_bert,
     splits = ["train", "train", "dev", "test"] * 2
     _texts(tmp_path / "m.csv", WORDS[:n], label=labels, split=splits)
     capsys.readouterr()
-    res = extract(manifest, [tiny_bert], tmp_path / "c", progress=False)
+    again = ["extract", manifest, "--model", tiny_bert, "--out", str(tmp_path / "c"), "-q"]
+    assert main(again) == 0
     err = capsys.readouterr().err
-    assert res.caches[0]["done"] == n
-    assert f"the manifest's labels of 5 of {n} items differ from those the cache held; it now holds the " \
-           "manifest's" in err, err
-    assert f"the manifest's splits of 4 of {n} items differ" in err, err
+    assert f"featx extract: {path}: the manifest's labels of 5 of {n} items differ from those the cache held; it " \
+           "now holds the manifest's" in err.splitlines(), err
+    assert f"featx extract: {path}: the manifest's splits of 4 of {n} items differ" in err, err
+    assert f"featx extract: {tiny_bert}: {n} done, 0 failed" in err, err
     with open_cache(path) as c:
         assert list(c.labels) == labels and list(c.splits) == splits
         np.testing.assert_array_equal(c.fingerprints, prints)
     np.testing.assert_array_equal(_mean(path)[0], old)
     assert not os.path.exists(path + ".parts")
-    extract(manifest, [tiny_bert], tmp_path / "c", progress=False)
+    assert main(again) == 0
     assert "differ from those" not in capsys.readouterr().err

@@ -419,6 +419,25 @@ def test_training_sizes_that_come_to_the_same_labels_are_said_and_run_once(tmp_p
     assert sorted(curves["labels"].unique()) == [2.0, 18.0, 36.0]
 
 
+def test_label_counts_are_whole_numbers_in_meta_json_and_the_results_tables(tmp_path):
+    # meta.json said {"0.01": 2.0, ...} and results.csv 2.0: a count of labels is a whole number; under
+    # cross-validation (no test split) 61 items make folds of unequal training parts, whose mean is rounded
+    from featx.cli.main import main
+
+    X, y = planted(n=61, num_layers=3, dim=6, k=1)
+    for name, splits in (("split", np.asarray(["train", "train", "train", "dev", "test"] * 12 + ["train"],
+                                              dtype=object)), ("cv", None)):
+        out = tmp_path / name
+        path = write_cache(tmp_path / f"{name}.h5", X, _ids(61), y, splits)
+        assert main(["probe", path, "--out", str(out), "--probe", "batched", "--train-sizes", "0.05,0.5", "-q"]) == 0
+        counts = _strict(out / "meta.json")["train_labels"]
+        assert set(counts) == {"0.05", "0.5", "1.0"} and all(type(v) is int for v in counts.values()), counts
+        csv = pd.read_csv(out / "results.csv")
+        assert csv["train_labels"].dtype.kind == "i" and pd.read_parquet(out / "results.parquet")[
+            "train_labels"].dtype.kind == "i"
+        assert dict(zip(csv["train_size"].astype(str), csv["train_labels"])) == counts
+
+
 def test_probe_takes_one_pooling_and_says_so(tmp_path, capsys):
     from featx.cli.main import main
 
