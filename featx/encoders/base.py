@@ -63,6 +63,26 @@ def from_pretrained(loader, name, what, **kwargs):
 UNUSED_MODULES = ("pooler", "masked_spec_embed", "mask_token")
 
 
+def saved_with(name, files) -> bool:
+    """Whether checkpoint `name` (folder or hub id) holds one of `files` (e.g. a tokenizer's or an image
+    processor's config): looked up in the folder, or in the hub cache / on the hub for an id; no weights are
+    read. False where the hub cannot be reached and nothing is cached."""
+    import os
+
+    if os.path.isdir(str(name)):
+        return any(os.path.isfile(os.path.join(str(name), f)) for f in files)
+    from transformers.utils import cached_file
+
+    for f in files:
+        try:
+            if cached_file(str(name), f, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False) is not None:
+                return True
+        except Exception:  # an unreachable hub or a gated repo: nothing featx can load
+            continue
+    return False
+
+
 def complete_weights(name, model, missing) -> None:
     """One-line FeatxError naming checkpoint `name` and a few of the weights it lacks (`missing`: transformers'
     missing_keys, without the ones its model class expects to be missing), other than UNUSED_MODULES'."""

@@ -19,9 +19,11 @@ import contextlib
 import numpy as np
 import torch
 
-from featx.encoders.base import Encoder, from_pretrained, model_loader
+from featx.encoders.base import Encoder, from_pretrained, model_loader, saved_with
 from featx.errors import OptionAdvice, first_line
 from featx.settings import IMAGE_DECODES, IMAGE_PREPROCESS, one_of
+
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # where an image processor is saved
 
 
 def _decode_batches(inputs, batch_size):
@@ -104,6 +106,13 @@ def torchvision_processor(processor) -> bool:
 class ImageEncoder(Encoder):
     modality = "image"
     pinned_inputs = True  # pixels_of copies pinned images to the device one by one (see Encoder)
+
+    @classmethod
+    def unavailable(cls, name) -> str:
+        """Why this encoder cannot run for checkpoint `name` ('' when it can): a checkpoint saved without an
+        image processor (e.g. a SigLIP saved with its tokenizer only) has no image tower featx can feed."""
+        return "" if saved_with(name, _PROCESSOR_FILES) else \
+            "no image processor saved with the checkpoint: its image tower cannot run"
 
     def __init__(self, name, *, config, device="cpu", trust_remote_code=False, precision="fp32",
                  image_preprocess="batched-torch", image_decode="workers", **_):

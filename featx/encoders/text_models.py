@@ -18,31 +18,18 @@ What each one feeds the model (every layer index 0 is the embedding output, L-1 
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
+from featx.encoders.base import saved_with
 from featx.encoders.text import TextEncoder
 
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 def has_tokenizer(name) -> bool:
-    """Whether checkpoint `name` (folder or hub id) was saved with a tokenizer (looked up locally, or in the
-    hub cache / on the hub for an id; no weights are read)."""
-    if os.path.isdir(str(name)):
-        return any(os.path.isfile(os.path.join(str(name), f)) for f in _TOKENIZER_FILES)
-    from transformers.utils import cached_file
-
-    for f in _TOKENIZER_FILES:
-        try:
-            if cached_file(str(name), f, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False) is not None:
-                return True
-        except Exception:  # an unreachable hub or a gated repo: no tokenizer that featx can load
-            continue
-    return False
+    """Whether checkpoint `name` (folder or hub id) was saved with a tokenizer (saved_with)."""
+    return saved_with(name, _TOKENIZER_FILES)
 
 
 def added_tokens(tokenizer) -> str:

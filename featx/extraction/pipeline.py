@@ -258,9 +258,9 @@ def extract(manifest, models, out, *, progress=True, group_size=None, summary=Tr
 def _jobs_of(model, config, df, manifest, out) -> list:
     """One job per tower of `model` whose column the manifest has (CLIP: its image tower for an image or video
     column, its text tower for a text column), the primary tower's cache named as before; FeatxError (one
-    line) when the manifest has no column for any of them. A second tower that cannot run for this checkpoint
-    (its adapter's `unavailable(model)` says why, e.g. no tokenizer saved) is skipped with a one-line warning that
-    names the column left out."""
+    line) when the manifest has no column for any of them. A tower of a checkpoint of several that cannot run for
+    it (its adapter's `unavailable(model)` says why: no tokenizer, or no image processor saved) is skipped with a
+    one-line warning that names the column left out; FeatxError when no tower is left to run."""
     towers = families_of(config)
     name = os.path.basename(os.fspath(manifest))
     jobs, skipped = [], []
@@ -272,8 +272,9 @@ def _jobs_of(model, config, df, manifest, out) -> list:
                 raise
             continue
         tower = None if family is towers[0] else family.modality
-        why = tower and getattr(family.adapter_class(), "unavailable", lambda m: "")(model)
-        if why:  # e.g. a CLIP checkpoint saved without a tokenizer: its image tower still runs
+        why = len(towers) > 1 and getattr(family.adapter_class(), "unavailable", lambda m: "")(model)
+        if why:  # e.g. a CLIP saved without a tokenizer: its image tower still runs (a SigLIP without an image
+            # processor: its text tower)
             skipped.append((column, why))
             continue
         jobs.append(_Job(str(model), config, family.modality, column, cache_path(manifest, model, out, tower)))

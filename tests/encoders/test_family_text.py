@@ -209,6 +209,28 @@ def test_a_clip_without_a_tokenizer_runs_its_image_tower_only_and_says_so_for_a_
     assert "tokenizer" not in err and "text" not in err, err
 
 
+@pytest.mark.parametrize("family", ["siglip-text", "siglip2-text"])
+def test_a_siglip_without_an_image_processor_runs_its_text_tower_and_says_so_for_an_image_column(
+        checkpoints, media, tmp_path, capsys, family):
+    # a full SigLIP saved with its tokenizer only: the whole run failed on the image processor the image column
+    # asked for, the text column's features with it
+    from featx.cli.main import main
+
+    model, out = checkpoints[family], tmp_path / "out"
+    assert main(["extract", media, "--model", model, "--out", str(out), "--device", "cpu", "-q"]) == 0
+    name = os.path.basename(model)
+    assert os.listdir(out) == [f"manifest__{name}__text.h5"]
+    with open_cache(out / f"manifest__{name}__text.h5") as c:
+        assert c.modality == "text" and c.done.all()
+    assert (f"featx extract: {model}: the manifest's 'image' column is not extracted (no image processor saved with "
+            "the checkpoint: its image tower cannot run)") in capsys.readouterr().err.splitlines()
+    image_only = os.path.join(os.path.dirname(media), "images.csv")
+    pd.read_csv(media).drop(columns=["text"]).to_csv(image_only, index=False)
+    with pytest.raises(FeatxError, match="no image processor saved with the checkpoint") as e:
+        extract(image_only, [model], tmp_path / "none", device="cpu", progress=False)
+    assert "\n" not in str(e.value)
+
+
 def test_a_text_only_manifest_for_a_clip_without_a_tokenizer_is_one_line(tiny_clip, manifest, tmp_path):
     with pytest.raises(FeatxError, match="no tokenizer saved") as e:
         extract(manifest, [tiny_clip], tmp_path / "out", device="cpu", progress=False)
