@@ -37,9 +37,19 @@ def frame_mask(model, feature_vector_length, attention_mask, add_adapter=None):
     """The (B, T) bool mask of the frames over real samples, as transformers' wav2vec2-family
     `_get_feature_vector_attention_mask` makes it (frames before each row's output length), but compared in one
     kernel: transformers sets the last real frame by an index assignment, which waits for the GPU every batch.
-    Set on the loaded model in place of that method."""
-    lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1), add_adapter=add_adapter).to(torch.long)
+    Set on the loaded model in place of that method. add_adapter goes on to the model's
+    `_get_feat_extract_output_lengths` only when its caller gives it: HuBERT's and UniSpeech(-SAT)'s methods
+    neither give nor take it."""
+    extra = {} if add_adapter is None else {"add_adapter": add_adapter}
+    lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1), **extra).to(torch.long)
     return torch.arange(feature_vector_length, device=attention_mask.device)[None, :] < lengths[:, None]
+
+
+# Model types whose forward of a padded batch with the attention mask gives each item's real frames as its forward
+# alone does (to float rounding; tests/encoders/test_family_audio.py checks each type against transformers): their
+# one positional conv sees the padded frames zeroed, as a lone item's zero padding. data2vec-audio's stack of
+# positional convs and wav2vec2-conformer's depthwise convs in each block carry padding into the last real frames.
+PADS_EXACTLY = ("wav2vec2", "hubert", "wavlm", "unispeech", "unispeech-sat")
 
 
 class AudioEncoder(Encoder):
@@ -61,10 +71,12 @@ class AudioEncoder(Encoder):
         self.sample_rate = int(self.processor.sampling_rate)
         if hasattr(self.model, "_get_feature_vector_attention_mask"):
             self.model._get_feature_vector_attention_mask = types.MethodType(frame_mask, self.model)
-        # Group-norm conv features (wav2vec2-base, WavLM-base) normalise over the whole padded length, and
-        # such checkpoints take no attention mask: padding would change their outputs, so they batch only
-        # inputs of equal length.
         self.uses_mask = bool(getattr(self.processor, "return_attention_mask", False))
+        # Padding would change the outputs of group-norm conv features (wav2vec2-base, WavLM-base: normalised over
+        # the whole padded length), of a checkpoint without the attention mask (it attends to the padding) and of
+        # the model types not in PADS_EXACTLY: those batch only inputs of equal length.
+        self.pads = (self.uses_mask and getattr(config, "feat_extract_norm", "") == "layer"
+                     and getattr(config, "model_type", "") in PADS_EXACTLY)
         self.attrs = {"sample_rate": self.sample_rate, "feat_extract_norm": getattr(config, "feat_extract_norm", "")}
         if is_wavlm(self.model):
             # The two attentions differ at the 1e-6 level (fp32): a cache is resumed only with the one it began with.
@@ -79,7 +91,7 @@ class AudioEncoder(Encoder):
         return int(feats.shape[0])
 
     def batch_key(self, feats):
-        return None if self.uses_mask else int(feats.shape[0])
+        return None if self.pads else int(feats.shape[0])
 
     def num_frames(self, num_samples) -> int:
         """How many encoder frames `num_samples` samples give (0: too short for the conv feature encoder)."""

@@ -66,5 +66,43 @@ def build_tiny_w2v_bert(path, seed=0):
                            SeamlessM4TFeatureExtractor(feature_size=80, num_mel_bins=80, stride=2))
 
 
+# model type -> (config class, model class) of the wav2vec2 family (featx.encoders.audio); WavLM: build_tiny_wavlm
+_WAV2VEC2_TYPES = {"wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model"), "hubert": ("HubertConfig", "HubertModel"),
+                   "unispeech": ("UniSpeechConfig", "UniSpeechModel"),
+                   "unispeech-sat": ("UniSpeechSatConfig", "UniSpeechSatModel"),
+                   "data2vec-audio": ("Data2VecAudioConfig", "Data2VecAudioModel"),
+                   "wav2vec2-conformer": ("Wav2Vec2ConformerConfig", "Wav2Vec2ConformerModel")}
+
+
+def build_tiny_wav2vec2_family(path, model_type, norm="layer", mask=None, seed=0):
+    """A random model of a wav2vec2-family `model_type` (hidden 32, 2 layers, 3 conv layers: 320 samples a frame)
+    and its Wav2Vec2FeatureExtractor. norm="layer": the large checkpoints' layout (layer-norm conv features,
+    stable layer norm, an extractor that normalises and returns the attention mask: wav2vec2-large-lv60,
+    hubert-large, unispeech-sat-large, data2vec-audio-*); norm="group": the base ones' (group-norm conv
+    features, no normalisation, no mask). mask: whether the extractor returns the attention mask (default: with
+    layer norm). data2vec-audio: a stack of 2 positional convs of width 5 (its layout: 5 of 19);
+    wav2vec2-conformer: relative positions and a depthwise conv of width 7 in each block."""
+    import torch
+    import transformers
+    from transformers import Wav2Vec2FeatureExtractor
+
+    config_class, model_class = (getattr(transformers, n) for n in _WAV2VEC2_TYPES[model_type])
+    large, mask = norm == "layer", norm == "layer" if mask is None else mask
+    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16,
+                  num_conv_pos_embedding_groups=4, feat_extract_norm=norm)
+    if model_type == "data2vec-audio":  # always layer-norm conv features and pre-norm blocks
+        kwargs.update(num_conv_pos_embeddings=2, conv_pos_kernel_size=5)
+        del kwargs["feat_extract_norm"]
+    elif model_type == "wav2vec2-conformer":
+        kwargs.update(position_embeddings_type="relative", conv_depthwise_kernel_size=7)
+    else:
+        kwargs.update(do_stable_layer_norm=large)
+    torch.manual_seed(seed)
+    return save_checkpoint(path, model_class(config_class(**kwargs)),
+                           Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                    do_normalize=large, return_attention_mask=mask))
+
+
 BUILDERS = {"wav2vec2": build_tiny_wavlm, "whisper": build_tiny_whisper, "ast": build_tiny_ast,
             "clap-audio": build_tiny_clap, "w2v-bert": build_tiny_w2v_bert}
