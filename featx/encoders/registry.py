@@ -378,7 +378,11 @@ register_family(Family("convnext", ("convnext", "convnextv2"), "image", f"{_VISI
 register_family(Family("wav2vec2", ("wavlm", "wav2vec2", "wav2vec2-conformer", "hubert", "data2vec-audio",
                                     "unispeech", "unispeech-sat"), "audio", "featx.encoders.audio:AudioEncoder",
                        "encoder.layers", poolings=("mean",), example="microsoft/wavlm-large",
-                       note="no class token: mean pooling over the real frames"))
+                       note="no class token: mean pooling over the real frames; inputs of different lengths share a "
+                            "padded batch only where that leaves each one's values as alone: layer-norm conv features "
+                            "with the attention mask (wavlm-large, wav2vec2-large-lv60, hubert-large, "
+                            "unispeech(-sat)-large); data2vec-audio, wav2vec2-conformer, group-norm (base) and "
+                            "maskless checkpoints batch only equal lengths (mostly one input at a time)"))
 _SPEECH = "featx.encoders.speech:"
 register_family(Family("whisper", ("whisper",), "audio", _SPEECH + "WhisperEncoderAdapter", "layers",
                        poolings=("mean",), example="openai/whisper-large-v3",
@@ -387,7 +391,9 @@ register_family(Family("whisper", ("whisper",), "audio", _SPEECH + "WhisperEncod
 register_family(Family("ast", ("audio-spectrogram-transformer",), "audio", _SPEECH + "ASTEncoder", "layers|encoder.layer",
                        example="MIT/ast-finetuned-audioset-10-10-0.4593",
                        note="windows of at most max_length fbank frames (10.24 s); cls = position 0; mean over the "
-                            "patches over real audio (not the distillation token)"))
+                            "patches over real audio (not the distillation token); audio longer than one window is cut "
+                            "into near-equal windows: mean is over all windows' real patches, cls the mean of the "
+                            "windows' class tokens, weighted by each window's real patches (near-equal weights)"))
 register_family(Family("clap-audio", ("clap", "clap_audio_model"), "audio", _SPEECH + "ClapAudioEncoder", "",
                        poolings=("mean",), layers_field="depths", example="laion/clap-htsat-unfused",
                        note="the HTSAT audio tower; windows of at most max_length_s (10 s); each stage's mean over "
