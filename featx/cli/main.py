@@ -16,7 +16,7 @@ import warnings
 
 from featx.cli.options import HelpFormatter, Parser, add_settings, aligned, exit_status, interrupted, print_table, \
     probe_exit_status, registered_probe, settings_from
-from featx.errors import FeatxError
+from featx.errors import FeatxError, first_line
 from featx.settings import (DemoSettings, ExtractSettings, FinetuneSettings, FuseSettings, MmsaSettings,
                             ModelsSettings, PredictSettings, ProbeSettings, ReportSettings, check_out_dir,
                             check_out_file)
@@ -378,7 +378,8 @@ def _after_interrupt(command, argv=None) -> str:
 
 
 def main(argv=None):
-    """Run one featx command; returns its exit status (0 done, 1 usage error, 2 some items failed, 130 interrupted,
+    """Run one featx command; returns its exit status (0 done, 1 usage error or unexpected error, each one line on
+    stderr (FEATX_TRACEBACK=1: an unexpected one raises, with its traceback), 2 some items failed, 130 interrupted,
     141 stdout closed by its reader)."""
     parser = build_parser()
     try:
@@ -400,3 +401,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"featx {args.command}: interrupted; {_after_interrupt(args.command, argv)}", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug (featx's, a library's, a plug-in's): one line naming it, exit 1 as Python's own
+        if os.environ.get("FEATX_TRACEBACK"):
+            raise
+        print(f"featx {args.command}: error: unexpected {type(e).__name__}: {first_line(e)[:300]} (a bug: please "
+              f"report it; FEATX_TRACEBACK=1 shows where it happened)", file=sys.stderr)
+        return 1

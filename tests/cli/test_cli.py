@@ -354,3 +354,40 @@ def test_report_refuses_one_results_folder_given_twice(tmp_path, capsys):
     code, _, err = _run(capsys, "report", tmp_path / "r", str(tmp_path / "r") + "/", "--out", tmp_path / "rep")
     assert code == 1 and "given twice" in _one_line(err)
     assert not (tmp_path / "rep").exists()
+
+
+_BROKEN_ADAPTER = '''
+from featx.encoders.registry import Family, register_family
+from featx.encoders.text import TextEncoder
+
+
+class Broken(TextEncoder):
+    """A plug-in adapter with a bug in its forward."""
+
+    def forward(self, inputs):
+        raise TypeError("Broken.forward() got an unexpected keyword argument 'add_adapter'")
+
+
+register_family(Family("broken-bert", ("bert",), "text", "broken_adapter:Broken", "encoder.layer"))
+'''
+
+
+def test_an_unexpected_error_is_one_line_naming_it_and_its_traceback_is_one_variable_away(tmp_path, tiny_bert):
+    """An error featx did not foresee (here a plug-in adapter's bug; in trial 3 transformers' HuBERT refusing an
+    argument) was Python's 40-line traceback: main caught featx's own errors only. Exit 1 either way."""
+    (tmp_path / "broken_adapter.py").write_text(_BROKEN_ADAPTER)
+    pd.DataFrame({"id": ["a", "b"], "text": ["one text", "another text"]}).to_csv(tmp_path / "m.csv", index=False)
+    code = "import broken_adapter; from featx.cli.main import main; raise SystemExit(main())"
+
+    def child(**env):
+        env = dict({k: v for k, v in os.environ.items() if k != "FEATX_TRACEBACK"}, HF_HUB_OFFLINE="1",
+                   PYTHONPATH=os.pathsep.join([REPO, str(tmp_path)]), **env)
+        return subprocess.run([sys.executable, "-c", code, "extract", "m.csv", "--model", tiny_bert, "--out", "c",
+                               "-q"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+    r = child()
+    line = _one_line(r.stderr)
+    assert r.returncode == 1 and line.startswith("featx extract: error: unexpected TypeError: Broken.forward()")
+    assert "FEATX_TRACEBACK=1" in line
+    r = child(FEATX_TRACEBACK="1")
+    assert r.returncode == 1 and "Traceback" in r.stderr and "broken_adapter.py" in r.stderr
