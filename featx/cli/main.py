@@ -377,10 +377,41 @@ def _after_interrupt(command, argv=None) -> str:
     return f"to continue from the last finished epoch, run: {shlex.join(again)}"
 
 
+# Set to 1 to get the traceback of an unexpected error (a bug) instead of its one line.
+TRACEBACK_VARIABLE = "FEATX_TRACEBACK"
+
+
+def _unexpected(command, err) -> str:
+    """The one line an unexpected exception (not a FeatxError: a bug in featx or in a library it calls) is shown
+    as: its type, its first line and where it was raised (with the innermost featx line that led there, when it
+    was raised in a library), and how to see the traceback. An OSError (a file that cannot be read or written, a
+    full disk) and running out of memory are said as they are, not as bugs."""
+    import traceback
+
+    head = f"featx {command}: error:"
+    if isinstance(err, OSError):
+        return f"{head} {first_line(err)}"
+    if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+        smaller = "; a smaller --batch-size needs less" if command in ("extract", "finetune", "predict") else ""
+        return f"{head} out of memory ({type(err).__name__}: {first_line(err)}){smaller}"
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [i for i, f in enumerate(frames) if os.path.abspath(f.filename).startswith(package + os.sep)]
+    at = []   # where it was raised, then the innermost featx line that led there when that is not featx's
+    if frames and (not ours or ours[-1] != len(frames) - 1):
+        at.append(f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}")
+    if ours:
+        f = frames[ours[-1]]
+        at.append(f"{os.path.relpath(os.path.abspath(f.filename), os.path.dirname(package))}:{f.lineno}")
+    where = f" at {at[0]}" + (f" (from {at[1]})" if len(at) > 1 else "") if at else ""
+    return (f"{head} unexpected {type(err).__name__}: {first_line(err)}{where}. This is a bug: please report it "
+            f"with this line (run again with {TRACEBACK_VARIABLE}=1 for the traceback)")
+
+
 def main(argv=None):
-    """Run one featx command; returns its exit status (0 done, 1 usage error or unexpected error, each one line on
-    stderr (FEATX_TRACEBACK=1: an unexpected one raises, with its traceback), 2 some items failed, 130 interrupted,
-    141 stdout closed by its reader)."""
+    """Run one featx command; returns its exit status (0 done, 1 usage error or unexpected error, 2 some items
+    failed, 130 interrupted, 141 stdout closed by its reader). An unexpected error is one line (_unexpected), or
+    raised with its traceback when the environment sets FEATX_TRACEBACK=1."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -401,9 +432,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"featx {args.command}: interrupted; {_after_interrupt(args.command, argv)}", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug (featx's, a library's, a plug-in's): one line naming it, exit 1 as Python's own
-        if os.environ.get("FEATX_TRACEBACK"):
+    except Exception as e:  # not a FeatxError: a bug in featx or a library, or the machine (a file, memory)
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
             raise
-        print(f"featx {args.command}: error: unexpected {type(e).__name__}: {first_line(e)[:300]} (a bug: please "
-              f"report it; FEATX_TRACEBACK=1 shows where it happened)", file=sys.stderr)
+        print(_unexpected(args.command, e), file=sys.stderr)
         return 1

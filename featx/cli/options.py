@@ -35,7 +35,7 @@ def exit_status(command=None) -> str:
     return f"""exit status:
   0    done
   1    a usage or configuration error: one line on stderr, nothing done; or an unexpected error
-       (a bug): one line naming it (FEATX_TRACEBACK=1 prints its traceback)
+       (a bug): one line too, FEATX_TRACEBACK=1 shows its traceback
   2    done, but some items failed: each is listed with its reason
   130  interrupted: {again}"""
 
@@ -47,8 +47,8 @@ def probe_exit_status(command) -> str:
     return f"""exit status:
   0    done; items left out (failed at extraction, pending, without a label, with no split) are
        counted on stderr (a line per cache and reason) and in meta.json
-  1    a usage, configuration or data error (e.g. a non-finite label), or an unexpected error (a bug;
-       FEATX_TRACEBACK=1 prints its traceback): one line on stderr
+  1    a usage, configuration or data error (e.g. a non-finite label): one line on stderr; or an
+       unexpected error (a bug): one line too, FEATX_TRACEBACK=1 shows its traceback
   130  interrupted: {interrupted(command)}"""
 
 

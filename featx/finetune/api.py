@@ -24,7 +24,7 @@ from featx.device import resolve_device, resolve_precision
 from featx.errors import FeatxError
 from featx.finetune.data import decode_items
 from featx.finetune.loop import Run, TrainingData, train_run
-from featx.finetune.model import HeadSettings
+from featx.finetune.model import HeadSettings, layerdrop_of
 from featx.naming import display_names, last_name
 from featx.probing.results import (FULL_PART_ADDED, FoldScores, best_layer, clear_earlier_outputs, earlier_outputs,
                                    labels_count, load_results, meta_head, said_removed, write_results)
@@ -143,6 +143,7 @@ class _Inputs:
     task: str
     classes: object    # sorted classes (classification) or None
     layers: list       # cut layer per model
+    layerdrop: list    # per model: {field: probability} of the LayerDrop fine-tuning turns off (empty: none)
 
 
 def _best_layer(encoder, probe_results, task):
@@ -251,7 +252,7 @@ def _prepare(manifest, models, settings, device) -> _Inputs:
     classes = sorted(set(items.labels.tolist())) if task == "classification" else None
     layers = _cut_layers(settings.layers, encoders, settings.probe_results, task)
     return _Inputs(models, configs, modalities, columns, [e.num_layers for e in encoders], items, task, classes,
-                   layers)
+                   layers, [layerdrop_of(e.model) for e in encoders])
 
 
 def _run_config(inputs: _Inputs, settings) -> dict:
@@ -374,15 +375,21 @@ def _row_base(inputs: _Inputs, settings) -> dict:
 def _write_meta(out, inputs: _Inputs, settings, data: TrainingData, chance):
     """out/meta.json: task and chance, encoders and cut layers, every resolved setting, command line, versions."""
     config = _run_config(inputs, settings)
-    encoders = [{"encoder": n, "path": m, "modality": mo, "num_layers": nl, "layer": k, "train_blocks": tb}
-                for n, m, mo, nl, k, tb in zip(display_names(inputs.models), inputs.models, inputs.modalities,
-                                               inputs.num_layers, inputs.layers, settings.train_blocks)]
+    names = display_names(inputs.models)
+    encoders = [{"encoder": n, "path": m, "modality": mo, "num_layers": nl, "layer": k, "train_blocks": tb,
+                 "layerdrop_off": ld}
+                for n, m, mo, nl, k, tb, ld in zip(names, inputs.models, inputs.modalities, inputs.num_layers,
+                                                   inputs.layers, settings.train_blocks, inputs.layerdrop)]
+    layerdrop = [f"{n}: LayerDrop off ({', '.join(f'{k} {v:g}' for k, v in ld.items())} in its config): a skipped "
+                 "block would shift the hidden states, and the head would see another layer than the cut one"
+                 for n, ld in zip(names, inputs.layerdrop) if ld]
     resolved = dict(settings.as_dict(), task=inputs.task, cut_layers=inputs.layers, device=str(data.device),
                     precision=data.precision)
     meta = {**meta_head(inputs.task, chance), "caches": [], "encoders": encoders,
             "finetune": {k: v for k, v in config.items() if k != "models"}, "precision": data.precision,
             "device": data.device.type, "items": int(len(inputs.items.ids)), **provenance(resolved),
-            "notes": ["joint fine-tuning: early stopping and model selection on dev only"] + settings.notes}
+            "notes": ["joint fine-tuning: early stopping and model selection on dev only"] + layerdrop
+            + settings.notes}
     write_meta(meta, os.path.join(out, "meta.json"))
 
 

@@ -6,6 +6,9 @@ Each branch is a featx encoder cut at a chosen layer: its block list is truncate
 of the tower the branch runs (CLIP: image or text); a family without one cannot be fine-tuned.
 `train_blocks=k` trains the top k kept blocks only (embeddings and lower blocks frozen and run in eval mode);
 -1 trains everything, 0 freezes the encoder. The conv feature encoder of speech models is always frozen.
+LayerDrop is turned off (layerdrop_off): in train mode it skips whole blocks at random, and the hidden state at
+`layer` would then be a later block's output. Dropout and stochastic depth (drop_path: a block's residual branch
+dropped per item, every block still giving its hidden state) stay as the checkpoint sets them.
 
 Heads:
 - "concat" (Toledo & Marcacini): per modality pooled hidden state -> Linear(D, proj) + ReLU; the M projections
@@ -30,6 +33,10 @@ from featx.settings import FinetuneSettings as FinetuneOptions
 _OPTIONS = defaults_of(FinetuneOptions)   # the head's defaults are featx finetune's
 # Modules whose output never reaches the hidden states (always frozen: they would get no gradient).
 UNUSED_MODULES = ("pooler", "post_layernorm")
+# Config fields of LayerDrop (Fan et al. 2019; wav2vec2 family, w2v-BERT: layerdrop; Whisper: encoder_layerdrop):
+# in train mode each block is skipped with that probability, and transformers records the hidden states of the
+# blocks that ran, so fewer come back and hidden_states[layer] is a later block's output (or out of range).
+LAYERDROP_FIELDS = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,44 @@ def block_list(model, path):
     return obj, name
 
 
+def _layerdrop_settings(model):
+    """(holder, name, value, in a config) of every LayerDrop probability above 0 in `model`: the LAYERDROP_FIELDS
+    of every config its modules hold (a tower's config too) and every module's own `layerdrop` (Whisper's encoder
+    copies encoder_layerdrop when it is built)."""
+    for module in model.modules():
+        holders = [(module, ("layerdrop",), False)]
+        config = getattr(module, "config", None)
+        if config is not None and not isinstance(config, dict):
+            holders.append((config, LAYERDROP_FIELDS, True))
+        for holder, names, in_config in holders:
+            for name in names:
+                value = getattr(holder, name, None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    yield holder, name, float(value), in_config
+
+
+def layerdrop_of(model) -> dict:
+    """{config field: probability} of the LayerDrop that is on in `model` (a module's own copy of a config's
+    value is not said again; {"layerdrop": p} for a module's own that no config holds); empty: none."""
+    found = list(_layerdrop_settings(model))
+    out = {}
+    for _, name, value, in_config in found:
+        if in_config:
+            out.setdefault(name, value)
+    for _, name, value, in_config in found if not out else ():
+        out.setdefault(name, value)
+    return out
+
+
+def layerdrop_off(model) -> dict:
+    """Turn LayerDrop off in `model` (every probability _layerdrop_settings finds set to 0); returns what
+    layerdrop_of gave before."""
+    was = layerdrop_of(model)
+    for holder, name, _, _ in list(_layerdrop_settings(model)):
+        setattr(holder, name, 0.0)
+    return was
+
+
 def kept_blocks(layer, num_layers) -> int:
     """Blocks a branch cut at hidden state `layer` of `num_layers` keeps: one above the cut, up to all of them.
 
@@ -69,7 +114,9 @@ class EncoderBranch(nn.Module):
 
     forward(inputs) -> (hidden_states[layer] (B, T, D_layer), mask (B, T) bool), D_layer = hidden_size: the cut
     layer's width (layer_widths[layer] for a CNN's stages). The block list is truncated to kept_blocks(layer, L)
-    blocks, so at most one block above the cut runs (frozen).
+    blocks, so at most one block above the cut runs (frozen). LayerDrop is off (layerdrop_off; `layerdrop_was`:
+    the checkpoint's values), so every call, in train mode too, gives the kept blocks + 1 hidden states; a
+    forward that gives another number is a FeatxError, never another layer's values.
     """
 
     def __init__(self, adapter, layer, train_blocks=-1):
@@ -86,7 +133,9 @@ class EncoderBranch(nn.Module):
         self.encoder = adapter.model
         self.block_path = block_path(adapter.config, self.encoder, adapter.modality)  # of the branch's tower
         parent, attr = block_list(self.encoder, self.block_path)
-        setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[:kept_blocks(layer, L)]))
+        self.kept = kept_blocks(layer, L)
+        setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[:self.kept]))
+        self.layerdrop_was = layerdrop_off(self.encoder)
         self._freeze(list(getattr(parent, attr)), int(train_blocks))
 
     def _freeze(self, blocks, train_blocks):
@@ -117,6 +166,11 @@ class EncoderBranch(nn.Module):
 
     def forward(self, inputs):
         hidden_states, mask = self.adapter.forward(inputs)
+        if len(hidden_states) != self.kept + 1:  # a block skipped: hidden_states[layer] would be another layer
+            raise FeatxError(f"{self.adapter.name}: the encoder cut at layer {self.layer} gave {len(hidden_states)} "
+                             f"hidden states, not {self.kept + 1} (its {self.kept} kept blocks + the embeddings): "
+                             f"a block was skipped{' in train mode' if self.training else ''}; featx cannot tell "
+                             "which layer each one is")
         return hidden_states[self.layer], mask
 
 
