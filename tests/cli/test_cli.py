@@ -348,6 +348,19 @@ def test_a_known_column_written_in_other_case_is_named_when_extracting(tmp_path,
     assert code == 0 and "kept as metadata" not in err, err
 
 
+def test_extract_refuses_a_model_given_twice(tmp_path, capsys, tiny_bert, monkeypatch):
+    # `featx extract m.csv --model M --model M` ran the model twice and wrote its cache twice
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,text\na,hello\nb,world\n", encoding="utf-8")
+    monkeypatch.chdir(os.path.dirname(tiny_bert))
+    typed = os.path.basename(tiny_bert)
+    for twice in ([tiny_bert, "./" + typed + "/"], ["org/model", "org/model"]):
+        code, _, err = _run(capsys, "extract", manifest, "--model", twice[0], "--model", twice[1],
+                            "--out", tmp_path / "c")
+        assert code == 1 and f"{twice[1]} is given twice (as {twice[0]}); give each model once" in _one_line(err)
+        assert not (tmp_path / "c").exists()
+
+
 def test_report_refuses_one_results_folder_given_twice(tmp_path, capsys):
     # `featx report r r` labelled both copies "r" and their figures overwrote each other
     (tmp_path / "r").mkdir()
