@@ -162,14 +162,16 @@ def load_caches(caches, s):
 
 
 def resolve_task(datas, forced="auto") -> str:
-    """The task of the caches' labels (or `forced`); caches that disagree are a one-line error."""
+    """The task of the caches' labels (or `forced`); caches that disagree are a one-line error naming each
+    cache's task."""
     if forced != "auto":
         return forced
-    tasks = {infer_task(d.y) for d in datas}
-    if len(tasks) != 1:
-        raise FeatxError(f"the caches' labels disagree on the task ({', '.join(sorted(tasks))}); "
-                         "set task to regression or classification")
-    return tasks.pop()
+    tasks = [infer_task(d.y) for d in datas]
+    if len(set(tasks)) != 1:
+        said = "; ".join(f"{d.path}: {t}" for d, t in zip(datas, tasks))
+        raise FeatxError(f"the caches' labels disagree on the task ({said}); set task to regression or "
+                         "classification")
+    return tasks[0]
 
 
 def check_classes(datas, s):

@@ -425,6 +425,18 @@ def test_dev_and_test_items_of_a_class_the_training_part_lacks_are_said(tmp_path
     assert capsys.readouterr().err == ""
 
 
+def test_caches_that_disagree_on_the_task_are_each_named_with_theirs(tmp_path, capsys):
+    from featx.cli.main import main
+
+    X, y = planted(n=60, num_layers=3, dim=6, k=1)
+    reg = write_cache(tmp_path / "reg.h5", X, _ids(60), y, standard_splits(60))
+    cls = write_cache(tmp_path / "cls.h5", X, _ids(60), np.where(y > 0, "pos", "neg"), standard_splits(60))
+    assert main(["probe", reg, cls, "--out", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"featx probe: error: the caches' labels disagree on the task ({reg}: regression; {cls}: "
+                   "classification); set task to regression or classification"], err
+
+
 def test_fusion_options_without_fusion_are_said_to_be_ignored(tmp_path, capsys):
     from featx.cli.main import main
 
