@@ -98,7 +98,8 @@ def run_probe(caches, out, progress=True, **options):
     task = resolve_task(datas, s.task)
     if task == "classification":
         check_classes(datas, s)
-    note = inferred_task_note(datas[0].y) if s.task == "auto" else None
+    note = inferred_task_note(datas[0].y, as_classes=task == "classification" or could_be_classes(datas[0], s)) \
+        if s.task == "auto" else None
     if note and not s.quiet:
         warnings.warn(note)   # one line: the command line prints it as "featx probe: task: ..."
     if s.fusion and len(datas) < 2:
@@ -108,6 +109,8 @@ def run_probe(caches, out, progress=True, **options):
     if aligned is None and len(datas) > 1:
         warn_split_disagreement(datas)
     check_sizes(datas, task, s, aligned)
+    if task == "classification":
+        warn_unseen_classes(datas, s)
     s.collapsed = collapsed_sizes(datas, aligned, task, s)
     check_out(out)
     os.makedirs(out, exist_ok=True)
@@ -174,12 +177,17 @@ def resolve_task(datas, forced="auto") -> str:
     return tasks[0]
 
 
+def _classification_folds(d, s):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # scikit-learn's note on a class smaller than the number of folds
+        return make_folds(d.y, d.splits, "classification", s.folds, s.seeds[0])[0]
+
+
 def check_classes(datas, s):
-    """Classification needs labels that are classes, with a few training items per class. A one-line error for
+    """Classification needs labels that are classes, with a few training items per class: a one-line error for
     a cache whose labelled items hold more distinct labels than half their number (continuous scores, or ids,
     made one class per item), or whose training part (of each fold of the first seed) holds fewer than two
-    items per class; a one-line warning when dev or test items are in a class that the training part lacks
-    (a classifier cannot predict it, so they are scored as errors)."""
+    items per class."""
     for d in datas:
         y = np.asarray(d.y).astype(str)
         n, k = len(y), len(np.unique(y))
@@ -187,16 +195,28 @@ def check_classes(datas, s):
             raise FeatxError(f"{d.path}: classification needs labels that are classes, but its {n} labelled items "
                              f"hold {k} distinct labels (more than half of them, so most classes would have one "
                              "item): continuous labels are regression (--task regression)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # scikit-learn's note on a class smaller than the number of folds
-            folds, _ = make_folds(d.y, d.splits, "classification", s.folds, s.seeds[0])
-        n_train = min(len(train) for train, _, _ in folds)
+        n_train = min(len(train) for train, _, _ in _classification_folds(d, s))
         if k > n_train / 2:
             raise FeatxError(f"{d.path}: classification needs a few training items per class, but its {k} classes "
                              f"come with {n_train} training items (fewer than two per class, so most classes "
                              "would be learned from one item or none): continuous labels are regression "
                              "(--task regression)")
-        line = unseen_classes(y, folds)
+
+
+def could_be_classes(d, s) -> bool:
+    """Whether check_classes would take cache d's labels as classes (what the task line may suggest)."""
+    try:
+        check_classes([d], s)
+    except (FeatxError, ValueError):
+        return False
+    return True
+
+
+def warn_unseen_classes(datas, s):
+    """One warning line per cache whose dev or test items are in a class that the training part lacks (a
+    classifier cannot predict it, so they are scored as errors)."""
+    for d in datas:
+        line = unseen_classes(np.asarray(d.y).astype(str), _classification_folds(d, s))
         if line:
             warnings.warn(f"{d.path}: {line}")
 

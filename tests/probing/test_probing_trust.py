@@ -400,6 +400,10 @@ def test_classification_with_fewer_than_two_training_items_per_class_is_one_line
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"its {k} classes come with 120 training items" in err[0], err
     assert "--task regression" in err[0] and not (tmp_path / "out").exists()
+    # the task line of the same labels run as regression does not suggest --task classification
+    assert main(["probe", path, "--out", str(tmp_path / "reg"), "--probe", "batched"]) == 0
+    err = capsys.readouterr().err
+    assert "too many distinct values to be classes" in err and "give --task classification" not in err, err
 
 
 def test_dev_and_test_items_of_a_class_the_training_part_lacks_are_said(tmp_path, capsys):
