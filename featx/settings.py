@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from featx.errors import FeatxError, first_line
+from featx.naming import resolve_model
 
 POOLINGS = ("mean", "cls", "last")  # last: the last real token (decoder LMs)
 MAX_IMAGE_PIXELS = 100_000_000   # 10,000 x 10,000: about 300 MB once decoded to RGB
@@ -266,6 +267,18 @@ def distinct_paths(value) -> list:
             raise FeatxError(f"{p} is given twice (as {seen[key]}); give each once")
         seen[key] = p
     return paths
+
+
+def distinct_models(value) -> list:
+    """texts(value) where no model is named twice (a folder also under two spellings of its path,
+    featx.naming.resolve_model)."""
+    models, seen = texts(value), {}
+    for m in models:
+        key = resolve_model(m)
+        if key in seen:
+            raise FeatxError(f"{m} is given twice (as {seen[key]}); give each model once")
+        seen[key] = m
+    return models
 
 
 FUSIONS = ("early", "late", "gated")
@@ -579,7 +592,7 @@ class ExtractSettings(Settings):
     """`featx extract`: cache the hidden states of every layer of every item to HDF5, one file per model."""
     manifest: str = option(None, "CSV, JSONL or Parquet manifest (id, text/image/audio/video, label, split)",
                            positional=True, path=True, required=True)
-    model: list = option(None, "hub id or local folder; repeat for several", texts, many=True, model=True,
+    model: list = option(None, "hub id or local folder; repeat for several", distinct_models, many=True, model=True,
                          required=True)
     out: str = option(None, "output folder (one .h5 per manifest x model)", path=True, required=True)
     pool: list = option("mean", "poolings, comma-separated: mean,cls,last (each model stores those its family supports)", parse_poolings)

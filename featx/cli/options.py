@@ -130,10 +130,11 @@ def add_settings(parser, cls, recipe=True):
         flags = ["-q", "--quiet"] if f.name == "quiet" else [f"--{dashed(f.name)}"]
         if meta["flag"]:
             parser.add_argument(*flags, dest=f.name, action="store_true", **kw)
-            if recipe and f.name != "quiet" and not f.name.startswith("no_") and not meta["cli_only"]:
-                # turns off a flag a recipe turns on (the command line wins); not listed, the README says it
-                parser.add_argument(f"--no-{dashed(f.name)}", dest=f.name, action="store_false",
-                                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            # every flag can be turned off (a recipe's `quiet: yes` too: the command line wins): --no-FLAG, and
+            # for a flag that is itself a no- (--no-cka) the name without it (--cka); not listed, the README says it
+            off = dashed(f.name[3:]) if f.name.startswith("no_") else f"no-{dashed(f.name)}"
+            parser.add_argument(f"--{off}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
         elif meta["many"]:
             parser.add_argument(*flags, dest=f.name, action="append", metavar=meta["metavar"] or f.name.upper(), **kw)
         else:

@@ -5,6 +5,7 @@ folder), optional `start`/`end` (seconds), `label`, `split`; any other column is
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -20,29 +21,41 @@ KNOWN_COLUMNS = STRING_COLUMNS + ("start", "end", "label")
 def read_manifest(path) -> pd.DataFrame:
     """The manifest as a DataFrame: `id` and path columns as strings, paths made absolute.
 
-    Raises FeatxError (one line) for an unreadable file, a missing `id` column, empty or duplicate ids.
+    Raises FeatxError (one line) for an unreadable file (a file that is not UTF-8 named as such), a column name
+    given twice, a missing `id` column, empty or duplicate ids.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FeatxError(f"manifest not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     dtypes = {c: "string" for c in STRING_COLUMNS}
+    name = os.path.basename(path)
     try:
         if ext in (".csv", ".tsv"):
+            sep = "\t" if ext == ".tsv" else ","
             # Only empty cells are missing: an id or a text "nan" or "NA" is a real value.
-            df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",", dtype=dtypes, keep_default_na=False,
-                             na_values=[""])
+            df = pd.read_csv(path, sep=sep, dtype=dtypes, keep_default_na=False, na_values=[""])
+            # pandas renames a repeated column ('text', 'text.1'): the header as written says so
+            _refuse_repeated(name, pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str,
+                                               keep_default_na=False).iloc[0].tolist())
         elif ext in (".jsonl", ".json", ".ndjson"):
             df = pd.read_json(path, lines=ext != ".json", dtype=False)
+            _refuse_repeated_keys(path, name, lines=ext != ".json")   # the JSON reader keeps the last one
         elif ext in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
+            try:
+                df = pd.read_parquet(path)
+            except Exception:   # pyarrow refuses a repeated column in several lines: one of ours first
+                _refuse_repeated(name, _parquet_columns(path))
+                raise
         else:
             raise FeatxError(f"manifest {path}: unknown format {ext!r} (use .csv, .jsonl or .parquet)")
     except FeatxError:
         raise
+    except UnicodeDecodeError as e:
+        raise FeatxError(not_utf8(path, e)) from None
     except Exception as e:  # pandas raises many kinds; the user needs one line
         raise FeatxError(f"cannot read manifest {path}: {first_line(e)}")
-    name = os.path.basename(path)
+    _refuse_repeated(name, list(df.columns))
     if "id" not in df.columns:
         raise FeatxError(f"manifest {name} has no 'id' column (columns: {', '.join(map(str, df.columns))})")
     if len(df) == 0:
@@ -73,6 +86,66 @@ def read_manifest(path) -> pd.DataFrame:
         if col in df.columns:
             df[col] = df[col].map(lambda p: p if pd.isna(p) or os.path.isabs(p) else os.path.join(base, p))
     return df.reset_index(drop=True)
+
+
+def _refuse_repeated(name, columns):
+    """A one-line FeatxError when a column name is given twice (its second column would be kept as metadata, or
+    replace the first). Blank names are pandas' to number ('Unnamed: 2'), not repeats."""
+    seen = set()
+    for c in columns:
+        if c in seen and str(c).strip():
+            raise FeatxError(f"manifest {name}: column {str(c)!r} is given twice (columns: "
+                             f"{', '.join(map(str, columns))}); give each column once")
+        seen.add(c)
+
+
+class _Object(dict):
+    """A JSON object that remembers its keys in order, repeats included."""
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        self.keys_given = [k for k, _ in pairs]
+
+
+def _refuse_repeated_keys(path, name, lines):
+    """_refuse_repeated on each record of a JSON Lines file (or of a .json file: a list of records, or one object
+    of columns)."""
+    with open(path, encoding="utf-8-sig") as f:
+        texts = (line for line in f if line.strip()) if lines else [f.read()]
+        for text in texts:
+            try:
+                got = json.loads(text, object_pairs_hook=_Object)
+            except ValueError:   # pandas read it; what Python's json cannot, it does not check
+                continue
+            for record in got if isinstance(got, list) else [got]:
+                if isinstance(record, _Object):
+                    _refuse_repeated(name, record.keys_given)
+
+
+def _parquet_columns(path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).names
+    except Exception:
+        return []
+
+
+def not_utf8(path, error: UnicodeDecodeError) -> str:
+    """One line for a manifest that is not UTF-8: the first line holding a byte UTF-8 cannot decode (the error's
+    own position counts from the start of a chunk pandas read, not of the file), and how to re-encode it."""
+    line, byte = None, error.object[error.start:error.start + 1]
+    with open(path, "rb") as f:
+        for number, text in enumerate(f, 1):
+            try:
+                text.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                line, byte = number, e.object[e.start:e.start + 1]
+                break
+    where = f"line {line} holds" if line else "it holds"
+    shown = f"byte 0x{byte.hex()}" if byte else "a byte"
+    base = os.path.basename(path)
+    return (f"manifest {path} is not UTF-8 text: {where} {shown}, which UTF-8 cannot decode; re-encode the file as "
+            f"UTF-8 (e.g. iconv -f latin1 -t utf-8 {base} > utf8-{base})")
 
 
 def source_column(df: pd.DataFrame, modality: str, name: str = "manifest") -> str:

@@ -49,9 +49,11 @@ def infer_task(y) -> str:
     return "regression"
 
 
-def inferred_task_note(y):
+def inferred_task_note(y, as_classes=None):
     """For numeric labels, infer_task's choice and why, in one phrase with the --task that overrides it ("0/1 is
-    a flag, 1/2 are numbers" is featx's rule, not the labels'); None for string or boolean labels (classes)."""
+    a flag, 1/2 are numbers" is featx's rule, not the labels'); None for string or boolean labels (classes).
+    as_classes: whether classification would take these labels (probe's rule, featx.probing.sweep.check_classes,
+    also counts the training part); None: at most half as many distinct values as labels."""
     y = np.asarray(y)
     if y.dtype.kind in "OUSb":
         return None
@@ -60,8 +62,10 @@ def inferred_task_note(y):
     if infer_task(y) == "classification":
         return (f"task: classification ({values.size} class(es): numeric labels whose only values are 0 and 1 are "
                 "taken as classes; give --task regression to fit them as numbers)")
-    hint = ("give --task classification to take these as classes" if 2 * values.size <= np.isfinite(y).sum()
-            else "too many distinct values to be classes")  # more than half the labels: classification refuses them
+    if as_classes is None:   # more than half the labels: classification refuses them
+        as_classes = 2 * values.size <= np.isfinite(y).sum()
+    hint = "give --task classification to take these as classes" if as_classes else \
+        "too many distinct values to be classes"
     return (f"task: regression ({values.size} distinct numeric label values: {shown}; only labels that are all 0 "
             f"or 1 are taken as classes: {hint})")
 

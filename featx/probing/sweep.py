@@ -97,8 +97,9 @@ def run_probe(caches, out, progress=True, **options):
     datas = load_caches(s.caches, s)
     task = resolve_task(datas, s.task)
     if task == "classification":
-        check_classes(datas)
-    note = inferred_task_note(datas[0].y) if s.task == "auto" else None
+        check_classes(datas, s)
+    note = inferred_task_note(datas[0].y, as_classes=task == "classification" or could_be_classes(datas[0], s)) \
+        if s.task == "auto" else None
     if note and not s.quiet:
         warnings.warn(note)   # one line: the command line prints it as "featx probe: task: ..."
     if s.fusion and len(datas) < 2:
@@ -108,6 +109,8 @@ def run_probe(caches, out, progress=True, **options):
     if aligned is None and len(datas) > 1:
         warn_split_disagreement(datas)
     check_sizes(datas, task, s, aligned)
+    if task == "classification":
+        warn_unseen_classes(datas, s)
     s.collapsed = collapsed_sizes(datas, aligned, task, s)
     check_out(out)
     os.makedirs(out, exist_ok=True)
@@ -162,26 +165,80 @@ def load_caches(caches, s):
 
 
 def resolve_task(datas, forced="auto") -> str:
-    """The task of the caches' labels (or `forced`); caches that disagree are a one-line error."""
+    """The task of the caches' labels (or `forced`); caches that disagree are a one-line error naming each
+    cache's task."""
     if forced != "auto":
         return forced
-    tasks = {infer_task(d.y) for d in datas}
-    if len(tasks) != 1:
-        raise FeatxError(f"the caches' labels disagree on the task ({', '.join(sorted(tasks))}); "
-                         "set task to regression or classification")
-    return tasks.pop()
+    tasks = [infer_task(d.y) for d in datas]
+    if len(set(tasks)) != 1:
+        said = "; ".join(f"{d.path}: {t}" for d, t in zip(datas, tasks))
+        raise FeatxError(f"the caches' labels disagree on the task ({said}); set task to regression or "
+                         "classification")
+    return tasks[0]
 
 
-def check_classes(datas):
-    """Classification needs labels that are classes: a cache whose labelled items hold more distinct labels than
-    half their number (continuous scores, or ids, made one class per item) is a one-line error naming the
-    count."""
+def _classification_folds(d, s):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # scikit-learn's note on a class smaller than the number of folds
+        return make_folds(d.y, d.splits, "classification", s.folds, s.seeds[0])[0]
+
+
+def check_classes(datas, s):
+    """Classification needs labels that are classes, with a few training items per class: a one-line error for
+    a cache whose labelled items hold more distinct labels than half their number (continuous scores, or ids,
+    made one class per item), or whose training part (of each fold of the first seed) holds fewer than two
+    items per class."""
     for d in datas:
-        n, k = len(d.y), len(np.unique(np.asarray(d.y).astype(str)))
+        y = np.asarray(d.y).astype(str)
+        n, k = len(y), len(np.unique(y))
         if k > n / 2:
             raise FeatxError(f"{d.path}: classification needs labels that are classes, but its {n} labelled items "
                              f"hold {k} distinct labels (more than half of them, so most classes would have one "
                              "item): continuous labels are regression (--task regression)")
+        n_train = min(len(train) for train, _, _ in _classification_folds(d, s))
+        if k > n_train / 2:
+            raise FeatxError(f"{d.path}: classification needs a few training items per class, but its {k} classes "
+                             f"come with {n_train} training items (fewer than two per class, so most classes "
+                             "would be learned from one item or none): continuous labels are regression "
+                             "(--task regression)")
+
+
+def could_be_classes(d, s) -> bool:
+    """Whether check_classes would take cache d's labels as classes (what the task line may suggest)."""
+    try:
+        check_classes([d], s)
+    except (FeatxError, ValueError):
+        return False
+    return True
+
+
+def warn_unseen_classes(datas, s):
+    """One warning line per cache whose dev or test items are in a class that the training part lacks (a
+    classifier cannot predict it, so they are scored as errors)."""
+    for d in datas:
+        line = unseen_classes(np.asarray(d.y).astype(str), _classification_folds(d, s))
+        if line:
+            warnings.warn(f"{d.path}: {line}")
+
+
+def unseen_classes(y, folds):
+    """None, or one line counting the dev and test items (over all folds) whose class the fold's training part
+    lacks, with the first such class as an example."""
+    counts, example = {"dev": [0, 0], "test": [0, 0]}, None
+    for train, dev, test in folds:
+        seen = set(y[train].tolist())
+        for part, idx in (("dev", dev), ("test", test)):
+            missing = [v for v in y[idx].tolist() if v not in seen]
+            counts[part][0] += len(missing)
+            counts[part][1] += len(idx)
+            example = example if example is not None or not missing else missing[0]
+    if example is None:
+        return None
+    said = " and ".join(f"{m} of {t} {part} items" for part, (m, t) in sorted(counts.items(), reverse=True) if m)
+    over = f" (over {len(folds)} folds)" if len(folds) > 1 else ""
+    return (f"{said}{over} are in a class the training part lacks (e.g. {example!r}): a classifier cannot predict "
+            "such a class, so these items are scored as errors; their scores say little (merge rare classes, or "
+            "--task regression for scores)")
 
 
 # Options that only fusion reads, with their defaults.

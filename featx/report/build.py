@@ -13,7 +13,8 @@ from featx.naming import cache_names, display_names, slug
 from featx.report.cka import cache_cka, summary_cka
 from featx.report.html import Section, write_html, write_markdown
 from featx.probing.results import FIGURES, METRIC_LABELS, REPORT_HTML, REPORT_MD, figure_files, load_results
-from featx.report.results import FINETUNE_COLUMN, LAYERS_COLUMN, SCORE_COLUMNS, findings, summary_table
+from featx.report.results import (DIFF_COLUMN, FINETUNE_COLUMN, LAYERS_COLUMN, SCORE_COLUMNS, diff_text,
+                                  findings, summary_table)
 
 TITLE = "featx layer-wise report"
 # Up to this many caches, every pair gets its layer-by-layer CKA figure unless pairs are named.
@@ -21,10 +22,11 @@ MAX_CKA_PAIRS_AUTO = 4
 
 
 def _fmt(table, results_name=None):
-    """Numbers as text with 3 decimals for display; prefix a 'results' column when several dirs are shown."""
+    """Numbers as text with 3 decimals for display ('best minus output' with more where a difference that is not
+    zero needs them: never -0.000); prefix a 'results' column when several dirs are shown."""
     out = table.copy()
     for col in [c for c in out.columns if c in SCORE_COLUMNS or c == FINETUNE_COLUMN]:
-        out[col] = out[col].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
+        out[col] = out[col].map(diff_text if col == DIFF_COLUMN else lambda v: "–" if pd.isna(v) else f"{v:.3f}")
     out["fusion method"] = out["fusion method"].map(lambda v: "–" if pd.isna(v) else str(v))
     out["best layer"] = out["best layer"].map(lambda v: "–" if pd.isna(v) else str(int(v)))
     if LAYERS_COLUMN in out.columns:   # fine-tuned rows have no layers probed

@@ -88,6 +88,7 @@ SUMMARY_COLUMNS = ["encoder", "modality", "metric", "best layer", "best-layer sc
                    "best minus output", "weighted sum", "fusion method", "fusion"]
 # The columns of SUMMARY_COLUMNS that hold scores.
 SCORE_COLUMNS = ["best-layer score", "output-layer score", "best minus output", "weighted sum", "fusion"]
+DIFF_COLUMN = "best minus output"   # signed: positive when the best layer is better
 FINETUNE_COLUMN = "fine-tuned"
 # After "best layer" when an encoder's layers were a subset (--layers): the layers its best layer and weighted sum
 # are over ("all" for the others).
@@ -158,8 +159,36 @@ def summary_table(res, metrics=None, finetune=None):
     return out.sort_values("metric", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
+def decimals(*values) -> int:
+    """The decimals that show `values` (NaN left out) that differ as different numbers: 3, or up to 6 where 3
+    would round two of them to one number; values that differ by less than 1e-9 count as equal."""
+    finite = [float(v) for v in values if pd.notna(v)]
+    distinct = len({round(v, 9) for v in finite})
+    return next((d for d in range(3, 7) if len({f"{v:.{d}f}" for v in finite}) == distinct), 6)
+
+
+def diff_text(value) -> str:
+    """A signed difference with 3 decimals, or as many more as a difference that is not zero needs to show a digit
+    (never -0.000 or 0.000 for it); "–" for NaN."""
+    if pd.isna(value):
+        return "–"
+    value = float(value) + 0.0   # -0.0 -> 0.0
+    d = next((d for d in range(3, 10) if abs(value) < 1e-9 or round(value, d) != 0), 9)
+    return f"{0.0 if abs(value) < 1e-9 else value:.{d}f}"
+
+
 def _by(gain):
-    return f"{'better' if gain >= 0 else 'worse'} by {abs(gain):.3f}"
+    """'better by 0.012', 'worse by less than 0.001', 'the same score' for a signed gain (positive: better)."""
+    if abs(gain) < 1e-9:
+        return "the same score"
+    return f"{'better' if gain > 0 else 'worse'} by " + ("less than 0.001" if round(gain, 3) == 0 else
+                                                        f"{abs(gain):.3f}")
+
+
+def _versus(a, b) -> str:
+    """'0.205 vs 0.201', with the decimals that tell two different scores apart."""
+    d = decimals(a, b)
+    return f"{a:.{d}f} vs {b:.{d}f}"
 
 
 def _selection_score(res, row):
@@ -206,13 +235,13 @@ def findings(res, metric=None):
             out.append(f"{r['encoder']}: the layer chosen on dev{of} is the output layer ({r['best layer']}), "
                        f"{name} {r['best-layer score']:.3f}.")
             continue
-        if round(gain, 3) == 0:
-            out.append(f"{r['encoder']}: layer {r['best layer']}{of} ties with the output layer on {name} "
-                       f"({r['best-layer score']:.3f} vs {r['output-layer score']:.3f}).")
+        pair = _versus(r["best-layer score"], r["output-layer score"])
+        if abs(gain) < 1e-9:
+            out.append(f"{r['encoder']}: layer {r['best layer']}{of} ties with the output layer on {name} ({pair}).")
             continue
         verdict = "beats" if gain > 0 else "trails"
         out.append(f"{r['encoder']}: layer {r['best layer']}{of} {verdict} the output layer on {name} "
-                   f"({r['best-layer score']:.3f} vs {r['output-layer score']:.3f}, {_by(gain)}).")
+                   f"({pair}, {_by(gain)}).")
     fused = {}  # value -> label; probe runs repeat the chosen fusion's value on every encoder's row
     for r in rows:
         if pd.notna(r["fusion"]):
@@ -223,7 +252,8 @@ def findings(res, metric=None):
         top = best_single(res, single)
         for value, label in fused.items():
             gain = sign * (value - top["best-layer score"])
-            out.append(f"Fusion ({label}) reaches {name} {value:.3f}, against {top['best-layer score']:.3f} "
+            d = decimals(value, top["best-layer score"])
+            out.append(f"Fusion ({label}) reaches {name} {value:.{d}f}, against {top['best-layer score']:.{d}f} "
                        f"for the best single encoder on {res.selection_split} ({top['encoder']}, layer "
                        f"{top['best layer']}), {_by(gain)}.")
     return out

@@ -149,8 +149,40 @@ def test_a_flag_a_recipe_turns_on_is_turned_off_on_the_command_line(tmp_path, ca
     assert any("weighted" in m for m in methods[0]) and not any("weighted" in m for m in methods[1]), methods
     code, out, _ = _run(capsys, "probe", "--help")
     assert "--no-weighted" not in out  # not listed; the README says it
-    code, _, err = _run(capsys, "extract", "m.csv", "--no-trust-remote-code")  # a flag a recipe cannot set
-    assert code == 1 and "unknown option --no-trust-remote-code" in err, err
+
+
+def test_every_flag_is_turned_off_on_the_command_line(tmp_path, caches, capsys, monkeypatch):
+    # --no-quiet was an unknown option, so a recipe's quiet: yes could not be undone; nor no-save-model: yes
+    from featx.cli.main import build_parser
+    from featx.cli.options import settings_from
+    from featx.settings import ExtractSettings, FinetuneSettings, MmsaSettings, ReportSettings
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("caches: [caches/m__text.h5]\nout: res\nseeds: 1\nquiet: true\n")
+    code, _, err = _run(capsys, "probe", "--recipe", recipe)
+    assert code == 0 and "task: regression" not in err, err
+    code, _, err = _run(capsys, "probe", "--recipe", recipe, "--no-quiet")
+    assert code == 0 and "featx probe: task: regression" in err, err
+    parser = build_parser()
+    for argv, cls, recipe_text, off, names in [
+            (["extract"], ExtractSettings, "manifest: m.csv\nmodel: [x]\nout: o\nquiet: yes\nseq: yes\n"
+             "overwrite: yes\n", ["--no-quiet", "--no-seq", "--no-overwrite", "--no-trust-remote-code"],
+             ["quiet", "seq", "overwrite"]),
+            (["finetune"], FinetuneSettings, "manifest: m.csv\nmodel: [x]\nout: o\nno-save-model: yes\n",
+             ["--save-model"], ["no_save_model"]),
+            (["report"], ReportSettings, "results: [r]\nout: o\nno-cka: yes\nbiased-cka: yes\n",
+             ["--cka", "--no-biased-cka"], ["no_cka", "biased_cka"])]:
+        recipe.write_text(recipe_text)
+        on = settings_from(parser.parse_args([*argv, "--recipe", str(recipe)]), cls)
+        given = settings_from(parser.parse_args([*argv, "--recipe", str(recipe), *off]), cls)
+        assert [getattr(on, k) for k in names] == [True] * len(names), argv
+        assert [getattr(given, k) for k in names] == [False] * len(names), argv
+    s = settings_from(parser.parse_args(["manifest", "mmsa", "l.csv", "--out", "m.csv", "--allow-missing",
+                                         "--no-allow-missing"]), MmsaSettings)
+    assert s.allow_missing is False
+    code, out, _ = _run(capsys, "probe", "--help")
+    assert "--no-quiet" not in out and "--no-weighted" not in out   # not listed; the README says it
 
 
 def test_probe_accepts_the_repos_mosi_recipe(tmp_path, caches, capsys):
@@ -346,6 +378,19 @@ def test_a_known_column_written_in_other_case_is_named_when_extracting(tmp_path,
     manifest.write_text("id,text,label,split\na,hello,1,train\nb,world,2,test\n", encoding="utf-8")
     code, _, err = _run(capsys, "extract", manifest, "--model", tiny_bert, "--out", tmp_path / "cache2", "-q")
     assert code == 0 and "kept as metadata" not in err, err
+
+
+def test_extract_refuses_a_model_given_twice(tmp_path, capsys, tiny_bert, monkeypatch):
+    # `featx extract m.csv --model M --model M` ran the model twice and wrote its cache twice
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,text\na,hello\nb,world\n", encoding="utf-8")
+    monkeypatch.chdir(os.path.dirname(tiny_bert))
+    typed = os.path.basename(tiny_bert)
+    for twice in ([tiny_bert, "./" + typed + "/"], ["org/model", "org/model"]):
+        code, _, err = _run(capsys, "extract", manifest, "--model", twice[0], "--model", twice[1],
+                            "--out", tmp_path / "c")
+        assert code == 1 and f"{twice[1]} is given twice (as {twice[0]}); give each model once" in _one_line(err)
+        assert not (tmp_path / "c").exists()
 
 
 def test_report_refuses_one_results_folder_given_twice(tmp_path, capsys):

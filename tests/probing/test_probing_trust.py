@@ -386,6 +386,61 @@ def test_classification_of_labels_that_cannot_be_classes_is_one_line(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_classification_with_fewer_than_two_training_items_per_class_is_one_line(tmp_path, capsys):
+    """Trial 3: ratings with 96 distinct values over 200 items (120 training) passed the half-the-items rule and
+    reported f1_macro 0.000 with exit 0."""
+    from featx.cli.main import main
+
+    X, _ = planted(n=200, num_layers=3, dim=6, k=1)
+    y = np.round(np.random.default_rng(0).uniform(-3, 3, size=200) * 16) / 16   # ~96 distinct values
+    k = len(np.unique(y))
+    assert 60 < k <= 100
+    path = write_cache(tmp_path / "c.h5", X, _ids(200), y, standard_splits(200))
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "--task", "classification", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"its {k} classes come with 120 training items" in err[0], err
+    assert "--task regression" in err[0] and not (tmp_path / "out").exists()
+    # the task line of the same labels run as regression does not suggest --task classification
+    assert main(["probe", path, "--out", str(tmp_path / "reg"), "--probe", "batched"]) == 0
+    err = capsys.readouterr().err
+    assert "too many distinct values to be classes" in err and "give --task classification" not in err, err
+
+
+def test_dev_and_test_items_of_a_class_the_training_part_lacks_are_said(tmp_path, capsys):
+    from featx.cli.main import main
+
+    X, y = planted(n=120, num_layers=3, dim=6, k=1, task="classification")
+    y = np.asarray(y, dtype=object)
+    splits = standard_splits(120)
+    rare = np.flatnonzero(splits != "train")[:5]   # 5 dev/test items of a class no training item has
+    y[rare] = "rare"
+    n_dev, n_test = (splits[rare] == "dev").sum(), (splits[rare] == "test").sum()
+    path = write_cache(tmp_path / "c.h5", X, _ids(120), y, splits)
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "--probe", "batched", "-q"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    said = " and ".join(f"{m} of 24 {part} items" for part, m in (("test", n_test), ("dev", n_dev)) if m)
+    assert err == [f"featx probe: {path}: {said} are in a class the training part lacks (e.g. 'rare'): a "
+                   "classifier cannot predict such a class, so these items are scored as errors; their scores say "
+                   "little (merge rare classes, or --task regression for scores)"], err
+    # every class seen in training: nothing said
+    y[rare] = np.asarray(planted(n=120, num_layers=3, dim=6, k=1, task="classification")[1], dtype=object)[rare]
+    path = write_cache(tmp_path / "d.h5", X, _ids(120), y, splits)
+    assert main(["probe", path, "--out", str(tmp_path / "out2"), "--probe", "batched", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_caches_that_disagree_on_the_task_are_each_named_with_theirs(tmp_path, capsys):
+    from featx.cli.main import main
+
+    X, y = planted(n=60, num_layers=3, dim=6, k=1)
+    reg = write_cache(tmp_path / "reg.h5", X, _ids(60), y, standard_splits(60))
+    cls = write_cache(tmp_path / "cls.h5", X, _ids(60), np.where(y > 0, "pos", "neg"), standard_splits(60))
+    assert main(["probe", reg, cls, "--out", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"featx probe: error: the caches' labels disagree on the task ({reg}: regression; {cls}: "
+                   "classification); set task to regression or classification"], err
+
+
 def test_fusion_options_without_fusion_are_said_to_be_ignored(tmp_path, capsys):
     from featx.cli.main import main
 

@@ -517,3 +517,27 @@ def test_a_report_written_again_into_its_folder_keeps_only_its_own_figures(tmp_p
         second = build_report(dirs[:1], str(out), cka=False)
     assert sorted(os.listdir(out / "figures")) == sorted([os.path.basename(p) for p in second["pngs"]] + ["notes.txt"])
     assert not any("two" in n for n in os.listdir(out / "figures"))
+
+
+def test_scores_that_differ_are_never_shown_as_a_tie_or_minus_zero(mosi):
+    """Trial 3: 'layer 1 ties with the output layer on MAE (0.205 vs 0.205)' and 'best minus output -0.000' for
+    0.20497 against 0.20462 (the output layer better)."""
+    from featx.report.build import _fmt
+
+    res, _ = mosi
+    b = res.best_layers.copy()
+    bert = (b["encoder"] == "bert-base-uncased") & (b["metric"] == "mae")
+    layer = int(b.loc[bert, "best_dev_layer"].iloc[0])
+    b.loc[bert, ["best_layer_score", "output_layer_score"]] = [0.20497, 0.20462]
+    near = dataclasses.replace(res, best_layers=b)
+    mine = [s for s in findings(near) if s.startswith("bert-base-uncased:")]
+    assert mine == [f"bert-base-uncased: layer {layer} trails the output layer on MAE (0.2050 vs 0.2046, worse by "
+                    "less than 0.001)."], mine
+    shown = _fmt(summary_table(near)).set_index("encoder").loc["bert-base-uncased"]
+    assert shown["best minus output"] == "-0.0004" and shown["best-layer score"] == "0.205", shown
+    # equal scores are a tie, with 0.000 (not -0.000)
+    b.loc[bert, "best_layer_score"] = 0.20462
+    tie = dataclasses.replace(res, best_layers=b)
+    mine = [s for s in findings(tie) if s.startswith("bert-base-uncased:")]
+    assert mine == [f"bert-base-uncased: layer {layer} ties with the output layer on MAE (0.205 vs 0.205)."], mine
+    assert _fmt(summary_table(tie)).set_index("encoder").loc["bert-base-uncased", "best minus output"] == "0.000"
