@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from featx.data.media import (MAX_IMAGE_PIXELS, audio_windows, check_media_file, load_image, load_text, segment,
-                              split_windows)
+from featx.data.media import (MAX_IMAGE_PIXELS, audio_seconds, audio_windows, check_media_file, load_image,
+                              load_text, segment, split_windows)
 from featx.encoders.base import preprocess_many
 from featx.errors import MediaError, first_line
 
@@ -76,9 +76,7 @@ class Decoder:
                 return float(os.path.getsize(src))  # the length would need the container opened
             if self.column == "video":
                 return max(0.0, float(end) - float(start))
-            import soundfile as sf
-
-            start, end = segment(start, end, float(sf.info(src).duration), src, "audio")
+            start, end = segment(start, end, audio_seconds(src), src, "audio")
             return end - start
         except Exception:  # the decoder reports the item's real error
             return 0.0
