@@ -79,8 +79,16 @@ def read_labels(raw, ids, task="auto"):
                          f"({values[inf][0]:g}); fix or remove it")
     labelled = ~np.isnan(values)
     if task == "classification":
-        return np.asarray([f"{v:g}" if ok else "" for v, ok in zip(values, labelled)], dtype=object), labelled
+        return np.asarray([class_name(v) if ok else "" for v, ok in zip(values, labelled)], dtype=object), labelled
     return values, labelled
+
+
+def class_name(value) -> str:
+    """A numeric label as a class name: short ("1", "2.5"), one per number (-0.0 is 0.0's "0"; a value that six
+    significant digits would round, 1.0000001, keeps every digit it needs)."""
+    value = float(value) + 0.0   # -0.0 + 0.0 is 0.0
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def _number(text):

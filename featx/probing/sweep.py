@@ -184,23 +184,32 @@ def _classification_folds(d, s):
 
 
 def check_classes(datas, s):
-    """Classification needs labels that are classes, with a few training items per class: a one-line error for
-    a cache whose labelled items hold more distinct labels than half their number (continuous scores, or ids,
-    made one class per item), or whose training part (of each fold of the first seed) holds fewer than two
-    items per class."""
+    """Classification needs labels that are classes, each with a training item: a one-line error for a cache
+    whose labelled items hold more distinct labels than half their number (continuous scores, or ids, made one
+    class per item), or whose training part (of each fold of the first seed) holds fewer items than classes.
+    One item per class is allowed (few-shot); warn_unseen_classes says when there are fewer than two per class,
+    and when dev or test items are in a class the training part lacks."""
     for d in datas:
-        y = np.asarray(d.y).astype(str)
+        y = class_labels(d.y)
         n, k = len(y), len(np.unique(y))
         if k > n / 2:
             raise FeatxError(f"{d.path}: classification needs labels that are classes, but its {n} labelled items "
                              f"hold {k} distinct labels (more than half of them, so most classes would have one "
                              "item): continuous labels are regression (--task regression)")
         n_train = min(len(train) for train, _, _ in _classification_folds(d, s))
-        if k > n_train / 2:
-            raise FeatxError(f"{d.path}: classification needs a few training items per class, but its {k} classes "
-                             f"come with {n_train} training items (fewer than two per class, so most classes "
-                             "would be learned from one item or none): continuous labels are regression "
-                             "(--task regression)")
+        if k > n_train:
+            raise FeatxError(f"{d.path}: classification needs a training item per class at least, but its {k} "
+                             f"classes come with {n_train} training items (so some class is never learned): "
+                             "continuous labels are regression (--task regression)")
+
+
+def class_labels(y) -> np.ndarray:
+    """Labels as the classes a classifier tells apart, as text: numbers by value (-0.0 is 0.0, which scikit-learn
+    counts as one class; their text differs), anything else by its text."""
+    y = np.asarray(y)
+    numbers = y.dtype.kind in "fiub" or (y.dtype.kind == "O" and all(
+        isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in y.tolist()))
+    return (y.astype(np.float64) + 0.0).astype(str) if numbers else y.astype(str)   # -0.0 + 0.0 is 0.0
 
 
 def could_be_classes(d, s) -> bool:
@@ -213,10 +222,17 @@ def could_be_classes(d, s) -> bool:
 
 
 def warn_unseen_classes(datas, s):
-    """One warning line per cache whose dev or test items are in a class that the training part lacks (a
+    """Per cache, one warning line when its training part (of each fold of the first seed) holds fewer than two
+    items per class, and one when its dev or test items are in a class that the training part lacks (a
     classifier cannot predict it, so they are scored as errors)."""
     for d in datas:
-        line = unseen_classes(np.asarray(d.y).astype(str), _classification_folds(d, s))
+        y, folds = class_labels(d.y), _classification_folds(d, s)
+        k, n_train = len(np.unique(y)), min(len(train) for train, _, _ in folds)
+        if k > n_train / 2:
+            warnings.warn(f"{d.path}: its {k} classes come with {n_train} training items, fewer than two per class: "
+                          "most classes are learned from one item; continuous labels are regression "
+                          "(--task regression)")
+        line = unseen_classes(y, folds)
         if line:
             warnings.warn(f"{d.path}: {line}")
 
@@ -337,7 +353,7 @@ def _check_folds(y, splits, where, task, s):
             size.labels(min(len(train) for train, _, _ in folds))
         if task == "classification":
             for train, _, _ in folds:
-                classes = np.unique(np.asarray(y)[train].astype(str))
+                classes = np.unique(class_labels(np.asarray(y)[train]))
                 if len(classes) < 2:
                     raise FeatxError(f"{where}: classification needs at least two classes in the training "
                                      f"part, which holds only {str(classes[0])!r} ({len(train)} item(s))")
@@ -485,7 +501,7 @@ def align(datas, missing):
         warnings.warn(f"fusion uses the {len(ids)} labelled items present in every cache; " + "; ".join(parts))
     y0 = datas[0].y[index[0]]
     for d, idx in zip(datas[1:], index[1:]):
-        if not np.array_equal(np.asarray(d.y[idx]).astype(str), np.asarray(y0).astype(str)):
+        if not np.array_equal(class_labels(d.y[idx]), class_labels(y0)):
             raise FeatxError(f"{d.path}: labels differ from {datas[0].path} for the same ids")
         # fusion's folds are the first cache's splits: caches that disagree would train fusion on other items
         # than their own rows (and its score would depend on the caches' order)

@@ -386,9 +386,11 @@ def test_classification_of_labels_that_cannot_be_classes_is_one_line(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
-def test_classification_with_fewer_than_two_training_items_per_class_is_one_line(tmp_path, capsys):
+def test_classification_with_fewer_than_two_training_items_per_class_is_said_and_fewer_than_one_refused(
+        tmp_path, capsys):
     """Trial 3: ratings with 96 distinct values over 200 items (120 training) passed the half-the-items rule and
-    reported f1_macro 0.000 with exit 0."""
+    reported f1_macro 0.000 with exit 0 and nothing said. One item per class (few-shot) is allowed, and said; more
+    classes than training items are refused."""
     from featx.cli.main import main
 
     X, _ = planted(n=200, num_layers=3, dim=6, k=1)
@@ -396,14 +398,23 @@ def test_classification_with_fewer_than_two_training_items_per_class_is_one_line
     k = len(np.unique(y))
     assert 60 < k <= 100
     path = write_cache(tmp_path / "c.h5", X, _ids(200), y, standard_splits(200))
-    assert main(["probe", path, "--out", str(tmp_path / "out"), "--task", "classification", "-q"]) == 1
+    assert main(["probe", path, "--out", str(tmp_path / "out"), "--task", "classification", "--probe", "batched",
+                 "-q"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"its {k} classes come with 120 training items" in err[0], err
-    assert "--task regression" in err[0] and not (tmp_path / "out").exists()
-    # the task line of the same labels run as regression does not suggest --task classification
-    assert main(["probe", path, "--out", str(tmp_path / "reg"), "--probe", "batched"]) == 0
-    err = capsys.readouterr().err
-    assert "too many distinct values to be classes" in err and "give --task classification" not in err, err
+    assert f"featx probe: {path}: its {k} classes come with 120 training items, fewer than two per class: most " \
+           "classes are learned from one item; continuous labels are regression (--task regression)" in err, err
+    assert any("are in a class the training part lacks" in line for line in err), err
+    # more classes than training items: refused in one line
+    splits = np.array(["train"] * 20 + ["dev"] * 90 + ["test"] * 90)
+    y = np.round(np.random.default_rng(1).uniform(-3, 3, size=200) * 8) / 8   # ~48 classes, 20 training items
+    k = len(np.unique(y))
+    assert 20 < k <= 100
+    path = write_cache(tmp_path / "d.h5", X, _ids(200), y, splits)
+    assert main(["probe", path, "--out", str(tmp_path / "out2"), "--task", "classification", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"its {k} classes come with 20 training items (so some class is never learned)" in \
+        err[0], err
+    assert "--task regression" in err[0] and not (tmp_path / "out2").exists()
 
 
 def test_dev_and_test_items_of_a_class_the_training_part_lacks_are_said(tmp_path, capsys):
@@ -532,3 +543,15 @@ def test_a_layer_subset_is_said_with_the_scores_it_made(tmp_path, capsys):
     assert "layers_probed" not in capsys.readouterr().out
     assert set(pd.read_csv(tmp_path / "all" / "best_layers.csv").layers_probed) == {"all"}
     assert "layers probed" not in summary_table(load_results(tmp_path / "all")).columns
+
+
+def test_numeric_labels_taken_as_classes_are_one_class_per_number():
+    # --task classification named classes by f"{v:g}": -0.0 and 0.0 were two classes ("-0", "0"), and numbers
+    # that six significant digits round alike were one
+    from featx.probing.data import read_labels
+    y, labelled = read_labels(np.array([-0.0, 0.0, 1.0, 2.5, 1.0000001, 1.0000002, np.nan]), _ids(7),
+                              task="classification")
+    assert labelled.tolist() == [True] * 6 + [False]
+    assert y[:6].tolist() == ["0", "0", "1", "2.5", "1.0000001", "1.0000002"]
+    y, _ = read_labels(np.array(["-0", "0", "3"], dtype=object), _ids(3), task="classification")
+    assert y.tolist() == ["0", "0", "3"]
