@@ -17,6 +17,7 @@ import pandas as pd
 
 from featx.checkpoint import MODEL_FINGERPRINT
 from featx.errors import FeatxError, first_line
+from featx.probing.data import class_name as number_class_name
 from featx.probing.data import load_cache
 from featx.probing.fusion import align_by_id
 from featx.probing.registry import make_probe
@@ -193,8 +194,9 @@ def prediction_table(ids, got_ids, pred, classes=None, proba=None, reasons=None)
 
 
 def class_name(c) -> str:
-    """A class as its probability column names it: 'pos', and 0/1 labels (read as numbers) as '0', '1'."""
-    return f"{c:g}" if isinstance(c, (float, np.floating)) else str(c)
+    """A class as its probability column names it: 'pos', and 0/1 labels (read as numbers) as '0', '1'
+    (featx.probing.data.class_name)."""
+    return number_class_name(c) if isinstance(c, (float, np.floating)) else str(c)
 
 
 def extraction_settings(cache_path) -> dict:
