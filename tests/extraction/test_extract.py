@@ -593,38 +593,28 @@ def test_the_next_group_is_queued_on_the_device_before_the_last_one_is_fetched(t
             np.testing.assert_allclose(a.layer(layer), b.layer(layer), atol=1e-6)
 
 
-def test_ctrl_c_while_decoding_writes_the_groups_already_on_the_device(tiny_bert, tmp_path, monkeypatch,
-                                                                       texts_inline):
-    from featx.extraction.decode import DecodedItems
-    path, counted = _texts(tmp_path), []
-    # Ctrl-C while the third group of texts is tokenized: two groups were queued
-    _ctrl_c_on_call(monkeypatch, DecodedItems, "__getitems__", 3, [])
-    _counting_progress(monkeypatch, counted)
-    with pytest.raises(KeyboardInterrupt):
-        extract(path, [tiny_bert], tmp_path / "c", dtype="float32", device="cpu", batch_size=4, group_size=16,
-                progress=False)
-    with open_cache(next((tmp_path / "c").glob("*.h5"))) as c:
-        assert c.done.sum() == 32 == sum(counted)  # both groups that were forwarded, as the progress bar said
-
-
-def test_ctrl_c_while_texts_tokenize_beside_the_forward_writes_the_groups_already_on_the_device(tiny_bert, tmp_path,
-                                                                                             monkeypatch):
-    # torch on one thread: texts tokenize in the decoding thread, in chunks of 16 (the group size); groups ramp
-    # 4, 8, 16 from one batch. Ctrl-C while the third chunk is tokenized: the 28 texts of the three groups started
-    # are written, the 4 decoded but not started are not
+@pytest.mark.parametrize("beside", [False, True])
+def test_ctrl_c_while_texts_tokenize_writes_the_groups_already_on_the_device(tiny_bert, tmp_path, monkeypatch,
+                                                                             request, beside):
+    # Inline (torch on every CPU): groups of 16, each tokenized whole; Ctrl-C while the third is tokenized: the two
+    # groups queued are written (32 texts). Beside the forward (torch leaves a CPU free): texts tokenize in the
+    # decoding thread in chunks of 16 and groups ramp 4, 8, 16 from one batch; Ctrl-C while the third chunk is
+    # tokenized: the 28 texts of the three groups started are written, the 4 decoded but not started are not
     import featx.extraction.pipeline as pipeline
     from featx.extraction.decode import DecodedItems
-    monkeypatch.setattr(pipeline, "tokenize_beside", lambda device: True)  # whatever this machine's CPU count
+    if beside:
+        monkeypatch.setattr(pipeline, "tokenize_beside", lambda device: True)  # whatever this machine's CPUs
+    else:
+        request.getfixturevalue("texts_inline")
     path, counted = _texts(tmp_path), []
     _ctrl_c_on_call(monkeypatch, DecodedItems, "__getitems__", 3, [])
     _counting_progress(monkeypatch, counted)
+    kw = dict(dtype="float32", device="cpu", batch_size=4, group_size=16, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        extract(path, [tiny_bert], tmp_path / "c", dtype="float32", device="cpu", batch_size=4, group_size=16,
-                progress=False)
+        extract(path, [tiny_bert], tmp_path / "c", **kw)
     with open_cache(next((tmp_path / "c").glob("*.h5"))) as c:
-        assert c.done.sum() == 28 == sum(counted)
-    again = extract(path, [tiny_bert], tmp_path / "c", dtype="float32", device="cpu", batch_size=4, group_size=16,
-                    progress=False)
+        assert c.done.sum() == (28 if beside else 32) == sum(counted)  # as the progress bar said
+    again = extract(path, [tiny_bert], tmp_path / "c", **kw)
     assert (again.caches[0]["done"], again.caches[0]["failed"]) == (40, 0)  # the resume computes the rest
 
 

@@ -22,12 +22,7 @@ LAYERDROP = 0.9
 BLOCKS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest's: tiny fits are slow on two busy cores
 
 
 def _with_layerdrop(path, layerdrop=LAYERDROP, field="layerdrop"):
