@@ -199,9 +199,13 @@ def default_workers(device) -> int:
     thread and the writer), shared among the local ranks of a torchrun job, at most 16."""
     if not str(device).startswith("cuda"):
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(16, cpus // local - 2))
+    return max(1, min(16, process_cpus() // local - 2))
+
+
+def process_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def extract(manifest, models, out, *, progress=True, group_size=None, summary=True, **options) -> ExtractResult:
@@ -537,11 +541,12 @@ def _run(writer, todo, runner, decoder, rows, settings, progress, model):
     # Without workers, images, video and audio decode in a thread of this process beside the forward: PIL's, PyAV's
     # and libsndfile's decoders and numpy's loops let go of the GIL. Texts tokenize there too when the forward
     # leaves a CPU to it (tokenize_beside), one thread each: the fast tokenizer's batch call lets go of the GIL.
-    # Otherwise they tokenize inline, where the tokenizer's own thread pool has all the cores between forwards:
-    # beside a forward that holds every core it slowed both (a 2-core CPU, tiny models, best of 9 interleaved
-    # runs: 4,000 texts 3.05 s inline, 3.17 s in the thread; 480 audio files 2.72 s inline, 2.63 s in the thread;
-    # best of 5: 100 JPEGs 0.49 s inline, 0.43 s in the thread. The machine's noise was about 10%: the audio gain
-    # is within it).
+    # (a 2-core CPU, torch on one thread, a tiny BERT, 4,000 texts: featx's host cost 0.25 and 0.20 ms per text
+    # inline, 0.13 and 0.12 beside, interleaved runs). Otherwise they tokenize inline, where the tokenizer's own
+    # thread pool has all the cores between forwards: beside a forward that holds every core it slowed both (best
+    # of 9 interleaved runs: 4,000 texts 3.05 s inline, 3.17 s in the thread; 480 audio files 2.72 s inline,
+    # 2.63 s in the thread; best of 5: 100 JPEGs 0.49 s inline, 0.43 s in the thread. The machine's noise was about
+    # 10%: the audio gain is within it).
     threaded = not workers and (decoder.modality != "text" or tokenize_beside(settings.device))
     # Workers (or the decoding thread) hand over lists of up to 16 decoded items, texts up to 256 (one batch call
     # of the tokenizer each; a text is small); inline, a chunk of texts is a whole group. About two groups in
@@ -647,8 +652,7 @@ def tokenize_beside(device) -> bool:
     between forwards."""
     if not str(device).startswith("cpu"):
         return True
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return torch.get_num_threads() < cpus
+    return torch.get_num_threads() < process_cpus()
 
 
 @contextlib.contextmanager

@@ -510,11 +510,9 @@ def _texts(tmp_path, n=40):
 def texts_inline():
     """Torch's threads on every CPU, so that texts tokenize inline (featx.extraction.pipeline.tokenize_beside), in
     groups of the sizes asked for; the suite runs torch on one thread, which puts them in the decoding thread."""
-    import os
-
-    from featx.extraction.pipeline import tokenize_beside
+    from featx.extraction.pipeline import process_cpus, tokenize_beside
     before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(process_cpus())
     assert not tokenize_beside("cpu")
     yield
     torch.set_num_threads(before)

@@ -369,8 +369,8 @@ def test_without_workers_media_decode_in_the_decoding_thread_and_texts_where_a_c
     import os
     import threading
 
-    from featx.extraction.pipeline import tokenize_beside
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from featx.extraction.pipeline import process_cpus, tokenize_beside
+    cpus = process_cpus()
     if torch_threads == 1 and cpus < 2:
         pytest.skip("one CPU: the forward always takes it")
     threads, parallel = {}, set()
