@@ -88,7 +88,8 @@ def settings_diff(old, new):
                 diffs.append(f"model {a!r}{f' (from here {here!r})' if here != a else ''} (now {b!r})")
         elif a != b:  # the decoder with the option a user gave: "--image-decode device, decoded with torchvision"
             diffs.append(f"{schema.image_decode_words(a)} (now {schema.image_decode_words(b)})"
-                         if k == "image_decode" else f"{k} {a!r} (now {b!r})")
+                         if k == "image_decode" else f"{k} {a!r} (now {b!r}"
+                         f"{': ' + schema.UNCHOSEN_ATTRS[k] if k in schema.UNCHOSEN_ATTRS else ''})")
     for k in ("num_layers", "hidden_size", "dtype", "seq"):
         if new[k] is not None and old[k] != new[k]:
             diffs.append(f"{k} {old[k]!r} (now {new[k]!r})")

@@ -52,8 +52,14 @@ ATTR_TYPES = {"model": str, "modality": str, "num_layers": int, "hidden_size": i
 LAYER_WIDTHS = "layer_widths"
 # Settings recorded only since featx offered a choice, and what a cache made before then ran: a cache that lacks
 # one resumes under that value (--image-preprocess processor, --audio-attention eager, JPEGs decoded with Pillow),
-# and only under it.
-ATTRS_BEFORE_RECORDED = {"image_preprocess": "processor", "audio_attention": "eager", "image_decode": "pil"}
+# and only under it. audio_batching is no choice: caches of data2vec-audio, wav2vec2-conformer or a group-norm
+# checkpoint with the attention mask made before featx batched them by equal lengths hold values that depend on
+# their batch, and are not resumed.
+ATTRS_BEFORE_RECORDED = {"image_preprocess": "processor", "audio_attention": "eager", "image_decode": "pil",
+                         "audio_batching": "padded"}
+# Why a setting that differs from a cache's own cannot be chosen back (said with the refusal).
+UNCHOSEN_ATTRS = {"audio_batching": "this featx batches the model's inputs by equal lengths only: padded, its values "
+                                    "depended on their batch, so the cache is extracted again with --overwrite"}
 SETTING_TYPES = (str, bool, int, float)  # the caller's other attributes
 # The featx extract --image-decode value that records each JPEG decoder as the image_decode attribute (Pillow in
 # the workers; torchvision on a CPU or nvJPEG on CUDA, on the model's device): a user gave the option, not the name.

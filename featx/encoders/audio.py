@@ -78,6 +78,11 @@ class AudioEncoder(Encoder):
         self.pads = (self.uses_mask and getattr(config, "feat_extract_norm", "") == "layer"
                      and getattr(config, "model_type", "") in PADS_EXACTLY)
         self.attrs = {"sample_rate": self.sample_rate, "feat_extract_norm": getattr(config, "feat_extract_norm", "")}
+        if self.uses_mask and not self.pads:
+            # featx padded every checkpoint with the mask before PADS_EXACTLY; these (data2vec-audio, conformer,
+            # group-norm ones) then gave values that depended on their batch: a cache begun so (no such
+            # attribute, schema.ATTRS_BEFORE_RECORDED) is not resumed
+            self.attrs["audio_batching"] = "equal-lengths"
         if is_wavlm(self.model):
             # The two attentions differ at the 1e-6 level (fp32): a cache is resumed only with the one it began with.
             self.attrs["audio_attention"] = one_of("audio attention", *AUDIO_ATTENTIONS)(audio_attention)
