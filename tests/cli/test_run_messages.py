@@ -158,7 +158,8 @@ def test_ctrl_c_in_probe_says_it_starts_over_and_leaves_the_earlier_run_whole(tm
     assert main(["probe", cache, "--out", str(out), "-q"]) == 0
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     proc = subprocess.Popen([sys.executable, "-m", "featx", "probe", cache, "--out", str(out), "--seeds", "400",
-                             "--weighted"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--weighted"], env=dict(ENV, PYTHONFAULTHANDLER="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     line = ""
     while "task: regression" not in line and time.time() < deadline:   # said before the sweep starts
@@ -166,7 +167,12 @@ def test_ctrl_c_in_probe_says_it_starts_over_and_leaves_the_earlier_run_whole(tm
         assert line or proc.poll() is None
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:   # a hang (once in CI under load): where each thread is, from faulthandler
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        raise AssertionError(f"probe did not stop within 120 s of Ctrl-C; its threads:\n{err[-6000:]}") from None
     assert proc.returncode == 130, err
     assert ("featx probe: interrupted; probe keeps no partial results and does not resume: run the same command "
             "again to start over") in err
